@@ -1,0 +1,53 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs on a fresh
+# Debian/Ubuntu machine: the system libraries napari needs headless (when missing and installable) and a
+# .venv with the pinned, tested versions of constraints/constraints.txt.
+
+VENV        ?= .venv
+PYTHON      ?= python3
+PY          := $(VENV)/bin/python
+CONSTRAINTS := constraints/constraints.txt
+EXTRAS      ?= cpu,test
+comma       := ,
+STAMP       := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+# Debian packages a headless machine needs to show napari under Xvfb.
+SYSTEM_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-xinput0 \
+	libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libdbus-1-3 libxcb-image0 libxcb-render-util0 \
+	libxcb-shape0 libxcb-randr0 libxcb-xfixes0 libxcb-sync1 libxcb-xkb1 libfontconfig1
+
+.PHONY: demo test venv system-deps validate benchmarks clean
+
+demo: system-deps venv
+	$(VENV)/bin/slpd demo
+
+test: system-deps venv validate
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+validate: venv
+	$(VENV)/bin/npe2 validate napari-slpd
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	touch $@
+
+# Installs only what is missing, and only where apt-get can run (root, or password-less sudo).
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "note: not Debian-like; install Xvfb and the xcb libraries yourself: $$missing"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "note: cannot install system packages without root: $$missing"; exit 0; fi; \
+	echo "installing system packages: $$missing"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+benchmarks: venv
+	$(PY) benchmarks/open_slide.py
+	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/similar.py --quick
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -1,0 +1,63 @@
+"""The ``slpd`` command line.
+
+Each subcommand lives in its own module of this package and exposes ``register(subparsers)``, which adds
+its parser and sets ``func`` (called with the parsed namespace, returning an exit code). A subcommand that
+fails on bad input raises :class:`napari_slpd.errors.SlpdError`; ``main`` prints its message and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from napari_slpd import __version__
+from napari_slpd.errors import SlpdError
+
+# Module names under napari_slpd.cli, in the order they appear in --help.
+SUBCOMMAND_MODULES = ("info", "extract", "prototypes", "similar", "proalign", "describe", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slpd",
+        description="Slide-level prototypes for whole-slide images (SLPD / HIPT / ProAlign).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-slpd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"napari_slpd.cli.{name}")
+        except ModuleNotFoundError as exc:
+            # A subcommand whose module is not written yet must not break the others.
+            if exc.name == f"napari_slpd.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except SlpdError as exc:
+        print(f"slpd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slpd {args.command}: interrupted; finished work is kept in the cache", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""A cohort: a folder holding the cache of a set of slides (features, prototypes, index, names).
+
+Layout (every file written atomically)::
+
+    COHORT/
+      cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}}}
+      features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
+      prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
+      index/                      cohort similarity index (napari_slpd.prototypes.index)
+      proalign/<slide_id>.h5      ProAlign slide embeddings and named label maps
+      annotations.json            prototype names and colours chosen by the user
+      training/                   SLPD fine-tune runs (checkpoints, events)
+      thumbnails/<slide_id>.png   small RGB thumbnails for the GUI
+
+Slide paths are stored relative to the cohort folder when the slide lies inside it, absolute otherwise,
+so that a cohort folder that holds its slides can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from napari_slpd.errors import SlpdError
+from napari_slpd.io_utils import atomic_write_json
+
+REGISTRY_NAME = "cohort.json"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")
+
+
+def slide_id_for(path: str | os.PathLike) -> str:
+    """A file-system-safe id for a slide: its file stem (folder name for DICOM folders)."""
+    path = Path(path)
+    stem = path.name if path.is_dir() else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+
+
+def find_slides(folder: str | os.PathLike) -> list[Path]:
+    """Slide files (and DICOM folders) directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in SLIDE_SUFFIXES:
+            found.append(entry)
+        elif entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir()):
+            found.append(entry)
+    return found
+
+
+@dataclass
+class SlideRecord:
+    slide_id: str
+    path: Path
+    mpp: float | None = None  # user override or recorded fallback, um/px
+    mpp_source: str | None = None
+
+
+class Cohort:
+    """Paths and slide registry of a cohort cache folder. Creating one creates the folder."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.exists():
+            if not create:
+                raise SlpdError(f"cohort folder {self.root} does not exist")
+            self.root.mkdir(parents=True)
+        if not self.root.is_dir():
+            raise SlpdError(f"cohort path {self.root} is a file, not a folder")
+
+    # -- registry ------------------------------------------------------------------------------
+    @property
+    def registry_path(self) -> Path:
+        return self.root / REGISTRY_NAME
+
+    def _load_registry(self) -> dict:
+        if not self.registry_path.exists():
+            return {"slides": {}}
+        try:
+            return json.loads(self.registry_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SlpdError(f"cohort registry {self.registry_path} is not valid JSON: {exc}") from exc
+
+    def slides(self) -> list[SlideRecord]:
+        records = []
+        for slide_id, entry in sorted(self._load_registry()["slides"].items()):
+            path = Path(entry["path"])
+            if not path.is_absolute():
+                path = self.root / path
+            records.append(SlideRecord(slide_id, path, entry.get("mpp"), entry.get("mpp_source")))
+        return records
+
+    def slide_ids(self) -> list[str]:
+        return [r.slide_id for r in self.slides()]
+
+    def slide(self, slide_id: str) -> SlideRecord:
+        for record in self.slides():
+            if record.slide_id == slide_id:
+                return record
+        raise SlpdError(f"slide {slide_id!r} is not in cohort {self.root} (known: {', '.join(self.slide_ids()) or 'none'})")
+
+    def add_slide(self, path: str | os.PathLike, mpp: float | None = None, mpp_source: str | None = None) -> SlideRecord:
+        """Register a slide (idempotent for the same path). Two different files with one id are refused."""
+        path = Path(path).expanduser().resolve()
+        slide_id = slide_id_for(path)
+        registry = self._load_registry()
+        try:
+            stored = str(path.relative_to(self.root))
+        except ValueError:
+            stored = str(path)
+        existing = registry["slides"].get(slide_id)
+        if existing is not None:
+            existing_path = Path(existing["path"])
+            if not existing_path.is_absolute():
+                existing_path = self.root / existing_path
+            if existing_path.resolve() != path:
+                raise SlpdError(
+                    f"slide id {slide_id!r} is already used in this cohort by {existing_path}; rename {path.name}"
+                )
+        entry = dict(existing or {})
+        entry["path"] = stored
+        if mpp is not None:
+            entry["mpp"] = float(mpp)
+            entry["mpp_source"] = mpp_source or "user"
+        registry["slides"][slide_id] = entry
+        atomic_write_json(self.registry_path, registry)
+        return self.slide(slide_id)
+
+    def remove_slide(self, slide_id: str) -> None:
+        registry = self._load_registry()
+        registry["slides"].pop(slide_id, None)
+        atomic_write_json(self.registry_path, registry)
+
+    # -- cache paths ---------------------------------------------------------------------------
+    def features_path(self, slide_id: str) -> Path:
+        return self.root / "features" / f"{slide_id}.h5"
+
+    def prototypes_path(self, slide_id: str) -> Path:
+        return self.root / "prototypes" / f"{slide_id}.h5"
+
+    def proalign_path(self, slide_id: str) -> Path:
+        return self.root / "proalign" / f"{slide_id}.h5"
+
+    def thumbnail_path(self, slide_id: str) -> Path:
+        return self.root / "thumbnails" / f"{slide_id}.png"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def annotations_path(self) -> Path:
+        return self.root / "annotations.json"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.root / "training"

@@ -1,0 +1,531 @@
+"""Whole-slide images through openslide: pixel size, lazy tile-aligned pyramids, thread-safe reads.
+
+Everything openslide reads opens here (Aperio SVS, generic and Philips TIFF, Hamamatsu NDPI/VMS, MIRAX,
+Leica SCN, Ventana BIF, DICOM WSI; a folder of ``.dcm`` files too). The pyramid is a list of dask arrays
+whose chunks are whole tiles of the slide, so showing a field of view reads only the tiles it touches and
+no level is ever read as a whole. openslide handles are kept one per thread (``threading.local``) because
+openslide serialises work through a handle; dask and napari read chunks from several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_slpd.errors import NotASlideError, PixelSizeError, SlideError
+
+log = logging.getLogger(__name__)
+
+# um/px outside this range is not a microscope scan: e.g. 264.58 um/px is a 96-dpi default written by
+# generic TIFF writers, 25400 um/px is a 1-dpi default.
+PLAUSIBLE_MPP = (0.1, 2.0)
+# The "level0" fallback: assume level 0 was scanned at 20x, the most common objective.
+LEVEL0_ASSUMED_MPP = 0.5
+# A pyramid gets virtual 2x levels until its coarsest level fits in this many px per side.
+VIRTUAL_LEVEL_MAX_SIDE = 1024
+# Tiles smaller than this (some DICOM levels use 1 x 1 px "tiles") are grouped into one chunk per read.
+MIN_CHUNK_PX = 256
+DEFAULT_TILE_PX = 256
+MPP_FALLBACKS = ("none", "objective", "level0")
+# The first bytes of the files that openslide reads through TIFF: used to spot truncated slides early.
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """The pixel size used for a slide and where it came from.
+
+    ``source`` is ``"metadata"``, ``"user"``, ``"objective-power"``, ``"level0-assumed"`` (``mpp`` set) or
+    ``"missing"``, ``"implausible"`` (``mpp`` None). ``raw`` is the value the file states, even when bogus.
+    """
+
+    mpp: float | None
+    source: str
+    raw: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.mpp is not None
+
+    def describe(self) -> str:
+        if self.mpp is None:
+            if self.source == "implausible":
+                return f"unknown (file states an implausible {self.raw:g} um/px)"
+            return "unknown (not in the file)"
+        text = f"{self.mpp:.4g} um/px ({self.source})"
+        if self.source != "metadata" and self.raw is not None:
+            text += f"; file states {self.raw:g}"
+        return text
+
+
+def is_plausible_mpp(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]
+
+
+def _parse_float(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def resolve_pixel_size(
+    properties: dict[str, str], mpp: float | None = None, mpp_fallback: str = "none"
+) -> PixelSize:
+    """Choose the um/px of a slide: the user's value, else plausible metadata, else the chosen fallback."""
+    if mpp_fallback not in MPP_FALLBACKS:
+        raise PixelSizeError(f"mpp_fallback must be one of {MPP_FALLBACKS}, not {mpp_fallback!r}")
+    mpp_x = _parse_float(properties.get("openslide.mpp-x"))
+    mpp_y = _parse_float(properties.get("openslide.mpp-y"))
+    stated = [v for v in (mpp_x, mpp_y) if v is not None]
+    raw = float(np.mean(stated)) if stated else None
+    if mpp is not None:
+        mpp = float(mpp)
+        if not is_plausible_mpp(mpp):
+            raise PixelSizeError(
+                f"a pixel size of {mpp:g} um/px is outside the plausible range "
+                f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px (20x is about 0.5, 40x about 0.25)"
+            )
+        return PixelSize(mpp, "user", raw)
+    if raw is not None and is_plausible_mpp(raw):
+        return PixelSize(raw, "metadata", raw)
+    unknown = PixelSize(None, "implausible" if raw is not None else "missing", raw)
+    if mpp_fallback == "objective":
+        power = objective_power_of(properties)
+        if power is not None:
+            return PixelSize(10.0 / power, "objective-power", raw)
+        log.warning("mpp_fallback='objective' but the slide states no objective power; pixel size unknown")
+        return unknown
+    if mpp_fallback == "level0":
+        return PixelSize(LEVEL0_ASSUMED_MPP, "level0-assumed", raw)
+    return unknown
+
+
+def objective_power_of(properties: dict[str, str]) -> float | None:
+    power = _parse_float(properties.get("openslide.objective-power"))
+    return power if power is not None and 1.0 <= power <= 150.0 else None
+
+
+# -- opening --------------------------------------------------------------------------------------------
+
+
+def _dicom_candidates(folder: Path) -> list[Path]:
+    # The largest file of a series is usually the full-resolution level: try it first.
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"]
+    return sorted(files, key=lambda p: (-p.stat().st_size, p.name))
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """Raise SlideError when a TIFF-based slide's tiles point past the end of the file (a cut download)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SlideError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if magic not in _TIFF_MAGICS:
+        return
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            needed = 0
+            for page in tif.pages:
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                if offsets.size:
+                    needed = max(needed, int((offsets + counts).max()))
+    except Exception as exc:  # tifffile raises many types for broken IFDs
+        raise SlideError(
+            f"{path} is a damaged TIFF-based slide ({type(exc).__name__}: {exc}); "
+            "copy or download it again"
+        ) from exc
+    if needed > size:
+        raise SlideError(
+            f"{path} is truncated: it is {size:,} bytes but its image data needs {needed:,} bytes; "
+            "the copy or download did not finish"
+        )
+
+
+def locate_slide_file(path: str | os.PathLike) -> Path:
+    """The file openslide is given for ``path``: the path itself, or a ``.dcm`` of a DICOM folder.
+
+    Raises SlideError for a missing path or an empty file and NotASlideError for anything openslide does
+    not recognise, with a message that says which.
+    """
+    import openslide
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SlideError(f"slide {path} does not exist")
+    if path.is_dir():
+        candidates = _dicom_candidates(path)
+        if not candidates:
+            raise NotASlideError(
+                f"{path} is a folder without .dcm files; give a slide file (or a folder of one DICOM WSI series)"
+            )
+        for candidate in candidates:
+            if candidate.stat().st_size and openslide.OpenSlide.detect_format(str(candidate)):
+                return candidate
+        raise NotASlideError(f"{path} holds .dcm files but none is a DICOM whole-slide image openslide can read")
+    if not path.is_file():
+        raise NotASlideError(f"{path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise SlideError(f"slide {path} is empty (0 bytes); the copy or download did not finish")
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception as exc:
+        raise SlideError(f"cannot read {path}: {exc}") from exc
+    if fmt is None:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+        kind = "a text file" if head and _looks_like_text(head) else "not a format openslide reads"
+        raise NotASlideError(
+            f"{path} is not a whole-slide image ({kind}); openslide reads SVS, TIFF, NDPI, VMS, MRXS, SCN, BIF "
+            "and DICOM slides"
+        )
+    return path
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none") -> "Slide":
+    """Open a whole-slide image. ``mpp`` overrides the file's pixel size; ``mpp_fallback`` ("none",
+    "objective" or "level0") is used only when the file states no plausible pixel size."""
+    return Slide(path, mpp=mpp, mpp_fallback=mpp_fallback)
+
+
+# -- the slide ------------------------------------------------------------------------------------------
+
+
+def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA read onto white: openslide marks areas outside the scan as transparent."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """An open whole-slide image. See docs/ARCHITECTURE.md "Slides" for the contract."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none"):
+        import openslide
+
+        from napari_slpd.cohort import slide_id_for
+
+        self.file = locate_slide_file(path)
+        self.path = Path(path).expanduser().resolve()
+        _check_tiff_complete(self.file)
+        try:
+            handle = openslide.OpenSlide(str(self.file))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise NotASlideError(f"{self.path} is not a whole-slide image openslide can read ({exc})") from exc
+        except Exception as exc:  # OpenSlideError and OSError carry openslide's own reason
+            raise SlideError(f"cannot open slide {self.path}: {exc}") from exc
+
+        self._local = threading.local()
+        self._handles: list = [handle]
+        self._handles_lock = threading.Lock()
+        self._local.handle = handle
+        self._closed = False
+        self._read_calls = 0
+        self._count_lock = threading.Lock()
+
+        self.properties: dict[str, str] = dict(handle.properties)
+        self.vendor: str = self.properties.get("openslide.vendor", "unknown")
+        self.dimensions: tuple[int, int] = tuple(handle.dimensions)
+        self.level_count: int = handle.level_count
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in handle.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
+        self.associated_image_names: list[str] = sorted(handle.associated_images.keys())
+        self.objective_power: float | None = objective_power_of(self.properties)
+        self.pixel_size: PixelSize = resolve_pixel_size(self.properties, mpp, mpp_fallback)
+        # A DICOM series is named after its folder, whichever of its files was opened.
+        if self.vendor == "dicom" and self.path.is_file():
+            self.slide_id = slide_id_for(self.path.parent)
+        else:
+            self.slide_id = slide_id_for(self.path)
+        self._pyramid: list | None = None
+        self._check_first_tile()
+
+    # -- metadata ------------------------------------------------------------------------------------
+    @property
+    def mpp(self) -> float | None:
+        return self.pixel_size.mpp
+
+    @property
+    def format_name(self) -> str:
+        return self.vendor
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of a tile at ``level`` as the file stores it (256 when the file does not say)."""
+        w = _parse_float(self.properties.get(f"openslide.level[{level}].tile-width"))
+        h = _parse_float(self.properties.get(f"openslide.level[{level}].tile-height"))
+        return (int(w) if w else DEFAULT_TILE_PX, int(h) if h else DEFAULT_TILE_PX)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest real level whose downsample does not exceed ``downsample`` (no detail is lost)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3):
+                best = level
+        return best
+
+    @property
+    def read_calls(self) -> int:
+        """How many openslide read_region calls this slide has made (every chunk read is one)."""
+        return self._read_calls
+
+    def reset_read_calls(self) -> None:
+        with self._count_lock:
+            self._read_calls = 0
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({str(self.path)!r}, {self.vendor}, {w}x{h}, levels={self.level_count}, mpp={self.mpp})"
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _handle(self):
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            if self._closed:
+                raise SlideError(f"slide {self.path} is closed")
+            import openslide
+
+            handle = openslide.OpenSlide(str(self.file))
+            self._local.handle = handle
+            with self._handles_lock:
+                self._handles.append(handle)
+        return handle
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` px at ``level``, top-left at level-0 ``location``; areas outside
+        the scan are white. Safe to call from several threads at once."""
+        if self._closed:
+            raise SlideError(f"slide {self.path} is closed")
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"level {level} does not exist in {self.path} (it has {self.level_count})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+        with self._count_lock:
+            self._read_calls += 1
+        try:
+            image = self._handle().read_region((int(location[0]), int(location[1])), level, (w, h))
+        except Exception as exc:
+            raise SlideError(
+                f"cannot read {w}x{h} px at level {level}, {tuple(location)} of {self.path}: {exc} "
+                "(the file may be damaged)"
+            ) from exc
+        return _rgba_to_rgb_on_white(np.asarray(image))
+
+    def _check_first_tile(self) -> None:
+        # Opening succeeds on files whose tiles are damaged; one small read makes the error surface here,
+        # naming the file, rather than later inside a napari draw.
+        level = self.level_count - 1
+        w, h = self.level_dimensions[level]
+        self.read_region((0, 0), level, (min(w, 64), min(h, 64)))
+        self.reset_read_calls()
+
+    def associated_image(self, name: str) -> np.ndarray:
+        if name not in self.associated_image_names:
+            raise SlideError(
+                f"{self.path} has no associated image {name!r}; it has {self.associated_image_names or 'none'}"
+            )
+        image = self._handle().associated_images[name]
+        return _rgba_to_rgb_on_white(np.asarray(image.convert("RGBA")))
+
+    def read_downsampled(self, downsample: float, block_px: int = 2048) -> np.ndarray:
+        """The whole slide at ``level-0 / downsample`` resolution, read block by block from the best level.
+
+        Memory stays at the output plus one block, however large the slide.
+        """
+        from PIL import Image
+
+        downsample = max(float(downsample), 1.0)
+        W, H = self.dimensions
+        out_w, out_h = max(1, round(W / downsample)), max(1, round(H / downsample))
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        lds = self.level_downsamples[level]
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        # Output blocks whose source box at `level` is at most block_px per side.
+        scale = (lw / out_w, lh / out_h)  # level px per output px
+        step_x = max(1, int(block_px / scale[0]))
+        step_y = max(1, int(block_px / scale[1]))
+        for oy in range(0, out_h, step_y):
+            oh = min(step_y, out_h - oy)
+            sy0, sy1 = round(oy * scale[1]), min(lh, round((oy + oh) * scale[1]))
+            for ox in range(0, out_w, step_x):
+                ow = min(step_x, out_w - ox)
+                sx0, sx1 = round(ox * scale[0]), min(lw, round((ox + ow) * scale[0]))
+                block = self.read_region(
+                    (round(sx0 * lds), round(sy0 * lds)), level, (max(1, sx1 - sx0), max(1, sy1 - sy0))
+                )
+                if block.shape[:2] != (oh, ow):
+                    block = np.asarray(Image.fromarray(block).resize((ow, oh), Image.BOX))
+                out[oy : oy + oh, ox : ox + ow] = block
+        return out
+
+    def thumbnail(self, max_px: int = 1024) -> np.ndarray:
+        """RGB uint8 image of the whole slide whose longer side is at most ``max_px``."""
+        W, H = self.dimensions
+        return self.read_downsampled(max(1.0, max(W, H) / max_px))
+
+    # -- pyramid -------------------------------------------------------------------------------------
+    def pyramid(self) -> list:
+        """The slide as a list of lazy dask arrays (H, W, 3) uint8, finest first.
+
+        Real levels are chunked on the slide's own tiles (one read_region per chunk). When the coarsest
+        real level is still larger than VIRTUAL_LEVEL_MAX_SIDE, virtual 2x levels are appended; each
+        virtual chunk is computed from the level above it on demand.
+        """
+        if self._pyramid is None:
+            self._pyramid = self._build_pyramid()
+        return list(self._pyramid)
+
+    def pyramid_downsamples(self) -> list[float]:
+        """The level-0 downsample of every pyramid() level (real then virtual)."""
+        W = self.dimensions[0]
+        return [W / arr.shape[1] for arr in self.pyramid()]
+
+    def _build_pyramid(self) -> list:
+        import dask.array as da
+
+        token = f"{abs(hash((str(self.file), id(self)))):x}"
+        levels = []
+        for level in range(self.level_count):
+            reader = _LevelReader(self, level)
+            levels.append(
+                da.from_array(
+                    reader,
+                    chunks=reader.chunks,
+                    name=f"slide-{token}-level{level}",
+                    asarray=False,
+                    lock=False,
+                    meta=np.empty((0, 0, 3), np.uint8),
+                    inline_array=True,
+                )
+            )
+        while max(levels[-1].shape[:2]) > VIRTUAL_LEVEL_MAX_SIDE:
+            levels.append(_halve(levels[-1]))
+        return levels
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._closed = True
+        with self._handles_lock:
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            try:
+                handle.close()
+            except Exception:  # closing twice or at interpreter exit
+                pass
+        self._local = threading.local()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _LevelReader:
+    """Array-like view of one real level for dask.array.from_array: each __getitem__ is one read_region.
+
+    Chunks are the level's tiles (grouped when tiles are tiny) so a chunk never straddles a tile boundary.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, slide: Slide, level: int):
+        self.slide = slide
+        self.level = level
+        w, h = slide.level_dimensions[level]
+        self.shape = (h, w, 3)
+        self.downsample = slide.level_downsamples[level]
+        tw, th = slide.tile_size(level)
+        # Group tiny tiles so one chunk is at least MIN_CHUNK_PX, still a whole number of tiles.
+        cw = tw * max(1, math.ceil(MIN_CHUNK_PX / tw))
+        ch = th * max(1, math.ceil(MIN_CHUNK_PX / th))
+        self.chunks = (min(ch, h), min(cw, w), 3)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        ys, xs, cs = key
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        location = (round(x0 * self.downsample), round(y0 * self.downsample))
+        region = self.slide.read_region(location, self.level, (x1 - x0, y1 - y0))
+        return region[:, :, cs]
+
+
+def _halve_block(block: np.ndarray) -> np.ndarray:
+    h, w = block.shape[0] // 2, block.shape[1] // 2
+    if h == 0 or w == 0:
+        return np.empty((h, w, 3), np.uint8)
+    b = block[: 2 * h, : 2 * w].astype(np.uint16)
+    out = (b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) // 4
+    return out.astype(np.uint8)
+
+
+def _halve(level):
+    """A virtual level: 2x box-downsample of ``level``, chunk by chunk (each chunk from 2x2 parent px).
+
+    Parent chunks are first made even-sized (rechunk only moves boundaries by one px where a chunk is odd)
+    so every output chunk depends only on its own parent chunk; then neighbouring output chunks are merged
+    back to about the parent's chunk size so virtual levels do not fragment into tiny chunks.
+    """
+    import dask.array as da
+
+    h, w = level.shape[:2]
+    even_h, even_w = h - h % 2, w - w % 2
+    src = level[:even_h, :even_w]
+    src = src.rechunk((_even_chunks(src.chunks[0]), _even_chunks(src.chunks[1]), 3))
+    out_chunks = (tuple(c // 2 for c in src.chunks[0]), tuple(c // 2 for c in src.chunks[1]), (3,))
+    halved = da.map_blocks(_halve_block, src, chunks=out_chunks, dtype=np.uint8,
+                           meta=np.empty((0, 0, 3), np.uint8))
+    target = (max(level.chunks[0]), max(level.chunks[1]), 3)
+    return halved.rechunk(target)
+
+
+def _even_chunks(chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """Shift chunk boundaries so every chunk has an even size (total must already be even)."""
+    out, carry = [], 0
+    for c in chunks:
+        c += carry
+        carry = c % 2
+        c -= carry
+        if c:
+            out.append(c)
+    if carry:
+        out[-1] += carry
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""SLPD region-level self-distillation training (see ../shared/SPEC.md section 2)."""
