@@ -30,7 +30,7 @@ LEVEL0_ASSUMED_MPP = 0.5
 # A pyramid gets virtual 2x levels until its coarsest level fits in this many px per side.
 VIRTUAL_LEVEL_MAX_SIDE = 1024
 # Tiles smaller than this (some DICOM levels use 1 x 1 px "tiles") are grouped into one chunk per read.
-MIN_CHUNK_PX = 256
+MIN_CHUNK_PX = 128
 DEFAULT_TILE_PX = 256
 MPP_FALLBACKS = ("none", "objective", "level0")
 # The first bytes of the files that openslide reads through TIFF: used to spot truncated slides early.
@@ -232,7 +232,7 @@ class Slide:
 
         from napari_slpd.cohort import slide_id_for
 
-        self.file = locate_slide_file(path)
+        self.file = locate_slide_file(path).resolve()
         self.path = Path(path).expanduser().resolve()
         _check_tiff_complete(self.file)
         try:

@@ -1,0 +1,574 @@
+"""Region feature extraction: slide -> region grid -> patch tokens -> token grids -> region embeddings.
+
+HIPT extracted one region at a time (read a 4096-px region, run its 256 patches, run the ViT-4K), so the
+reader and the model waited on each other, and larger batches ran out of memory. Here:
+
+* regions are read and resized by ``num_workers`` background threads (openslide, Pillow and numpy release
+  the GIL) into a bounded window of ``queue_size`` regions, so decoding overlaps inference and memory
+  does not grow with the slide;
+* patches flow to the patch encoder in batches of ``batch_size`` patches whatever the region size, so the
+  model's memory is fixed by the batch, not by the region;
+* results come back in region order whatever the workers' timing (futures are consumed in submission
+  order), and batches never straddle a chunk of ``regions_per_chunk`` regions, so a run resumed at a
+  chunk boundary computes exactly the same batches, hence the same numbers, as an uninterrupted run;
+* each finished chunk is appended to the slide's FeatureStore, which is how a killed run resumes.
+
+A region is read in horizontal bands of whole patch rows (at most ``BAND_READ_PX`` read-level px each),
+each band resized to ``G * patch_px`` wide: a 40x region (8192 px at level 0) then never exists in
+memory at full size, only one band per worker does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from napari_slpd.errors import SlpdError
+from napari_slpd.features.store import (
+    FORMAT_VERSION,
+    FeatureStoreWriter,
+    RegionChunk,
+    StoreLayout,
+    TOKEN_DTYPES,
+    existing_store_is_current,
+)
+
+log = logging.getLogger(__name__)
+
+# Largest band of a region read at once, in read-level px (16 MiB of RGBA from openslide).
+BAND_READ_PX = 4096 * 1024
+# Names the way pixels become patches; part of the settings so that a change never mixes silently.
+RESAMPLING = "pil-bilinear-bands-v1"
+
+ProgressFn = Callable[[int, int], None]
+CancelCheck = Any  # threading.Event, or a callable returning bool
+
+
+def _grid_config_cls():
+    from napari_slpd.grid import GridConfig
+
+    return GridConfig
+
+
+def _tissue_params_cls():
+    from napari_slpd.tissue import TissueParams
+
+    return TissueParams
+
+
+@dataclass
+class ExtractionConfig:
+    """How to extract one slide. Settings that change the features are recorded in the store."""
+
+    grid: Any = field(default_factory=lambda: _grid_config_cls()())  # napari_slpd.grid.GridConfig
+    tissue: Any = field(default_factory=lambda: _tissue_params_cls()())  # napari_slpd.tissue.TissueParams
+    batch_size: int = 256  # patches per patch-encoder batch: bounds the model's memory
+    region_batch_size: int = 64  # token grids per region-encoder batch
+    num_workers: int = 2  # region reading/decoding threads
+    queue_size: int = 4  # regions read ahead of the model, at most (bounds the reader's memory)
+    regions_per_chunk: int = 16  # regions written (and resumable) at a time
+    device: str = "auto"  # informative: the encoders are already placed; used for pinned memory
+    compile: bool = False  # torch.compile the patch encoder on CUDA
+    store_patch_features: bool = True  # also write features/coords in the CLAM/TRIDENT layout
+    token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
+    mpp: float | None = None  # user pixel size (um/px) overriding the slide's metadata
+    mpp_fallback: str = "none"  # "none" | "objective" | "level0": used only when metadata has none
+    torch_threads: int | None = None  # torch intra-op threads during extraction on CPU (None: leave as is)
+    overwrite: bool = False  # replace a complete file made with other settings
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.region_batch_size < 1:
+            raise SlpdError(f"batch sizes must be at least 1 (got {self.batch_size}, {self.region_batch_size})")
+        if self.num_workers < 0:
+            raise SlpdError(f"num_workers must be 0 (read in the calling thread) or more, not {self.num_workers}")
+        if self.queue_size < 1 or self.regions_per_chunk < 1:
+            raise SlpdError("queue_size and regions_per_chunk must be at least 1")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise SlpdError(f"token_dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
+
+
+@dataclass
+class ExtractionResult:
+    """What happened to one slide. ``status``: "extracted", "skipped" (already up to date), "empty" (no
+    region: see ``message``) or "cancelled" (finished chunks are kept; a rerun resumes)."""
+
+    slide_id: str
+    slide_path: Path
+    out_path: Path
+    status: str
+    n_regions: int = 0
+    n_computed: int = 0  # regions computed by this run
+    resumed_from: int = 0  # regions already finished by an earlier run
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def regions_per_s(self) -> float:
+        return self.n_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def is_cancelled(cancel: CancelCheck) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+# -- reading regions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionReader:
+    """Reads region ``i`` of a grid as patches [G*G, p, p, 3] uint8 (row-major, like grid.patch_coords())."""
+
+    slide: Any  # napari_slpd.slide.Slide (thread-safe reads)
+    grid: Any  # napari_slpd.grid.RegionGrid
+    patch_px: int  # side of each output patch (the patch encoder's input size)
+
+    @property
+    def G(self) -> int:
+        return int(self.grid.patches_per_side)
+
+    def band_rows(self) -> int:
+        """Patch rows read per band: as many as fit in BAND_READ_PX (at least one)."""
+        rs = int(self.grid.read_size)
+        rows_px = math.ceil(rs / self.G)
+        return int(max(1, min(self.G, BAND_READ_PX // max(1, rs * rows_px))))
+
+    def __call__(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        G, p = self.G, self.patch_px
+        rs = int(self.grid.read_size)
+        level = int(self.grid.read_level)
+        ds = float(self.grid.read_downsample)
+        x0, y0 = (int(v) for v in self.grid.coords[index])
+        out = np.empty((G, G, p, p, 3), np.uint8)
+        rows = self.band_rows()
+        for r0 in range(0, G, rows):
+            r1 = min(G, r0 + rows)
+            # Source rows of this band at the read level: patch-row boundaries rounded to whole px.
+            sy0, sy1 = round(r0 * rs / G), round(r1 * rs / G)
+            band = self.slide.read_region((x0, int(round(y0 + sy0 * ds))), level, (rs, sy1 - sy0))
+            target = (G * p, (r1 - r0) * p)  # (width, height)
+            if band.shape[1] != target[0] or band.shape[0] != target[1]:
+                # Bilinear in Pillow is area-aware when shrinking (its support grows with the scale).
+                band = np.asarray(Image.fromarray(band).resize(target, Image.Resampling.BILINEAR))
+            # [rows*p, G*p, 3] -> [rows, G, p, p, 3]: patch (row, col) holds px (row*p.., col*p..).
+            out[r0:r1] = band.reshape(r1 - r0, p, G, p, 3).transpose(0, 2, 1, 3, 4)
+        return out.reshape(G * G, p, p, 3)
+
+
+def iter_regions(
+    read: Callable[[int], np.ndarray],
+    indices: range | list[int],
+    num_workers: int,
+    queue_size: int,
+    cancel: CancelCheck = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, read(index)) in the order of ``indices``; up to ``queue_size`` reads run ahead on
+    ``num_workers`` threads. Stops early (without error) once ``cancel`` is set."""
+    indices = list(indices)
+    if num_workers == 0:
+        for i in indices:
+            if is_cancelled(cancel):
+                return
+            yield i, read(i)
+        return
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="slpd-read")
+    window: collections.deque[tuple[int, Future]] = collections.deque()
+    pending = iter(indices)
+    try:
+        for i in pending:
+            window.append((i, pool.submit(read, i)))
+            if len(window) >= queue_size:
+                break
+        while window:
+            if is_cancelled(cancel):
+                return
+            i, future = window.popleft()
+            result = future.result()  # re-raises a worker's exception here, in order
+            nxt = next(pending, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(read, nxt)))
+            yield i, result
+    finally:
+        for _, future in window:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- model helpers ------------------------------------------------------------------------------------
+
+
+def encoder_input_px(patch_encoder, patch_px: int) -> int:
+    """Side of the patches the encoder is fed: its fixed input size, or the grid's patch size when the
+    encoder takes any size (HIPT's ViT-256 interpolates its position embedding)."""
+    size = getattr(patch_encoder, "input_size", None)
+    if not size or getattr(patch_encoder, "any_input_size", False):
+        return int(patch_px)
+    return int(size)
+
+
+def _encoder_device(encoder) -> str:
+    device = getattr(encoder, "device", None)
+    return str(device) if device is not None else "cpu"
+
+
+def _precision(patch_encoder) -> str:
+    """What numeric precision the encoder runs in: part of the run key (a resumed file never mixes)."""
+    if not _encoder_device(patch_encoder).startswith("cuda"):
+        return "float32"
+    for attr in ("precision", "autocast_dtype", "_autocast"):
+        value = getattr(patch_encoder, attr, None)
+        if value is not None:
+            return str(value).replace("torch.", "")
+    return "float32"
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    import torch
+
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def maybe_compile(patch_encoder, enabled: bool) -> None:
+    """torch.compile the encoder's network in place (CUDA only: on CPU compiling costs more than it saves
+    for one slide). Falls back to eager with a warning when compilation is unavailable."""
+    if not enabled or not _encoder_device(patch_encoder).startswith("cuda"):
+        return
+    module = getattr(patch_encoder, "module", None)
+    if module is None or hasattr(module, "_orig_mod"):  # nothing to compile, or compiled already
+        return
+    try:
+        import torch
+
+        # Batches have one fixed size except a chunk's last: dynamic=False compiles that shape once too.
+        patch_encoder.module = torch.compile(module, dynamic=False)
+    except Exception as exc:  # compile support varies by platform; extraction must still run
+        log.warning("torch.compile is unavailable here (%s); running the encoder eagerly", exc)
+
+
+class _PatchBatcher:
+    """Collects patches of consecutive regions into one fixed buffer and runs the encoder on it when full.
+
+    The buffer is allocated once ([batch_size, p, p, 3] uint8, pinned on CUDA): memory is set by
+    batch_size, not by the slide or the region size.
+    """
+
+    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool):
+        import torch
+
+        self.encoder = encoder
+        self.batch_size = batch_size
+        shape = (batch_size, patch_px, patch_px, 3)
+        if pin:
+            self._tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            self.buffer = self._tensor.numpy()
+        else:
+            self._tensor = None
+            self.buffer = np.empty(shape, np.uint8)
+        self.fill = 0
+        self.targets: list[tuple[np.ndarray, int, int, bool]] = []  # (output rows, start, n, ends a region)
+        self.regions_encoded = 0  # regions whose every patch has been encoded
+
+    def add(self, patches: np.ndarray, out: np.ndarray) -> None:
+        """Queue one region's ``patches`` [n, p, p, 3]; their features land in ``out`` [n, D] once encoded."""
+        start = 0
+        n = patches.shape[0]
+        while start < n:
+            take = min(self.batch_size - self.fill, n - start)
+            self.buffer[self.fill : self.fill + take] = patches[start : start + take]
+            self.targets.append((out, start, take, start + take == n))
+            self.fill += take
+            start += take
+            if self.fill == self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        import torch
+
+        batch = self._tensor[: self.fill] if self._tensor is not None else torch.from_numpy(self.buffer[: self.fill])
+        with torch.inference_mode():
+            feats = self.encoder.encode(batch)
+        feats = feats.detach().to("cpu", torch.float32).numpy()
+        pos = 0
+        for out, start, n, last in self.targets:
+            out[start : start + n] = feats[pos : pos + n]
+            pos += n
+            self.regions_encoded += int(last)
+        self.fill = 0
+        self.targets = []
+
+
+def encode_regions(region_encoder, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+    """Region embeddings [M, E] float32 of token grids [M, D, G, G], ``batch_size`` grids at a time."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(tokens[start : start + batch_size], dtype=np.float32))
+            out.append(region_encoder.encode(batch).detach().to("cpu", torch.float32).numpy())
+    if not out:
+        return np.zeros((0, int(region_encoder.dim)), np.float32)
+    return np.concatenate(out, axis=0)
+
+
+# -- settings -----------------------------------------------------------------------------------------
+
+
+def _config_dict(obj) -> dict:
+    if obj is None:
+        return {}
+    if hasattr(obj, "to_dict"):
+        return dict(obj.to_dict())
+    return asdict(obj)
+
+
+def extraction_settings(slide, config: ExtractionConfig, patch_encoder, region_encoder) -> dict:
+    """Everything that decides what the stored features mean; hashed into the store's settings_key."""
+    from napari_slpd import __version__  # noqa: F401  (recorded in run settings, not here)
+
+    grid = config.grid
+    return {
+        "format_version": FORMAT_VERSION,
+        "slide_id": slide.slide_id,
+        "slide_dimensions": [int(v) for v in slide.dimensions],
+        "patch_encoder": str(patch_encoder.model_id),
+        "patch_encoder_sha256": patch_encoder.checkpoint_sha256 or "",
+        "patch_encoder_input_px": encoder_input_px(patch_encoder, grid.patch_px),
+        "patch_mean": [float(v) for v in getattr(patch_encoder, "mean", ())],
+        "patch_std": [float(v) for v in getattr(patch_encoder, "std", ())],
+        "region_encoder": str(region_encoder.model_id),
+        "region_encoder_sha256": region_encoder.checkpoint_sha256 or "",
+        "region_px": int(grid.region_px),
+        "patch_px": int(grid.patch_px),
+        "target_mpp": float(grid.target_mpp),
+        "min_tissue": float(grid.min_tissue),
+        "mpp": float(slide.mpp) if slide.mpp is not None else None,
+        "mpp_source": slide.pixel_size.source,
+        "tissue": _config_dict(config.tissue),
+        "token_dtype": config.token_dtype,
+        "store_patch_features": bool(config.store_patch_features),
+        "resampling": RESAMPLING,
+    }
+
+
+def run_settings(patch_encoder) -> dict:
+    from napari_slpd import __version__
+
+    return {"precision": _precision(patch_encoder), "code_version": __version__}
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+
+
+def extract_slide(
+    slide_path,
+    out_path: str | os.PathLike,
+    patch_encoder,
+    region_encoder,
+    config: ExtractionConfig | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelCheck = None,
+) -> ExtractionResult:
+    """Extract (or resume, or skip) one slide's region features into the FeatureStore at ``out_path``.
+
+    ``slide_path`` is a path or an open :class:`napari_slpd.slide.Slide`. ``progress(done, total)`` is
+    called as regions finish (total = regions of the slide); ``cancel`` (Event or callable) stops after
+    the current batch, keeping every finished chunk. Bad input raises an SlpdError subclass.
+    """
+    from napari_slpd.grid import build_region_grid
+    from napari_slpd.slide import Slide, open_slide
+    from napari_slpd.tissue import detect_tissue
+
+    config = config or ExtractionConfig()
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    owns_slide = not isinstance(slide_path, Slide)
+    slide = open_slide(slide_path, mpp=config.mpp, mpp_fallback=config.mpp_fallback) if owns_slide else slide_path
+    try:
+        settings = extraction_settings(slide, config, patch_encoder, region_encoder)
+        result = ExtractionResult(slide.slide_id, Path(slide.path), out_path, "extracted")
+        if existing_store_is_current(out_path, settings, overwrite=config.overwrite):
+            from napari_slpd.features.store import read_store_attrs
+
+            result.status = "skipped"
+            result.n_regions = int(read_store_attrs(out_path).get("n_regions", 0))
+            result.message = "already extracted with the same settings"
+            if progress is not None:
+                progress(result.n_regions, result.n_regions)
+            result.seconds = time.perf_counter() - t0
+            return result
+
+        mask = detect_tissue(slide, config.tissue)
+        grid = build_region_grid(slide, mask, config.grid)
+        result.n_regions = len(grid)
+        if grid.is_empty:
+            result.status = "empty"
+            result.message = grid.reason
+            result.seconds = time.perf_counter() - t0
+            return result
+
+        writer = _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder)
+        result.resumed_from = writer.n_done
+        maybe_compile(patch_encoder, config.compile)
+        with _torch_threads(config.torch_threads):
+            done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
+        result.n_computed = done - writer.resumed_from
+        if done < len(grid):
+            result.status = "cancelled"
+            result.message = f"cancelled after {done} of {len(grid)} regions; run again to resume"
+        else:
+            writer.finish()
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        if owns_slide:
+            slide.close()
+
+
+def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder) -> FeatureStoreWriter:
+    from napari_slpd import __version__
+
+    G = int(grid.patches_per_side)
+    layout = StoreLayout(
+        n_regions=len(grid),
+        token_dim=int(patch_encoder.dim),
+        grid_size=G,
+        embed_dim=int(region_encoder.dim),
+        token_dtype=config.token_dtype,
+        patch_features=config.store_patch_features,
+    )
+    attrs = {
+        **grid.to_attrs(),
+        "slide_id": slide.slide_id,
+        "slide_path": str(slide.path),
+        "patch_encoder": str(patch_encoder.model_id),
+        "patch_encoder_sha256": patch_encoder.checkpoint_sha256 or "",
+        "region_encoder": str(region_encoder.model_id),
+        "region_encoder_sha256": region_encoder.checkpoint_sha256 or "",
+        "code_version": __version__,
+        "source": "napari-slpd extract",
+    }
+    # CLAM/TRIDENT readers find the patch geometry on the coords dataset: patches are given at level 0
+    # (patch_size = their level-0 footprint) since they are resampled, not read 1:1 from a level.
+    coords_attrs = {
+        "patch_size": int(round(grid.patch_size_level0)),
+        "patch_level": 0,
+        "patch_size_level0": float(grid.patch_size_level0),
+        "patch_px": int(grid.config.patch_px),
+        "target_mpp": float(grid.config.target_mpp),
+        "read_level": int(grid.read_level),
+    }
+    return FeatureStoreWriter(out_path, layout, settings, run_settings(patch_encoder), attrs, coords_attrs)
+
+
+def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel) -> int:
+    """Extract regions writer.n_done.. in chunks; returns how many regions are finished."""
+    G = int(grid.patches_per_side)
+    G2 = G * G
+    M = len(grid)
+    D = int(patch_encoder.dim)
+    px = encoder_input_px(patch_encoder, grid.config.patch_px)
+    pin = _encoder_device(patch_encoder).startswith("cuda")
+    batcher = _PatchBatcher(patch_encoder, min(config.batch_size, config.regions_per_chunk * G2), px, pin)
+    reader = RegionReader(slide, grid, px)
+    patch_coords = grid.patch_coords() if config.store_patch_features else None
+    done = first = writer.n_done
+    if progress is not None:
+        progress(done, M)
+    stream = iter_regions(reader, range(done, M), config.num_workers, config.queue_size, cancel)
+    try:
+        while done < M:
+            c = min(config.regions_per_chunk, M - done)
+            feats = np.empty((c * G2, D), np.float32)
+            for k in range(c):
+                item = next(stream, None)
+                if item is None:  # cancelled
+                    return done
+                index, patches = item
+                assert index == done + k, "regions must arrive in grid order"
+                before = batcher.regions_encoded
+                batcher.add(patches, feats[k * G2 : (k + 1) * G2])
+                if progress is not None and batcher.regions_encoded != before:
+                    progress(min(done + c - 1, first + batcher.regions_encoded), M)
+            # A batch never straddles chunks: a resumed run then sees exactly the same batches.
+            batcher.flush()
+            if is_cancelled(cancel):
+                return done
+            tokens = feats.reshape(c, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
+            embeddings = encode_regions(region_encoder, tokens, config.region_batch_size)
+            sl = slice(done, done + c)
+            writer.append(
+                RegionChunk(
+                    tokens=tokens,
+                    embeddings=embeddings,
+                    coords=np.asarray(grid.coords[sl], np.int64),
+                    coverage=np.asarray(grid.tissue_fraction[sl], np.float32),
+                    patch_features=feats if config.store_patch_features else None,
+                    patch_coords=patch_coords[sl.start * G2 : sl.stop * G2] if patch_coords is not None else None,
+                )
+            )
+            done += c
+            if progress is not None:
+                progress(done, M)
+    finally:
+        stream.close()
+    return done
+
+
+def sequential_extract(slide, grid, patch_encoder, region_encoder) -> tuple[np.ndarray, np.ndarray]:
+    """The HIPT-style loop, for comparison and as a reference: read one region, encode its patches as one
+    batch, encode its token grid; nothing overlaps. Returns (tokens [M, D, G, G], embeddings [M, E])."""
+    import torch
+
+    G = int(grid.patches_per_side)
+    px = encoder_input_px(patch_encoder, grid.config.patch_px)
+    reader = RegionReader(slide, grid, px)
+    tokens, embeddings = [], []
+    with torch.inference_mode():
+        for i in range(len(grid)):
+            patches = torch.from_numpy(reader(i))
+            feats = patch_encoder.encode(patches).to("cpu", torch.float32)
+            grid_tokens = feats.reshape(1, G, G, -1).permute(0, 3, 1, 2).contiguous()
+            embeddings.append(region_encoder.encode(grid_tokens).to("cpu", torch.float32).numpy())
+            tokens.append(grid_tokens.numpy())
+    if not tokens:
+        return np.zeros((0, int(patch_encoder.dim), G, G), np.float32), np.zeros((0, int(region_encoder.dim)), np.float32)
+    return np.concatenate(tokens), np.concatenate(embeddings)
+
+
+__all__ = [
+    "ExtractionConfig",
+    "ExtractionResult",
+    "RegionReader",
+    "extract_slide",
+    "extraction_settings",
+    "iter_regions",
+    "encode_regions",
+    "sequential_extract",
+]

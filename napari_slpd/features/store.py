@@ -1,0 +1,659 @@
+"""The per-slide feature cache: one HDF5 file holding patch features and region token grids.
+
+Layout (docs/ARCHITECTURE.md, "Features")::
+
+    features          [N, D] float32   patch features (CLAM/TRIDENT layout; optional)
+    coords            [N, 2] int64     level-0 top-left of each patch; attrs patch_size, patch_level, ...
+    region_tokens     [M, D, G, G]     float16 or float32 token grid of each region
+    region_embeddings [M, E] float32   region encoder output
+    region_coords     [M, 2] int64     level-0 top-left of each region
+    region_coverage   [M] float32      tissue fraction (extraction) or patch coverage (import) of each region
+    _resume/ends, _resume/sha256       chunk bookkeeping used to resume and to verify finished chunks
+
+Writing goes to ``<final>.partial`` chunk by chunk (the file is opened, appended to and closed for each
+chunk, so a killed process leaves at most the chunk it was writing unfinished). Every finished chunk is
+recorded with the sha256 of its rows; a later run with the same settings verifies them, drops anything
+after the last verified chunk and goes on from there. When all regions are written the file is marked
+``complete`` and renamed onto its final name, atomically.
+
+Two keys decide what may be reused. ``settings_key`` hashes everything that changes what the features
+mean (models and their checkpoints, region and patch size, um/px, tissue parameters, ...): a complete
+file with the same key is up to date, one with another key is never overwritten without ``overwrite``.
+``run_key`` adds what changes the exact numbers (numeric precision, code version): a partial file is only
+resumed when it matches, so one slide's regions never mix two precisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from napari_slpd.errors import FeatureStoreError
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever the file layout or the meaning of a dataset changes: part of every settings_key.
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+TOKEN_DTYPES = ("float16", "float32")
+REQUIRED_DATASETS = ("region_tokens", "region_embeddings", "region_coords")
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """A stable hash of a JSON-able settings mapping (key order does not matter)."""
+    canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot put {type(value).__name__} into feature settings")
+
+
+def partial_path_for(final_path: str | os.PathLike) -> Path:
+    final_path = Path(final_path)
+    return final_path.with_name(final_path.name + PARTIAL_SUFFIX)
+
+
+def _attr_value(value):
+    """h5py cannot store None or nested containers: None -> "", dicts/lists -> JSON text."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=_json_default)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_attrs(obj) -> dict:
+    return {key: _decode_attr(obj.attrs[key]) for key in obj.attrs.keys()}
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+
+def read_store_attrs(path: str | os.PathLike) -> dict:
+    """Root attributes of a feature file (complete or partial) without validating it.
+
+    Raises FeatureStoreError when the file is missing or not readable HDF5.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FeatureStoreError(f"feature file {path} does not exist")
+    try:
+        with h5py.File(path, "r") as fh:
+            return _read_attrs(fh)
+    except OSError as exc:
+        raise FeatureStoreError(
+            f"feature file {path} is damaged or not an HDF5 file ({exc}); delete it and extract again"
+        ) from exc
+
+
+class FeatureStore:
+    """Read access to one slide's complete feature file. Large arrays stay on disk until indexed.
+
+    ``region_embeddings``, ``region_coords`` and ``region_coverage`` are loaded (small); ``region_tokens``
+    and ``features`` are h5py datasets read lazily (``store.region_tokens[i]`` reads one region).
+    """
+
+    def __init__(self, path: Path, handle):
+        self.path = path
+        self._h5 = handle
+        self.attrs: dict = _read_attrs(handle)
+        self._embeddings: np.ndarray | None = None
+        self._region_coords: np.ndarray | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        expect_token_dim: int | None = None,
+        expect_embed_dim: int | None = None,
+    ) -> "FeatureStore":
+        """Open a complete feature file. ``expect_*_dim`` check that the file fits the model at hand."""
+        import h5py
+
+        path = Path(path)
+        if not path.exists():
+            partial = partial_path_for(path)
+            if partial.exists():
+                raise FeatureStoreError(
+                    f"feature extraction of {path.stem} did not finish ({partial.name} holds the regions done "
+                    "so far); run `slpd extract` again with the same settings to resume it"
+                )
+            raise FeatureStoreError(f"feature file {path} does not exist; run `slpd extract` for this slide first")
+        if path.name.endswith(PARTIAL_SUFFIX):
+            raise FeatureStoreError(
+                f"{path} is an unfinished extraction; run `slpd extract` again with the same settings to finish it"
+            )
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as exc:
+            raise FeatureStoreError(
+                f"feature file {path} is damaged or not an HDF5 file ({exc}); delete it and extract again"
+            ) from exc
+        try:
+            store = cls(path, handle)
+            store._validate(expect_token_dim, expect_embed_dim)
+        except BaseException:
+            handle.close()
+            raise
+        return store
+
+    def _validate(self, expect_token_dim: int | None, expect_embed_dim: int | None) -> None:
+        h5, path = self._h5, self.path
+        if not bool(self.attrs.get("complete", False)):
+            raise FeatureStoreError(
+                f"feature file {path} is marked incomplete; run `slpd extract` again with the same settings"
+            )
+        missing = [name for name in REQUIRED_DATASETS if name not in h5]
+        if missing:
+            raise FeatureStoreError(
+                f"feature file {path} lacks {', '.join(missing)}: it is not a napari-slpd feature file "
+                "(import CLAM/TRIDENT patch features with `slpd import-features`)"
+            )
+        tokens, emb, rc = h5["region_tokens"], h5["region_embeddings"], h5["region_coords"]
+        if tokens.ndim != 4 or tokens.shape[2] != tokens.shape[3]:
+            raise FeatureStoreError(f"{path}: region_tokens has shape {tokens.shape}, expected [M, D, G, G]")
+        if emb.ndim != 2 or rc.ndim != 2 or rc.shape[1] != 2:
+            raise FeatureStoreError(
+                f"{path}: region_embeddings {emb.shape} / region_coords {rc.shape} are not [M, E] / [M, 2]"
+            )
+        if not tokens.shape[0] == emb.shape[0] == rc.shape[0]:
+            raise FeatureStoreError(
+                f"{path}: region counts disagree (tokens {tokens.shape[0]}, embeddings {emb.shape[0]}, "
+                f"coords {rc.shape[0]}); the file is damaged, extract it again"
+            )
+        recorded = self.attrs.get("n_regions")
+        if recorded is not None and int(recorded) != tokens.shape[0]:
+            raise FeatureStoreError(
+                f"{path}: holds {tokens.shape[0]} regions but records {recorded}; the file is damaged"
+            )
+        if "features" in h5:
+            feats = h5["features"]
+            if feats.ndim != 2 or "coords" not in h5 or h5["coords"].shape != (feats.shape[0], 2):
+                raise FeatureStoreError(
+                    f"{path}: patch features {feats.shape} do not match patch coords "
+                    f"{h5['coords'].shape if 'coords' in h5 else 'missing'}"
+                )
+            if feats.shape[1] != tokens.shape[1]:
+                raise FeatureStoreError(
+                    f"{path}: patch features are {feats.shape[1]}-d but region tokens {tokens.shape[1]}-d"
+                )
+        if expect_token_dim is not None and tokens.shape[1] != expect_token_dim:
+            raise FeatureStoreError(
+                f"{path} holds {tokens.shape[1]}-d tokens (patch encoder {self.attrs.get('patch_encoder')!r}) "
+                f"but {expect_token_dim}-d are needed; extract with the matching patch encoder"
+            )
+        if expect_embed_dim is not None and emb.shape[1] != expect_embed_dim:
+            raise FeatureStoreError(
+                f"{path} holds {emb.shape[1]}-d region embeddings (region encoder "
+                f"{self.attrs.get('region_encoder')!r}) but {expect_embed_dim}-d are needed"
+            )
+
+    # -- metadata --------------------------------------------------------------------------------------
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id", self.path.stem))
+
+    @property
+    def settings_key(self) -> str:
+        return str(self.attrs.get("settings_key", ""))
+
+    @property
+    def region_size_level0(self) -> float:
+        return float(self.attrs["region_size_level0"])
+
+    @property
+    def n_regions(self) -> int:
+        return int(self._h5["region_tokens"].shape[0])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self._h5["region_tokens"].shape[1])
+
+    @property
+    def grid_size(self) -> int:
+        return int(self._h5["region_tokens"].shape[2])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._h5["region_embeddings"].shape[1])
+
+    # -- data ------------------------------------------------------------------------------------------
+    @property
+    def region_tokens(self):
+        return self._h5["region_tokens"]
+
+    @property
+    def region_embeddings(self) -> np.ndarray:
+        if self._embeddings is None:
+            self._embeddings = np.asarray(self._h5["region_embeddings"][()], dtype=np.float32)
+        return self._embeddings
+
+    @property
+    def region_coords(self) -> np.ndarray:
+        if self._region_coords is None:
+            self._region_coords = np.asarray(self._h5["region_coords"][()], dtype=np.int64)
+        return self._region_coords
+
+    @property
+    def region_coverage(self) -> np.ndarray | None:
+        return np.asarray(self._h5["region_coverage"][()], np.float32) if "region_coverage" in self._h5 else None
+
+    @property
+    def features(self):
+        """[N, D] patch features (h5py dataset) or None when the file was written without them."""
+        return self._h5["features"] if "features" in self._h5 else None
+
+    @property
+    def coords(self) -> np.ndarray | None:
+        return np.asarray(self._h5["coords"][()], np.int64) if "coords" in self._h5 else None
+
+    @property
+    def coords_attrs(self) -> dict:
+        return _read_attrs(self._h5["coords"]) if "coords" in self._h5 else {}
+
+    def tokens(self, indices=None, dtype=np.float32) -> np.ndarray:
+        """Token grids [k, D, G, G] of the given regions (all when None), as ``dtype``."""
+        ds = self._h5["region_tokens"]
+        if indices is None:
+            return np.asarray(ds[()], dtype=dtype)
+        indices = np.asarray(indices, dtype=np.int64)
+        # h5py fancy indexing needs increasing unique indices: read sorted, then restore the order asked.
+        order = np.argsort(indices, kind="stable")
+        unique, inverse = np.unique(indices[order], return_inverse=True)
+        rows = np.asarray(ds[unique.tolist()], dtype=dtype) if unique.size else np.empty((0, *ds.shape[1:]), dtype)
+        out = np.empty((indices.size, *ds.shape[1:]), dtype)
+        out[order] = rows[inverse]
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._h5.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureStore({str(self.path)!r}, regions={self.n_regions}, tokens=[{self.token_dim}, "
+            f"{self.grid_size}, {self.grid_size}], embed_dim={self.embed_dim})"
+        )
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of what a writer will write: fixed for the whole file."""
+
+    n_regions: int  # M, known up front from the region grid
+    token_dim: int  # D
+    grid_size: int  # G (patches per region side)
+    embed_dim: int  # E
+    token_dtype: str = "float16"
+    patch_features: bool = True  # also write features/coords in the CLAM/TRIDENT layout
+
+    def __post_init__(self):
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise FeatureStoreError(f"token dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
+        if min(self.token_dim, self.grid_size, self.embed_dim) < 1 or self.n_regions < 0:
+            raise FeatureStoreError(f"invalid feature layout {self}")
+
+
+@dataclass
+class RegionChunk:
+    """Consecutive regions to append: ``tokens`` [c, D, G, G], ``embeddings`` [c, E], ``coords`` [c, 2],
+    ``coverage`` [c]; with patch features also ``patch_features`` [c*G*G, D], ``patch_coords`` [c*G*G, 2]."""
+
+    tokens: np.ndarray
+    embeddings: np.ndarray
+    coords: np.ndarray
+    coverage: np.ndarray
+    patch_features: np.ndarray | None = None
+    patch_coords: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def existing_store_is_current(
+    final_path: str | os.PathLike, settings: Mapping[str, Any], overwrite: bool = False
+) -> bool:
+    """Whether a complete feature file made with settings ``key`` already sits at ``final_path``.
+
+    A complete file with other settings raises FeatureStoreError unless ``overwrite`` (then False: the
+    caller writes a new one that replaces it on completion). A damaged file raises the same way.
+    """
+    final_path = Path(final_path)
+    key = settings_key(settings)
+    if not final_path.exists():
+        return False
+    try:
+        attrs = read_store_attrs(final_path)
+    except FeatureStoreError:
+        if overwrite:
+            return False
+        raise
+    if not bool(attrs.get("complete", False)):
+        if overwrite:
+            return False
+        raise FeatureStoreError(f"{final_path} is marked incomplete; pass --overwrite (overwrite=True) to redo it")
+    if attrs.get("settings_key") == key:
+        return not overwrite
+    if overwrite:
+        return False
+    differences = describe_settings_difference(attrs, settings)
+    raise FeatureStoreError(
+        f"{final_path} was extracted with other settings{differences}; pass --overwrite (overwrite=True) to "
+        "replace it, or write to another cohort folder"
+    )
+
+
+def describe_settings_difference(attrs: Mapping[str, Any], new_settings: Mapping[str, Any]) -> str:
+    """A short ' (a: x -> y; ...)' text naming the settings that differ between a file and new ones."""
+    try:
+        old = json.loads(attrs.get("settings", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        return ""
+    changed = [f"{k}: {old.get(k)!r} -> {new_settings.get(k)!r}" for k in sorted(set(old) | set(new_settings))
+               if old.get(k) != new_settings.get(k)]
+    return f" ({'; '.join(changed[:6])})" if changed else ""
+
+
+def _chunk_digest(chunk: RegionChunk, token_dtype: str) -> bytes:
+    digest = hashlib.sha256()
+    for array, dtype in (
+        (chunk.tokens, token_dtype),
+        (chunk.embeddings, "float32"),
+        (chunk.coords, "int64"),
+        (chunk.coverage, "float32"),
+        (chunk.patch_features, "float32"),
+        (chunk.patch_coords, "int64"),
+    ):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return digest.hexdigest().encode("ascii")
+
+
+class FeatureStoreWriter:
+    """Writes one slide's feature file chunk by chunk into ``<final>.partial``, resuming an earlier run.
+
+    ``n_done`` says how many regions a previous run already finished (0 for a fresh file); the caller
+    appends the remaining regions in order with :meth:`append` and then calls :meth:`finish`.
+    """
+
+    def __init__(
+        self,
+        final_path: str | os.PathLike,
+        layout: StoreLayout,
+        settings: Mapping[str, Any],
+        run_settings: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        coords_attrs: Mapping[str, Any] | None = None,
+    ):
+        self.final_path = Path(final_path)
+        self.partial_path = partial_path_for(self.final_path)
+        self.layout = layout
+        self.settings = dict(settings)
+        self.settings_key = settings_key(self.settings)
+        self.run_settings = dict(run_settings or {})
+        self.run_key = settings_key({"settings_key": self.settings_key, **self.run_settings})
+        self.attrs = dict(attrs or {})
+        self.coords_attrs = dict(coords_attrs or {})
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.n_done = self._resume_or_create()
+        self.resumed_from = self.n_done
+
+    # -- opening ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _open(self, mode: str = "r+") -> Iterator:
+        import h5py
+
+        with h5py.File(self.partial_path, mode) as fh:
+            yield fh
+
+    def _resume_or_create(self) -> int:
+        if self.partial_path.exists():
+            try:
+                done = self._verify_partial()
+            except Exception as exc:  # a file cut mid-write may fail in any h5py call
+                log.warning("%s: the unfinished extraction file is unreadable (%s); starting this slide over",
+                            self.partial_path.name, exc)
+                done = None
+            if done is not None:
+                if done:
+                    log.info("%s: resuming after %d of %d regions", self.final_path.stem, done,
+                             self.layout.n_regions)
+                return done
+            self.partial_path.unlink()
+        self._create()
+        return 0
+
+    def _verify_partial(self) -> int | None:
+        """Regions of the partial file that are finished and verified, or None when it must be redone."""
+        with self._open("r+") as fh:
+            attrs = _read_attrs(fh)
+            if attrs.get("run_key") != self.run_key:
+                log.warning(
+                    "%s: an unfinished extraction with other settings (or another precision or code version) "
+                    "was found; starting this slide over", self.final_path.stem,
+                )
+                return None
+            if int(attrs.get("n_regions_total", -1)) != self.layout.n_regions:
+                log.warning("%s: the unfinished extraction planned another number of regions; starting over",
+                            self.final_path.stem)
+                return None
+            ends = fh["_resume/ends"][()].astype(np.int64)
+            digests = fh["_resume/sha256"][()]
+            recorded = int(attrs.get("n_regions_done", 0))
+            n_chunks = int(np.searchsorted(ends, recorded, side="right"))
+            good_chunks, start = 0, 0
+            for i in range(n_chunks):
+                end = int(ends[i])
+                chunk = self._read_rows(fh, start, end)
+                if _chunk_digest(chunk, self.layout.token_dtype) != bytes(digests[i]):
+                    log.warning("%s: regions %d-%d of the unfinished extraction fail their checksum; "
+                                "recomputing from region %d", self.final_path.stem, start, end - 1, start)
+                    break
+                good_chunks, start = i + 1, end
+            self._truncate(fh, start, good_chunks)
+            return start
+
+    def _read_rows(self, fh, start: int, end: int) -> RegionChunk:
+        G2 = self.layout.grid_size ** 2
+        return RegionChunk(
+            tokens=fh["region_tokens"][start:end],
+            embeddings=fh["region_embeddings"][start:end],
+            coords=fh["region_coords"][start:end],
+            coverage=fh["region_coverage"][start:end],
+            patch_features=fh["features"][start * G2 : end * G2] if self.layout.patch_features else None,
+            patch_coords=fh["coords"][start * G2 : end * G2] if self.layout.patch_features else None,
+        )
+
+    def _datasets(self, fh) -> list[tuple[Any, int]]:
+        """(dataset, rows per region) of every per-region dataset."""
+        pairs = [(fh[name], 1) for name in ("region_tokens", "region_embeddings", "region_coords", "region_coverage")]
+        if self.layout.patch_features:
+            pairs += [(fh["features"], self.layout.grid_size ** 2), (fh["coords"], self.layout.grid_size ** 2)]
+        return pairs
+
+    def _truncate(self, fh, n_regions: int, n_chunks: int) -> None:
+        for ds, rows in self._datasets(fh):
+            ds.resize(n_regions * rows, axis=0)
+        fh["_resume/ends"].resize(n_chunks, axis=0)
+        fh["_resume/sha256"].resize(n_chunks, axis=0)
+        fh.attrs["n_regions_done"] = n_regions
+
+    def _create(self) -> None:
+        L = self.layout
+        D, G, E = L.token_dim, L.grid_size, L.embed_dim
+        with self._open("w") as fh:
+            fh.create_dataset("region_tokens", (0, D, G, G), dtype=L.token_dtype, maxshape=(None, D, G, G),
+                              chunks=(1, D, G, G))
+            fh.create_dataset("region_embeddings", (0, E), dtype="float32", maxshape=(None, E),
+                              chunks=(max(1, min(256, 65536 // E)), E))
+            fh.create_dataset("region_coords", (0, 2), dtype="int64", maxshape=(None, 2), chunks=(1024, 2))
+            fh.create_dataset("region_coverage", (0,), dtype="float32", maxshape=(None,), chunks=(1024,))
+            if L.patch_features:
+                fh.create_dataset("features", (0, D), dtype="float32", maxshape=(None, D),
+                                  chunks=(G * G, D))
+                coords = fh.create_dataset("coords", (0, 2), dtype="int64", maxshape=(None, 2),
+                                           chunks=(max(1024, G * G), 2))
+                for key, value in self.coords_attrs.items():
+                    coords.attrs[key] = _attr_value(value)
+            resume = fh.create_group("_resume")
+            resume.create_dataset("ends", (0,), dtype="int64", maxshape=(None,), chunks=(256,))
+            resume.create_dataset("sha256", (0,), dtype="S64", maxshape=(None,), chunks=(256,))
+            for key, value in self.attrs.items():
+                fh.attrs[key] = _attr_value(value)
+            for key, value in self.settings.items():
+                # Settings are also readable one by one (e.g. attrs["region_px"]) unless attrs says otherwise.
+                if key not in self.attrs:
+                    fh.attrs[key] = _attr_value(value)
+            fh.attrs["settings"] = _attr_value(self.settings)
+            fh.attrs["settings_key"] = self.settings_key
+            fh.attrs["run_settings"] = _attr_value(self.run_settings)
+            fh.attrs["run_key"] = self.run_key
+            fh.attrs["format_version"] = FORMAT_VERSION
+            fh.attrs["token_dtype"] = L.token_dtype
+            fh.attrs["n_regions_total"] = L.n_regions
+            fh.attrs["n_regions_done"] = 0
+            fh.attrs["complete"] = False
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def append(self, chunk: RegionChunk) -> None:
+        """Append the next ``len(chunk)`` regions and record them as finished (one open/write/close)."""
+        L = self.layout
+        c = len(chunk)
+        if c == 0:
+            return
+        if self.n_done + c > L.n_regions:
+            raise FeatureStoreError(f"{self.final_path.stem}: more regions written than the {L.n_regions} planned")
+        self._check_chunk(chunk)
+        tokens = np.ascontiguousarray(chunk.tokens, dtype=L.token_dtype)
+        if not np.isfinite(tokens).all():
+            raise FeatureStoreError(
+                f"{self.final_path.stem}: region tokens overflow {L.token_dtype} (or the encoder produced NaN); "
+                "extract with token dtype float32"
+            )
+        chunk = RegionChunk(tokens, chunk.embeddings, chunk.coords, chunk.coverage,
+                            chunk.patch_features, chunk.patch_coords)
+        digest = _chunk_digest(chunk, L.token_dtype)
+        start, end = self.n_done, self.n_done + c
+        with self._open("r+") as fh:
+            values = [tokens, chunk.embeddings, chunk.coords, chunk.coverage]
+            if L.patch_features:
+                values += [chunk.patch_features, chunk.patch_coords]
+            for (ds, rows), value in zip(self._datasets(fh), values):
+                ds.resize(end * rows, axis=0)
+                ds[start * rows : end * rows] = value
+            ends, digests = fh["_resume/ends"], fh["_resume/sha256"]
+            k = ends.shape[0]
+            ends.resize(k + 1, axis=0)
+            digests.resize(k + 1, axis=0)
+            ends[k] = end
+            digests[k] = digest
+            # Data before bookkeeping: the count moves only once everything it covers is written.
+            fh.flush()
+            fh.attrs["n_regions_done"] = end
+        self.n_done = end
+
+    def _check_chunk(self, chunk: RegionChunk) -> None:
+        L, c = self.layout, len(chunk)
+        expected = {
+            "tokens": (chunk.tokens, (c, L.token_dim, L.grid_size, L.grid_size)),
+            "embeddings": (chunk.embeddings, (c, L.embed_dim)),
+            "coords": (chunk.coords, (c, 2)),
+            "coverage": (chunk.coverage, (c,)),
+        }
+        if L.patch_features:
+            G2 = L.grid_size ** 2
+            expected["patch_features"] = (chunk.patch_features, (c * G2, L.token_dim))
+            expected["patch_coords"] = (chunk.patch_coords, (c * G2, 2))
+        for name, (array, shape) in expected.items():
+            if array is None or tuple(np.shape(array)) != shape:
+                raise FeatureStoreError(
+                    f"{self.final_path.stem}: chunk {name} has shape {None if array is None else np.shape(array)}, "
+                    f"expected {shape}"
+                )
+
+    def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
+        """Mark the file complete and move it onto its final name (replacing an older file, atomically)."""
+        if self.n_done != self.layout.n_regions:
+            raise FeatureStoreError(
+                f"{self.final_path.stem}: {self.n_done} of {self.layout.n_regions} regions written; cannot finish"
+            )
+        with self._open("r+") as fh:
+            for key, value in (extra_attrs or {}).items():
+                fh.attrs[key] = _attr_value(value)
+            fh.attrs["n_regions"] = self.n_done
+            fh.attrs["complete"] = True
+        _fsync_path(self.partial_path)
+        os.replace(self.partial_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        return self.final_path
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
+        _fsync_path(folder)
+
+
+def write_store(
+    final_path: str | os.PathLike,
+    layout: StoreLayout,
+    settings: Mapping[str, Any],
+    chunk: RegionChunk,
+    attrs: Mapping[str, Any] | None = None,
+    coords_attrs: Mapping[str, Any] | None = None,
+    run_settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a whole feature file in one go (e.g. imported features); same atomic rules as extraction."""
+    partial = partial_path_for(final_path)
+    if partial.exists():
+        partial.unlink()
+    writer = FeatureStoreWriter(final_path, layout, settings, run_settings, attrs, coords_attrs)
+    writer.append(chunk)
+    return writer.finish()

@@ -1,0 +1,257 @@
+"""Comparing two slides by their prototype sets (SPEC section 2, "Similar slides").
+
+S(n, m) = max over one-to-one matchings pi of sum_k <c(n, k), c(m, pi(k))>. The official SLPD code
+enumerates all K! permutations; the Hungarian algorithm (scipy's ``linear_sum_assignment``) finds the
+same maximum in O(K^3). Prototypes are L2-normalized, so every inner product is a cosine in [-1, 1] and
+S lies in [-min(K, L), min(K, L)]; the distance shown to users is ``min(K, L) - S`` (``K - S`` when both
+slides have K prototypes).
+
+Slides with different numbers of prototypes (K != L, e.g. a small slide whose K was capped) are matched
+rectangularly: the min(K, L) pairs of the best partial one-to-one matching; the prototypes of the larger
+set left over do not count. This is the maximum over all injective maps from the smaller set into the
+larger one, which is what the permutation definition becomes when the sets differ in size.
+
+Ranking many candidate slides against one query (the cohort index's re-ranking) uses a bound: for any
+matching, S <= the sum of the row maxima of the similarity matrix (every query prototype gets at most its
+best partner) and <= the sum of the column maxima. Candidates are solved exactly in decreasing order of
+that bound and the search stops once the bound falls below the n-th best exact value found, so the top n
+are exact while only a few dozen assignment problems are solved, however many candidates there are.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from napari_slpd.errors import PrototypeError
+
+# Enumerating permutations is only a reference for tests: 9! = 362,880 sums is already slow.
+BRUTE_FORCE_MAX = 9
+# Float slack when comparing a bound with exact sums computed in another order.
+_BOUND_SLACK = 1e-9
+
+
+class PrototypePair(NamedTuple):
+    """One matched pair: prototype ``k`` of the query set and ``l`` of the other set, and their cosine."""
+
+    k: int
+    l: int  # noqa: E741 (the SPEC's name for the partner index)
+    similarity: float
+
+
+def as_prototype_set(protos, name: str = "prototype set") -> np.ndarray:
+    """``protos`` as a finite 2-D float array [K, E] with K >= 1, or PrototypeError saying what is wrong."""
+    array = np.asarray(protos)
+    if array.ndim != 2:
+        raise PrototypeError(f"{name} must be a 2-D array [K, E] of prototypes, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise PrototypeError(f"{name} is empty (shape {array.shape}); a slide needs at least one prototype")
+    if array.dtype.kind not in "fiu":
+        raise PrototypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).any(axis=1).sum())
+        raise PrototypeError(f"{name} has {bad} prototype(s) with NaN or infinite values")
+    return array
+
+
+def _check_dims(A: np.ndarray, B: np.ndarray) -> None:
+    if A.shape[1] != B.shape[1]:
+        raise PrototypeError(
+            f"cannot compare prototype sets of different embedding sizes ({A.shape[1]}-d and {B.shape[1]}-d): "
+            "they come from different encoders; compute both slides' features with the same region encoder"
+        )
+
+
+def similarity_matrix(A, B) -> np.ndarray:
+    """[K, L] inner products <A_k, B_l> in float64 (cosines for L2-normalized prototypes)."""
+    A = as_prototype_set(A, "first prototype set")
+    B = as_prototype_set(B, "second prototype set")
+    _check_dims(A, B)
+    return A.astype(np.float64) @ B.astype(np.float64).T
+
+
+def _solve(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Optimal matching of a [K, L] similarity matrix: (S, rows, cols), min(K, L) pairs, rows ascending."""
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    return float(sim[rows, cols].sum(dtype=np.float64)), rows, cols
+
+
+def prototype_set_similarity(A, B) -> tuple[float, list[tuple[int, int]]]:
+    """S = the best one-to-one matching of prototype sets A [K, E] and B [L, E], and its pairs (k, l).
+
+    Equals the maximum over all permutations (K == L) or injective maps (K != L) of the summed cosines.
+    """
+    S, rows, cols = _solve(similarity_matrix(A, B))
+    return S, [(int(k), int(l)) for k, l in zip(rows, cols)]
+
+
+def prototype_set_distance(A, B) -> float:
+    """min(K, L) - S(A, B): 0 for identical sets, up to 2 * min(K, L) for opposite ones."""
+    sim = similarity_matrix(A, B)
+    S, _, _ = _solve(sim)
+    return float(min(sim.shape) - S)
+
+
+def match_prototypes(A, B) -> list[PrototypePair]:
+    """The optimal pairs with their cosines, most similar pair first: the explanation of a match."""
+    sim = similarity_matrix(A, B)
+    _, rows, cols = _solve(sim)
+    pairs = [PrototypePair(int(k), int(l), float(sim[k, l])) for k, l in zip(rows, cols)]
+    pairs.sort(key=lambda p: (-p.similarity, p.k))
+    return pairs
+
+
+def cross_assignment(A, B) -> np.ndarray:
+    """[K] int: l* = argmax_l <A_k, B_l> for each prototype of A (SLPD's inter-slide target; not one-to-one)."""
+    return np.argmax(similarity_matrix(A, B), axis=1).astype(np.int64)
+
+
+def brute_force_set_similarity(A, B) -> tuple[float, list[tuple[int, int]]]:
+    """Reference S by enumerating every injective map of the smaller set into the larger one.
+
+    Only for tests and small sets (max(K, L) <= 9): this is what the official code computes.
+    """
+    sim = similarity_matrix(A, B)
+    K, L = sim.shape
+    if max(K, L) > BRUTE_FORCE_MAX:
+        raise PrototypeError(f"brute force over permutations is limited to {BRUTE_FORCE_MAX} prototypes, got {max(K, L)}")
+    transposed = K > L
+    if transposed:
+        sim = sim.T
+        K, L = L, K
+    best, best_cols = -math.inf, None
+    rows = np.arange(K)
+    for cols in itertools.permutations(range(L), K):
+        value = float(sim[rows, list(cols)].sum())
+        if value > best:
+            best, best_cols = value, cols
+    pairs = [(int(r), int(c)) for r, c in zip(rows, best_cols)]
+    if transposed:
+        pairs = sorted((c, r) for r, c in pairs)
+    return best, pairs
+
+
+# -- many candidates at once -------------------------------------------------------------------------------
+
+
+def candidate_similarities(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[N, K, L] similarity matrices of a query set [K, E] against N candidate sets [N, L, E] (one GEMM)."""
+    N, L, E = candidates.shape
+    flat = candidates.reshape(N * L, E) @ np.asarray(query, dtype=candidates.dtype).T  # [N*L, K]
+    return flat.reshape(N, L, -1).transpose(0, 2, 1)
+
+
+def matching_upper_bounds(sims: np.ndarray) -> np.ndarray:
+    """[N] float64 upper bounds on S for similarity matrices [N, K, L]: min(sum of row maxima, sum of column
+    maxima), each over the min(K, L) largest maxima (only that many pairs are matched)."""
+    N, K, L = sims.shape
+    p = min(K, L)
+    row_max = sims.max(axis=2)
+    col_max = sims.max(axis=1)
+    if K > p:
+        row_max = -np.partition(-row_max, p - 1, axis=1)[:, :p]
+    if L > p:
+        col_max = -np.partition(-col_max, p - 1, axis=1)[:, :p]
+    return np.minimum(row_max.sum(axis=1, dtype=np.float64), col_max.sum(axis=1, dtype=np.float64))
+
+
+def _greedy_values(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the greedy partners are already one-to-one, S needs no solve: ([N] bool, [N] float64 S there).
+
+    With K <= L every row is matched, each at most to its best column, so if the rows' best columns are
+    distinct that matching is optimal and S = the sum of row maxima (K > L: the same with columns).
+    """
+    N, K, L = sims.shape
+    if N == 0:
+        return np.zeros(0, bool), np.zeros(0, np.float64)
+    axis = 2 if K <= L else 1
+    best = np.sort(sims.argmax(axis=axis), axis=1)
+    easy = (np.diff(best, axis=1) != 0).all(axis=1) if best.shape[1] > 1 else np.ones(N, bool)
+    return easy, sims.max(axis=axis).sum(axis=1, dtype=np.float64)
+
+
+def batch_set_similarity(query, candidates) -> np.ndarray:
+    """Exact S of a query set [K, E] against each of N candidate sets [N, L, E]: [N] float64.
+
+    One GEMM gives all similarity matrices; candidates whose greedy best partners are already one-to-one
+    need no assignment solve; the others are solved one by one (about 6 us each for K = 16).
+    """
+    query = as_prototype_set(query, "query prototype set")
+    candidates = np.asarray(candidates)
+    if candidates.ndim != 3 or candidates.shape[2] != query.shape[1]:
+        raise PrototypeError(
+            f"candidate sets must be [N, L, {query.shape[1]}] to match the query, got shape {candidates.shape}"
+        )
+    sims = candidate_similarities(query.astype(np.float32), candidates.astype(np.float32, copy=False))
+    return _exact_all(sims)
+
+
+def _exact_all(sims: np.ndarray) -> np.ndarray:
+    N, K, L = sims.shape
+    out = np.empty(N, np.float64)
+    easy, greedy = _greedy_values(sims)
+    out[easy] = greedy[easy]
+    for j in np.flatnonzero(~easy):
+        out[j] = _solve(sims[j])[0]
+    return out
+
+
+class TopMatch(NamedTuple):
+    block: int  # which similarity block the candidate came from
+    row: int  # its row in that block
+    similarity: float  # exact S
+
+
+def top_matches(blocks: Sequence[np.ndarray], n: int, candidate_ids: Sequence[np.ndarray] | None = None) -> list[TopMatch]:
+    """The n candidates with the largest exact S, from one or more blocks of similarity matrices [N_b, K, L_b]
+    (blocks let candidates with different numbers of prototypes be ranked together).
+
+    Exact: candidates are solved in decreasing order of their upper bound, and the search stops when the
+    next bound is below the n-th best S found. Ties are broken by ``candidate_ids`` (ascending; block then
+    row order when not given) so that results do not depend on the layout of the blocks.
+    """
+    if n <= 0:
+        return []
+    bounds, owners, keys = [], [], []
+    for b, sims in enumerate(blocks):
+        if sims.shape[0] == 0:
+            continue
+        bounds.append(matching_upper_bounds(sims))
+        owners.append(np.stack([np.full(sims.shape[0], b), np.arange(sims.shape[0])], axis=1))
+        keys.append(np.asarray(candidate_ids[b], np.int64) if candidate_ids is not None else None)
+    if not bounds:
+        return []
+    bound = np.concatenate(bounds)
+    owner = np.concatenate(owners)
+    if candidate_ids is not None:
+        key = np.concatenate(keys)
+    else:
+        key = np.arange(bound.size, dtype=np.int64)
+    order = np.lexsort((key, -bound))
+    # Min-heap of the n best so far, keyed so that the worst (lowest S, then highest id) is on top.
+    heap: list[tuple[float, int, int]] = []
+    for j in order:
+        if len(heap) == n and bound[j] < heap[0][0] - _BOUND_SLACK:
+            break
+        b, r = owner[j]
+        S = _solve(blocks[b][r])[0]
+        item = (S, -int(key[j]), int(j))
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+    best = sorted(heap, key=lambda t: (-t[0], -t[1]))
+    return [TopMatch(int(owner[j][0]), int(owner[j][1]), S) for S, _, j in best]
+
+
+def pairs_from_similarity(sim: np.ndarray) -> list[PrototypePair]:
+    """Optimal pairs of one [K, L] similarity matrix, most similar first (explanations for ranked results)."""
+    _, rows, cols = _solve(np.asarray(sim, dtype=np.float64))
+    pairs = [PrototypePair(int(k), int(l), float(sim[k, l])) for k, l in zip(rows, cols)]
+    pairs.sort(key=lambda p: (-p.similarity, p.k))
+    return pairs

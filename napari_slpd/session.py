@@ -1,0 +1,599 @@
+"""Qt-free orchestration of a cohort: what the napari panels and ``slpd demo`` both do.
+
+A :class:`Session` is an open cohort folder plus the settings in use. It registers slides, extracts the
+features that are missing, computes the prototypes that are missing, keeps the cohort index fresh and
+answers similarity queries, each step reusing whatever the cache already holds. Every long step takes
+``progress(done, total)`` and ``cancel`` (threading.Event or callable) so a GUI worker or a CLI can show
+progress and stop it; a cancelled step leaves only finished (or resumable, never final-named partial)
+files behind.
+
+The panels stay thin: they call these methods in a worker thread and draw the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from napari_slpd.cohort import Cohort, SlideRecord, find_slides
+from napari_slpd.embedding_map import UmapParams
+from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
+from napari_slpd.io_utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+MPP_FALLBACKS = ("none", "objective", "level0")
+DEVICES = ("auto", "cuda", "cpu")
+THUMBNAIL_PX = 256
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSettings:
+    """What the Features panel edits: encoders, device and the region grid."""
+
+    patch_encoder: str = "hipt_vit256"  # "hipt_vit256" | "timm:<name>" | "open_clip:<name>"
+    patch_checkpoint: str | None = None  # None: random init (hipt_vit256 only)
+    patch_input_px: int | None = None  # the encoder's input side; None = its model card's
+    region_encoder: str = "hipt_vit4k"  # "hipt_vit4k" | "mean"
+    region_checkpoint: str | None = None
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+    region_px: int = 4096
+    patch_px: int = 256
+    target_mpp: float = 0.5
+    min_tissue: float = 0.25
+    mpp_fallback: str = "none"  # for slides that state no plausible pixel size
+    batch_size: int = 256
+    num_workers: int = 2
+    token_dtype: str = "float16"
+    overwrite: bool = False  # replace feature files made with other settings
+
+    def __post_init__(self):
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise SlpdError(f"device must be one of {DEVICES}, not {self.device!r}")
+        if self.mpp_fallback not in MPP_FALLBACKS:
+            raise SlpdError(f"mpp_fallback must be one of {MPP_FALLBACKS}, not {self.mpp_fallback!r}")
+        self.grid_config()  # validates region/patch sizes with the grid's own messages
+
+    def grid_config(self):
+        from napari_slpd.grid import GridConfig
+
+        return GridConfig(
+            region_px=int(self.region_px),
+            patch_px=int(self.patch_px),
+            target_mpp=float(self.target_mpp),
+            min_tissue=float(self.min_tissue),
+        )
+
+    def encoder_key(self) -> tuple:
+        return (self.patch_encoder, self.patch_checkpoint, self.patch_input_px, self.region_encoder,
+                self.region_checkpoint, self.device)
+
+    @property
+    def random_init(self) -> bool:
+        return self.patch_checkpoint is None and self.patch_encoder == "hipt_vit256" or (
+            self.region_checkpoint is None and self.region_encoder == "hipt_vit4k"
+        )
+
+
+@dataclass
+class PrototypeSettings:
+    k: int = 4  # SPEC: K = 4 (NSCLC), 2 (BRCA); up to 32
+    seed: int = 0
+    niter: int = 10
+    nredo: int = 5
+    min_regions: int | None = None  # slides with fewer regions get no prototypes (None: K regions)
+
+    def __post_init__(self):
+        if not 1 <= int(self.k) <= 32:
+            raise SlpdError(f"the number of prototypes K must be between 1 and 32, not {self.k}")
+
+
+@dataclass
+class SessionSettings:
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    prototypes: PrototypeSettings = field(default_factory=PrototypeSettings)
+    top_k: int = 10  # neighbours listed for a query
+    umap: UmapParams = field(default_factory=UmapParams)
+
+
+# -- results -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideStatus:
+    slide_id: str
+    path: Path
+    exists: bool
+    features: str  # "done" | "missing" | "partial" | "other-settings" | "damaged"
+    prototypes: str  # "done" | "missing" | "stale"
+    n_regions: int | None = None
+    detail: str = ""
+
+    @property
+    def features_done(self) -> bool:
+        return self.features == "done"
+
+    @property
+    def prototypes_done(self) -> bool:
+        return self.prototypes == "done"
+
+
+@dataclass
+class RegionData:
+    """The small, in-memory part of a slide's feature file."""
+
+    slide_id: str
+    embeddings: np.ndarray  # [M, E] float32
+    coords: np.ndarray  # [M, 2] int64 level-0 top-left
+    size: float  # level-0 px per region side
+    settings_key: str
+    attrs: dict
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+
+@dataclass
+class SlideMatch:
+    slide_id: str
+    distance: float  # prototype set distance K - S
+    similarity: float  # S: sum of matched cosine similarities
+    pairs: list[tuple[int, int]]  # (query prototype, this slide's prototype)
+    pair_similarities: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RegionMatch:
+    slide_id: str
+    region: int
+    distance: float  # cosine distance 1 - cos
+    prototype: int | None = None  # the matched region's prototype on its own slide
+
+
+# -- the session ---------------------------------------------------------------------------------------
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel.is_set()) if hasattr(cancel, "is_set") else bool(cancel())
+
+
+class Session:
+    """An open cohort and the settings used on it. Thread-safe for one writer at a time (the GUI runs
+    one task per panel; heavy state is guarded by a lock)."""
+
+    def __init__(self, root: str | os.PathLike, settings: SessionSettings | None = None, create: bool = True):
+        self.cohort = Cohort(root, create=create)
+        self.settings = settings or SessionSettings()
+        self._lock = threading.RLock()
+        self._encoders: tuple[tuple, Any, Any] | None = None
+        self._regions: dict[str, tuple[float, RegionData]] = {}
+        self._prototypes: dict[str, tuple[tuple, Any]] = {}
+        self._index = None
+        self._index_key: tuple | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.cohort.root
+
+    # -- opening ---------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike,
+        slides: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+        settings: SessionSettings | None = None,
+    ) -> "Session":
+        """Open (or create) the cohort folder ``root`` and register slides: those in the folder ``slides``
+        (or the given slide paths); with ``slides=None`` the slides lying in ``root`` itself."""
+        session = cls(root, settings)
+        if slides is None:
+            session.add_slides(find_slides(session.root))
+        elif isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir() and not _is_dicom_dir(Path(slides)):
+            session.add_slides(find_slides(slides))
+        elif isinstance(slides, (str, os.PathLike)):
+            session.add_slides([slides])
+        else:
+            session.add_slides(slides)
+        return session
+
+    def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[str]]:
+        """Register slides; returns (records added, messages for paths that are not slides)."""
+        from napari_slpd.slide import locate_slide_file
+
+        added, problems = [], []
+        for path in paths:
+            try:
+                locate_slide_file(path)
+                added.append(self.cohort.add_slide(path))
+            except SlpdError as exc:
+                problems.append(str(exc))
+                log.warning("not added to the cohort: %s", exc)
+        return added, problems
+
+    def slide_ids(self) -> list[str]:
+        return self.cohort.slide_ids()
+
+    def record(self, slide_id: str) -> SlideRecord:
+        return self.cohort.slide(slide_id)
+
+    def open_slide(self, slide_id: str):
+        """The slide opened with its recorded pixel size (or the fallback of the feature settings)."""
+        from napari_slpd.slide import open_slide
+
+        record = self.record(slide_id)
+        return open_slide(record.path, mpp=record.mpp, mpp_fallback=self.settings.features.mpp_fallback)
+
+    def set_slide_mpp(self, slide_id: str, mpp: float) -> None:
+        """Record a user-given pixel size for a slide whose file has none (or a wrong one)."""
+        from napari_slpd.slide import resolve_pixel_size
+
+        resolve_pixel_size({}, mpp=mpp)  # validates the value with the slide module's message
+        record = self.record(slide_id)
+        self.cohort.add_slide(record.path, mpp=mpp, mpp_source="user")
+
+    # -- status ----------------------------------------------------------------------------------------
+    def status(self, slide_id: str) -> SlideStatus:
+        from napari_slpd.features.store import partial_path_for, read_store_attrs
+
+        record = self.record(slide_id)
+        path = self.cohort.features_path(slide_id)
+        features, n_regions, detail = "missing", None, ""
+        if path.exists():
+            try:
+                attrs = read_store_attrs(path)
+            except FeatureStoreError as exc:
+                features, detail = "damaged", str(exc)
+            else:
+                if not bool(attrs.get("complete", False)):
+                    features = "partial"
+                else:
+                    n_regions = int(attrs.get("n_regions", 0))
+                    diffs = self._settings_differences(attrs)
+                    features = "other-settings" if diffs else "done"
+                    detail = "; ".join(diffs) if diffs else _describe_features(attrs)
+        elif partial_path_for(path).exists():
+            features, detail = "partial", "an unfinished extraction can be resumed"
+        protos = "missing"
+        ppath = self.cohort.prototypes_path(slide_id)
+        if ppath.exists():
+            protos = "done" if features == "done" and self._prototypes_current(slide_id) else "stale"
+        return SlideStatus(slide_id, record.path, record.path.exists(), features, protos, n_regions, detail)
+
+    def statuses(self) -> list[SlideStatus]:
+        return [self.status(sid) for sid in self.slide_ids()]
+
+    def _settings_differences(self, attrs: dict) -> list[str]:
+        """Cheap check of a feature file against the current settings (names and sizes; checkpoints are
+        compared by the engine itself, through the settings key, when extracting)."""
+        fs = self.settings.features
+        diffs = []
+        for key, want in (("region_px", fs.region_px), ("patch_px", fs.patch_px)):
+            if key in attrs and int(attrs[key]) != int(want):
+                diffs.append(f"{key} {attrs[key]} (settings: {want})")
+        if "target_mpp" in attrs and abs(float(attrs["target_mpp"]) - float(fs.target_mpp)) > 1e-6:
+            diffs.append(f"target_mpp {attrs['target_mpp']} (settings: {fs.target_mpp})")
+        for key, want in (("patch_encoder", fs.patch_encoder), ("region_encoder", fs.region_encoder)):
+            have = str(attrs.get(key, ""))
+            if have and not have.startswith(want):
+                diffs.append(f"{key} {have} (settings: {want})")
+        return diffs
+
+    # -- features --------------------------------------------------------------------------------------
+    def encoders(self):
+        """(patch encoder, region encoder) for the current settings, built once and reused."""
+        fs = self.settings.features
+        key = fs.encoder_key()
+        with self._lock:
+            if self._encoders is None or self._encoders[0] != key:
+                from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+
+                patch = build_patch_encoder(
+                    fs.patch_encoder, checkpoint=fs.patch_checkpoint, device=fs.device, input_size=fs.patch_input_px
+                )
+                region = build_region_encoder(
+                    fs.region_encoder, checkpoint=fs.region_checkpoint, device=fs.device, in_dim=patch.dim
+                )
+                self._encoders = (key, patch, region)
+            return self._encoders[1], self._encoders[2]
+
+    def extraction_config(self, slide_id: str):
+        from napari_slpd.features.engine import ExtractionConfig
+
+        fs = self.settings.features
+        record = self.record(slide_id)
+        return ExtractionConfig(
+            grid=fs.grid_config(),
+            batch_size=int(fs.batch_size),
+            num_workers=int(fs.num_workers),
+            device=fs.device,
+            token_dtype=fs.token_dtype,
+            mpp=record.mpp,
+            mpp_fallback=fs.mpp_fallback,
+            overwrite=bool(fs.overwrite),
+        )
+
+    def extract(
+        self,
+        slide_ids: Sequence[str] | None = None,
+        progress: ProgressFn | None = None,
+        cancel=None,
+        on_slide: Callable[[Any], None] | None = None,
+    ) -> list:
+        """Extract (or resume, or skip when cached) the features of ``slide_ids`` (all slides by default).
+
+        Returns one ExtractionResult per slide handled. Overall progress is reported in thousandths of a
+        slide. A slide that fails with an SlpdError does not stop the others: its result has status
+        "error" and the message. ``on_slide(result)`` is called after each slide (from this thread).
+        """
+        from napari_slpd.features.engine import ExtractionResult, extract_slide
+
+        slide_ids = list(slide_ids) if slide_ids is not None else self.slide_ids()
+        n = len(slide_ids)
+        unit = 1000
+        results = []
+        if progress:
+            progress(0, n * unit)
+        patch, region = self.encoders() if slide_ids else (None, None)
+        for i, slide_id in enumerate(slide_ids):
+            if _is_cancelled(cancel):
+                break
+            record = self.record(slide_id)
+            out = self.cohort.features_path(slide_id)
+
+            def slide_progress(done, total, i=i):
+                if progress and total > 0:
+                    progress(i * unit + min(unit, done * unit // total), n * unit)
+
+            try:
+                result = extract_slide(
+                    record.path, out, patch, region, self.extraction_config(slide_id), slide_progress, cancel
+                )
+            except SlpdError as exc:
+                result = ExtractionResult(slide_id, record.path, out, "error", message=str(exc))
+                log.warning("%s: %s", slide_id, exc)
+            results.append(result)
+            self._regions.pop(slide_id, None)
+            if on_slide:
+                on_slide(result)
+            if progress:
+                progress((i + 1) * unit, n * unit)
+            if result.status == "cancelled":
+                break
+        return results
+
+    def region_data(self, slide_id: str) -> RegionData:
+        """Embeddings and coordinates of a slide's regions (cached in memory while the file is unchanged)."""
+        from napari_slpd.features.store import FeatureStore
+
+        path = self.cohort.features_path(slide_id)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        with self._lock:
+            cached = self._regions.get(slide_id)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+        with FeatureStore.open(path) as store:
+            data = RegionData(
+                slide_id=slide_id,
+                embeddings=np.array(store.region_embeddings, dtype=np.float32),
+                coords=np.array(store.region_coords, dtype=np.int64),
+                size=float(store.region_size_level0),
+                settings_key=store.settings_key,
+                attrs=dict(store.attrs),
+            )
+        with self._lock:
+            self._regions[slide_id] = (mtime, data)
+        return data
+
+    def slides_with_features(self) -> list[str]:
+        return [s.slide_id for s in self.statuses() if s.features_done]
+
+    # -- prototypes ------------------------------------------------------------------------------------
+    def _prototype_key(self, data: RegionData) -> tuple:
+        ps = self.settings.prototypes
+        return (data.settings_key, int(ps.k), int(ps.seed), int(ps.niter), int(ps.nredo), ps.min_regions)
+
+    def _prototypes_current(self, slide_id: str) -> bool:
+        try:
+            data = self.region_data(slide_id)
+            stored = _load_prototypes(self.cohort.prototypes_path(slide_id))
+        except SlpdError:
+            return False
+        return stored is not None and stored[0] == _key_text(self._prototype_key(data))
+
+    def prototypes(self, slide_id: str, compute: bool = True):
+        """The slide's prototypes for the current K (loaded from the cache, or computed and cached).
+
+        Raises PrototypeError when the slide has too few regions for K prototypes."""
+        data = self.region_data(slide_id)
+        key = self._prototype_key(data)
+        with self._lock:
+            cached = self._prototypes.get(slide_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        path = self.cohort.prototypes_path(slide_id)
+        stored = _load_prototypes(path)
+        if stored is not None and stored[0] == _key_text(key):
+            protos = stored[1]
+        elif not compute:
+            raise PrototypeError(f"the prototypes of {slide_id} are not computed for K={self.settings.prototypes.k}")
+        else:
+            protos = self._compute_prototypes(data)
+            _save_prototypes(path, _key_text(key), protos, slide_id)
+        with self._lock:
+            self._prototypes[slide_id] = (key, protos)
+        return protos
+
+    def _compute_prototypes(self, data: RegionData):
+        from napari_slpd.prototypes import compute_prototypes
+
+        ps = self.settings.prototypes
+        return compute_prototypes(
+            data.embeddings, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
+            min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device),
+        )
+
+    def ensure_prototypes(self, slide_ids: Sequence[str] | None = None, progress: ProgressFn | None = None,
+                          cancel=None) -> dict[str, str]:
+        """Prototypes of every slide with features; returns slide_id -> "ok" or the reason it has none."""
+        slide_ids = list(slide_ids) if slide_ids is not None else self.slides_with_features()
+        outcome: dict[str, str] = {}
+        for i, slide_id in enumerate(slide_ids):
+            if _is_cancelled(cancel):
+                break
+            try:
+                self.prototypes(slide_id)
+                outcome[slide_id] = "ok"
+            except SlpdError as exc:
+                outcome[slide_id] = str(exc)
+            if progress:
+                progress(i + 1, len(slide_ids))
+        return outcome
+
+    # -- the cohort index and queries ------------------------------------------------------------------
+    def index(self, progress: ProgressFn | None = None, cancel=None):
+        """The cohort index over every slide with features and prototypes (rebuilt when they change)."""
+        from napari_slpd.prototypes import CohortIndex
+
+        slide_ids = self.slides_with_features()
+        self.ensure_prototypes(slide_ids, progress, cancel)
+        members, sets = [], []
+        for slide_id in slide_ids:
+            try:
+                protos = self.prototypes(slide_id, compute=False)
+            except SlpdError:
+                continue
+            members.append(slide_id)
+            sets.append(protos)
+        key = tuple((sid, id(p)) for sid, p in zip(members, sets))
+        with self._lock:
+            if self._index is None or self._index_key != key:
+                self._index = _build_cohort_index(CohortIndex, members, sets)
+                self._index_key = key
+            return self._index
+
+    def similar_slides(self, slide_id: str, top_k: int | None = None) -> list[SlideMatch]:
+        """Cohort slides ranked by prototype set distance to ``slide_id`` (itself excluded)."""
+        from napari_slpd.prototypes import prototype_set_similarity
+
+        top_k = int(top_k or self.settings.top_k)
+        query = self.prototypes(slide_id)
+        index = self.index()
+        ranked = _query_cohort_index(index, slide_id, query, top_k)
+        matches = []
+        for other, distance in ranked:
+            protos = self.prototypes(other, compute=False)
+            sim, pairs = prototype_set_similarity(query.centroids, protos.centroids)
+            pair_sims = [float(np.dot(query.centroids[a], protos.centroids[b])) for a, b in pairs]
+            matches.append(SlideMatch(other, float(distance), float(sim), [tuple(map(int, p)) for p in pairs],
+                                      pair_sims))
+        return matches
+
+    def similar_regions(self, slide_id: str, region: int, top_k: int | None = None,
+                        include_same_slide: bool = False) -> list[RegionMatch]:
+        """The regions across the cohort nearest (cosine) to region ``region`` of ``slide_id``."""
+        top_k = int(top_k or self.settings.top_k)
+        data = self.region_data(slide_id)
+        if not 0 <= int(region) < len(data):
+            raise SlpdError(f"{slide_id} has {len(data)} regions; there is no region {region}")
+        index = self._region_index()
+        hits = _query_region_index(index, data.embeddings[int(region)], top_k + 1 + (0 if include_same_slide else 64))
+        matches = []
+        for other, other_region, distance in hits:
+            if other == slide_id and (not include_same_slide or int(other_region) == int(region)):
+                continue
+            proto = None
+            try:
+                proto = int(self.prototypes(other, compute=False).assignments[int(other_region)])
+            except SlpdError:
+                pass
+            matches.append(RegionMatch(other, int(other_region), float(distance), proto))
+            if len(matches) >= top_k:
+                break
+        return matches
+
+    def _region_index(self):
+        from napari_slpd.prototypes import RegionIndex
+
+        members = self.slides_with_features()
+        datas = [self.region_data(s) for s in members]
+        key = ("regions",) + tuple((d.slide_id, d.settings_key, len(d)) for d in datas)
+        with self._lock:
+            if getattr(self, "_rindex_key", None) != key:
+                self._rindex = _build_region_index(RegionIndex, datas)
+                self._rindex_key = key
+            return self._rindex
+
+    # -- thumbnails ------------------------------------------------------------------------------------
+    def thumbnail(self, slide_id: str, max_px: int = THUMBNAIL_PX) -> np.ndarray:
+        """RGB uint8 thumbnail (longer side ``max_px``), cached as COHORT/thumbnails/<id>.png."""
+        from PIL import Image
+
+        path = self.cohort.thumbnail_path(slide_id)
+        if path.exists():
+            try:
+                with Image.open(path) as im:
+                    image = np.asarray(im.convert("RGB"))
+                if max(image.shape[:2]) == max_px or max(image.shape[:2]) < max_px:
+                    return image
+            except OSError:
+                log.warning("thumbnail %s is unreadable; making it again", path)
+        slide = self.open_slide(slide_id)
+        try:
+            image = slide.thumbnail(max_px)
+        finally:
+            slide.close()
+        with atomic_path(path, suffix=".partial.png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+        return image
+
+    # -- embedding maps --------------------------------------------------------------------------------
+    def embedding_map(self, slide_ids: Sequence[str] | None = None, name: str | None = None,
+                      progress: ProgressFn | None = None, cancel=None):
+        """(EmbeddingMap, from_cache) of the regions of ``slide_ids`` (all slides with features)."""
+        from napari_slpd.embedding_map import load_or_compute_map
+
+        slide_ids = list(slide_ids) if slide_ids is not None else self.slides_with_features()
+        if name is None:
+            name = slide_ids[0] if len(slide_ids) == 1 else "cohort"
+        datas = [self.region_data(s) for s in slide_ids]
+        return load_or_compute_map(
+            self.root, name, [(d.slide_id, d.settings_key, d.embeddings) for d in datas],
+            self.settings.umap, cancel=cancel, progress=progress,
+        )
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def _describe_features(attrs: dict) -> str:
+    return (
+        f"{attrs.get('n_regions', '?')} regions of {attrs.get('region_px', '?')} px at "
+        f"{attrs.get('target_mpp', '?')} um/px; {attrs.get('patch_encoder', '?')} + {attrs.get('region_encoder', '?')}"
+    )
+
+
+def _key_text(key: tuple) -> str:
+    return repr(key)
+
+
+def _kmeans_device(device: str) -> str:
+    return "auto" if device == "auto" else ("cuda" if str(device).startswith("cuda") else "cpu")

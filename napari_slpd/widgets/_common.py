@@ -1,0 +1,302 @@
+"""What every SLPD panel shares: long work off the GUI thread, progress, cancel, errors as notifications.
+
+A panel hands :class:`TaskBar` a plain function ``fn(progress, cancel) -> result`` written against the
+Qt-free core. It runs in a napari thread worker; ``progress(done, total)`` may be called from that worker
+thread (a queued Qt signal carries it to the GUI thread, where the panel's bar and napari's activity dock
+are updated); ``cancel`` is a :class:`threading.Event` that the Cancel button sets and the core polls.
+Errors never escape into Qt: they become napari notifications with the message the core wrote for the
+user, and the panel stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from napari_slpd.errors import SlpdError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+TaskFn = Callable[[ProgressFn, threading.Event], Any]
+
+
+def error_message(exc: BaseException, context: str = "") -> str:
+    """The text a person sees for ``exc``: the core's own words for SlpdError, type and text otherwise."""
+    if isinstance(exc, SlpdError):
+        text = str(exc)
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc}" if str(exc) else f"unexpected {type(exc).__name__}"
+    return f"{context}: {text}" if context else text
+
+
+def show_error(exc: BaseException | str, context: str = "") -> str:
+    """Report an error as a napari notification (never a modal dialog) and return the message shown."""
+    from napari.utils.notifications import show_error as napari_show_error
+
+    message = exc if isinstance(exc, str) else error_message(exc, context)
+    if isinstance(exc, BaseException) and not isinstance(exc, SlpdError):
+        # Not an input problem the user can fix: keep the traceback for a bug report.
+        log.error("%s", message, exc_info=(type(exc), exc, exc.__traceback__))
+    napari_show_error(message)
+    return message
+
+
+def show_info(message: str) -> None:
+    from napari.utils.notifications import show_info as napari_show_info
+
+    napari_show_info(message)
+
+
+def show_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning as napari_show_warning
+
+    napari_show_warning(message)
+
+
+def guarded(context: str):
+    """Decorate a GUI slot so that an exception becomes a notification instead of a Qt crash."""
+
+    def wrap(fn):
+        def slot(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # a slot must never raise into the Qt event loop
+                show_error(exc, context)
+                return None
+
+        slot.__name__ = getattr(fn, "__name__", "slot")
+        slot.__doc__ = fn.__doc__
+        return slot
+
+    return wrap
+
+
+class _ProgressRelay(QObject):
+    """Lives in the GUI thread; signals emitted from a worker thread are queued to it by Qt."""
+
+    progressed = Signal(int, int)
+
+
+class Task:
+    """One run of ``fn(progress, cancel)`` in a napari thread worker.
+
+    ``on_result(result)`` runs in the GUI thread when ``fn`` returns without being cancelled;
+    ``on_cancelled()`` when the user cancelled (whether ``fn`` then returned or raised);
+    ``on_error(exc)`` after the error was shown as a notification; ``on_finished()`` always, last.
+    """
+
+    def __init__(
+        self,
+        fn: TaskFn,
+        description: str,
+        on_result: Callable[[Any], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_cancelled: Callable[[], None] | None = None,
+        on_finished: Callable[[], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        activity: bool = True,
+    ):
+        self.fn = fn
+        self.description = description
+        self.cancel_event = threading.Event()
+        self.on_result = on_result
+        self.on_error = on_error
+        self.on_cancelled = on_cancelled
+        self.on_finished = on_finished
+        self.on_progress = on_progress
+        self.activity = activity
+        self.outcome: str | None = None  # "done" | "cancelled" | "error" once finished
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self._relay = _ProgressRelay()
+        self._relay.progressed.connect(self._on_progress, Qt.ConnectionType.QueuedConnection)
+        self._pbar = None
+        self.worker = None
+        self.finished = False
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def start(self) -> "Task":
+        from napari.qt.threading import create_worker
+
+        relay = self._relay
+        cancel = self.cancel_event
+
+        def progress(done: int, total: int) -> None:
+            relay.progressed.emit(int(done), int(total))
+
+        def work():
+            return self.fn(progress, cancel)
+
+        if self.activity:
+            from napari.utils import cancelable_progress
+
+            # napari's activity dock shows this bar; its own cancel button sets our event too.
+            self._pbar = cancelable_progress(total=0, desc=self.description, cancel_callback=self.cancel)
+        self.worker = create_worker(work, _start_thread=False)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_errored)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the work to stop; it stops at its next cancel check and leaves no half-written file."""
+        self.cancel_event.set()
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None and not self.finished
+
+    # -- GUI-thread handlers -------------------------------------------------------------------------
+    def _on_progress(self, done: int, total: int) -> None:
+        if self._pbar is not None:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.n = done
+            self._pbar.events.value(value=done)
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+    def _on_returned(self, result: Any) -> None:
+        self.result = result
+        if self.cancel_event.is_set():
+            self.outcome = "cancelled"
+            if self.on_cancelled:
+                self.on_cancelled()
+        else:
+            self.outcome = "done"
+            if self.on_result:
+                try:
+                    self.on_result(result)
+                except Exception as exc:  # showing a result must not crash the viewer either
+                    self.outcome = "error"
+                    self.error = exc
+                    show_error(exc, self.description)
+
+    def _on_errored(self, exc: BaseException) -> None:
+        if self.cancel_event.is_set():
+            # Work that stops because it was cancelled may raise; that is not an error to report.
+            self.outcome = "cancelled"
+            if self.on_cancelled:
+                self.on_cancelled()
+            return
+        self.outcome = "error"
+        self.error = exc
+        show_error(exc, self.description)
+        if self.on_error:
+            self.on_error(exc)
+
+    def _on_finished(self) -> None:
+        if self.outcome is None:  # a worker quit before returning
+            self.outcome = "cancelled" if self.cancel_event.is_set() else "done"
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.finished = True
+        if self.on_finished:
+            self.on_finished()
+
+
+class TaskBar(QWidget):
+    """A panel's progress bar, status line and Cancel button; runs one :class:`Task` at a time."""
+
+    task_finished = Signal(str)  # the outcome: "done", "cancelled" or "error"
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop the running work; finished slides stay cached")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.progress_bar, 1)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        self.task: Task | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and self.task.running
+
+    def run(
+        self,
+        fn: TaskFn,
+        description: str,
+        on_result: Callable[[Any], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_cancelled: Callable[[], None] | None = None,
+    ) -> Task | None:
+        """Start ``fn`` unless a task already runs here (then say so and return None)."""
+        if self.busy:
+            show_warning(f"{self.task.description} is still running; wait for it or cancel it first")
+            return None
+
+        def cancelled():
+            self.status.setText(f"{description}: cancelled")
+            if on_cancelled:
+                on_cancelled()
+
+        def errored(exc):
+            self.status.setText(error_message(exc, description))
+            if on_error:
+                on_error(exc)
+
+        task = Task(
+            fn,
+            description,
+            on_result=on_result,
+            on_error=errored,
+            on_cancelled=cancelled,
+            on_finished=self._finished,
+            on_progress=self._progress,
+        )
+        self.task = task
+        self.progress_bar.setRange(0, 0)  # busy until the first progress report gives a total
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"{description}…")
+        task.start()
+        return task
+
+    def cancel(self) -> None:
+        if self.busy:
+            self.task.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText(f"{self.task.description}: cancelling…")
+
+    def _progress(self, done: int, total: int) -> None:
+        if total > 0:
+            self.progress_bar.setRange(0, total)
+            self.progress_bar.setValue(min(done, total))
+            self.progress_bar.setFormat("%v / %m")
+
+    def _finished(self) -> None:
+        task = self.task
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if task.outcome == "done" else 0)
+        self.progress_bar.setFormat("done" if task.outcome == "done" else (task.outcome or ""))
+        if task.outcome == "done" and self.status.text().endswith("…"):
+            self.status.setText(f"{task.description}: done")
+        self.task_finished.emit(task.outcome or "done")
+
+
+def wait_for(task_bar: TaskBar, qtbot, timeout_ms: int = 60_000) -> str:
+    """Test helper: block (processing Qt events) until ``task_bar``'s task has finished; its outcome."""
+    qtbot.waitUntil(lambda: task_bar.task is not None and not task_bar.busy, timeout=timeout_ms)
+    return task_bar.task.outcome

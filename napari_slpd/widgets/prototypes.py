@@ -1,0 +1,251 @@
+"""Prototypes panel: K, (re)compute, the prototype map on the slide and a legend of prototype sizes.
+
+The map is a Labels layer aligned with the slide (see ``_layers.show_prototypes``): one colour per
+prototype; hovering a region shows its prototype and its distance to that prototype both in napari's
+status bar and in this panel. Clicking a legend row selects that prototype's regions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_slpd.widgets._common import TaskBar, guarded, show_warning
+from napari_slpd.widgets.state import ROLE_PROTOTYPES, SlpdState
+
+
+class PrototypesWidget(QWidget):
+    """Compute the intra-slide prototypes (K-means of region embeddings) and show them."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = SlpdState.for_viewer(napari_viewer)
+        self.setObjectName("slpd-prototypes")
+        ps = self.state.settings.prototypes
+
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 32)
+        self.k_spin.setValue(int(ps.k))
+        self.k_spin.setToolTip("Number of prototypes per slide (SLPD: 4 for NSCLC, 2 for BRCA)")
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setValue(int(ps.seed))
+        self.auto = QCheckBox("Show automatically")
+        self.auto.setChecked(True)
+        self.auto.setToolTip("Compute and show the prototypes as soon as a slide with features is open")
+        self.compute_button = QPushButton("Compute")
+        self.compute_button.clicked.connect(guarded("Prototypes")(lambda: self.compute(all_slides=False)))
+        self.compute_all_button = QPushButton("All slides")
+        self.compute_all_button.setToolTip("Compute the prototypes of every slide that has features")
+        self.compute_all_button.clicked.connect(guarded("Prototypes")(lambda: self.compute(all_slides=True)))
+        row = QHBoxLayout()
+        row.addWidget(QLabel("K"))
+        row.addWidget(self.k_spin)
+        row.addWidget(QLabel("seed"))
+        row.addWidget(self.seed_spin)
+        row.addStretch(1)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.compute_button)
+        row2.addWidget(self.compute_all_button)
+        row2.addWidget(self.auto)
+
+        self.legend = QTableWidget(0, 4)
+        self.legend.setHorizontalHeaderLabels(["", "Prototype", "Regions", "Share"])
+        self.legend.verticalHeader().setVisible(False)
+        self.legend.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.legend.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        header = self.legend.horizontalHeader()
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        for col in (0, 2, 3):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.legend.itemSelectionChanged.connect(self._legend_selection)
+        self.hover = QLabel("Hover a region to see its prototype.")
+        self.hover.setWordWrap(True)
+        self.title = QLabel("No slide open.")
+        self.title.setWordWrap(True)
+        self.task_bar = TaskBar()
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addLayout(row2)
+        layout.addWidget(self.title)
+        layout.addWidget(self.legend, 1)
+        layout.addWidget(self.hover)
+        layout.addWidget(self.task_bar)
+
+        self.k_spin.valueChanged.connect(self._settings_from_form)
+        self.seed_spin.valueChanged.connect(self._settings_from_form)
+        self.state.slide_opened.connect(self._on_slide_opened)
+        self.state.features_updated.connect(self._on_features_updated)
+        self.state.prototype_style_changed.connect(lambda _sid: self.update_legend())
+        self.state.settings_changed.connect(self._on_settings_changed)
+        self._hover_cb = self._on_mouse_move
+        napari_viewer.mouse_move_callbacks.append(self._hover_cb)
+        self.destroyed.connect(lambda *_: self._disconnect_viewer())
+        if self.state.current is not None:
+            self._on_slide_opened(self.state.current.slide_id)
+
+    def _disconnect_viewer(self) -> None:
+        try:
+            self.viewer.mouse_move_callbacks.remove(self._hover_cb)
+        except (ValueError, RuntimeError, AttributeError):
+            pass
+
+    # -- settings --------------------------------------------------------------------------------------
+    def _settings_from_form(self, *_):
+        from dataclasses import replace
+
+        ps = self.state.settings.prototypes
+        new = replace(ps, k=self.k_spin.value(), seed=self.seed_spin.value())
+        if new != ps:
+            self.state.update_settings(prototypes=new)
+
+    def _on_settings_changed(self, settings) -> None:
+        ps = settings.prototypes
+        for spin, value in ((self.k_spin, ps.k), (self.seed_spin, ps.seed)):
+            if spin.value() != int(value):
+                spin.blockSignals(True)
+                spin.setValue(int(value))
+                spin.blockSignals(False)
+
+    # -- reacting to the slide -------------------------------------------------------------------------
+    def _on_slide_opened(self, slide_id: str) -> None:
+        self.title.setText(f"{slide_id}")
+        self.update_legend()
+        opened = self.state.current
+        if opened is not None and opened.regions is not None and "prototypes" not in opened.extras and self.auto.isChecked():
+            guarded("Prototypes")(self.compute)(False)
+
+    def _on_features_updated(self, slide_id: str) -> None:
+        opened = self.state.current
+        if opened is None or slide_id != opened.slide_id or opened.regions is None:
+            return
+        if self.auto.isChecked():
+            guarded("Prototypes")(self.compute)(False)
+
+    # -- computing -------------------------------------------------------------------------------------
+    def compute(self, all_slides: bool = False):
+        """Compute (or load from the cache) the prototypes of the current slide, or of every slide."""
+        from napari_slpd.errors import SlpdError
+
+        session = self.state.require_session()
+        self._settings_from_form()
+        if all_slides:
+            slide_ids = session.slides_with_features()
+            if not slide_ids:
+                raise SlpdError("no slide has features yet; compute them in the Features panel first")
+        else:
+            opened = self.state.require_current()
+            if opened.regions is None:
+                raise SlpdError(f"{opened.slide_id} has no features yet; compute them in the Features panel first")
+            slide_ids = [opened.slide_id]
+        current = self.state.current_slide_id
+
+        def work(progress, cancel):
+            outcome = session.ensure_prototypes(slide_ids, progress=progress, cancel=cancel)
+            protos = None
+            if current in slide_ids and outcome.get(current) == "ok":
+                protos = session.prototypes(current, compute=False)
+            return outcome, protos
+
+        what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
+        return self.task_bar.run(work, f"Prototypes of {what} (K={self.k_spin.value()})", on_result=self._on_computed)
+
+    def _on_computed(self, result) -> None:
+        from napari_slpd.widgets._layers import show_prototypes
+
+        outcome, protos = result
+        failed = {sid: msg for sid, msg in outcome.items() if msg != "ok"}
+        for sid, msg in list(failed.items())[:5]:
+            show_warning(f"{sid}: {msg}")
+        opened = self.state.current
+        if protos is not None and opened is not None and opened.slide_id in outcome:
+            show_prototypes(self.state, protos)
+            layer = self.state.layer(ROLE_PROTOTYPES)
+            if layer is not None:
+                self.viewer.layers.selection.active = layer  # so the status bar shows the hovered region
+        self.update_legend()
+        ok = len(outcome) - len(failed)
+        self.task_bar.status.setText(f"Prototypes: {ok} slide(s) done" + (f", {len(failed)} without" if failed else ""))
+        self.state.prototypes_updated.emit(opened.slide_id if opened is not None and opened.slide_id in outcome else "")
+
+    # -- legend ----------------------------------------------------------------------------------------
+    def update_legend(self) -> None:
+        opened = self.state.current
+        protos = opened.extras.get("prototypes") if opened is not None else None
+        self.legend.setRowCount(0)
+        if protos is None:
+            return
+        sizes = np.asarray(protos.sizes, dtype=np.int64)
+        color_of = opened.extras.get("color_of") or {}
+        total = max(1, int(sizes.sum()))
+        self.legend.setRowCount(len(sizes))
+        for k, size in enumerate(sizes):
+            r, g, b, _ = self.state.prototype_color(color_of.get(k, k))
+            swatch = QTableWidgetItem()
+            swatch.setBackground(QColor.fromRgbF(r, g, b))
+            swatch.setData(Qt.ItemDataRole.UserRole, k)
+            self.legend.setItem(k, 0, swatch)
+            label = self.state.prototype_name(k)
+            if k in color_of and color_of[k] != k:
+                label += f"  (≙ query {color_of[k]})"
+            self.legend.setItem(k, 1, QTableWidgetItem(label))
+            count = QTableWidgetItem(str(int(size)))
+            count.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.legend.setItem(k, 2, count)
+            share = QTableWidgetItem(f"{100 * size / total:.0f}%")
+            share.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.legend.setItem(k, 3, share)
+        self.title.setText(f"{opened.slide_id}: {len(sizes)} prototypes over {total} regions")
+
+    def legend_rows(self) -> list[tuple[str, int]]:
+        """(name, size) of each legend row, for tests and scripts."""
+        return [(self.legend.item(r, 1).text(), int(self.legend.item(r, 2).text())) for r in range(self.legend.rowCount())]
+
+    def _legend_selection(self) -> None:
+        opened = self.state.current
+        protos = opened.extras.get("prototypes") if opened is not None else None
+        rows = sorted({i.row() for i in self.legend.selectedItems()})
+        if protos is None or not rows:
+            return
+        regions = np.flatnonzero(np.isin(np.asarray(protos.assignments), rows))
+        self.state.select_regions(opened.slide_id, regions, source="prototype")
+
+    # -- hover -----------------------------------------------------------------------------------------
+    def describe_position(self, world_position) -> str:
+        """What the panel says about the region under a world position ('' outside regions)."""
+        from napari_slpd.widgets._layers import region_at_world
+
+        opened = self.state.current
+        region = region_at_world(self.state, world_position)
+        if opened is None or region is None:
+            return ""
+        protos = opened.extras.get("prototypes")
+        if protos is None:
+            return f"region {region}"
+        k = int(np.asarray(protos.assignments)[region])
+        distance = 1.0 - float(np.asarray(protos.similarity)[region])
+        return f"region {region} · {self.state.prototype_name(k)} · distance to prototype {distance:.3f}"
+
+    def _on_mouse_move(self, viewer, event) -> None:
+        try:
+            text = self.describe_position(event.position)
+        except Exception:  # hovering must never raise into napari's event loop
+            return
+        if text:
+            self.hover.setText(text)
