@@ -11,9 +11,9 @@ Conventions, chosen to satisfy both RFC 7946 and QuPath:
 - coordinates are level-0 pixels (x right, y down), as QuPath's GeoJSON import expects;
 - a shell has positive signed (shoelace) area on the raw numbers and a hole negative area (RFC 7946's
   right-hand rule applied to the coordinate values);
-- cells are 4-connected: two cells touching only at a corner are separate polygons, and a ring that
-  would pinch at that corner is split there (a hole may then touch its shell at one point, which the
-  OGC simple-feature rules allow);
+- cells are 4-connected: two cells touching only at a corner are separate polygons (of one
+  MultiPolygon), and inside a polygon an empty cell reaching the outside only through a corner is a hole
+  touching the shell at that point, which the OGC simple-feature rules allow; no ring touches itself;
 - one Feature per prototype (a Polygon or MultiPolygon) with ``properties.objectType = "annotation"``
   and ``properties.classification = {"name": ..., "color": [r, g, b]}``.
 
@@ -25,6 +25,7 @@ JSON description giving the level-0 origin, the pixel size and the class names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from napari_slpd.errors import SlpdError
+from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.io_utils import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ExportError",
@@ -48,6 +51,9 @@ __all__ = [
     "read_geojson",
     "write_label_map_tiff",
     "hex_to_rgb",
+    "region_label_grid",
+    "export_slide_prototypes",
+    "SlideExport",
 ]
 
 
@@ -79,46 +85,10 @@ class ClassStyle:
 
 @dataclass
 class RegionLattice:
-    """Regions placed on a square lattice: cell (row, col) of each region and the level-0 geometry."""
+    """Cells of a label grid in level-0 px: cell (row, col) covers ``origin + (col, row) * step``."""
 
-    origin: tuple[int, int]  # level-0 (x, y) of cell (0, 0)'s top-left corner
-    step: int  # level-0 px between neighbouring cells (= the region side)
-    shape: tuple[int, int]  # (rows, cols)
-    cells: np.ndarray  # [M, 2] int64 (row, col) of each region, in region order
-
-    @classmethod
-    def from_coords(cls, coords: np.ndarray, region_size_level0: float) -> "RegionLattice":
-        coords = np.asarray(coords)
-        if coords.ndim != 2 or coords.shape[1] != 2:
-            raise ExportError(f"region coordinates must have shape [M, 2], got {coords.shape}")
-        if len(coords) == 0:
-            raise ExportError("the slide has no regions, so there is nothing to export")
-        step = float(region_size_level0)
-        if not step > 0:
-            raise ExportError(f"region size must be positive, got {region_size_level0}")
-        origin = coords.min(axis=0).astype(np.float64)
-        offsets = (coords - origin) / step
-        cells = np.rint(offsets).astype(np.int64)
-        # Integer level-0 coordinates of a non-integer step may be off by a pixel from the exact lattice.
-        if np.abs(offsets - cells).max() * step > 1.0 + 1e-6:
-            raise ExportError(
-                "region coordinates are not on a lattice of the region size "
-                f"({region_size_level0} px); overlapping or shifted grids cannot be exported as polygons"
-            )
-        rc = cells[:, ::-1].copy()  # (x, y) -> (row, col)
-        if len(np.unique(rc, axis=0)) != len(rc):
-            raise ExportError("two regions fall on the same lattice cell; the region grid is inconsistent")
-        shape = (int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1)
-        return cls((int(origin[0]), int(origin[1])), int(round(step)), shape, rc)
-
-    def grid(self, values: np.ndarray, fill: int = -1, dtype=np.int32) -> np.ndarray:
-        """Scatter one value per region into a [rows, cols] grid (``fill`` where there is no region)."""
-        values = np.asarray(values)
-        if len(values) != len(self.cells):
-            raise ExportError(f"{len(values)} values for {len(self.cells)} regions")
-        out = np.full(self.shape, fill, dtype=dtype)
-        out[self.cells[:, 0], self.cells[:, 1]] = values
-        return out
+    origin: tuple[float, float]  # level-0 (x, y) of the top-left corner of cell (0, 0)
+    step: float  # level-0 px per cell
 
     def to_level0(self, xy: np.ndarray, bounds: tuple[int, int] | None = None) -> np.ndarray:
         """Lattice vertices (x = col, y = row) to level-0 px, clamped to the slide when ``bounds`` is given.
@@ -127,10 +97,38 @@ class RegionLattice:
         slide), so no ring degenerates.
         """
         pts = np.asarray(xy, dtype=np.float64) * self.step + np.asarray(self.origin, dtype=np.float64)
-        if bounds is not None:
+        if bounds is not None and bounds[0] > 0 and bounds[1] > 0:
             pts[:, 0] = np.clip(pts[:, 0], 0, bounds[0])
             pts[:, 1] = np.clip(pts[:, 1], 0, bounds[1])
         return pts
+
+
+def region_label_grid(region_coords: np.ndarray, region_size_level0: float, labels: np.ndarray):
+    """(grid [H, W] int64 with -1 where no region, RegionLattice) of per-region labels (negative = none).
+
+    The painting is napari_slpd.prototypes.label_map's: exact for regions on a lattice of their size.
+    """
+    from napari_slpd.prototypes.label_map import label_map
+
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    coords = np.asarray(region_coords)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ExportError(f"region coordinates must have shape [M, 2], got {coords.shape}")
+    if len(labels) != len(coords):
+        raise ExportError(f"{len(labels)} labels for {len(coords)} regions")
+    if len(coords) == 0:
+        raise ExportError("the slide has no regions, so there is nothing to export")
+    try:
+        lm = label_map(labels, coords, float(region_size_level0))
+    except PrototypeError as exc:
+        raise ExportError(f"the regions cannot be drawn as a label grid: {exc}") from exc
+    if not lm.exact:
+        raise ExportError(
+            "region coordinates are not on an integer lattice of the region size "
+            f"({region_size_level0} px); their outlines cannot be exported exactly"
+        )
+    grid = lm.data.astype(np.int64) - 1
+    return grid, RegionLattice((float(lm.origin[0]), float(lm.origin[1])), float(lm.scale)), lm
 
 
 # -------------------------------------------------------------------------------------------------
@@ -170,10 +168,13 @@ def _signed_area(ring: np.ndarray) -> float:
 def trace_rings(mask: np.ndarray) -> list[np.ndarray]:
     """All boundary rings of a boolean cell mask, as closed [N + 1, 2] (x = col, y = row) vertex arrays.
 
-    Only corners are kept. Shells have positive signed area, holes negative. Cells are 4-connected: at a
-    corner where two cells touch diagonally the walk turns left (toward the cell it is following), so the
-    two cells' outlines are not joined there. That rule maps the two edges entering such a corner onto
-    the two leaving it one-to-one, so every edge belongs to exactly one ring.
+    Only corners are kept. Shells have positive signed area, holes negative. Meant for one 4-connected
+    component (see :func:`mask_to_polygons`): at a corner where two of its cells touch diagonally the walk
+    turns right, i.e. around the empty cell, so an empty cell touching the outside only at that corner
+    becomes a hole touching the shell at one point (valid under the OGC rules, which QuPath's JTS
+    applies) instead of a shell ring that touches itself (invalid). That rule maps the two edges entering
+    such a corner onto the two leaving it one-to-one, so every edge belongs to exactly one ring, and no
+    ring passes through a corner twice.
     """
     edges = _boundary_edges(mask)
     rings: list[np.ndarray] = []
@@ -197,9 +198,9 @@ def trace_rings(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _turn(incoming: tuple[int, int], choices: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The edge to leave a corner by: left turn if there is one, else straight on, else right."""
+    """The edge to leave a corner by: right turn if there is one, else straight on, else left."""
     dx, dy = incoming
-    for candidate in ((-dy, dx), (dx, dy), (dy, -dx)):
+    for candidate in ((dy, -dx), (dx, dy), (-dy, dx)):
         if candidate in choices:
             return candidate
     raise ExportError("internal error: broken boundary while tracing a region outline")
@@ -305,11 +306,7 @@ def prototype_geojson(
     extra_metadata: Mapping[int, Mapping[str, str]] | None = None,
 ) -> dict:
     """A GeoJSON FeatureCollection of the regions of each prototype (``only``: a subset of prototypes)."""
-    assignments = np.asarray(assignments)
-    if len(assignments) != len(region_coords):
-        raise ExportError(f"{len(assignments)} prototype assignments for {len(region_coords)} regions")
-    lattice = RegionLattice.from_coords(region_coords, region_size_level0)
-    labels = lattice.grid(assignments.astype(np.int64), fill=-1, dtype=np.int64)
+    labels, lattice, _ = region_label_grid(region_coords, region_size_level0, assignments)
     if only is not None:
         keep = np.isin(labels, np.asarray(list(only), dtype=np.int64))
         labels = np.where(keep, labels, -1)
@@ -361,14 +358,9 @@ def write_label_map_tiff(
     """
     import tifffile
 
-    assignments = np.asarray(assignments, dtype=np.int64)
-    if len(assignments) != len(region_coords):
-        raise ExportError(f"{len(assignments)} prototype assignments for {len(region_coords)} regions")
-    lattice = RegionLattice.from_coords(region_coords, region_size_level0)
-    n_labels = int(assignments.max()) + 2 if len(assignments) else 1
-    dtype = np.uint8 if n_labels <= 256 else np.uint16
-    image = lattice.grid(assignments + 1, fill=0, dtype=dtype)
-    bits = 8 if dtype == np.uint8 else 16
+    _, lattice, lm = region_label_grid(region_coords, region_size_level0, assignments)
+    image = lm.data
+    bits = 8 if image.dtype == np.uint8 else 16
     colormap = np.zeros((3, 2**bits), dtype=np.uint16)
     for label, style in styles.items():
         if 0 <= label + 1 < 2**bits:
@@ -398,3 +390,109 @@ def write_label_map_tiff(
             **kwargs,
         )
     return path
+
+
+# -------------------------------------------------------------------------------------------------
+# A slide's named prototypes
+
+
+@dataclass
+class SlideExport:
+    """What :func:`export_slide_prototypes` wrote."""
+
+    slide_id: str
+    geojson: Path | None
+    tiff: Path | None
+    n_features: int
+    classes: list[str]
+
+
+def _slide_frame(cohort, slide_id: str, n_regions: int):
+    """(region coords, region size, slide dimensions or None, mpp or None) from the slide's feature file."""
+    from napari_slpd.features.store import FeatureStore
+
+    with FeatureStore.open(cohort.features_path(slide_id)) as store:
+        coords = np.asarray(store.region_coords, dtype=np.int64)
+        size = float(store.region_size_level0)
+        attrs = store.attrs
+    if len(coords) != n_regions:
+        raise ExportError(
+            f"{slide_id}: its prototypes assign {n_regions} regions but its feature file holds {len(coords)}; "
+            "recompute the prototypes before exporting"
+        )
+    width, height = int(attrs.get("slide_width") or 0), int(attrs.get("slide_height") or 0)
+    dims = (width, height) if width > 0 and height > 0 else None
+    if dims is None:
+        with_slide = cohort.slide(slide_id)
+        try:
+            from napari_slpd.slide import open_slide
+
+            slide = open_slide(with_slide.path, mpp=with_slide.mpp)
+            try:
+                dims = tuple(int(v) for v in slide.dimensions)
+            finally:
+                slide.close()
+        except Exception as exc:  # noqa: BLE001 - the export still works without clamping
+            log.warning("%s: slide dimensions unknown (%s); polygons are not clamped to the slide", slide_id, exc)
+    mpp = attrs.get("mpp")
+    mpp = float(mpp) if mpp not in (None, "") and float(mpp) > 0 else None
+    return coords, size, dims, mpp
+
+
+def export_slide_prototypes(
+    provider,
+    slide_id: str,
+    geojson_path: str | os.PathLike | None = None,
+    tiff_path: str | os.PathLike | None = None,
+    annotations=None,
+    only: Iterable[int] | None = None,
+    named_only: bool = False,
+) -> SlideExport:
+    """Write a slide's prototype regions, with their names and colours, as QuPath GeoJSON and/or a TIFF.
+
+    ``provider``: a Session or a Cohort (where prototypes are read); ``annotations``: the names to use
+    (loaded from the cohort by default; stale names are not used). ``only`` restricts the export to some
+    prototypes; ``named_only`` to those that carry a name.
+    """
+    from napari_slpd.annotations import PrototypeAnnotations, _cohort_of, prototype_source
+
+    if geojson_path is None and tiff_path is None:
+        raise ExportError("give a GeoJSON path, a TIFF path, or both")
+    cohort = _cohort_of(provider)
+    protos = prototype_source(provider)(slide_id)
+    if protos is None:
+        raise ExportError(f"{slide_id} has no prototypes to export; compute them first")
+    annotations = annotations or PrototypeAnnotations.load(cohort, provider)
+    styles = annotations.class_styles(slide_id, protos)
+    keep = set(range(protos.k)) if only is None else {int(k) for k in only}
+    if named_only:
+        try:
+            keep &= set(annotations.labels(slide_id, protos))
+        except SlpdError:
+            keep = set()
+    if not keep:
+        raise ExportError(f"{slide_id}: no prototype is selected for export (name some first?)")
+    assignments = np.asarray(protos.assignments, dtype=np.int64)
+    coords, size, dims, mpp = _slide_frame(cohort, slide_id, len(assignments))
+    extra = {}
+    try:
+        labels = annotations.labels(slide_id, protos)
+    except SlpdError:
+        labels = {}
+    for k in range(protos.k):
+        meta = {"source": labels[k].source if k in labels else "default"}
+        if k in labels and labels[k].confidence is not None:
+            meta["confidence"] = f"{labels[k].confidence:.3f}"
+        extra[k] = meta
+    geo_out = tiff_out = None
+    n_features = 0
+    if geojson_path is not None:
+        collection = prototype_geojson(coords, size, assignments, styles, slide_id, dims, only=keep,
+                                       extra_metadata=extra)
+        n_features = len(collection["features"])
+        geo_out = write_geojson(geojson_path, collection)
+    if tiff_path is not None:
+        masked = np.where(np.isin(assignments, sorted(keep)), assignments, -1)
+        tiff_out = write_label_map_tiff(tiff_path, coords, size, masked,
+                                        {k: s for k, s in styles.items() if k in keep}, mpp=mpp, slide_id=slide_id)
+    return SlideExport(slide_id, geo_out, tiff_out, n_features, [styles[k].name for k in sorted(keep)])

@@ -164,7 +164,7 @@ def build_mosaic(
                     compression="jpeg", photometric="rgb", subsampling=(2, 2), metadata=None,
                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
                     description=f"napari-slpd mosaic of {Path(source_name).name} level {k}" if k == 0 else None,
-                    subfiletype=0,
+                    subfiletype=1 if k else 0,  # generic-tiff takes only reduced-resolution pages as levels
                 )
                 if progress is not None:
                     progress(k + 1, len(level_dims))

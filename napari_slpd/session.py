@@ -180,8 +180,8 @@ class Session:
         self._encoders: tuple[tuple, Any, Any] | None = None
         self._regions: dict[str, tuple[float, RegionData]] = {}
         self._prototypes: dict[str, tuple[tuple, Any]] = {}
-        self._index = None
-        self._index_key: tuple | None = None
+        self._index = None  # CohortIndex
+        self._rindex = None  # RegionIndex
 
     @property
     def root(self) -> Path:
@@ -266,9 +266,9 @@ class Session:
         elif partial_path_for(path).exists():
             features, detail = "partial", "an unfinished extraction can be resumed"
         protos = "missing"
-        ppath = self.cohort.prototypes_path(slide_id)
-        if ppath.exists():
-            protos = "done" if features == "done" and self._prototypes_current(slide_id) else "stale"
+        if self.cohort.prototypes_path(slide_id).exists():
+            current = features == "done" and self._prototypes_current(slide_id, str(attrs.get("settings_key", "")))
+            protos = "done" if current else "stale"
         return SlideStatus(slide_id, record.path, record.path.exists(), features, protos, n_regions, detail)
 
     def statuses(self) -> list[SlideStatus]:
@@ -403,105 +403,117 @@ class Session:
         return [s.slide_id for s in self.statuses() if s.features_done]
 
     # -- prototypes ------------------------------------------------------------------------------------
-    def _prototype_key(self, data: RegionData) -> tuple:
-        ps = self.settings.prototypes
-        return (data.settings_key, int(ps.k), int(ps.seed), int(ps.niter), int(ps.nredo), ps.min_regions)
+    def _prototype_stale_reason(self, slide_id: str, features_key: str | None) -> str | None:
+        """Why the cached prototypes of a slide do not fit the current settings (None: they do)."""
+        from napari_slpd.prototypes.cache import read_attrs, stale_reason
 
-    def _prototypes_current(self, slide_id: str) -> bool:
+        path = self.cohort.prototypes_path(slide_id)
+        if not path.exists():
+            return "no prototypes yet"
         try:
-            data = self.region_data(slide_id)
-            stored = _load_prototypes(self.cohort.prototypes_path(slide_id))
-        except SlpdError:
-            return False
-        return stored is not None and stored[0] == _key_text(self._prototype_key(data))
+            attrs = read_attrs(path)
+        except SlpdError as exc:
+            return str(exc)
+        ps = self.settings.prototypes
+        return stale_reason(
+            attrs, features_key, k=int(ps.k), source="region_embeddings", seed=int(ps.seed), niter=int(ps.niter),
+            nredo=int(ps.nredo), min_regions=-1 if ps.min_regions is None else int(ps.min_regions),
+        )
+
+    def _prototypes_current(self, slide_id: str, features_key: str | None = None) -> bool:
+        if features_key is None:
+            from napari_slpd.features.store import read_store_attrs
+
+            try:
+                features_key = str(read_store_attrs(self.cohort.features_path(slide_id)).get("settings_key", ""))
+            except SlpdError:
+                return False
+        return self._prototype_stale_reason(slide_id, features_key) is None
 
     def prototypes(self, slide_id: str, compute: bool = True):
-        """The slide's prototypes for the current K (loaded from the cache, or computed and cached).
+        """The slide's SlidePrototypes for the current settings: from memory, from the cohort cache, or
+        (``compute``) computed and cached. Raises PrototypeError when they cannot be had (no features,
+        too few regions, or not computed and ``compute`` is False)."""
+        from napari_slpd.prototypes.cache import compute_slide_prototypes, prototypes_stamp, read_prototypes
 
-        Raises PrototypeError when the slide has too few regions for K prototypes."""
-        data = self.region_data(slide_id)
-        key = self._prototype_key(data)
+        data = self.region_data(slide_id)  # raises FeatureStoreError when there are no features
+        ps = self.settings.prototypes
+        key = (data.settings_key, int(ps.k), int(ps.seed), int(ps.niter), int(ps.nredo), ps.min_regions)
         with self._lock:
             cached = self._prototypes.get(slide_id)
-            if cached is not None and cached[0] == key:
+            if cached is not None and cached[0] == (key, prototypes_stamp(self.cohort, slide_id)):
                 return cached[1]
-        path = self.cohort.prototypes_path(slide_id)
-        stored = _load_prototypes(path)
-        if stored is not None and stored[0] == _key_text(key):
-            protos = stored[1]
+        if self._prototype_stale_reason(slide_id, data.settings_key) is None:
+            protos = read_prototypes(self.cohort.prototypes_path(slide_id))
         elif not compute:
-            raise PrototypeError(f"the prototypes of {slide_id} are not computed for K={self.settings.prototypes.k}")
+            raise PrototypeError(
+                f"the prototypes of {slide_id} are not computed for the current settings (K={ps.k}); "
+                "compute them in the Prototypes panel"
+            )
         else:
-            protos = self._compute_prototypes(data)
-            _save_prototypes(path, _key_text(key), protos, slide_id)
+            protos = compute_slide_prototypes(
+                self.cohort, slide_id, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
+                min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device), save=True,
+            )
+        if len(protos.assignments) != len(data):
+            raise PrototypeError(
+                f"the prototypes of {slide_id} cover {len(protos.assignments)} regions but its features have "
+                f"{len(data)}; recompute them"
+            )
         with self._lock:
-            self._prototypes[slide_id] = (key, protos)
+            self._prototypes[slide_id] = ((key, prototypes_stamp(self.cohort, slide_id)), protos)
         return protos
-
-    def _compute_prototypes(self, data: RegionData):
-        from napari_slpd.prototypes import compute_prototypes
-
-        ps = self.settings.prototypes
-        return compute_prototypes(
-            data.embeddings, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
-            min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device),
-        )
 
     def ensure_prototypes(self, slide_ids: Sequence[str] | None = None, progress: ProgressFn | None = None,
                           cancel=None) -> dict[str, str]:
-        """Prototypes of every slide with features; returns slide_id -> "ok" or the reason it has none."""
+        """Prototypes of ``slide_ids`` (every slide with current features by default), computed where the
+        cache has none for the current settings. Returns slide_id -> "ok" or why it has none."""
+        from napari_slpd.prototypes.cache import compute_cohort_prototypes
+
         slide_ids = list(slide_ids) if slide_ids is not None else self.slides_with_features()
-        outcome: dict[str, str] = {}
-        for i, slide_id in enumerate(slide_ids):
-            if _is_cancelled(cancel):
-                break
-            try:
-                self.prototypes(slide_id)
-                outcome[slide_id] = "ok"
-            except SlpdError as exc:
-                outcome[slide_id] = str(exc)
-            if progress:
-                progress(i + 1, len(slide_ids))
-        return outcome
+        if not slide_ids:
+            return {}
+        ps = self.settings.prototypes
+        report = compute_cohort_prototypes(
+            self.cohort, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
+            min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device),
+            slide_ids=slide_ids, progress=progress, cancel=cancel,
+        )
+        return {r.slide_id: ("ok" if r.status in ("computed", "current") else (r.message or r.status))
+                for r in report.results}
 
     # -- the cohort index and queries ------------------------------------------------------------------
     def index(self, progress: ProgressFn | None = None, cancel=None):
-        """The cohort index over every slide with features and prototypes (rebuilt when they change)."""
+        """The cohort index, up to date with the prototypes of every slide with current features (their
+        missing prototypes are computed first) and saved in ``COHORT/index``."""
         from napari_slpd.prototypes import CohortIndex
 
-        slide_ids = self.slides_with_features()
-        self.ensure_prototypes(slide_ids, progress, cancel)
-        members, sets = [], []
-        for slide_id in slide_ids:
-            try:
-                protos = self.prototypes(slide_id, compute=False)
-            except SlpdError:
-                continue
-            members.append(slide_id)
-            sets.append(protos)
-        key = tuple((sid, id(p)) for sid, p in zip(members, sets))
+        self.ensure_prototypes(progress=progress, cancel=cancel)
         with self._lock:
-            if self._index is None or self._index_key != key:
-                self._index = _build_cohort_index(CohortIndex, members, sets)
-                self._index_key = key
+            if self._index is None:
+                self._index = CohortIndex.open(self.cohort, cancel=cancel)
+            else:
+                changes = self._index.sync(self.cohort, cancel=cancel)
+                if any(changes.values()) and not _is_cancelled(cancel):
+                    self._index.save(self.cohort.index_dir)
             return self._index
 
     def similar_slides(self, slide_id: str, top_k: int | None = None) -> list[SlideMatch]:
-        """Cohort slides ranked by prototype set distance to ``slide_id`` (itself excluded)."""
-        from napari_slpd.prototypes import prototype_set_similarity
-
+        """Cohort slides ranked by prototype set distance (K - S) to ``slide_id`` (itself excluded)."""
         top_k = int(top_k or self.settings.top_k)
-        query = self.prototypes(slide_id)
+        self.prototypes(slide_id)
         index = self.index()
-        ranked = _query_cohort_index(index, slide_id, query, top_k)
-        matches = []
-        for other, distance in ranked:
-            protos = self.prototypes(other, compute=False)
-            sim, pairs = prototype_set_similarity(query.centroids, protos.centroids)
-            pair_sims = [float(np.dot(query.centroids[a], protos.centroids[b])) for a, b in pairs]
-            matches.append(SlideMatch(other, float(distance), float(sim), [tuple(map(int, p)) for p in pairs],
-                                      pair_sims))
-        return matches
+        current = set(self.slides_with_features())
+        # Slides whose prototypes are left from other feature settings are not comparable: leave them out.
+        exclude = [s for s in index.slide_ids if s not in current]
+        hits = index.query(slide_id, n=top_k, exclude=exclude, method="exact")
+        return [
+            SlideMatch(
+                h.slide_id, float(h.distance), float(h.similarity),
+                [(int(p.k), int(p.l)) for p in h.pairs], [float(p.similarity) for p in h.pairs],
+            )
+            for h in hits
+        ]
 
     def similar_regions(self, slide_id: str, region: int, top_k: int | None = None,
                         include_same_slide: bool = False) -> list[RegionMatch]:
@@ -511,31 +523,25 @@ class Session:
         if not 0 <= int(region) < len(data):
             raise SlpdError(f"{slide_id} has {len(data)} regions; there is no region {region}")
         index = self._region_index()
-        hits = _query_region_index(index, data.embeddings[int(region)], top_k + 1 + (0 if include_same_slide else 64))
+        hits = index.query(slide_id, int(region), n=top_k, exclude_same_slide=not include_same_slide)
         matches = []
-        for other, other_region, distance in hits:
-            if other == slide_id and (not include_same_slide or int(other_region) == int(region)):
-                continue
+        for hit in hits:
             proto = None
             try:
-                proto = int(self.prototypes(other, compute=False).assignments[int(other_region)])
+                proto = int(self.prototypes(hit.slide_id, compute=False).assignments[hit.region_index])
             except SlpdError:
                 pass
-            matches.append(RegionMatch(other, int(other_region), float(distance), proto))
-            if len(matches) >= top_k:
-                break
+            matches.append(RegionMatch(hit.slide_id, int(hit.region_index), float(1.0 - hit.similarity), proto))
         return matches
 
     def _region_index(self):
         from napari_slpd.prototypes import RegionIndex
 
-        members = self.slides_with_features()
-        datas = [self.region_data(s) for s in members]
-        key = ("regions",) + tuple((d.slide_id, d.settings_key, len(d)) for d in datas)
         with self._lock:
-            if getattr(self, "_rindex_key", None) != key:
-                self._rindex = _build_region_index(RegionIndex, datas)
-                self._rindex_key = key
+            if self._rindex is None:
+                self._rindex = RegionIndex.open(self.cohort)
+            elif self._rindex.sync(self.cohort):
+                self._rindex.save(self.cohort.index_dir)
             return self._rindex
 
     # -- thumbnails ------------------------------------------------------------------------------------
@@ -589,10 +595,6 @@ def _describe_features(attrs: dict) -> str:
         f"{attrs.get('n_regions', '?')} regions of {attrs.get('region_px', '?')} px at "
         f"{attrs.get('target_mpp', '?')} um/px; {attrs.get('patch_encoder', '?')} + {attrs.get('region_encoder', '?')}"
     )
-
-
-def _key_text(key: tuple) -> str:
-    return repr(key)
 
 
 def _kmeans_device(device: str) -> str:

@@ -19,7 +19,7 @@ from napari_slpd.slide import LEVEL0_ASSUMED_MPP, Slide
 class TissueParams:
     mask_mpp: float = 8.0  # um per mask px when the slide's pixel size is known
     unknown_mpp_downsample: float = 16.0  # level-0 px per mask px when it is not
-    max_mask_px: int = 4096  # the mask's longer side never exceeds this (bounds memory on huge slides)
+    max_mask_px: int = 2048  # the mask's longer side never exceeds this (bounds time and memory on huge slides)
     median_px: int = 3  # median filter on saturation before thresholding (mask px; 1 = off)
     min_threshold: float = 0.04  # saturation threshold is clamped to [min, max]
     max_threshold: float = 0.10

@@ -79,6 +79,7 @@ class TrainingSettings:
     epochs: int | None = None
     num_clusters: int | None = None  # K
     batch_size: int | None = None  # regions per process and step
+    warm_epoch: int | None = None  # prototype losses from epoch warm_epoch + 1 on (epochs counted from 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpus: int = 1  # > 1: torchrun with one process per GPU
     extra_args: list[str] = field(default_factory=list)
@@ -90,6 +91,8 @@ class TrainingSettings:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise TrainingRunError(f"{name.replace('_', ' ')} must be at least 1, not {value}")
+        if self.warm_epoch is not None and int(self.warm_epoch) < 0:
+            raise TrainingRunError(f"warm-up epochs cannot be negative ({self.warm_epoch})")
         if int(self.gpus) < 1:
             raise TrainingRunError(f"the number of GPUs must be at least 1, not {self.gpus}")
         if int(self.gpus) > 1 and str(self.device).startswith("cpu"):
@@ -125,7 +128,7 @@ def build_command(settings: TrainingSettings, resume: bool = False, python: str 
         "--resume", "auto" if resume else "none",
     ]
     for flag, value in (("--epochs", settings.epochs), ("--num-clusters", settings.num_clusters),
-                        ("--batch-size", settings.batch_size)):
+                        ("--batch-size", settings.batch_size), ("--warm-epoch", settings.warm_epoch)):
         if value is not None:
             cmd += [flag, str(int(value))]
     cmd += [str(a) for a in settings.extra_args]
@@ -913,8 +916,9 @@ def use_checkpoint(
     if carry_names:
         from napari_slpd.annotations import PrototypeAnnotations
 
-        before = PrototypeAnnotations.load(cohort)
-        before.snapshot_assignments(session)
+        # Names are stored with the region assignments they were given on, which is all carrying them
+        # over to the new prototypes needs.
+        before = PrototypeAnnotations.load(cohort, session)
     unit = 1000
 
     def stage(lo, hi):

@@ -40,16 +40,20 @@ OVERRIDES = {
     "min_num_region": "cluster.min_num_region",
     "neighbours": "cluster.neighbours",
     "out_dim": "head.out_dim",
+    "hidden_dim": "head.hidden_dim",
+    "bottleneck_dim": "head.bottleneck_dim",
     "drop_path": "model.drop_path_rate",
     "phi_dropout": "model.phi_dropout",
     "init_checkpoint": "model.init_checkpoint",
     "global_crop": "views.global_crop",
     "local_crop": "views.local_crop",
     "n_local": "views.n_local",
+    "scale_crops": "views.scale_to_grid",
     "official_view_skip": "loss.official_view_skip",
     "shared_prototype_center": "loss.shared_prototype_center",
     "seed": "run.seed",
     "num_workers": "run.num_workers",
+    "threads": "run.threads",
     "amp": "run.amp",
     "device": "run.device",
     "save_every_steps": "run.save_every_steps",
@@ -93,18 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-num-region", type=int, help="slides with fewer regions get no prototypes")
     s.add_argument("--neighbours", type=int, help="similar slides per slide for the inter-slide loss (r)")
     s.add_argument("--out-dim", type=int, help="DINO head output dimension")
+    s.add_argument("--hidden-dim", type=int, help="DINO head hidden width")
+    s.add_argument("--bottleneck-dim", type=int, help="DINO head bottleneck (the clustered embedding)")
     s.add_argument("--drop-path", type=float, help="stochastic depth rate of the student")
     s.add_argument("--phi-dropout", type=float)
     s.add_argument("--init-checkpoint", help="start the ViT-4K from this checkpoint (official DINO layout)")
     s.add_argument("--global-crop", type=int)
     s.add_argument("--local-crop", type=int)
     s.add_argument("--n-local", type=int, help="number of local views")
+    s.add_argument("--scale-crops", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the crop sizes by G/16 for token grids other than 16 x 16 (tiny preset: on)")
     s.add_argument("--official-view-skip", action=argparse.BooleanOptionalAction, default=None,
                    help="prototype losses skip the student's first global view like the official code (default: on)")
     s.add_argument("--shared-prototype-center", action=argparse.BooleanOptionalAction, default=None,
                    help="intra and inter losses share one center, as the official code (default: off)")
     s.add_argument("--seed", type=int)
     s.add_argument("--num-workers", type=int, help="data-loader worker processes per training process")
+    s.add_argument("--threads", type=int, help="torch CPU threads per training process (0: torch's default)")
     s.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision (auto: bf16 on CUDA)")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--save-every-steps", type=int, help="also checkpoint every this many steps")

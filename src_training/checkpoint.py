@@ -36,7 +36,7 @@ FORMAT = "slpd-train-checkpoint"
 FORMAT_VERSION = 1
 
 # Settings that may change between a checkpoint and its resume without changing what is being trained.
-RESUMABLE_CHANGES = {"run.num_workers", "run.device", "run.save_every_steps", "run.keep_every_epochs",
+RESUMABLE_CHANGES = {"run.num_workers", "run.threads", "run.device", "run.save_every_steps", "run.keep_every_epochs",
                      "run.log_every_steps", "cluster.eval_batch_size"}
 
 

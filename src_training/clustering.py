@@ -7,16 +7,15 @@
    nredo 5, seed 0), slides split across processes by slide index (slide s on process s mod W), results
    summed across processes. Slides with fewer than ``min_num_region`` regions get no prototypes and are left
    out of both prototype losses (and reported).
-3. Similar slides: S(n, m) = the best one-to-one matching of the two prototype sets; each slide's r most
-   similar other slides with prototypes are its neighbours. For K <= 5 all K! matchings are enumerated on
-   tensors (the official computation, vectorized); for larger K each pair goes through the Hungarian
-   algorithm of ``prototype_set_similarity``. Both give the same value.
+3. Similar slides: S(n, m) = the best one-to-one matching of the two prototype sets (the official code
+   enumerates all K! permutations; ``napari_slpd.prototypes`` solves the same maximum exactly with the
+   Hungarian algorithm), rows of the slide-by-slide matrix split across processes; each slide's r most
+   similar other slides with prototypes are its neighbours (slides without prototypes never are).
 4. For each prototype k of slide n and neighbour m, l* = argmax_l <c(n,k), c(m,l)> (``cross_assignment``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from src_training import distributed
 from src_training.data import TokenGridIndex
 
 log = logging.getLogger(__name__)
-
-EXACT_ENUMERATION_MAX_K = 5
 
 
 @dataclass
@@ -155,47 +152,26 @@ def cluster_slides(
 
 
 def slide_similarity_matrix(centroids: torch.Tensor, has_prototypes: torch.Tensor) -> torch.Tensor:
-    """[S, S] S(n, m) between slides with prototypes (-inf on the diagonal and for slides without)."""
-    n_slides, k, _ = centroids.shape
-    sim = torch.full((n_slides, n_slides), float("-inf"))
+    """[S, S] S(n, m) between slides with prototypes (-inf on the diagonal and for slides without).
+
+    Rows are split across processes (row n on process n mod W) and summed; each row is one call of
+    ``batch_set_similarity`` (exact optimal matching of the row's set against all others).
+    """
+    from napari_slpd.prototypes import batch_set_similarity
+
+    n_slides = centroids.shape[0]
     eligible = torch.nonzero(has_prototypes).flatten()
-    if len(eligible) < 2:
-        return sim
-    cents = centroids[eligible].double()
-    if k <= EXACT_ENUMERATION_MAX_K:
-        block = _matching_by_enumeration(cents)
-    else:
-        block = _matching_by_hungarian(cents)
+    block = torch.zeros(len(eligible), len(eligible), dtype=torch.float64)
+    if len(eligible) >= 2:
+        sets = centroids[eligible].numpy()
+        rank, world = distributed.rank(), distributed.world_size()
+        for a in range(rank, len(eligible), world):
+            block[a] = torch.as_tensor(np.asarray(batch_set_similarity(sets[a], sets), dtype=np.float64))
+        distributed.all_reduce_sum(block)
+    sim = torch.full((n_slides, n_slides), float("-inf"))
     sim[eligible[:, None], eligible[None, :]] = block.float()
     sim.fill_diagonal_(float("-inf"))
     return sim
-
-
-def _matching_by_enumeration(cents: torch.Tensor, rows_per_chunk: int = 256) -> torch.Tensor:
-    """max over permutations pi of sum_k <A_k, B_pi(k)> for all pairs, chunked over rows to bound memory."""
-    n, k, _ = cents.shape
-    perms = torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long)  # [P, K]
-    out = torch.empty(n, n, dtype=cents.dtype)
-    for start in range(0, n, rows_per_chunk):
-        gram = torch.einsum("akd,bld->abkl", cents[start : start + rows_per_chunk], cents)  # [a, B, K, K]
-        # picked[a, b, p, k] = gram[a, b, k, perms[p, k]]
-        picked = gram[:, :, torch.arange(k)[None, :], perms]  # [a, B, P, K]
-        out[start : start + rows_per_chunk] = picked.sum(-1).amax(-1)
-    return out
-
-
-def _matching_by_hungarian(cents: torch.Tensor) -> torch.Tensor:
-    from napari_slpd.prototypes import prototype_set_similarity
-
-    n = cents.shape[0]
-    arrays = cents.float().numpy()
-    out = torch.zeros(n, n, dtype=torch.float64)
-    rank, world = distributed.rank(), distributed.world_size()
-    for a in range(rank, n, world):  # rows split across processes, summed below
-        for b in range(a + 1, n):
-            value, _pairs = prototype_set_similarity(arrays[a], arrays[b])
-            out[a, b] = out[b, a] = float(value)
-    return distributed.all_reduce_sum(out)
 
 
 def find_neighbours(

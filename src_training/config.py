@@ -135,6 +135,9 @@ class OptimConfig:
 class RunConfig:
     seed: int = 0
     num_workers: int = 4
+    # torch CPU threads of each training process (0: torch's default). On a shared or small machine 1-2
+    # threads per process are usually faster than oversubscribing the cores.
+    threads: int = 0
     # "auto": bf16 autocast on CUDA, full precision on CPU; "bf16", "fp16" (with a grad scaler) or "off".
     amp: str = "auto"
     device: str = "auto"
@@ -203,6 +206,8 @@ class TrainConfig:
             (l.teacher_temp > 0 and l.student_temp > 0, "temperatures must be positive"),
             (0 <= l.center_momentum <= 1, "center momentum must lie in [0, 1]"),
             (r.amp in ("auto", "bf16", "fp16", "off"), "amp must be one of auto, bf16, fp16, off"),
+            (r.threads >= 0 and r.num_workers >= 0, "threads and num_workers must be >= 0"),
+            (r.save_every_steps >= 0 and r.log_every_steps >= 0, "step intervals must be >= 0"),
             (self.head.out_dim >= 2 and self.head.bottleneck_dim >= 1, "head dims must be positive"),
         ]
         for ok, message in checks:

@@ -363,17 +363,26 @@ class Trainer:
         """
         self._cancel = cancel
         started = time.time()
-        self._setup()
-        resume_path = ckpt.resolve_resume(self.resume, self.run_dir)
-        if resume_path is not None:
-            self._restore(resume_path)
-        cfg = self.cfg
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
-        self._emit_start()
-        self._step_timer = _Throughput()
+        threads_before = torch.get_num_threads()
+        if self.cfg.run.threads:
+            torch.set_num_threads(self.cfg.run.threads)
         try:
+            return self._fit(progress, started)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _fit(self, progress, started: float) -> TrainResult:
+        self._setup()
+        try:
+            resume_path = ckpt.resolve_resume(self.resume, self.run_dir)
+            if resume_path is not None:
+                self._restore(resume_path)
+            cfg = self.cfg
+            if self.ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
+            self._emit_start()
+            self._step_timer = _Throughput()
             while self.epoch < cfg.optim.epochs:
                 epoch = self.epoch
                 epoch_started = time.perf_counter()
@@ -505,9 +514,9 @@ class Trainer:
             step = self.step_in_epoch
             it = epoch * self.steps_per_epoch + step  # global training iteration
             for i, group in enumerate(self.optimizer.param_groups):
-                group["lr"] = sched.lr[it]
+                group["lr"] = float(sched.lr[it])  # Python floats: the checkpoint loads with weights_only=True
                 if i == 0:  # only the first group is regularized
-                    group["weight_decay"] = sched.weight_decay[it]
+                    group["weight_decay"] = float(sched.weight_decay[it])
             views = [v.to(device, non_blocking=True) for v in views]
             slides, items = slides.to(device), items.to(device)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from napari_slpd.errors import CheckpointError
 from napari_slpd.io_utils import sha256_file
 from napari_slpd.models.checkpoints import load_dino_checkpoint, read_checkpoint, save_dino_checkpoint
-from napari_slpd.models.vit import VisionTransformer4K, interpolate_pos_embed, vit4k_xs, vit256_small
+from napari_slpd.models.vit import interpolate_pos_embed, vit4k_xs, vit256_small
 
 
 def _seeded(factory, seed):
@@ -95,17 +95,17 @@ def test_vit4k_has_the_official_hipt_parameters():
 
 
 def test_vit4k_forward_shapes_and_readouts(vit4k_source):
-    tokens = torch.randn(3, 384, 16, 16)
+    tokens = torch.randn(2, 384, 10, 10)
     with torch.no_grad():
         cls = vit4k_source(tokens)
         feats = vit4k_source.forward_features(tokens)
         attn = vit4k_source.get_last_selfattention(tokens)
         last = vit4k_source.get_intermediate_layers(tokens, n=2)
-    assert cls.shape == (3, 192)
-    assert feats.shape == (3, 257, 192)
+    assert cls.shape == (2, 192)
+    assert feats.shape == (2, 101, 192)
     torch.testing.assert_close(feats[:, 0], cls)
-    assert attn.shape == (3, 6, 257, 257)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6, 257))
+    assert attn.shape == (2, 6, 101, 101)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6, 101))
     assert len(last) == 2
     torch.testing.assert_close(last[-1], feats)
 
@@ -189,7 +189,7 @@ def test_official_vit4k_checkpoint_loads(tmp_path, vit4k_source, teacher_prefix)
     assert len(report.ignored_keys) == 8 and all(k.startswith("head.") for k in report.ignored_keys)
     assert report.sha256 == sha256_file(path)
     for k, v in vit4k_source.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+        assert torch.equal(model.state_dict()[k], v), k
     tokens = torch.randn(2, 384, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), vit4k_source(tokens))

@@ -74,8 +74,8 @@ class ExtractionConfig:
     tissue: Any = field(default_factory=lambda: _tissue_params_cls()())  # napari_slpd.tissue.TissueParams
     batch_size: int = 256  # patches per patch-encoder batch: bounds the model's memory
     region_batch_size: int = 64  # token grids per region-encoder batch
-    num_workers: int = 2  # region reading/decoding threads
-    queue_size: int = 4  # regions read ahead of the model, at most (bounds the reader's memory)
+    num_workers: int | None = None  # region reading/decoding threads; None: one per CPU core (at most 16)
+    queue_size: int | None = None  # regions read ahead of the model, at most; None: 2 x num_workers
     regions_per_chunk: int = 16  # regions written (and resumable) at a time
     device: str = "auto"  # informative: the encoders are already placed; used for pinned memory
     compile: bool = False  # torch.compile the patch encoder on CUDA
@@ -83,16 +83,30 @@ class ExtractionConfig:
     token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
     mpp: float | None = None  # user pixel size (um/px) overriding the slide's metadata
     mpp_fallback: str = "none"  # "none" | "objective" | "level0": used only when metadata has none
-    torch_threads: int | None = None  # torch intra-op threads during extraction on CPU (None: leave as is)
+    # torch intra-op threads on CPU: "auto" gives the model the cores the readers leave idle, batch by
+    # batch; an int fixes it (1 makes runs bit-for-bit repeatable); None leaves torch's setting alone.
+    torch_threads: int | str | None = "auto"
     overwrite: bool = False  # replace a complete file made with other settings
 
     def __post_init__(self):
         if self.batch_size < 1 or self.region_batch_size < 1:
             raise SlpdError(f"batch sizes must be at least 1 (got {self.batch_size}, {self.region_batch_size})")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise SlpdError(f"num_workers must be 0 (read in the calling thread) or more, not {self.num_workers}")
-        if self.queue_size < 1 or self.regions_per_chunk < 1:
+        if (self.queue_size is not None and self.queue_size < 1) or self.regions_per_chunk < 1:
             raise SlpdError("queue_size and regions_per_chunk must be at least 1")
+        if not (self.torch_threads in (None, "auto") or (isinstance(self.torch_threads, int) and self.torch_threads > 0)):
+            raise SlpdError(f"torch_threads must be 'auto', None or a positive int, not {self.torch_threads!r}")
+
+    @property
+    def workers(self) -> int:
+        if self.num_workers is not None:
+            return int(self.num_workers)
+        return max(1, min(16, available_cores()))
+
+    @property
+    def window(self) -> int:
+        return int(self.queue_size) if self.queue_size is not None else max(2, 2 * self.workers)
         if self.token_dtype not in TOKEN_DTYPES:
             raise SlpdError(f"token_dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
 
@@ -111,10 +125,20 @@ class ExtractionResult:
     resumed_from: int = 0  # regions already finished by an earlier run
     seconds: float = 0.0
     message: str = ""
+    mpp: float | None = None  # pixel size used, um/px
+    mpp_source: str | None = None  # where it came from (napari_slpd.slide.PixelSize.source)
 
     @property
     def regions_per_s(self) -> float:
         return self.n_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under a batch scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def is_cancelled(cancel: CancelCheck) -> bool:
@@ -170,43 +194,68 @@ class RegionReader:
         return out.reshape(G * G, p, p, 3)
 
 
-def iter_regions(
-    read: Callable[[int], np.ndarray],
-    indices: range | list[int],
-    num_workers: int,
-    queue_size: int,
-    cancel: CancelCheck = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (index, read(index)) in the order of ``indices``; up to ``queue_size`` reads run ahead on
-    ``num_workers`` threads. Stops early (without error) once ``cancel`` is set."""
-    indices = list(indices)
-    if num_workers == 0:
-        for i in indices:
-            if is_cancelled(cancel):
+class RegionStream:
+    """Iterates (index, read(index)) in the order of ``indices``; up to ``queue_size`` reads run ahead on
+    ``num_workers`` threads (0: read in the calling thread). Stops early, without error, once ``cancel``
+    is set. A worker's exception is raised by the iteration that reaches its region."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], indices, num_workers: int, queue_size: int,
+                 cancel: CancelCheck = None):
+        self.read = read
+        self.cancel = cancel
+        self.num_workers = int(num_workers)
+        self.queue_size = max(1, int(queue_size))
+        self._pending = iter(list(indices))
+        self._window: collections.deque[tuple[int, Future]] = collections.deque()
+        self._pool = (ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="slpd-read")
+                      if self.num_workers > 0 else None)
+        if self._pool is not None:
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self._window) < self.queue_size:
+            i = next(self._pending, None)
+            if i is None:
                 return
-            yield i, read(i)
-        return
-    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="slpd-read")
-    window: collections.deque[tuple[int, Future]] = collections.deque()
-    pending = iter(indices)
-    try:
-        for i in pending:
-            window.append((i, pool.submit(read, i)))
-            if len(window) >= queue_size:
-                break
-        while window:
-            if is_cancelled(cancel):
-                return
-            i, future = window.popleft()
-            result = future.result()  # re-raises a worker's exception here, in order
-            nxt = next(pending, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(read, nxt)))
-            yield i, result
-    finally:
-        for _, future in window:
+            self._window.append((i, self._pool.submit(self.read, i)))
+
+    def reads_in_progress(self) -> int:
+        """Reads submitted and not finished: how many decoder threads are busy right now."""
+        return min(self.num_workers, sum(not f.done() for _, f in self._window))
+
+    def __iter__(self) -> "RegionStream":
+        return self
+
+    def __next__(self) -> tuple[int, np.ndarray]:
+        if is_cancelled(self.cancel):
+            raise StopIteration
+        if self._pool is None:
+            i = next(self._pending, None)
+            if i is None:
+                raise StopIteration
+            return i, self.read(i)
+        if not self._window:
+            raise StopIteration
+        i, future = self._window.popleft()
+        result = future.result()
+        self._fill()
+        return i, result
+
+    def close(self) -> None:
+        for _, future in self._window:
             future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        self._window.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_regions(read, indices, num_workers: int, queue_size: int, cancel: CancelCheck = None):
+    """Generator form of :class:`RegionStream` (closes its threads when exhausted or closed)."""
+    stream = RegionStream(read, indices, num_workers, queue_size, cancel)
+    try:
+        yield from stream
+    finally:
+        stream.close()
 
 
 # -- model helpers ------------------------------------------------------------------------------------
@@ -237,19 +286,39 @@ def _precision(patch_encoder) -> str:
     return "float32"
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    import torch
+class _ThreadPolicy:
+    """Torch intra-op threads on CPU while readers run beside the model.
 
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    On few cores, OpenMP threads that share a core with a busy reader stall every parallel op at its
+    barrier (a ViT runs hundreds per batch), which can cost more than the extra thread gains. "auto" sets,
+    before each batch, as many threads as cores not busy reading (at least one, at most torch's own
+    setting): when the readers are ahead (model-bound) the model gets every core; when they are behind
+    (decode-bound) the readers keep theirs. Restores torch's setting afterwards.
+    """
+
+    def __init__(self, setting: int | str | None, on_cuda: bool):
+        import torch
+
+        self._torch = torch
+        self.before = torch.get_num_threads()
+        self.mode = None if on_cuda else setting
+        self.current = self.before
+        if isinstance(self.mode, int):
+            self._set(self.mode)
+
+    def _set(self, n: int) -> None:
+        if n != self.current:
+            self._torch.set_num_threads(n)
+            self.current = n
+
+    def before_batch(self, stream: "RegionStream | None") -> None:
+        if self.mode != "auto":
+            return
+        busy = stream.reads_in_progress() if stream is not None else 0
+        self._set(max(1, min(self.before, available_cores() - busy)))
+
+    def restore(self) -> None:
+        self._set(self.before)
 
 
 def maybe_compile(patch_encoder, enabled: bool) -> None:
@@ -276,10 +345,11 @@ class _PatchBatcher:
     batch_size, not by the slide or the region size.
     """
 
-    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool):
+    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, before_batch=None):
         import torch
 
         self.encoder = encoder
+        self.before_batch = before_batch
         self.batch_size = batch_size
         shape = (batch_size, patch_px, patch_px, 3)
         if pin:
@@ -311,6 +381,8 @@ class _PatchBatcher:
         import torch
 
         batch = self._tensor[: self.fill] if self._tensor is not None else torch.from_numpy(self.buffer[: self.fill])
+        if self.before_batch is not None:
+            self.before_batch()
         with torch.inference_mode():
             feats = self.encoder.encode(batch)
         feats = feats.detach().to("cpu", torch.float32).numpy()
@@ -412,7 +484,8 @@ def extract_slide(
     slide = open_slide(slide_path, mpp=config.mpp, mpp_fallback=config.mpp_fallback) if owns_slide else slide_path
     try:
         settings = extraction_settings(slide, config, patch_encoder, region_encoder)
-        result = ExtractionResult(slide.slide_id, Path(slide.path), out_path, "extracted")
+        result = ExtractionResult(slide.slide_id, Path(slide.path), out_path, "extracted",
+                                  mpp=slide.mpp, mpp_source=slide.pixel_size.source)
         if existing_store_is_current(out_path, settings, overwrite=config.overwrite):
             from napari_slpd.features.store import read_store_attrs
 
@@ -436,8 +509,7 @@ def extract_slide(
         writer = _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder)
         result.resumed_from = writer.n_done
         maybe_compile(patch_encoder, config.compile)
-        with _torch_threads(config.torch_threads):
-            done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
+        done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
         result.n_computed = done - writer.resumed_from
         if done < len(grid):
             result.status = "cancelled"
@@ -487,6 +559,14 @@ def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_
     return FeatureStoreWriter(out_path, layout, settings, run_settings(patch_encoder), attrs, coords_attrs)
 
 
+def _chunk_patch_coords(grid, sl: slice) -> np.ndarray:
+    """grid.patch_coords() of the regions in ``sl`` only (memory per chunk, not per slide)."""
+    import dataclasses
+
+    part = dataclasses.replace(grid, coords=grid.coords[sl], tissue_fraction=grid.tissue_fraction[sl])
+    return np.asarray(part.patch_coords(), np.int64)
+
+
 def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel) -> int:
     """Extract regions writer.n_done.. in chunks; returns how many regions are finished."""
     G = int(grid.patches_per_side)
@@ -494,14 +574,15 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
     M = len(grid)
     D = int(patch_encoder.dim)
     px = encoder_input_px(patch_encoder, grid.config.patch_px)
-    pin = _encoder_device(patch_encoder).startswith("cuda")
-    batcher = _PatchBatcher(patch_encoder, min(config.batch_size, config.regions_per_chunk * G2), px, pin)
+    on_cuda = _encoder_device(patch_encoder).startswith("cuda")
     reader = RegionReader(slide, grid, px)
-    patch_coords = grid.patch_coords() if config.store_patch_features else None
     done = first = writer.n_done
     if progress is not None:
         progress(done, M)
-    stream = iter_regions(reader, range(done, M), config.num_workers, config.queue_size, cancel)
+    stream = RegionStream(reader, range(done, M), config.workers, config.window, cancel)
+    threads = _ThreadPolicy(config.torch_threads, on_cuda)
+    batcher = _PatchBatcher(patch_encoder, min(config.batch_size, config.regions_per_chunk * G2), px, on_cuda,
+                            before_batch=lambda: threads.before_batch(stream))
     try:
         while done < M:
             c = min(config.regions_per_chunk, M - done)
@@ -511,9 +592,11 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 if item is None:  # cancelled
                     return done
                 index, patches = item
-                assert index == done + k, "regions must arrive in grid order"
+                if index != done + k:
+                    raise RuntimeError(f"region {index} arrived where {done + k} was expected")
                 before = batcher.regions_encoded
                 batcher.add(patches, feats[k * G2 : (k + 1) * G2])
+                del patches, item  # the window, not this loop, holds decoded regions
                 if progress is not None and batcher.regions_encoded != before:
                     progress(min(done + c - 1, first + batcher.regions_encoded), M)
             # A batch never straddles chunks: a resumed run then sees exactly the same batches.
@@ -530,7 +613,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                     coords=np.asarray(grid.coords[sl], np.int64),
                     coverage=np.asarray(grid.tissue_fraction[sl], np.float32),
                     patch_features=feats if config.store_patch_features else None,
-                    patch_coords=patch_coords[sl.start * G2 : sl.stop * G2] if patch_coords is not None else None,
+                    patch_coords=_chunk_patch_coords(grid, sl) if config.store_patch_features else None,
                 )
             )
             done += c
@@ -538,6 +621,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 progress(done, M)
     finally:
         stream.close()
+        threads.restore()
     return done
 
 

@@ -177,7 +177,8 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor],
     return out, tuple(seen)
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                     hint: str = "Check that the checkpoint was made for this architecture.") -> None:
     """Raise :class:`CheckpointError` listing missing keys, unexpected keys and shape mismatches."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -193,8 +194,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         lines.append(f"  unexpected keys ({len(unexpected)}): {_list_names(unexpected)}")
     if mismatched:
         lines.append(f"  shape mismatches ({len(mismatched)}): {_list_names(mismatched)}")
-    lines.append("Check that the checkpoint was trained for this architecture (e.g. ViT-256 vs ViT-4K, "
-                 "or the input dimension of the ViT-4K).")
+    lines.append(hint)
     raise CheckpointError("\n".join(lines))
 
 
@@ -211,7 +211,9 @@ def load_dino_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | N
     for name in ignored:
         del state_dict[name]
     where = f"{path} [{source_key!r}]" if source_key else str(path)
-    check_state_dict(model, state_dict, where)
+    check_state_dict(model, state_dict, where,
+                     hint="Check that the checkpoint was trained for this architecture (ViT-256 vs ViT-4K, "
+                          "and for the ViT-4K the dimension of its input tokens).")
     model.load_state_dict(state_dict, strict=True)
     report = LoadReport(path=str(path), sha256=sha256_file(path), source_key=source_key,
                         stripped_prefixes=stripped, loaded_keys=len(state_dict), ignored_keys=ignored)

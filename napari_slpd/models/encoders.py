@@ -78,15 +78,17 @@ class ModelCard:
     interpolation: str = "bilinear"        # used when resizing patches to input_size
 
     def with_overrides(self, input_size: int | None = None, mean=None, std=None) -> "ModelCard":
+        """A copy with the given fields replaced (None keeps the card's value); values are validated."""
         card = self
         if input_size is not None:
             card = replace(card, input_size=_check_input_size(input_size))
         if mean is not None:
             card = replace(card, mean=_rgb_triple(mean, "mean"))
         if std is not None:
-            card = replace(card, std=_rgb_triple(std, "std"))
-            if min(card.std) <= 0:
-                raise SlpdError(f"std must be positive per channel, got {card.std}")
+            std = _rgb_triple(std, "std")
+            if min(std) <= 0:
+                raise SlpdError(f"std must be positive per channel, got {std}")
+            card = replace(card, std=std)
         return card
 
 
@@ -365,6 +367,8 @@ def build_patch_encoder(spec: str, checkpoint: str | os.PathLike | None = None, 
     (e.g. ``{"init_values": 1e-5}`` for UNI); ``open_clip_cfg`` is a custom open_clip model config.
     """
     dev = resolve_device(device)
+    # validate the overrides before building anything: a typo should not cost a model build
+    HIPT_VIT256_CARD.with_overrides(input_size=input_size, mean=mean, std=std)
     if spec == "hipt_vit256":
         if model_kwargs or open_clip_cfg:
             raise SlpdError("model_kwargs / open_clip_cfg do not apply to hipt_vit256")

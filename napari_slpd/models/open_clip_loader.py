@@ -145,7 +145,8 @@ def _find_checkpoint(path: Path) -> Path:
 
 
 def _missing_checkpoint_message(model_name: str, path: Path | None) -> str:
-    what = f"checkpoint file {path} does not exist" if path else f"no checkpoint given for open_clip model {model_name!r}"
+    what = (f"checkpoint file {path} does not exist" if path
+            else f"no checkpoint given for open_clip model {model_name!r}")
     return (f"{what}. Nothing is downloaded: provide the model's local open_clip weights file, e.g. "
             f"'open_clip_pytorch_model.bin' (QuiltNet, open_clip ports of PLIP) or 'pytorch_model.bin' (CONCH) "
             f"from the model's page, or a folder containing one of: {', '.join(CHECKPOINT_FILE_NAMES)}.")

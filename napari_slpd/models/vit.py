@@ -171,10 +171,17 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int,
     return torch.cat((cls_pos, grid), dim=1)
 
 
+def _trunc_normal_(tensor: torch.Tensor, std: float = 0.02, bound: float = 2.0) -> torch.Tensor:
+    """DINO's ``trunc_normal_(std=0.02, a=-2, b=2)``: the bounds are absolute, 100 std away, so this is a normal
+    draw with a clamp as a guard; the inverse-CDF sampler of nn.init is ~20x slower on CPU for the same law."""
+    with torch.no_grad():
+        return tensor.normal_(0.0, std).clamp_(-bound, bound)
+
+
 def _init_vit_weights(module: nn.Module) -> None:
     # DINO's initialisation: truncated normal (std 0.02) for linear weights, zero biases, unit LayerNorm
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        _trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -205,8 +212,8 @@ class _TransformerTrunk(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def _init_trunk_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        _trunc_normal_(self.pos_embed, std=0.02)
+        _trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_vit_weights)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -10,14 +10,37 @@
 Nothing here imports Qt or napari.
 """
 
-from napari_slpd.proalign.cache import (ProAlignCacheError, ProAlignResult, load_cohort_embeddings, load_proalign,
-                                        write_proalign)
-from napari_slpd.proalign.core import (DEFAULT_TAU, Cancelled, ProAlignConfig, SlideAlignment, TextPrototypes,
-                                       align_slide, attention_pool, attention_weights, region_labels,
-                                       slide_embedding, text_prototypes, visual_prototypes, zero_shot_labels)
-from napari_slpd.proalign.descriptions import (DescriptionError, PrototypeDescriptions, PrototypeType,
-                                               available_descriptions, load_descriptions, parse_descriptions,
-                                               validate_descriptions)
+from napari_slpd.proalign.cache import (
+    ProAlignCacheError,
+    ProAlignResult,
+    load_cohort_embeddings,
+    load_proalign,
+    write_proalign,
+)
+from napari_slpd.proalign.core import (
+    DEFAULT_TAU,
+    Cancelled,
+    ProAlignConfig,
+    SlideAlignment,
+    TextPrototypes,
+    align_slide,
+    attention_pool,
+    attention_weights,
+    region_labels,
+    slide_embedding,
+    text_prototypes,
+    visual_prototypes,
+    zero_shot_labels,
+)
+from napari_slpd.proalign.descriptions import (
+    DescriptionError,
+    PrototypeDescriptions,
+    PrototypeType,
+    available_descriptions,
+    load_descriptions,
+    parse_descriptions,
+    validate_descriptions,
+)
 from napari_slpd.proalign.pipeline import SlideOutcome, align_store, run_proalign
 
 

@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -114,13 +114,13 @@ class ProAlignResult:
         """Share of the slide's patches carrying each label (a quick composition summary)."""
         counts = np.bincount(self.patch_labels.astype(np.int64), minlength=self.k)
         total = max(int(counts.sum()), 1)
-        return {name: float(c) / total for name, c in zip(self.names, counts)}
+        return {name: float(c) / total for name, c in zip(self.names, counts, strict=True)}
 
     def class_styles(self) -> dict:
         """{label index: ClassStyle(name, color)} for :mod:`napari_slpd.export` (GeoJSON, label TIFF)."""
         from napari_slpd.export import ClassStyle
 
-        return {k: ClassStyle(name, color) for k, (name, color) in enumerate(zip(self.names, self.colors))}
+        return {k: ClassStyle(name, color) for k, (name, color) in enumerate(zip(self.names, self.colors, strict=True))}
 
     def region_geojson(self, slide_dimensions: tuple[int, int] | None = None) -> dict:
         """The named region-level label map as a QuPath-compatible GeoJSON FeatureCollection."""
@@ -209,7 +209,7 @@ def load_proalign(path: str | os.PathLike, with_attention: bool = True) -> ProAl
     try:
         names = json.loads(attrs.pop("names"))
         colors = json.loads(attrs.pop("colors"))
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError):
         raise ProAlignCacheError(f"ProAlign result {path} lacks valid names/colors attributes") from None
     arrays: dict[str, np.ndarray | None] = {}
     try:

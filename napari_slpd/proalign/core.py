@@ -20,7 +20,6 @@ dataset of 100k x 512 patches is never loaded whole.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from napari_slpd.errors import PrototypeError, SlpdError
+from napari_slpd.models.encoders import resolve_device
 
 DEFAULT_TAU = 0.05
 DEFAULT_CHUNK = 16384
@@ -94,25 +94,11 @@ class SlideAlignment:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise SlpdError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SlpdError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
-    return resolved
-
-
 def is_cancelled(cancel) -> bool:
     if cancel is None:
         return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
+    if hasattr(cancel, "is_set"):  # threading.Event
+        return bool(cancel.is_set())
     return bool(cancel())
 
 
@@ -377,7 +363,9 @@ def align_slide(features, text_protos, config: ProAlignConfig | None = None, ret
         attention = None
         if logits_p is not None:
             lse = pool_p.logsumexp.cpu().numpy()
-            attention = np.exp(logits_p.astype(np.float64) - lse[None, :]).astype(np.float32)
+            for start, stop in spans:  # in place, chunk by chunk: no [N, K] float64 temporary
+                logits_p[start:stop] = np.exp(logits_p[start:stop].astype(np.float64) - lse[None, :])
+            attention = logits_p
     return SlideAlignment(
         visual_prototypes=p.cpu().numpy(),
         prototype_embeddings=s,
@@ -416,12 +404,14 @@ def patch_region_index(patch_coords: np.ndarray, region_coords: np.ndarray, regi
     on_lattice = bool(np.all(np.abs(cells * size - rel) <= 1.0))
     idx = np.full(n, -1, np.int64)
     if on_lattice:
-        lookup = {(int(cx), int(cy)): r for r, (cx, cy) in enumerate(cells)}
-        pc = np.floor((patch_coords - origin) / size).astype(np.int64)
-        for i, (cx, cy) in enumerate(pc):
-            r = lookup.get((int(cx), int(cy)))
-            if r is not None:
-                idx[i] = r
+        # a dense table of lattice cells -> region index, looked up for all patches at once
+        low = cells.min(axis=0)
+        extent = cells.max(axis=0) - low + 1
+        table = np.full((int(extent[0]), int(extent[1])), -1, np.int64)
+        table[cells[:, 0] - low[0], cells[:, 1] - low[1]] = np.arange(m)
+        pc = np.floor((patch_coords - origin) / size).astype(np.int64) - low
+        valid = (pc >= 0).all(axis=1) & (pc < extent).all(axis=1)
+        idx[valid] = table[pc[valid, 0], pc[valid, 1]]
         found = idx >= 0
         ok = _inside(patch_coords[found], region_coords[idx[found]], size)
         idx[np.flatnonzero(found)[~ok]] = -1

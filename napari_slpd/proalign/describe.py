@@ -28,8 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from napari_slpd.io_utils import atomic_write_text
-from napari_slpd.proalign.descriptions import (DescriptionError, PrototypeDescriptions, fill_missing_colors,
-                                               parse_descriptions, user_descriptions_dir, validate_descriptions)
+from napari_slpd.proalign.descriptions import (
+    DescriptionError,
+    PrototypeDescriptions,
+    fill_missing_colors,
+    parse_descriptions,
+    user_descriptions_dir,
+    validate_descriptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,8 @@ def chat_completions_url(endpoint: str) -> str:
     endpoint = endpoint.strip()
     parsed = urllib.parse.urlsplit(endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise DescribeError(f"endpoint must be an http(s) URL such as https://api.openai.com/v1, got {_safe_url(endpoint)!r}")
+        raise DescribeError(
+            f"endpoint must be an http(s) URL such as https://api.openai.com/v1, got {_safe_url(endpoint)!r}")
     path = parsed.path.rstrip("/")
     if not path.endswith("/chat/completions"):
         path = f"{path}/chat/completions"
@@ -150,7 +157,7 @@ def post_chat(req: DescribeRequest, messages: list[dict]) -> str:
     url = chat_completions_url(req.endpoint)
     shown = _safe_url(url)
     if not _ENV_NAME.match(req.api_key_env or ""):
-        raise DescribeError(f"--api-key-env must be the NAME of an environment variable, got an invalid name")
+        raise DescribeError("--api-key-env must be the NAME of an environment variable, got an invalid name")
     key = os.environ.get(req.api_key_env) or None
     redact = _Redactor(key)
     if key is None:

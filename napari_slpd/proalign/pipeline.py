@@ -20,8 +20,16 @@ import numpy as np
 
 from napari_slpd.errors import SlpdError
 from napari_slpd.proalign.cache import FORMAT_VERSION, ProAlignResult, is_current, write_proalign
-from napari_slpd.proalign.core import (Cancelled, ProAlignConfig, TextPrototypes, align_slide, is_cancelled,
-                                       patch_region_index, region_labels, text_prototypes)
+from napari_slpd.proalign.core import (
+    Cancelled,
+    ProAlignConfig,
+    TextPrototypes,
+    align_slide,
+    is_cancelled,
+    patch_region_index,
+    region_labels,
+    text_prototypes,
+)
 
 log = logging.getLogger(__name__)
 

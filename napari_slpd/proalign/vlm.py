@@ -143,7 +143,9 @@ class VisionLanguageModel:
         attrs = getattr(store, "attrs", {}) or {}
         where = getattr(store, "path", "the feature file")
         fix = (f"extract the features with `slpd extract COHORT --encoder {self.spec} --checkpoint "
-               f"{self.checkpoint or 'SAME_CHECKPOINT'}` (the same model and checkpoint as --vlm/--checkpoint)")
+               f"{self.checkpoint or 'SAME_CHECKPOINT'}` (the same model and checkpoint as --vlm/--checkpoint); "
+               f"CLAM/TRIDENT features that are this model's projected image embeddings can be imported with "
+               f"`slpd import-features ... --encoder-name {self.spec}`")
         features = getattr(store, "features", None)
         if features is None:
             raise FeatureStoreError(f"{where} holds no patch features; {fix}")

@@ -34,6 +34,8 @@ from napari_slpd.errors import PrototypeError
 BRUTE_FORCE_MAX = 9
 # Float slack when comparing a bound with exact sums computed in another order.
 _BOUND_SLACK = 1e-9
+# Up to this many candidates, similarity matrices are computed as a stack of small products.
+_BATCHED_MATMUL_MAX = 4096
 
 
 class PrototypePair(NamedTuple):
@@ -140,9 +142,14 @@ def brute_force_set_similarity(A, B) -> tuple[float, list[tuple[int, int]]]:
 
 
 def candidate_similarities(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """[N, K, L] similarity matrices of a query set [K, E] against N candidate sets [N, L, E] (one GEMM)."""
+    """[N, K, L] similarity matrices of a query set [K, E] against N candidate sets [N, L, E]."""
     N, L, E = candidates.shape
-    flat = candidates.reshape(N * L, E) @ np.asarray(query, dtype=candidates.dtype).T  # [N*L, K]
+    qt = np.ascontiguousarray(np.asarray(query, dtype=candidates.dtype).T)  # [E, K]
+    if N <= _BATCHED_MATMUL_MAX:
+        # Many tiny products: each runs single-threaded inside BLAS, which avoids waking a thread pool for
+        # microseconds of work (that wake-up dominated re-ranking latency on a busy machine).
+        return np.matmul(candidates, qt).transpose(0, 2, 1)
+    flat = candidates.reshape(N * L, E) @ qt  # one large GEMM, worth its threads
     return flat.reshape(N, L, -1).transpose(0, 2, 1)
 
 
@@ -202,51 +209,66 @@ def _exact_all(sims: np.ndarray) -> np.ndarray:
 
 
 class TopMatch(NamedTuple):
-    block: int  # which similarity block the candidate came from
-    row: int  # its row in that block
+    candidate: int  # the id the candidate was offered with
     similarity: float  # exact S
+    sim: np.ndarray  # its [K, L] similarity matrix (for the matched pairs)
 
 
-def top_matches(blocks: Sequence[np.ndarray], n: int, candidate_ids: Sequence[np.ndarray] | None = None) -> list[TopMatch]:
-    """The n candidates with the largest exact S, from one or more blocks of similarity matrices [N_b, K, L_b]
-    (blocks let candidates with different numbers of prototypes be ranked together).
+class TopN:
+    """Collects the n candidates with the largest exact S from blocks of similarity matrices offered one
+    after another (blocks let candidates with different numbers of prototypes be ranked together).
 
-    Exact: candidates are solved in decreasing order of their upper bound, and the search stops when the
-    next bound is below the n-th best S found. Ties are broken by ``candidate_ids`` (ascending; block then
-    row order when not given) so that results do not depend on the layout of the blocks.
+    Exact: within a block, candidates are solved in decreasing order of their upper bound until the bound
+    falls below the n-th best S found so far; the n-th best only grows, so every candidate left unsolved
+    provably ranks below the final top n. Ties in S are broken by the smaller candidate id.
     """
-    if n <= 0:
-        return []
-    bounds, owners, keys = [], [], []
-    for b, sims in enumerate(blocks):
-        if sims.shape[0] == 0:
-            continue
-        bounds.append(matching_upper_bounds(sims))
-        owners.append(np.stack([np.full(sims.shape[0], b), np.arange(sims.shape[0])], axis=1))
-        keys.append(np.asarray(candidate_ids[b], np.int64) if candidate_ids is not None else None)
-    if not bounds:
-        return []
-    bound = np.concatenate(bounds)
-    owner = np.concatenate(owners)
-    if candidate_ids is not None:
-        key = np.concatenate(keys)
-    else:
-        key = np.arange(bound.size, dtype=np.int64)
-    order = np.lexsort((key, -bound))
-    # Min-heap of the n best so far, keyed so that the worst (lowest S, then highest id) is on top.
-    heap: list[tuple[float, int, int]] = []
-    for j in order:
-        if len(heap) == n and bound[j] < heap[0][0] - _BOUND_SLACK:
-            break
-        b, r = owner[j]
-        S = _solve(blocks[b][r])[0]
-        item = (S, -int(key[j]), int(j))
-        if len(heap) < n:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-    best = sorted(heap, key=lambda t: (-t[0], -t[1]))
-    return [TopMatch(int(owner[j][0]), int(owner[j][1]), S) for S, _, j in best]
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        # Min-heap keyed so that the worst kept candidate (lowest S, then highest id) is on top.
+        self._heap: list[tuple[float, int, int, np.ndarray]] = []
+        self.solved = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self._heap) >= self.n
+
+    @property
+    def threshold(self) -> float:
+        """The n-th best S so far (-inf until n candidates were seen): what a candidate must reach."""
+        return self._heap[0][0] if self.full else -math.inf
+
+    def offer(self, sims: np.ndarray, ids: np.ndarray) -> None:
+        """Offer candidates ``ids`` [N] with similarity matrices ``sims`` [N, K, L]."""
+        if self.n <= 0 or sims.shape[0] == 0:
+            return
+        ids = np.asarray(ids, np.int64)
+        bound = matching_upper_bounds(sims)
+        for j in np.lexsort((ids, -bound)):
+            if self.full and bound[j] < self.threshold - _BOUND_SLACK:
+                break
+            S = _solve(sims[j])[0]
+            self.solved += 1
+            item = (S, -int(ids[j]), int(ids[j]), sims[j])
+            if not self.full:
+                heapq.heappush(self._heap, item)
+            elif item[:2] > self._heap[0][:2]:
+                heapq.heapreplace(self._heap, item)
+
+    def results(self) -> list[TopMatch]:
+        best = sorted(self._heap, key=lambda t: (-t[0], t[2]))
+        return [TopMatch(cid, S, sim) for S, _, cid, sim in best]
+
+
+def top_matches(blocks: Sequence[np.ndarray], n: int, candidate_ids: Sequence[np.ndarray]) -> list[TopMatch]:
+    """The n best candidates (exact S, best first) of one or more blocks of similarity matrices
+    [N_b, K, L_b] whose candidates have ids ``candidate_ids[b]`` [N_b]."""
+    top = TopN(n)
+    # Blocks with the highest bounds first, so that the threshold rises early and prunes the rest.
+    bounds = [matching_upper_bounds(b).max() if b.shape[0] else -math.inf for b in blocks]
+    for b in np.argsort(bounds)[::-1]:
+        top.offer(blocks[b], candidate_ids[b])
+    return top.results()
 
 
 def pairs_from_similarity(sim: np.ndarray) -> list[PrototypePair]:

@@ -35,6 +35,7 @@ MAX_OUTLINE_SHAPES = 4000
 SELECTION_COLOR = "#ffff00"
 MATCH_COLOR = "#ff00ff"
 GRID_COLOR = "#00e5ff"
+TISSUE_COLOR = (0.2, 1.0, 0.5, 1.0)
 
 
 def _tag(kwargs: dict, slide_id: str, role: str) -> dict:
@@ -141,11 +142,17 @@ def show_tissue(state: SlpdState, mask) -> Any:
     viewer = state.viewer
     if viewer is None:
         return None
+    from napari.utils.colormaps import DirectLabelColormap
+
     data, kwargs, _ = tissue_mask_layer(opened.slide, mask)
     name = SlpdState.layer_name(opened.slide_id, ROLE_TISSUE)
     kwargs["name"] = name
-    kwargs["visible"] = kwargs.get("visible", False) if state.layer(ROLE_PROTOTYPES) is not None else True
+    # An outline in one fixed colour: a filled, randomly coloured mask would read as one more prototype.
+    kwargs["colormap"] = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: TISSUE_COLOR})
+    kwargs["opacity"] = 0.9
     layer = _replace_layer(viewer, name, data, _tag(kwargs, opened.slide_id, ROLE_TISSUE), "labels")
+    layer.contour = 1
+    layer.editable = False
     _keep_image_at_bottom(state)
     return layer
 
@@ -176,7 +183,7 @@ def show_region_grid(state: SlpdState):
         shape_type="rectangle",
         edge_color=GRID_COLOR,
         face_color="transparent",
-        edge_width=max(opened.regions.size * opened.geometry.s / 80, opened.geometry.s),
+        edge_width=max(opened.regions.size * opened.geometry.s / 40, opened.geometry.s),
         opacity=0.6,
         features={"region": np.arange(len(opened.regions))},
         **_units(opened.geometry),
@@ -244,7 +251,7 @@ def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = 
         opacity=opacity,
         colormap=DirectLabelColormap(color_dict=color_dict),
         features=features,
-        metadata={"sizes": [int(s) for s in np.asarray(protos.sizes)], "k": k,
+        metadata={"sizes": np.bincount(assignments[assignments >= 0], minlength=k).tolist(), "k": k,
                   "color_of": dict(color_of or {})},
         **_units(opened.geometry),
     )

@@ -29,6 +29,14 @@ from napari_slpd.widgets.state import SlpdState
 
 PATCH_ENCODERS = ("hipt_vit256", "timm:vit_large_patch16_224", "open_clip:ViT-B-16")
 REGION_ENCODERS = ("hipt_vit4k", "mean")
+# ExtractionResult.status in the words a user reads.
+STATUS_WORDS = {
+    "extracted": "computed",
+    "skipped": "already cached",
+    "empty": "without regions",
+    "cancelled": "cancelled (resumable)",
+    "error": "failed",
+}
 
 
 def _path_row(edit: QLineEdit, title: str, parent: QWidget) -> QHBoxLayout:
@@ -235,7 +243,7 @@ class FeaturesWidget(QWidget):
         from napari_slpd.widgets._layers import refresh_regions
 
         self.last_results = list(results)
-        counts = Counter(r.status for r in results)
+        counts = Counter(STATUS_WORDS.get(r.status, r.status) for r in results)
         parts = [f"{n} {status}" for status, n in sorted(counts.items())]
         summary = ", ".join(parts) if parts else "nothing done"
         self.task_bar.status.setText(("Cancelled: " if cancelled else "Features: ") + summary)

@@ -8,7 +8,7 @@ status bar and in this panel. Clicking a legend row selects that prototype's reg
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -127,8 +127,16 @@ class PrototypesWidget(QWidget):
     def _on_slide_opened(self, slide_id: str) -> None:
         self.title.setText(f"{slide_id}")
         self.update_legend()
+        # Whoever opened the slide may still draw its prototypes (e.g. coloured by a match): look after
+        # the current event, and compute only when nothing was drawn.
+        QTimer.singleShot(0, lambda: self._auto_show(slide_id))
+
+    def _auto_show(self, slide_id: str) -> None:
         opened = self.state.current
-        if opened is not None and opened.regions is not None and "prototypes" not in opened.extras and self.auto.isChecked():
+        if opened is None or opened.slide_id != slide_id:
+            return
+        self.update_legend()
+        if opened.regions is not None and "prototypes" not in opened.extras and self.auto.isChecked():
             guarded("Prototypes")(self.compute)(False)
 
     def _on_features_updated(self, slide_id: str) -> None:
@@ -191,7 +199,7 @@ class PrototypesWidget(QWidget):
         self.legend.setRowCount(0)
         if protos is None:
             return
-        sizes = np.asarray(protos.sizes, dtype=np.int64)
+        sizes = _region_counts(protos)
         color_of = opened.extras.get("color_of") or {}
         total = max(1, int(sizes.sum()))
         self.legend.setRowCount(len(sizes))
@@ -249,3 +257,11 @@ class PrototypesWidget(QWidget):
             return
         if text:
             self.hover.setText(text)
+
+
+def _region_counts(protos) -> np.ndarray:
+    """Regions per prototype ([K] int), whether ``sizes`` holds counts or fractions."""
+    if hasattr(protos, "counts"):
+        return np.asarray(protos.counts(), dtype=np.int64)
+    k = int(np.asarray(protos.centroids).shape[0])
+    return np.bincount(np.asarray(protos.assignments, dtype=np.int64), minlength=k)

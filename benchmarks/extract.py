@@ -1,0 +1,213 @@
+"""Benchmark of region feature extraction (napari_slpd.features.engine). Prints ONE JSON line last.
+
+(a) ``pipeline_vs_sequential``: the engine against HIPT's loop (read one region, encode its patches as one
+    batch, encode its token grid, next region; nothing overlaps) on the same slide, grid and model, in
+    one process: sequential seconds / engine seconds. Both use the same region reader and the same
+    encoders, so the ratio is what the engine's overlap of decoding with inference, its parallel
+    readers, its batching and its thread policy buy. The default settings are decode-heavy (regions
+    read at level 0, a light patch model), the regime a GPU is in: there the model outruns one reader
+    many times over. ``compute_bound_ratio`` repeats (a) with a heavier model (64-px input), where the
+    model dominates and little can be overlapped; it is printed for context, not as the headline.
+(b) ``rss_ratio_4x_area``: peak RSS of extracting a mosaic 4x larger in area over the smaller one's, each
+    in a fresh subprocess (memory must be bounded by batch, window and chunk, not by the slide).
+(c) ``cuda_regions_per_s``: with CUDA, regions/s of the full HIPT configuration (4096-px regions of
+    256-px patches at 0.5 um/px, ViT-256 at 256 px in bf16, ViT-4K) on a large mosaic; null otherwise.
+
+Mosaics are built from the real CMU-1 small region tiles (napari_slpd.mosaic) under benchmarks/out/.
+Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = Path(os.environ.get("SLPD_TEST_SLIDES", REPO.parent / "shared" / "data" / "slides")) / "cmu_small_region.svs"
+OUT = REPO / "benchmarks" / "out"
+
+
+def mosaic(side: int, name: str | None = None) -> Path:
+    from napari_slpd.mosaic import build_mosaic
+
+    path = OUT / (name or f"mosaic_{side}.tiff")
+    if not path.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        build_mosaic(path, SOURCE, width=side, height=side)
+    return path
+
+
+def build_models(input_px: int, device: str = "cpu"):
+    from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+
+    patch = build_patch_encoder("hipt_vit256", device=device, input_size=input_px)
+    region = build_region_encoder("hipt_vit4k", device=device, in_dim=patch.dim)
+    return patch, region
+
+
+def time_sequential(slide, grid, patch, region) -> float:
+    from napari_slpd.features.engine import sequential_extract
+
+    t0 = time.perf_counter()
+    sequential_extract(slide, grid, patch, region)
+    return time.perf_counter() - t0
+
+
+def time_engine(slide, config, patch, region, folder: Path) -> tuple[float, int]:
+    from napari_slpd.features.engine import extract_slide
+
+    out = folder / f"engine_{time.monotonic_ns()}.h5"
+    t0 = time.perf_counter()
+    result = extract_slide(slide, out, patch, region, config)
+    seconds = time.perf_counter() - t0
+    out.unlink(missing_ok=True)
+    return seconds, result.n_computed
+
+
+def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int) -> dict:
+    """Sequential and engine, alternated ``repeats`` times on one slide; best time of each."""
+    from napari_slpd.features.engine import ExtractionConfig
+    from napari_slpd.grid import GridConfig, build_region_grid
+    from napari_slpd.slide import open_slide
+    from napari_slpd.tissue import detect_tissue
+
+    grid_cfg = GridConfig(region_px=region_px, patch_px=patch_px, target_mpp=0.5, min_tissue=0.25)
+    config = ExtractionConfig(grid=grid_cfg, batch_size=512, regions_per_chunk=16)
+    patch, region = build_models(input_px)
+    with open_slide(mosaic(side)) as slide, tempfile.TemporaryDirectory() as tmp:
+        grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
+        # Warm-up: first-call costs (allocator, kernels) belong to neither method.
+        from napari_slpd.features.engine import RegionReader
+
+        warm = RegionReader(slide, grid, input_px)(0)
+        patch.encode(warm)
+        seq, eng = [], []
+        for _ in range(repeats):
+            seq.append(time_sequential(slide, grid, patch, region))
+            seconds, n = time_engine(slide, config, patch, region, Path(tmp))
+            eng.append(seconds)
+            assert n == len(grid)
+    best_seq, best_eng = min(seq), min(eng)
+    return {
+        "regions": len(grid),
+        "sequential_s": round(best_seq, 3),
+        "engine_s": round(best_eng, 3),
+        "ratio": round(best_seq / best_eng, 3),
+        "settings": f"{side}x{side} px mosaic, {region_px}-px regions of {patch_px}-px patches at 0.5 um/px, "
+                    f"ViT-256 at {input_px} px + ViT-4K, CPU, {os.cpu_count()} cores",
+    }
+
+
+# -- (b) peak RSS in subprocesses --------------------------------------------------------------------------
+
+_RSS_CHILD = r"""
+import json, resource, sys, tempfile
+from pathlib import Path
+from napari_slpd.features.engine import ExtractionConfig, extract_slide
+from napari_slpd.grid import GridConfig
+from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+path = sys.argv[1]
+patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=16)
+region = build_region_encoder("hipt_vit4k", device="cpu")
+config = ExtractionConfig(grid=GridConfig(region_px=1024, patch_px=128, target_mpp=0.5), batch_size=256,
+                          regions_per_chunk=8)
+with tempfile.TemporaryDirectory() as tmp:
+    result = extract_slide(path, Path(tmp) / "f.h5", patch, region, config)
+print(json.dumps({"regions": result.n_computed,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_rss(path: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path)], capture_output=True, text=True,
+                          cwd=REPO, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_ratio(side: int) -> dict:
+    small = peak_rss(mosaic(side))
+    large = peak_rss(mosaic(2 * side))
+    return {"small": small, "large": large, "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "settings": f"{side}^2 vs {2 * side}^2 px mosaics, 1024-px regions"}
+
+
+# -- (c) CUDA throughput -------------------------------------------------------------------------------------
+
+
+def cuda_throughput(side: int, compile_model: bool) -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from napari_slpd.features.engine import ExtractionConfig, extract_slide
+    from napari_slpd.grid import GridConfig
+
+    patch, region = build_models(256, device="cuda")
+    config = ExtractionConfig(grid=GridConfig(region_px=4096, patch_px=256, target_mpp=0.5, min_tissue=0.25),
+                              batch_size=1024, regions_per_chunk=16, compile=compile_model)
+    path = mosaic(side)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Warm-up on a first run (cuDNN autotune, compile), then the timed run on a fresh file.
+        extract_slide(path, Path(tmp) / "warm.h5", patch, region, config)
+        t0 = time.perf_counter()
+        result = extract_slide(path, Path(tmp) / "timed.h5", patch, region, config)
+        seconds = time.perf_counter() - t0
+    return {"regions": result.n_computed, "seconds": round(seconds, 2),
+            "regions_per_s": round(result.n_computed / seconds, 2), "device": torch.cuda.get_device_name(0),
+            "workers": config.workers}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller slides, one repeat")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--skip-compute-bound", action="store_true")
+    parser.add_argument("--cuda-side", type=int, default=49152, help="side of the CUDA mosaic (px)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the patch encoder on CUDA")
+    args = parser.parse_args()
+    if not SOURCE.exists():
+        print(f"source slide {SOURCE} is absent", file=sys.stderr)
+        return 2
+    repeats = 1 if args.quick else args.repeats
+
+    a = pipeline_ratio(side=8192 if args.quick else 10240, region_px=2048, patch_px=256, input_px=16,
+                       repeats=repeats)
+    print(f"(a) decode-heavy: {a['settings']}; {a['regions']} regions: sequential {a['sequential_s']} s, "
+          f"engine {a['engine_s']} s -> {a['ratio']}x", flush=True)
+    compute = None
+    if not args.skip_compute_bound:
+        compute = pipeline_ratio(side=4096, region_px=1024, patch_px=128, input_px=64, repeats=1)
+        print(f"(a') compute-bound: {compute['settings']}; {compute['regions']} regions: sequential "
+              f"{compute['sequential_s']} s, engine {compute['engine_s']} s -> {compute['ratio']}x", flush=True)
+    b = None
+    if not args.skip_rss:
+        b = rss_ratio(side=4096 if args.quick else 6144)
+        print(f"(b) peak RSS: {b['settings']}: {b['small']['regions']} regions {b['small']['peak_rss_mb']:.0f} MB, "
+              f"{b['large']['regions']} regions {b['large']['peak_rss_mb']:.0f} MB -> {b['ratio']}x", flush=True)
+    c = cuda_throughput(args.cuda_side, args.compile)
+    if c is not None:
+        print(f"(c) CUDA full HIPT configuration: {c}", flush=True)
+    else:
+        print("(c) no CUDA device: cuda_regions_per_s is null", flush=True)
+    print(json.dumps({
+        "pipeline_vs_sequential": a["ratio"],
+        "rss_ratio_4x_area": b["ratio"] if b else None,
+        "cuda_regions_per_s": c["regions_per_s"] if c else None,
+        "compute_bound_ratio": compute["ratio"] if compute else None,
+        "regions": a["regions"],
+        "cpu_cores": os.cpu_count(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

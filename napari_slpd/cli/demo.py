@@ -1,0 +1,320 @@
+"""``slpd demo [--out DIR] [--screenshots-only]``: a processed sample cohort, opened in napari.
+
+Builds a small cohort of synthetic H&E slides (different seeds draw different tissue compositions) plus the
+real test slides when ``../shared/data/slides`` is there, extracts region features with small CPU-friendly
+settings, computes the prototypes and the cohort index, then opens napari with the slide, its tissue
+outline, region grid and prototypes, every SLPD panel docked, the most similar slides listed and the
+embedding map drawn. Without a display (no DISPLAY / WAYLAND_DISPLAY), or with ``--screenshots-only``, the
+same viewer runs on a virtual X display (Xvfb) and screenshots of the window and of each panel are written
+to ``OUT/screenshots`` instead.
+
+Everything is cached in ``OUT/cohort``: a second run starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from napari_slpd.errors import SlpdError
+
+log = logging.getLogger(__name__)
+
+# Synthetic slides: small enough that the whole demo runs in 2-3 minutes on 2 CPU cores.
+SYNTHETIC_SIZE = (3072, 2304)
+SYNTHETIC_SEEDS = (11, 12, 13, 14, 15)
+REAL_SLIDES = ("cmu_small_region.svs",)  # real slides with a trustworthy pixel size
+WINDOW_SIZE = (1800, 1150)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="build and process a small sample cohort, then open it in napari (or save screenshots)",
+        description="Build a sample cohort (synthetic slides + the real test slides when present), extract "
+        "features with small settings, compute prototypes and similar slides, and show everything in napari. "
+        "Without a display, screenshots are written instead.",
+    )
+    parser.add_argument("--out", default="slpd-demo", metavar="DIR",
+                        help="folder for the cohort and screenshots (default ./slpd-demo)")
+    parser.add_argument("--screenshots-only", action="store_true",
+                        help="do not open a window: write screenshots to DIR/screenshots (automatic without a display)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="HIPT ViT-256 DINO checkpoint (without it the patch encoder is randomly initialised)")
+    parser.add_argument("--region-checkpoint", default=None, metavar="PATH",
+                        help="ViT-4K checkpoint (without it the region encoder is randomly initialised)")
+    parser.add_argument("--slides", type=int, default=len(SYNTHETIC_SEEDS), metavar="N",
+                        help=f"number of synthetic slides (default {len(SYNTHETIC_SEEDS)})")
+    parser.add_argument("--no-real", action="store_true", help="leave out the real test slides")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where models run")
+    parser.add_argument("-k", type=int, default=4, help="prototypes per slide (default 4)")
+    parser.set_defaults(func=run)
+
+
+# -- the cohort ----------------------------------------------------------------------------------------
+
+
+def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None = None, device: str = "auto",
+                  k: int = 4):
+    """Small settings: 512-px regions of 8 x 8 patches of 64 px at 0.5 um/px (the model sees 64 px)."""
+    from napari_slpd.session import FeatureSettings, PrototypeSettings, SessionSettings
+
+    features = FeatureSettings(
+        patch_checkpoint=checkpoint,
+        patch_input_px=64,
+        region_checkpoint=region_checkpoint,
+        device=device,
+        region_px=512,
+        patch_px=64,
+        target_mpp=0.5,
+        min_tissue=0.25,
+        batch_size=256,
+        num_workers=1,
+    )
+    return SessionSettings(features=features, prototypes=PrototypeSettings(k=k), top_k=10)
+
+
+def build_demo_cohort(root: Path, n_synthetic: int = len(SYNTHETIC_SEEDS), include_real: bool = True,
+                      say: Callable[[str], None] = print) -> list[Path]:
+    """Write the synthetic slides into ``root/slides`` (once) and return every slide path of the demo."""
+    from napari_slpd.sample_data import real_slides_dir, write_synthetic_slide
+
+    slides_dir = root / "slides"
+    slides_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [SYNTHETIC_SEEDS[i % len(SYNTHETIC_SEEDS)] + 10 * (i // len(SYNTHETIC_SEEDS)) for i in range(n_synthetic)]
+    paths = []
+    for seed in seeds:
+        path = slides_dir / f"synthetic-{seed}.svs"
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_synthetic_slide(path, width=SYNTHETIC_SIZE[0], height=SYNTHETIC_SIZE[1], seed=seed)
+            say(f"  wrote {path.name} ({time.perf_counter() - t0:.1f} s)")
+        paths.append(path)
+    if include_real:
+        real = real_slides_dir()
+        for name in REAL_SLIDES:
+            if (real / name).exists():
+                paths.append(real / name)
+            else:
+                say(f"  (real slide {real / name} not found; the demo uses synthetic slides only)")
+    return paths
+
+
+def process_cohort(session, say: Callable[[str], None] = print) -> dict:
+    """Extract missing features, compute missing prototypes, build the cohort index; return a summary."""
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.perf_counter()
+        if now - last[0] > 5 or done == total:
+            last[0] = now
+            say(f"  features: {100 * done / max(total, 1):5.1f}%")
+
+    results = session.extract(progress=progress)
+    for r in results:
+        extra = f" ({r.message})" if r.message and r.status != "skipped" else ""
+        say(f"  {r.slide_id}: {r.status}, {r.n_regions} regions, {r.seconds:.1f} s{extra}")
+    outcome = session.ensure_prototypes()
+    for slide_id, message in outcome.items():
+        if message != "ok":
+            say(f"  {slide_id}: no prototypes: {message}")
+    index = session.index()
+    say(f"  cohort index: {len(index)} slides, {index.n_prototypes} prototypes "
+        f"({time.perf_counter() - t0:.0f} s in all)")
+    return {"features": results, "prototypes": outcome}
+
+
+def pick_query_slide(session) -> str:
+    """The demo's first slide: a synthetic one with the most regions (it shows the prototypes best)."""
+    best, best_n = None, -1
+    for st in session.statuses():
+        if st.features_done and st.prototypes_done and (st.n_regions or 0) > best_n:
+            best, best_n = st.slide_id, st.n_regions or 0
+    if best is None:
+        raise SlpdError("no slide of the demo cohort got features and prototypes; see the messages above")
+    return best
+
+
+# -- the viewer ----------------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 300.0, what: str = "the viewer") -> None:
+    """Process Qt events until ``predicate()`` holds (the GUI stays live meanwhile)."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    t0 = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - t0 > timeout_s:
+            raise SlpdError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def dock_panels(viewer) -> dict:
+    """Dock every SLPD panel of part 1 (Cohort, Features, Prototypes, Similar slides, Embedding map)."""
+    from napari_slpd.widgets.cohort import CohortWidget
+    from napari_slpd.widgets.embedding import EmbeddingMapWidget
+    from napari_slpd.widgets.features import FeaturesWidget
+    from napari_slpd.widgets.prototypes import PrototypesWidget
+    from napari_slpd.widgets.similar import SimilarSlidesWidget
+
+    panels = {}
+    layout = (
+        ("Cohort", CohortWidget, "right", False),
+        ("Prototypes", PrototypesWidget, "right", False),
+        ("Similar slides", SimilarSlidesWidget, "right", False),
+        ("Features", FeaturesWidget, "left", False),
+        ("Embedding map", EmbeddingMapWidget, "left", True),
+    )
+    for name, cls, area, tabify in layout:
+        widget = cls(viewer)
+        viewer.window.add_dock_widget(widget, name=name, area=area, tabify=tabify)
+        panels[name] = widget
+    return panels
+
+
+def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeout_s: float = 300.0) -> dict:
+    """Drive the panels: open the cohort and ``slide_id``, list similar slides, draw the embedding map."""
+    panels = panels or dock_panels(viewer)
+    cohort, protos = panels["Cohort"], panels["Prototypes"]
+    similar, embedding = panels["Similar slides"], panels["Embedding map"]
+    state = cohort.state
+    state.update_settings(features=session.settings.features, prototypes=session.settings.prototypes)
+    state.set_session(session)
+    cohort.open_slide(slide_id)
+    wait_until(lambda: cohort.task_bar.task is not None and not cohort.task_bar.busy, timeout_s, "the tissue outline")
+    wait_until(lambda: state.layer("prototypes") is not None and not protos.task_bar.busy, timeout_s, "the prototypes")
+    similar.query_whole_slide()
+    wait_until(lambda: not similar.task_bar.busy, timeout_s, "the similar slides")
+    embedding.compute()
+    wait_until(lambda: not embedding.task_bar.busy, timeout_s, "the embedding map")
+    if embedding.map is not None and len(embedding.rows):
+        # Show the linking: select the points of the largest prototype; their regions light up on the slide.
+        opened = state.current
+        assignments = opened.extras["prototypes"].assignments
+        largest = int(max(range(opened.extras["prototypes"].k), key=lambda k: int((assignments == k).sum())))
+        regions = [int(i) for i in range(len(assignments)) if assignments[i] == largest]
+        embedding.select_rows(embedding.map.rows_of(opened.slide_id, regions))
+    return panels
+
+
+def save_screenshots(viewer, panels: dict, folder: Path) -> list[Path]:
+    """The whole window and each panel as PNG files in ``folder``."""
+    from qtpy.QtWidgets import QApplication
+
+    folder.mkdir(parents=True, exist_ok=True)
+    QApplication.instance().processEvents()
+    paths = [folder / "viewer.png"]
+    viewer.screenshot(str(paths[0]), canvas_only=False)
+    for name, widget in panels.items():
+        path = folder / f"panel-{name.lower().replace(' ', '-')}.png"
+        dock = widget.parentWidget()
+        # Show tabbed-away panels before grabbing them (a hidden widget grabs as an empty image).
+        if dock is not None and hasattr(dock, "raise_"):
+            dock.raise_()
+        QApplication.instance().processEvents()
+        widget.grab().save(str(path))
+        paths.append(path)
+    return paths
+
+
+def _has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _start_virtual_display():
+    """An Xvfb display for this process (pyvirtualdisplay); None when Xvfb cannot be started."""
+    try:
+        from pyvirtualdisplay import Display
+    except ImportError:
+        return None
+    try:
+        display = Display(visible=False, size=(1920, 1200), color_depth=24)
+        display.start()
+    except Exception as exc:  # Xvfb missing or failing: say so, the caller gives the fix
+        log.warning("could not start a virtual display: %s", exc)
+        return None
+    return display
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_slpd.session import Session
+
+    out = Path(args.out).expanduser().resolve()
+    cohort_root = out / "cohort"
+    say = print
+    settings = demo_settings(args.checkpoint, args.region_checkpoint, args.device, args.k)
+    if settings.features.random_init:
+        which = []
+        if args.checkpoint is None:
+            which.append("patch encoder (HIPT ViT-256)")
+        if args.region_checkpoint is None:
+            which.append("region encoder (ViT-4K)")
+        say(
+            f"NOTE: the {' and the '.join(which)} {'are' if len(which) > 1 else 'is'} randomly initialised "
+            "(no checkpoint given): the prototypes group regions by colour and texture statistics, not by "
+            "learned morphology. Give --checkpoint/--region-checkpoint for meaningful features."
+        )
+    say(f"Building the demo cohort in {cohort_root}")
+    t0 = time.perf_counter()
+    paths = build_demo_cohort(cohort_root, args.slides, not args.no_real, say)
+    session = Session.open(cohort_root, slides=paths, settings=settings)
+    say(f"Processing {len(session.slide_ids())} slides (region 512 px, patch 64 px at 0.5 um/px, K={args.k})")
+    process_cohort(session, say)
+    slide_id = pick_query_slide(session)
+    for match in session.similar_slides(slide_id, top_k=3):
+        say(f"  similar to {slide_id}: {match.slide_id} (distance {match.distance:.3f})")
+
+    screenshots_only = args.screenshots_only or not _has_display()
+    display = None
+    if screenshots_only and not args.screenshots_only:
+        say("No display found (DISPLAY/WAYLAND_DISPLAY unset): writing screenshots instead of opening a window.")
+    if screenshots_only:
+        display = _start_virtual_display()
+        if display is None and not _has_display():
+            raise SlpdError(
+                "cannot take screenshots without a display: install Xvfb (apt-get install xvfb) or run under "
+                "xvfb-run, e.g. `xvfb-run -a slpd demo --screenshots-only`"
+            )
+    try:
+        import napari
+
+        viewer = napari.Viewer(title="napari-slpd demo", show=True)
+        viewer.window._qt_window.resize(*WINDOW_SIZE)
+        panels = dock_panels(viewer)
+        show_demo(viewer, session, slide_id, panels)
+        say(f"Demo ready after {time.perf_counter() - t0:.0f} s")
+        if screenshots_only:
+            folder = out / "screenshots"
+            for path in save_screenshots(viewer, panels, folder):
+                say(f"  screenshot: {path}")
+            viewer.close()
+            return 0
+        napari.run()
+        return 0
+    finally:
+        if display is not None:
+            display.stop()
+
+
+def main(argv: list[str] | None = None) -> int:  # python -m napari_slpd.cli.demo
+    parser = argparse.ArgumentParser(prog="slpd demo")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Two gloo processes (torchrun) train exactly like one process with the same global batch.
+
+Stochastic depth and dropout are switched off: they draw per process and would make the runs equal only
+in distribution. Everything else (batch order, crops, centers, clustering, prototype losses) is shared.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src_training import checkpoint as ckpt
+from src_training.events import read_events
+from src_training.synthetic import write_synthetic_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(cohort, run_dir, batch):
+    return ["--cohort", str(cohort), "--out", str(run_dir), "--events", str(run_dir / "events.jsonl"),
+            "--preset", "tiny", "--device", "cpu", "--global-crop", "3", "--local-crop", "2", "--n-local", "4",
+            "--no-scale-crops", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
+            "--epochs", "2", "--warm-epoch", "0", "--min-num-region", "4", "--drop-path", "0", "--threads", "1",
+            "--batch-size", str(batch), "--resume", "none"]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    pytest.importorskip("faiss")
+    cohort = write_synthetic_cohort(tmp_path / "cohort", regions_per_slide=(8, 8, 8, 2), token_dim=16, grid=4,
+                                    n_types=2, types_per_slide=1, seed=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single = subprocess.Popen([sys.executable, "-m", "src_training", *_args(cohort.root, single_dir, 8)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "src_training", *_args(cohort.root, ddp_dir, 4)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    _, single_err = single.communicate(timeout=240)
+    assert single.returncode == 0, single_err[-3000:]
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    one, two = read_events(single_dir / "events.jsonl"), read_events(ddp_dir / "events.jsonl")
+    start = next(e for e in two if e["event"] == "start")
+    assert start["world_size"] == 2 and start["global_batch"] == 8
+    steps_one = [e for e in one if e["event"] == "step"]
+    steps_two = [e for e in two if e["event"] == "step"]
+    assert [e["global_step"] for e in steps_two] == [e["global_step"] for e in steps_one] == list(range(6))
+    assert all(e["intra_loss"] > 0 for e in steps_two if e["epoch"] == 1)
+    for a, b in zip(steps_one, steps_two):
+        for term in ("loss", "dino_loss", "intra_loss", "inter_loss"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (a["global_step"], term)
+    clusters_one = next(e for e in one if e["event"] == "clusters")
+    clusters_two = next(e for e in two if e["event"] == "clusters")
+    assert clusters_two["n_slides_clustered"] == clusters_one["n_slides_clustered"] == 3
+    assert clusters_two["mean_neighbour_similarity"] == pytest.approx(clusters_one["mean_neighbour_similarity"], abs=1e-4)
+
+    # only rank 0 wrote events and checkpoints; the teachers agree
+    assert sum(e["event"] == "start" for e in two) == 1
+    t1 = ckpt.load_checkpoint(single_dir / "checkpoint.pth")["teacher"]
+    t2 = ckpt.load_checkpoint(ddp_dir / "checkpoint.pth")["teacher"]
+    for key in t1:
+        assert torch.allclose(t1[key], t2[key], rtol=1e-3, atol=1e-5), key
