@@ -710,3 +710,55 @@ def accept_suggestions(annotations: PrototypeAnnotations, slide_id: str, suggest
     if accepted:
         annotations.save()
     return accepted
+
+
+# -------------------------------------------------------------------------------------------------
+# What the labeling panel lists
+
+
+@dataclass
+class PrototypeRow:
+    """One prototype of a slide as the labeling panel lists it."""
+
+    proto_idx: int
+    name: str
+    color: str
+    named: bool  # a name was given (else the default name)
+    source: str  # "user" | "proalign" | "propagated" | "" (default)
+    confidence: float | None
+    regions: int
+    share: float  # fraction of the slide's regions
+    suggestion: NameSuggestion | None = None
+
+    @property
+    def suggestion_text(self) -> str:
+        if self.suggestion is None:
+            return ""
+        return f"{self.suggestion.name} ({self.suggestion.confidence:.2f})"
+
+
+def prototype_rows(annotations: PrototypeAnnotations, slide_id: str, protos,
+                   suggestions: Iterable[NameSuggestion] = ()) -> list[PrototypeRow]:
+    """Rows of the labeling table: names (stale names are not shown), sizes and ProAlign suggestions."""
+    try:
+        labels = annotations.labels(slide_id, protos)
+    except StaleAnnotationsError:
+        labels = {}
+    counts = np.bincount(np.asarray(protos.assignments, dtype=np.int64), minlength=protos.k)
+    total = max(1, int(counts.sum()))
+    by_k = {s.proto_idx: s for s in suggestions}
+    rows = []
+    for k in range(protos.k):
+        label = labels.get(k)
+        rows.append(PrototypeRow(
+            proto_idx=k,
+            name=label.name if label else default_name(k),
+            color=label.color if label else default_color(k),
+            named=label is not None,
+            source=label.source if label else "",
+            confidence=label.confidence if label else None,
+            regions=int(counts[k]),
+            share=float(counts[k]) / total,
+            suggestion=by_k.get(k),
+        ))
+    return rows

@@ -66,20 +66,24 @@ def slide_image_layer(slide: Slide, name: str | None = None) -> tuple:
 
 
 def associated_image_layers(slide: Slide, visible: bool = False) -> list[tuple]:
-    """Label, macro and thumbnail images as extra layers, hidden by default, stacked to the right of the
-    slide, each scaled to a quarter of the slide's height (they have no physical scale of their own)."""
+    """Label, macro and thumbnail images as extra layers, hidden by default.
+
+    They have no physical scale of their own. Each is scaled to fit a quarter of the slide's height and
+    width and stacked down the slide's top-left corner: inside the slide's frame, because napari's
+    "reset view" fits hidden layers too and anything outside would shrink the slide on screen.
+    """
     layers = []
     (sy, sx), units = world_units(slide)
     W, H = slide.dimensions
-    x_offset = (W + 0.05 * W) * sx
-    y_offset = 0.0
+    x_offset = -0.5 * sx
+    y_offset = -0.5 * sy
     for name in slide.associated_image_names:
         try:
             image = slide.associated_image(name)
         except Exception:  # a damaged associated image must not stop the slide from opening
             continue
-        target_h = 0.25 * H * sy
-        s = target_h / image.shape[0]
+        s = min(0.25 * H * sy / image.shape[0], 0.25 * W * sx / image.shape[1])
+        target_h = image.shape[0] * s
         kwargs = {
             "name": f"{slide.slide_id} {name}",
             "rgb": True,
@@ -91,12 +95,16 @@ def associated_image_layers(slide: Slide, visible: bool = False) -> list[tuple]:
         if units is not None:
             kwargs["units"] = units
         layers.append((image, kwargs, "image"))
-        y_offset += target_h * 1.05
+        y_offset += target_h + 0.01 * H * sy
     return layers
 
 
-def tissue_mask_layer(slide: Slide, mask: TissueMask, name: str | None = None, opacity: float = 0.35) -> tuple:
-    """The tissue mask as a labels layer (1 = tissue) aligned with the slide image."""
+TISSUE_COLOR = "#39ff14"  # a green that no H&E stain has, so the overlay reads at a glance
+
+
+def tissue_mask_layer(slide: Slide, mask: TissueMask, name: str | None = None, opacity: float = 0.3,
+                      color: str = TISSUE_COLOR) -> tuple:
+    """The tissue mask as a labels layer (1 = tissue, drawn in ``color``) aligned with the slide image."""
     sx, sy = mask.scale_xy  # level-0 px per mask px
     kwargs = _frame_kwargs(slide, (sy, sx))
     scale_y, scale_x = kwargs["scale"]
@@ -106,6 +114,7 @@ def tissue_mask_layer(slide: Slide, mask: TissueMask, name: str | None = None, o
     kwargs.update(
         name=name or f"{slide.slide_id} tissue",
         opacity=opacity,
+        colormap={0: "transparent", 1: color, None: "transparent"},
         metadata={"slpd_slide_path": str(slide.path), "tissue_fraction": mask.fraction,
                   "threshold": mask.threshold, "params": mask.params.to_dict()},
     )

@@ -930,13 +930,15 @@ def use_checkpoint(
     results = reencode_region_embeddings(cohort, checkpoint, device=fs.device, progress=stage(0, 800),
                                          cancel=cancel, region_encoder=encoder)
     cancelled = any(r.status == "cancelled" for r in results)
-    from dataclasses import replace
-
-    session.settings.features = replace(fs, region_encoder="hipt_vit4k", region_checkpoint=str(checkpoint))
     protos: dict[str, str] = {}
     n_index = 0
     names: dict[str, str] = {}
     if not cancelled:
+        # Only once every slide is re-encoded does the cohort switch encoders (a cancelled run keeps the
+        # slides done so far; running it again skips them).
+        from dataclasses import replace
+
+        session.settings.features = replace(fs, region_encoder="hipt_vit4k", region_checkpoint=str(checkpoint))
         protos = session.ensure_prototypes(progress=stage(800, 950), cancel=cancel)
         index = session.index(progress=stage(950, 1000), cancel=cancel)
         n_index = _index_size(index)

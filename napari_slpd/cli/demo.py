@@ -62,7 +62,8 @@ def register(subparsers) -> None:
 
 def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None = None, device: str = "auto",
                   k: int = 4):
-    """Small settings: 512-px regions of 8 x 8 patches of 64 px at 0.5 um/px (the model sees 64 px)."""
+    """Small settings: 256-px regions of 4 x 4 patches of 64 px at 0.5 um/px (the model sees 64 px), so a
+    small slide holds dozens of regions and K-means has something to group."""
     from napari_slpd.session import FeatureSettings, PrototypeSettings, SessionSettings
 
     features = FeatureSettings(
@@ -70,7 +71,7 @@ def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None =
         patch_input_px=64,
         region_checkpoint=region_checkpoint,
         device=device,
-        region_px=512,
+        region_px=256,
         patch_px=64,
         target_mpp=0.5,
         min_tissue=0.25,
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = build_demo_cohort(cohort_root, args.slides, not args.no_real, say)
     session = Session.open(cohort_root, slides=paths, settings=settings)
-    say(f"Processing {len(session.slide_ids())} slides (region 512 px, patch 64 px at 0.5 um/px, K={args.k})")
+    say(f"Processing {len(session.slide_ids())} slides (region 256 px, patch 64 px at 0.5 um/px, K={args.k})")
     process_cohort(session, say)
     slide_id = pick_query_slide(session)
     for match in session.similar_slides(slide_id, top_k=3):

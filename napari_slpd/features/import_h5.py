@@ -2,8 +2,8 @@
 
 Users who already ran UNI, CONCH, CTransPath, ... with CLAM or TRIDENT have ``features`` [N, D] and
 ``coords`` [N, 2] (level-0 top-left) per slide. Their patches lie on a lattice of spacing ``step``
-(the patch's level-0 size, smaller when patches overlap). Regions are blocks of G x G lattice cells,
-aligned to the lattice origin: a region's token grid holds the feature of each cell (row-major, y then
+(the patch's level-0 size, smaller when patches overlap). Regions are blocks of G x G lattice cells
+starting at the top-left-most patch: a region's token grid holds the feature of each cell (row-major, y then
 x, like extraction) and zeros where no patch was kept; its ``coverage`` is the fraction of cells
 present, and regions under ``min_coverage`` are dropped. Region embeddings are the mean of the present
 patches' features, or a region encoder's output when its input dimension equals D.
@@ -192,9 +192,9 @@ def assemble_regions(
     coords = np.asarray(coords, np.float64)
     N, D = features.shape
     if origin is None:
-        # The lattice origin: the smallest coordinates, taken modulo the step into the first cell so
-        # the regions do not depend on which corner happened to have tissue.
-        origin = (float(coords[:, 0].min() % step), float(coords[:, 1].min() % step))
+        # Regions start at the top-left-most patch column and row, as extraction's grid starts at the
+        # tissue: a slide's own extracted features come back as the same regions.
+        origin = (float(coords[:, 0].min()), float(coords[:, 1].min()))
     ox, oy = origin
     cell = np.round((coords - np.array([ox, oy])) / step).astype(np.int64)  # [N, 2] (col, row)
     exact = cell * step + np.array([ox, oy])

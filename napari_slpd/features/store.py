@@ -564,7 +564,8 @@ class FeatureStoreWriter:
         if self.n_done + c > L.n_regions:
             raise FeatureStoreError(f"{self.final_path.stem}: more regions written than the {L.n_regions} planned")
         self._check_chunk(chunk)
-        tokens = np.ascontiguousarray(chunk.tokens, dtype=L.token_dtype)
+        with np.errstate(over="ignore"):  # overflow is reported below, with what to do about it
+            tokens = np.ascontiguousarray(chunk.tokens, dtype=L.token_dtype)
         if not np.isfinite(tokens).all():
             raise FeatureStoreError(
                 f"{self.final_path.stem}: region tokens overflow {L.token_dtype} (or the encoder produced NaN); "

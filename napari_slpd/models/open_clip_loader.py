@@ -10,6 +10,7 @@ tokenizer lives on the HuggingFace hub are refused unless their files are local.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -184,6 +185,23 @@ def _build_tokenizer(model_name: str, context_length: int | None, tokenizer_dir:
     return open_clip.get_tokenizer(model_name, context_length=context_length)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """open_clip warns (on the root logger) that the model is random: true only until our own load below."""
+    root = logging.getLogger()
+    flt = _DropRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
 def _load_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
@@ -266,9 +284,10 @@ def load_open_clip(model_name: str, checkpoint: str | os.PathLike | None, device
     force_preprocess = {**config_preprocess, **dict(preprocess_cfg or {})}
     try:
         # load_weights=False and no pretrained tags: open_clip builds the architecture and never fetches weights
-        model = open_clip.create_model(model_name, pretrained=None, load_weights=False, device="cpu",
-                                       pretrained_image=False, pretrained_text=False,
-                                       force_preprocess_cfg=force_preprocess or None)
+        with _quiet_random_init_warning():
+            model = open_clip.create_model(model_name, pretrained=None, load_weights=False, device="cpu",
+                                           pretrained_image=False, pretrained_text=False,
+                                           force_preprocess_cfg=force_preprocess or None)
     except Exception as exc:
         raise SlpdError(f"open_clip cannot build {model_name!r}: {exc}") from exc
     _load_weights(model, ckpt_path, allow_pickle)

@@ -735,7 +735,13 @@ class CohortIndex:
         counts = store.slot_count[slots]
         for count in np.unique(counts):
             group = slots[counts == count]
-            blocks.append(np.ascontiguousarray(all_sims[store.gather_rows(group, int(count))].transpose(0, 2, 1)))
+            L = int(count)
+            if group.size * L == store.n_rows and store.slot_offset[group[0]] == 0 and \
+                    np.array_equal(store.slot_offset[group], np.arange(group.size) * L):
+                block = all_sims.reshape(group.size, L, -1)  # all rows, in order: no gather needed
+            else:
+                block = all_sims[store.gather_rows(group, L)]
+            blocks.append(block.transpose(0, 2, 1))  # [n_g, K, L] view
             ids.append(group)
         return top_matches(blocks, n, ids)
 

@@ -1,0 +1,306 @@
+"""Extraction engine and ``slpd extract`` on the real slides, with small regions and a small-input ViT-256."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, real_slide
+from napari_slpd.errors import FeatureStoreError, SlideError
+from napari_slpd.features.engine import (
+    ExtractionConfig,
+    RegionReader,
+    RegionStream,
+    extract_slide,
+    sequential_extract,
+)
+from napari_slpd.features.store import FeatureStore, partial_path_for
+from napari_slpd.grid import GridConfig, build_region_grid
+from napari_slpd.slide import open_slide
+from napari_slpd.tissue import detect_tissue
+
+INPUT_PX = 32  # ViT-256 at 32 px: 4 patch tokens + [CLS], cheap on CPU, same architecture
+GRID = GridConfig(region_px=512, patch_px=64, target_mpp=1.0, min_tissue=0.25)  # G = 8
+DATASETS = ("region_tokens", "region_embeddings", "region_coords", "region_coverage", "features", "coords")
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+
+    patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=INPUT_PX)
+    region = build_region_encoder("hipt_vit4k", device="cpu", in_dim=patch.dim)
+    return patch, region
+
+
+def config(**kw) -> ExtractionConfig:
+    base = dict(grid=GRID, batch_size=96, regions_per_chunk=2, num_workers=2, torch_threads=1)
+    base.update(kw)
+    return ExtractionConfig(**base)
+
+
+def datasets(path: Path) -> dict:
+    with h5py.File(path, "r") as fh:
+        return {name: fh[name][()] for name in DATASETS if name in fh}
+
+
+def test_extract_real_slide_matches_reference_and_tissue(tmp_path, encoders):
+    patch, region = encoders
+    path = real_slide("cmu_svs")
+    out = tmp_path / "features" / "cmu.h5"
+    calls = []
+    result = extract_slide(path, out, patch, region, config(), progress=lambda d, t: calls.append((d, t)))
+    assert result.status == "extracted" and result.n_regions == result.n_computed >= 3
+    assert calls[-1] == (result.n_regions, result.n_regions)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # monotone progress
+    assert not partial_path_for(out).exists()
+
+    with open_slide(path) as slide:
+        mask = detect_tissue(slide)
+        grid = build_region_grid(slide, mask, GRID)
+        ref_tokens, ref_emb = sequential_extract(slide, grid, patch, region)
+        W, H = slide.dimensions
+    M, G = len(grid), GRID.patches_per_side
+    with FeatureStore.open(out, expect_token_dim=384, expect_embed_dim=192) as store:
+        assert store.region_tokens.shape == (M, 384, G, G)
+        assert store.region_embeddings.shape == (M, 192)
+        assert store.features.shape == (M * G * G, 384)
+        # coords: the grid's, inside the slide, on tissue
+        np.testing.assert_array_equal(store.region_coords, grid.coords)
+        size0 = store.region_size_level0
+        assert size0 == grid.region_size_level0
+        assert (store.region_coords >= 0).all()
+        assert (store.region_coords[:, 0] + size0 <= W).all() and (store.region_coords[:, 1] + size0 <= H).all()
+        cover = mask.coverage_many(store.region_coords, size0)
+        assert (cover >= GRID.min_tissue).all()
+        np.testing.assert_allclose(store.region_coverage, cover, rtol=1e-5)
+        np.testing.assert_array_equal(store.coords, grid.patch_coords())
+        # the cache equals an independent HIPT-style computation (float16 storage of tokens)
+        np.testing.assert_allclose(store.tokens(), ref_tokens, atol=5e-3 * np.abs(ref_tokens).max())
+        np.testing.assert_allclose(store.region_embeddings, ref_emb, atol=1e-4, rtol=1e-4)
+        # patch features are the token grids in CLAM order (region-major, row-major inside)
+        feats = store.features[()].reshape(M, G, G, 384).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(feats, ref_tokens, atol=1e-4)
+        assert store.attrs["patch_encoder"] == patch.model_id and store.attrs["mpp_source"] == "metadata"
+        assert store.coords_attrs["patch_level"] == 0
+        assert store.coords_attrs["patch_size"] == round(grid.patch_size_level0)
+
+
+def test_second_run_computes_nothing_and_settings_never_mix(tmp_path, encoders):
+    patch, region = encoders
+    path = real_slide("cmu_svs")
+    out = tmp_path / "cmu.h5"
+    extract_slide(path, out, patch, region, config())
+    before = (out.stat().st_mtime_ns, datasets(out))
+
+    class Exploding:
+        def __getattr__(self, name):
+            return getattr(patch, name)
+
+        def encode(self, batch):
+            raise AssertionError("a skipped slide must not be encoded")
+
+    again = extract_slide(path, out, Exploding(), region, config(num_workers=0))
+    assert again.status == "skipped" and again.n_computed == 0
+    assert out.stat().st_mtime_ns == before[0]
+
+    other = config(grid=GridConfig(region_px=512, patch_px=128, target_mpp=1.0))
+    with pytest.raises(FeatureStoreError, match="other settings"):
+        extract_slide(path, out, patch, region, other)
+    replaced = extract_slide(path, out, patch, region, config(grid=other.grid, overwrite=True))
+    assert replaced.status == "extracted"
+    with FeatureStore.open(out) as store:
+        assert store.grid_size == 4
+
+
+KILL_SCRIPT = r"""
+import sys
+from napari_slpd.features.engine import ExtractionConfig, extract_slide
+from napari_slpd.grid import GridConfig
+from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=int(sys.argv[3]))
+region = build_region_encoder("hipt_vit4k", device="cpu")
+cfg = ExtractionConfig(grid=GridConfig(region_px=512, patch_px=64, target_mpp=0.5), batch_size=96,
+                       regions_per_chunk=1, num_workers=1, torch_threads=1)
+def progress(done, total):
+    print(f"done {done} {total}", flush=True)
+extract_slide(sys.argv[1], sys.argv[2], patch, region, cfg, progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_killed_run_resumes_to_identical_file(tmp_path, encoders):
+    patch, region = encoders
+    path = real_slide("cmu_svs")
+    grid = GridConfig(region_px=512, patch_px=64, target_mpp=0.5)
+    full = tmp_path / "full.h5"
+    # The uninterrupted run: other worker count and chunking of reads, same batches within chunks.
+    extract_slide(path, full, patch, region, config(grid=grid, regions_per_chunk=1, num_workers=3))
+
+    killed = tmp_path / "killed.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path), str(killed), str(INPUT_PX)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    total = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("done"):
+                done, total = map(int, line.split()[1:])
+                if done >= 2:  # two chunks (of one region) are recorded
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and total is not None and total > 3
+    assert partial_path_for(killed).exists() and not killed.exists()
+
+    resumed = extract_slide(path, killed, patch, region, config(grid=grid, regions_per_chunk=1, num_workers=1))
+    assert resumed.status == "extracted" and resumed.resumed_from >= 2
+    assert resumed.n_computed == total - resumed.resumed_from
+    a, b = datasets(full), datasets(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bit for bit
+
+
+def test_cancel_keeps_finished_chunks_and_resumes(tmp_path, encoders):
+    patch, region = encoders
+    path = real_slide("cmu_svs")
+    out = tmp_path / "c.h5"
+    stop = threading.Event()
+
+    def progress(done, total):
+        if done >= 2:
+            stop.set()
+
+    first = extract_slide(path, out, patch, region, config(), progress=progress, cancel=stop)
+    assert first.status == "cancelled" and "resume" in first.message
+    assert partial_path_for(out).exists() and not out.exists()
+    with pytest.raises(FeatureStoreError, match="did not finish"):
+        FeatureStore.open(out)
+    second = extract_slide(path, out, patch, region, config(), cancel=lambda: False)
+    assert second.status == "extracted" and second.resumed_from >= 2
+    assert second.n_computed == second.n_regions - second.resumed_from
+    FeatureStore.open(out).close()
+
+
+def test_region_stream_order_and_bounded_window():
+    """Output order is the region order whatever the worker timing; reads never run ahead of the window."""
+    lock = threading.Lock()
+    state = {"outstanding": 0, "max": 0}
+    rng = random.Random(0)
+    delays = [rng.uniform(0, 0.01) for _ in range(40)]
+
+    def read(i):
+        with lock:
+            state["outstanding"] += 1
+            state["max"] = max(state["max"], state["outstanding"])
+        time.sleep(delays[i])
+        return np.full(3, i)
+
+    stream = RegionStream(read, range(40), num_workers=4, queue_size=5)
+    got = []
+    for i, value in stream:
+        assert value[0] == i
+        got.append(i)
+        with lock:
+            state["outstanding"] -= 1  # consumed: leaves the window
+    stream.close()
+    assert got == list(range(40))
+    assert state["max"] <= 5
+
+    def failing(i):
+        if i == 3:
+            raise SlideError("tile 3 is damaged")
+        return i
+
+    with pytest.raises(SlideError, match="damaged"):
+        list(RegionStream(failing, range(10), num_workers=2, queue_size=3))
+
+
+def test_batches_bound_memory_and_reader_cuts_patches_row_major(encoders):
+    patch, region = encoders
+    sizes = []
+
+    class Recording:
+        dim, input_size = patch.dim, patch.input_size
+
+        def encode(self, batch):
+            sizes.append(len(batch))
+            return patch.encode(batch)
+
+    path = real_slide("cmu_svs")
+    with open_slide(path) as slide:
+        grid = build_region_grid(slide, detect_tissue(slide), GRID)
+        reader = RegionReader(slide, grid, 64)
+        patches = reader(0)
+        G = GRID.patches_per_side
+        x0, y0 = grid.coords[0]
+        whole = slide.read_region((int(x0), int(y0)), grid.read_level, (grid.read_size, grid.read_size))
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(whole).resize((G * 64, G * 64), Image.Resampling.BILINEAR))
+    # patch (r, c) = rows r*64.., cols c*64.. of the resized region (band edges may differ by rounding)
+    for r, c in [(0, 0), (0, G - 1), (G - 1, 0), (3, 5)]:
+        diff = np.abs(patches[r * G + c].astype(int) - resized[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64])
+        assert np.median(diff) <= 2
+
+    from napari_slpd.features.engine import _PatchBatcher
+
+    batcher = _PatchBatcher(Recording(), batch_size=50, patch_px=64, pin=False)
+    out = np.empty((3 * G * G, patch.dim), np.float32)
+    for k in range(3):
+        batcher.add(patches, out[k * G * G : (k + 1) * G * G])
+    batcher.flush()
+    assert max(sizes) <= 50 and sum(sizes) == 3 * G * G
+    np.testing.assert_allclose(out[: G * G], out[G * G : 2 * G * G], atol=1e-5)
+
+
+def test_empty_and_bad_slides(tmp_path, encoders):
+    patch, region = encoders
+    too_big = config(grid=GridConfig(region_px=4096, patch_px=256, target_mpp=0.5))
+    result = extract_slide(real_slide("cmu_svs"), tmp_path / "e.h5", patch, region, too_big)
+    assert result.status == "empty" and "smaller than one region" in result.message
+    assert not (tmp_path / "e.h5").exists() and not partial_path_for(tmp_path / "e.h5").exists()
+    with pytest.raises(SlideError, match="does not exist"):
+        extract_slide(tmp_path / "nope.svs", tmp_path / "n.h5", patch, region, config())
+    from napari_slpd.errors import PixelSizeError
+
+    with pytest.raises(PixelSizeError, match="--mpp"):
+        extract_slide(real_slide("tcga_jp2k_svs"), tmp_path / "t.h5", patch, region, config())
+
+
+def test_cli_extract_folder_summary_registry_and_skip(tmp_path, slides_dir, capsys):
+    from napari_slpd.cli import main
+    from napari_slpd.cohort import Cohort
+
+    cohort = tmp_path / "cohort"
+    args = [str(real_slide("cmu_svs")), str(real_slide("tcga_jp2k_svs")), str(slides_dir / "dicom-cmu-1-small-region-napari-wsi"),
+            "--out", str(cohort), "--region-px", "512", "--patch-px", "128", "--target-mpp", "2.0",
+            "--input-size", str(INPUT_PX), "--device", "cpu", "--workers", "1", "--quiet"]
+    code = main(["extract", *args])
+    text = capsys.readouterr().out
+    assert code == 1  # the TCGA slide has no pixel size: an error row, not a crash
+    assert "tcga-cr-7395-01a-01-ts1" in text and "pixel size" in text and "--mpp" in text
+    assert "3 slides: 1 error, 2 extracted" in text
+    ids = Cohort(cohort).slide_ids()
+    assert ids == ["cmu_small_region", "dicom-cmu-1-small-region-napari-wsi"]
+    for slide_id in ids:
+        FeatureStore.open(Cohort(cohort).features_path(slide_id)).close()
+
+    code = main(["extract", *args, "--mpp-fallback", "level0"])
+    text = capsys.readouterr().out
+    assert code == 0 and "2 skipped" in text and "1 extracted" in text
+    entry = json.loads((cohort / "cohort.json").read_text())["slides"]["tcga-cr-7395-01a-01-ts1"]
+    assert entry["mpp"] == 0.5 and entry["mpp_source"] == "level0-assumed"
