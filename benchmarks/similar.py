@@ -57,17 +57,21 @@ def synthetic_cohort(n_slides: int, k: int = 16, dim: int = 192, n_types: int = 
     case_slots = np.stack([rng.choice(types_per_subtype, types_per_case, replace=False) for _ in range(n_cases)])
     case_shift = unit((n_cases, types_per_case, dim)) * 0.45
     slide_case = rng.integers(n_cases, size=n_slides)
+    # Type centre + subtype shift, per (subtype, type slot): the part of a prototype shared by a subtype.
+    subtype_centres = centres[sub_types] + sub_shift
+    noise_scale = np.float32(0.35 / np.sqrt(dim))  # per-component std: noise vectors of norm ~0.35
     out = np.empty((n_slides, k, dim), np.float32)
     for s0 in range(0, n_slides, chunk):
         s1 = min(n_slides, s0 + chunk)
         cases = slide_case[s0:s1]
         pick = np.argsort(rng.random((s1 - s0, types_per_case)), axis=1)[:, :k]  # which of the case's types
         slot = np.take_along_axis(case_slots[cases], pick, axis=1)  # index into the subtype's types
-        sub = case_sub[cases][:, None]
-        v = centres[sub_types[sub, slot]] + sub_shift[sub, slot] + case_shift[cases[:, None], pick]
-        v += unit((s1 - s0, k, dim)) * 0.35
+        v = out[s0:s1]
+        rng.standard_normal(v.shape, dtype=np.float32, out=v)
+        v *= noise_scale
+        v += subtype_centres[case_sub[cases][:, None], slot]
+        v += case_shift[cases[:, None], pick]
         v /= np.linalg.norm(v, axis=-1, keepdims=True)
-        out[s0:s1] = v
     return out
 
 
@@ -103,7 +107,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     n_slides = args.n_slides or (10_000 if args.quick else 100_000)
     n_queries = args.queries or (100 if args.quick else 200)
-    n_exact = min(n_queries, args.exact_queries or (50 if args.quick else 60))
+    n_exact = min(n_queries, args.exact_queries or (50 if args.quick else 40))
     n_brute = min(n_exact, args.brute_queries or 3)
 
     t0 = time.perf_counter()

@@ -229,6 +229,7 @@ class PrototypeAnnotations:
         self._source = prototype_source(provider if provider is not None else cohort)
         self._data = data if data is not None else {"version": FORMAT_VERSION, "slides": {}}
         self._lock = threading.RLock()
+        self._stamp = self._file_stamp()
 
     # -- persistence -----------------------------------------------------------------------------------
     @property
@@ -256,11 +257,23 @@ class PrototypeAnnotations:
     def save(self) -> None:
         with self._lock:
             atomic_write_json(self.path, self._data)
+            self._stamp = self._file_stamp()
 
-    def reload(self) -> None:
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again when someone else wrote it (another panel, the CLI, use_checkpoint)."""
+        if self._file_stamp() == self._stamp:
+            return False
         fresh = PrototypeAnnotations.load(self.cohort, self._source)
         with self._lock:
-            self._data = fresh._data
+            self._data, self._stamp = fresh._data, fresh._stamp
+        return True
 
     # -- reading ---------------------------------------------------------------------------------------
     def _slide(self, slide_id: str) -> dict | None:

@@ -150,13 +150,21 @@ def design_slide(width: int, height: int, seed: int, mpp: float = 0.5, compositi
     fields = np.stack([_smooth_noise(rng, (h, w), max(1.0, scales_um[n] / um_per)) for n in names])
     inside = fields[:, tissue]
     bias = np.log(weights).astype(np.float32)
+    best_bias, best_error = bias.copy(), np.inf
     if inside.shape[1]:
-        for _ in range(30):
+        # Damped, clipped steps: an undamped update oscillates (a class that is missing grabs everything).
+        for _ in range(80):
             winner = np.argmax(inside + bias[:, None], axis=0)
-            actual = np.bincount(winner, minlength=len(names)) / winner.size + 1e-4
-            bias += 0.5 * (np.log(weights) - np.log(actual)).astype(np.float32)
+            actual = np.bincount(winner, minlength=len(names)) / winner.size
+            error = float(np.abs(actual - weights).sum())
+            if error < best_error:
+                best_bias, best_error = bias.copy(), error
+            if error < 0.02:
+                break
+            step = np.clip(np.log(weights) - np.log(actual + 1e-4), -1.0, 1.0)
+            bias = bias + 0.25 * step.astype(np.float32)
     classes = np.zeros((h, w), np.uint8)
-    classes[tissue] = np.argmax(inside + bias[:, None], axis=0).astype(np.uint8) + 1
+    classes[tissue] = np.argmax(inside + best_bias[:, None], axis=0).astype(np.uint8) + 1
     counts = np.bincount(classes[tissue], minlength=len(TISSUE_CLASSES))[1:]
     total = max(1, int(tissue.sum()))
     return SyntheticDesign(

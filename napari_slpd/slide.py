@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -450,7 +451,7 @@ class Slide:
     def _build_pyramid(self) -> list:
         import dask.array as da
 
-        token = f"{abs(hash((str(self.file), id(self)))):x}"
+        token = uuid.uuid4().hex  # unique per open slide: dask caches must never mix two slides' chunks
         levels = []
         for level in range(self.level_count):
             reader = _LevelReader(self, level)

@@ -80,6 +80,7 @@ class TrainingSettings:
     num_clusters: int | None = None  # K
     batch_size: int | None = None  # regions per process and step
     warm_epoch: int | None = None  # prototype losses from epoch warm_epoch + 1 on (epochs counted from 0)
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpus: int = 1  # > 1: torchrun with one process per GPU
     extra_args: list[str] = field(default_factory=list)
@@ -91,6 +92,8 @@ class TrainingSettings:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise TrainingRunError(f"{name.replace('_', ' ')} must be at least 1, not {value}")
+        if self.threads is not None and int(self.threads) < 0:
+            raise TrainingRunError(f"CPU threads cannot be negative ({self.threads})")
         if self.warm_epoch is not None and int(self.warm_epoch) < 0:
             raise TrainingRunError(f"warm-up epochs cannot be negative ({self.warm_epoch})")
         if int(self.gpus) < 1:
@@ -128,7 +131,8 @@ def build_command(settings: TrainingSettings, resume: bool = False, python: str 
         "--resume", "auto" if resume else "none",
     ]
     for flag, value in (("--epochs", settings.epochs), ("--num-clusters", settings.num_clusters),
-                        ("--batch-size", settings.batch_size), ("--warm-epoch", settings.warm_epoch)):
+                        ("--batch-size", settings.batch_size), ("--warm-epoch", settings.warm_epoch),
+                        ("--threads", settings.threads)):
         if value is not None:
             cmd += [flag, str(int(value))]
     cmd += [str(a) for a in settings.extra_args]

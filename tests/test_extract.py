@@ -37,11 +37,18 @@ DATASETS = ("region_tokens", "region_embeddings", "region_coords", "region_cover
 
 @pytest.fixture(scope="module")
 def encoders():
+    import torch
+
     from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
+    # One torch thread: CI machines are small and shared; OpenMP threads competing with the readers for
+    # two cores stall at every barrier. Also makes the numbers repeatable run to run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=INPUT_PX)
     region = build_region_encoder("hipt_vit4k", device="cpu", in_dim=patch.dim)
-    return patch, region
+    yield patch, region
+    torch.set_num_threads(threads)
 
 
 def config(**kw) -> ExtractionConfig:
@@ -288,7 +295,7 @@ def test_cli_extract_folder_summary_registry_and_skip(tmp_path, slides_dir, caps
     cohort = tmp_path / "cohort"
     args = [str(real_slide("cmu_svs")), str(real_slide("tcga_jp2k_svs")), str(slides_dir / "dicom-cmu-1-small-region-napari-wsi"),
             "--out", str(cohort), "--region-px", "512", "--patch-px", "128", "--target-mpp", "2.0",
-            "--input-size", str(INPUT_PX), "--device", "cpu", "--workers", "1", "--quiet"]
+            "--input-size", str(INPUT_PX), "--device", "cpu", "--workers", "1", "--threads", "1", "--quiet"]
     code = main(["extract", *args])
     text = capsys.readouterr().out
     assert code == 1  # the TCGA slide has no pixel size: an error row, not a crash

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REAL_SLIDES, real_slide
-from napari_slpd.errors import PixelSizeError, SlideError
+from napari_slpd.errors import PixelSizeError, SlideError, SlpdError
 from napari_slpd.slide import PixelSize, open_slide, resolve_pixel_size
 
 # name -> (vendor, (width, height), level_count, mpp, mpp_source) per ../shared/data/slides/MANIFEST.md
@@ -199,6 +199,10 @@ class TestSyntheticSlide:
         compositions = [design_slide(2048, 2048, seed).composition for seed in range(6)]
         dominant = {max(c, key=c.get) for c in compositions}
         assert len(dominant) >= 2  # different seeds are dominated by different tissues
+        chosen = design_slide(2048, 2048, 1, composition={"tumour": 0.7, "stroma": 0.3}).composition
+        assert chosen["tumour"] == pytest.approx(0.7, abs=0.05) and chosen["fat"] < 0.01
+        with pytest.raises(SlpdError, match="unknown tissue classes"):
+            design_slide(512, 512, 0, composition={"bone": 1.0})
         d = design_slide(1024, 1024, 5)
         whole = paint_block(d, 0, 0, 512, 512)
         halves = np.concatenate([paint_block(d, 0, 0, 256, 512), paint_block(d, 256, 0, 256, 512)], axis=1)

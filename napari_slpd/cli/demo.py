@@ -177,7 +177,7 @@ def dock_panels(viewer) -> dict:
     )
     for name, cls, area, tabify in layout:
         widget = cls(viewer)
-        viewer.window.add_dock_widget(widget, name=name, area=area, tabify=tabify)
+        widget.slpd_dock = viewer.window.add_dock_widget(widget, name=name, area=area, tabify=tabify)
         panels[name] = widget
     return panels
 
@@ -195,6 +195,11 @@ def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeou
     wait_until(lambda: state.layer("prototypes") is not None and not protos.task_bar.busy, timeout_s, "the prototypes")
     similar.query_whole_slide()
     wait_until(lambda: not similar.task_bar.busy, timeout_s, "the similar slides")
+    # The features are cached: asking for them again is instant and shows that they load from the cache.
+    features = panels["Features"]
+    features.load_settings(session.settings.features)
+    features.compute("cohort")
+    wait_until(lambda: not features.task_bar.busy, timeout_s, "the cached features")
     embedding.compute()
     wait_until(lambda: not embedding.task_bar.busy, timeout_s, "the embedding map")
     if embedding.map is not None and len(embedding.rows):
@@ -204,7 +209,22 @@ def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeou
         largest = int(max(range(opened.extras["prototypes"].k), key=lambda k: int((assignments == k).sum())))
         regions = [int(i) for i in range(len(assignments)) if assignments[i] == largest]
         embedding.select_rows(embedding.map.rows_of(opened.slide_id, regions))
+    arrange_docks(viewer, panels)
+    viewer.reset_view()
     return panels
+
+
+def arrange_docks(viewer, panels: dict) -> None:
+    """Give the list panels room: Cohort and Similar slides taller than Prototypes."""
+    from qtpy.QtCore import Qt
+
+    window = viewer.window._qt_window
+    docks = [getattr(panels[name], "slpd_dock", None) for name in ("Cohort", "Prototypes", "Similar slides")]
+    docks = [d for d in docks if d is not None]
+    if len(docks) == 3:
+        height = window.height()
+        window.resizeDocks(docks, [int(height * 0.34), int(height * 0.28), int(height * 0.38)],
+                           Qt.Orientation.Vertical)
 
 
 def save_screenshots(viewer, panels: dict, folder: Path) -> list[Path]:
@@ -217,9 +237,9 @@ def save_screenshots(viewer, panels: dict, folder: Path) -> list[Path]:
     viewer.screenshot(str(paths[0]), canvas_only=False)
     for name, widget in panels.items():
         path = folder / f"panel-{name.lower().replace(' ', '-')}.png"
-        dock = widget.parentWidget()
+        dock = getattr(widget, "slpd_dock", None)
         # Show tabbed-away panels before grabbing them (a hidden widget grabs as an empty image).
-        if dock is not None and hasattr(dock, "raise_"):
+        if dock is not None:
             dock.raise_()
         QApplication.instance().processEvents()
         widget.grab().save(str(path))
@@ -252,6 +272,8 @@ def _start_virtual_display():
 def run(args: argparse.Namespace) -> int:
     from napari_slpd.session import Session
 
+    for noisy in ("faiss.loader", "OpenGL.acceleratesupport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out).expanduser().resolve()
     cohort_root = out / "cohort"
     say = print

@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     run.add_argument("--batch-size", type=int, default=256, help="patches per encoder batch (bounds memory)")
     run.add_argument("--workers", type=int, default=None, help="region reader threads (default: CPU cores)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: adapt to the readers; a fixed number makes CPU runs "
+                     "bit-for-bit repeatable)")
     run.add_argument("--regions-per-chunk", type=int, default=16, help="regions written (resumable) at a time")
     run.add_argument("--token-dtype", choices=("float16", "float32"), default="float16",
                      help="storage dtype of the token grids (default float16)")
@@ -216,6 +219,7 @@ def extraction_config(args):
         mpp=args.mpp,
         mpp_fallback=args.mpp_fallback,
         overwrite=args.overwrite,
+        torch_threads=args.threads if args.threads else "auto",
     )
 
 

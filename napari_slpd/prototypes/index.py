@@ -30,7 +30,7 @@ import numpy as np
 
 from napari_slpd.errors import PrototypeError
 from napari_slpd.io_utils import atomic_path, atomic_write_json
-from napari_slpd.prototypes.kmeans import SlidePrototypes, l2_normalize
+from napari_slpd.prototypes.kmeans import SlidePrototypes, faiss_threads, l2_normalize
 from napari_slpd.prototypes.matching import (
     PrototypePair,
     TopMatch,
@@ -378,18 +378,9 @@ class IVFStage:
 
     def search(self, queries: np.ndarray, depth: int, nprobe: int, threads: int | None = None):
         """(similarities, ids) [nq, depth] of the nearest stored vectors (ids -1 where fewer exist)."""
-        import faiss
-
         self.index.nprobe = int(min(nprobe, self.nlist))
-        queries = np.ascontiguousarray(queries, np.float32)
-        if threads is None:
-            return self.index.search(queries, int(depth))
-        previous = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(int(threads))
-        try:
-            return self.index.search(queries, int(depth))
-        finally:
-            faiss.omp_set_num_threads(previous)
+        with faiss_threads(threads):
+            return self.index.search(np.ascontiguousarray(queries, np.float32), int(depth))
 
     def save(self, path: Path) -> None:
         import faiss

@@ -9,6 +9,7 @@ Prototypes are then numbered by size, largest first, so that "prototype 0" means
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,6 +31,10 @@ KMEANS_NITER = 10
 KMEANS_NREDO = 5
 KMEANS_SEED = 0
 MAX_POINTS_PER_CENTROID = 1000
+# Below this much work per K-means iteration (points x K x dim multiply-adds) faiss runs on one thread:
+# a slide's regions take microseconds per iteration, less than waking OpenMP threads, and idle OpenMP
+# workers spin, which on a busy machine (or beside torch's own OpenMP pool) slowed tiny runs 30-fold.
+SINGLE_THREAD_WORK = 20_000_000
 
 
 @dataclass
@@ -155,6 +160,22 @@ def _gpu_device_index(device: str) -> int:
 _GPU_RESOURCES: dict[int, object] = {}
 
 
+@contextlib.contextmanager
+def faiss_threads(n: int | None):
+    """Run the enclosed faiss calls on ``n`` OpenMP threads (None: leave faiss's setting alone)."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def _flat_l2_index(dim: int, device: str):
     import faiss
 
@@ -180,6 +201,7 @@ def compute_prototypes(
     weights=None,
     cap_k: bool = True,
     max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+    threads: int | None = None,
 ) -> SlidePrototypes:
     """K prototypes of one slide's embeddings [M, E] (region embeddings, pooled or patch features).
 
@@ -187,7 +209,8 @@ def compute_prototypes(
     PrototypeError. A slide with fewer regions than ``k`` gets ``k = M`` prototypes and a ``note`` saying
     so (``cap_k=False`` raises instead). ``weights`` [M] (e.g. each region's tissue fraction) make
     ``sizes`` fractions of tissue rather than of regions. ``device``: "auto" uses a GPU when faiss sees
-    one, "cpu" never does.
+    one, "cpu" never does. ``threads``: faiss CPU threads (None: one for a slide-sized problem, faiss's
+    default for large ones such as hundreds of thousands of patch features).
     """
     import faiss
 
@@ -229,9 +252,13 @@ def compute_prototypes(
     clus.min_points_per_centroid = 1  # faiss only uses it to print a warning; small slides are normal here
     clus.verbose = False
     index = _flat_l2_index(E, device)
-    clus.train(x, index)
-    # After training the index holds the final (best of nredo) centroids: assign as K-means does.
-    _, nearest = index.search(x, 1)
+    if threads is None:
+        n_train = min(M, k_used * int(max_points_per_centroid))
+        threads = 1 if max(n_train, M) * k_used * E < SINGLE_THREAD_WORK else None
+    with faiss_threads(threads):
+        clus.train(x, index)
+        # After training the index holds the final (best of nredo) centroids: assign as K-means does.
+        _, nearest = index.search(x, 1)
     assignments = nearest[:, 0].astype(np.int64)
     raw = faiss.vector_to_array(clus.centroids).reshape(k_used, E)
     centroids = l2_normalize(raw)

@@ -52,13 +52,19 @@ def _units(geometry: SlideGeometry) -> dict:
 def _replace_layer(viewer, name: str, data, kwargs: dict, layer_type: str):
     """Add a layer, replacing one of the same name (keeps its position in the layer list)."""
     index = None
+    active = viewer.layers.selection.active
     if name in viewer.layers:
+        if active is viewer.layers[name]:
+            active = None  # the replacement becomes active instead
         index = viewer.layers.index(name)
         viewer.layers.remove(name)
     adder = getattr(viewer, f"add_{layer_type}")
     layer = adder(data, **kwargs)
     if index is not None and index < len(viewer.layers) - 1:
         viewer.layers.move(len(viewer.layers) - 1, index)
+    if active is not None and active in viewer.layers:
+        # A layer drawn by a worker must not take the selection (and the status bar) from the user's layer.
+        viewer.layers.selection.active = active
     return layer
 
 
@@ -309,11 +315,8 @@ def show_region_boxes(state: SlpdState, role: str, regions: Sequence[int], color
         features={"region": np.asarray(regions)},
         **_units(opened.geometry),
     )
-    active = viewer.layers.selection.active
     layer = _replace_layer(viewer, name, list(corners), _tag(kwargs, opened.slide_id, role), "shapes")
     layer.mode = "pan_zoom"
-    if active is not None and active in viewer.layers:
-        viewer.layers.selection.active = active  # adding a layer must not steal the hover status
     return layer
 
 

@@ -28,16 +28,16 @@ from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
 
-THUMB_PX = 64
+THUMB_PX = 48
 STATUS_TEXT = {
     "done": "✓",
     "missing": "–",
     "partial": "partial",
-    "other-settings": "other settings",
+    "other-settings": "other",
     "damaged": "damaged",
     "stale": "stale",
 }
-COLUMNS = ("", "Slide", "Pixel size", "Features", "Prototypes")
+COLUMNS = ("", "Slide", "µm/px", "Features", "Protos")
 
 
 def array_to_pixmap(image: np.ndarray) -> QPixmap:
@@ -88,7 +88,9 @@ class CohortWidget(QWidget):
         self.table.verticalHeader().setDefaultSectionSize(THUMB_PX + 4)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        for col in (0, 2, 3, 4):
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Fixed)
+        self.table.setColumnWidth(0, THUMB_PX + 6)
+        for col in (2, 3, 4):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.table.cellDoubleClicked.connect(lambda row, _col: self._open_row(row))
 
@@ -223,11 +225,12 @@ class CohortWidget(QWidget):
             name.setToolTip(str(st.path) + ("" if st.exists else "  (file missing)"))
             name.setData(Qt.ItemDataRole.UserRole, st.slide_id)
             self.table.setItem(row, 1, name)
-            if record.mpp is not None:
-                mpp_text = f"{record.mpp:.3g} ({record.mpp_source or 'user'})"
-            else:
-                mpp_text = "from file"
-            self.table.setItem(row, 2, QTableWidgetItem(mpp_text))
+            mpp_item = QTableWidgetItem(f"{record.mpp:.3g}" if record.mpp is not None else "file")
+            mpp_item.setToolTip(
+                f"pixel size set to {record.mpp:g} um/px ({record.mpp_source or 'user'})" if record.mpp is not None
+                else "pixel size as the slide file states it"
+            )
+            self.table.setItem(row, 2, mpp_item)
             feat = QTableWidgetItem(STATUS_TEXT.get(st.features, st.features))
             feat.setToolTip(st.detail or st.features)
             feat.setTextAlignment(Qt.AlignmentFlag.AlignCenter)

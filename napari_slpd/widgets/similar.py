@@ -135,7 +135,9 @@ class SimilarSlidesWidget(QWidget):
     # -- the canvas click ------------------------------------------------------------------------------
     def _on_mouse_drag(self, viewer, event):
         """A click without drag queries the region under the cursor (pan and zoom are left alone)."""
-        if event.button != 1 or event.modifiers or not self.click_to_query.isChecked():
+        if getattr(event, "button", 1) not in (1, None) or getattr(event, "modifiers", ()):
+            return
+        if not self.click_to_query.isChecked() or self.state.current is None:
             return
         position = tuple(event.position)
         yield
