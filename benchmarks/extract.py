@@ -70,9 +70,18 @@ def time_engine(slide, config, patch, region, folder: Path) -> tuple[float, int]
     return seconds, result.n_computed
 
 
-def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int) -> dict:
-    """Sequential and engine, alternated ``repeats`` times on one slide; best time of each."""
-    from napari_slpd.features.engine import ExtractionConfig
+def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int,
+                   one_thread_baseline: bool = True) -> dict:
+    """Sequential and engine alternated ``repeats`` times on one slide; the best time of each.
+
+    The sequential loop runs with torch's default threads, as HIPT's did. With ``one_thread_baseline`` it
+    also runs once with one torch thread (the best a sequential loop can do on a small busy machine,
+    where OpenMP threads stall behind other work): ``ratio_vs_one_thread`` isolates what overlapping and
+    batching buy beyond the thread policy.
+    """
+    import torch
+
+    from napari_slpd.features.engine import ExtractionConfig, RegionReader
     from napari_slpd.grid import GridConfig, build_region_grid
     from napari_slpd.slide import open_slide
     from napari_slpd.tissue import detect_tissue
@@ -80,27 +89,33 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     grid_cfg = GridConfig(region_px=region_px, patch_px=patch_px, target_mpp=0.5, min_tissue=0.25)
     config = ExtractionConfig(grid=grid_cfg, batch_size=512, regions_per_chunk=16)
     patch, region = build_models(input_px)
+    threads = torch.get_num_threads()
     with open_slide(mosaic(side)) as slide, tempfile.TemporaryDirectory() as tmp:
         grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
         # Warm-up: first-call costs (allocator, kernels) belong to neither method.
-        from napari_slpd.features.engine import RegionReader
-
-        warm = RegionReader(slide, grid, input_px)(0)
-        patch.encode(warm)
-        seq, eng = [], []
-        for _ in range(repeats):
+        patch.encode(RegionReader(slide, grid, input_px)(0))
+        seq, eng, seq1 = [], [], []
+        for k in range(repeats):
             seq.append(time_sequential(slide, grid, patch, region))
             seconds, n = time_engine(slide, config, patch, region, Path(tmp))
             eng.append(seconds)
             assert n == len(grid)
+            if one_thread_baseline and k == 0:
+                torch.set_num_threads(1)
+                try:
+                    seq1.append(time_sequential(slide, grid, patch, region))
+                finally:
+                    torch.set_num_threads(threads)
     best_seq, best_eng = min(seq), min(eng)
     return {
         "regions": len(grid),
         "sequential_s": round(best_seq, 3),
+        "sequential_1thread_s": round(min(seq1), 3) if seq1 else None,
         "engine_s": round(best_eng, 3),
         "ratio": round(best_seq / best_eng, 3),
+        "ratio_vs_one_thread": round(min(seq1) / best_eng, 3) if seq1 else None,
         "settings": f"{side}x{side} px mosaic, {region_px}-px regions of {patch_px}-px patches at 0.5 um/px, "
-                    f"ViT-256 at {input_px} px + ViT-4K, CPU, {os.cpu_count()} cores",
+                    f"ViT-256 at {input_px} px + ViT-4K, CPU, {os.cpu_count()} cores, torch threads {threads}",
     }
 
 
@@ -117,9 +132,10 @@ patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=16)
 region = build_region_encoder("hipt_vit4k", device="cpu")
 config = ExtractionConfig(grid=GridConfig(region_px=1024, patch_px=128, target_mpp=0.5), batch_size=256,
                           regions_per_chunk=8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 with tempfile.TemporaryDirectory() as tmp:
     result = extract_slide(path, Path(tmp) / "f.h5", patch, region, config)
-print(json.dumps({"regions": result.n_computed,
+print(json.dumps({"regions": result.n_computed, "peak_rss_before_extract_mb": before,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -181,18 +197,23 @@ def main() -> int:
 
     a = pipeline_ratio(side=8192 if args.quick else 10240, region_px=2048, patch_px=256, input_px=16,
                        repeats=repeats)
-    print(f"(a) decode-heavy: {a['settings']}; {a['regions']} regions: sequential {a['sequential_s']} s, "
-          f"engine {a['engine_s']} s -> {a['ratio']}x", flush=True)
+    print(f"(a) decode-heavy: {a['settings']}; {a['regions']} regions: sequential {a['sequential_s']} s "
+          f"(one torch thread: {a['sequential_1thread_s']} s), engine {a['engine_s']} s -> {a['ratio']}x "
+          f"({a['ratio_vs_one_thread']}x against the one-thread loop); load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     compute = None
     if not args.skip_compute_bound:
-        compute = pipeline_ratio(side=4096, region_px=1024, patch_px=128, input_px=64, repeats=1)
+        compute = pipeline_ratio(side=4096, region_px=1024, patch_px=128, input_px=48, repeats=1,
+                                 one_thread_baseline=False)
         print(f"(a') compute-bound: {compute['settings']}; {compute['regions']} regions: sequential "
               f"{compute['sequential_s']} s, engine {compute['engine_s']} s -> {compute['ratio']}x", flush=True)
     b = None
     if not args.skip_rss:
-        b = rss_ratio(side=4096 if args.quick else 6144)
-        print(f"(b) peak RSS: {b['settings']}: {b['small']['regions']} regions {b['small']['peak_rss_mb']:.0f} MB, "
-              f"{b['large']['regions']} regions {b['large']['peak_rss_mb']:.0f} MB -> {b['ratio']}x", flush=True)
+        b = rss_ratio(side=4096)
+        print(f"(b) peak RSS: {b['settings']}: {b['small']['regions']} regions {b['small']['peak_rss_mb']:.0f} MB "
+              f"(models loaded: {b['small']['peak_rss_before_extract_mb']:.0f} MB), {b['large']['regions']} regions "
+              f"{b['large']['peak_rss_mb']:.0f} MB (models loaded: {b['large']['peak_rss_before_extract_mb']:.0f} MB)"
+              f" -> {b['ratio']}x", flush=True)
     c = cuda_throughput(args.cuda_side, args.compile)
     if c is not None:
         print(f"(c) CUDA full HIPT configuration: {c}", flush=True)
@@ -202,7 +223,9 @@ def main() -> int:
         "pipeline_vs_sequential": a["ratio"],
         "rss_ratio_4x_area": b["ratio"] if b else None,
         "cuda_regions_per_s": c["regions_per_s"] if c else None,
+        "pipeline_vs_sequential_1thread": a["ratio_vs_one_thread"],
         "compute_bound_ratio": compute["ratio"] if compute else None,
+        "loadavg_1min": round(os.getloadavg()[0], 2),
         "regions": a["regions"],
         "cpu_cores": os.cpu_count(),
     }))

@@ -388,6 +388,8 @@ class PrototypeAnnotations:
     ) -> PrototypeLabel:
         """Name and/or colour prototype ``k`` of the slide (keeps what is not given)."""
         with self._lock:
+            if save:
+                self.reload_if_changed()
             protos, identity = self._require(slide_id, k)
             record = self._record_for(slide_id, protos, identity)
             old = record["labels"].get(str(int(k)))
@@ -419,6 +421,7 @@ class PrototypeAnnotations:
     def clear(self, slide_id: str, k: int | None = None, save: bool = True) -> None:
         """Forget the name of prototype ``k`` (all names of the slide when ``k`` is None)."""
         with self._lock:
+            self.reload_if_changed()
             record = self._slide(slide_id)
             if record is None:
                 return
@@ -433,6 +436,7 @@ class PrototypeAnnotations:
         """Drop stale names (of one slide, or all); returns the slides cleared."""
         cleared = []
         with self._lock:
+            self.reload_if_changed()
             targets = [slide_id] if slide_id else self.slide_ids()
             for sid in targets:
                 if self.state(sid).status in ("stale", "no-prototypes"):
@@ -448,6 +452,7 @@ class PrototypeAnnotations:
         A change planned on a prototype set that has been recomputed since is refused."""
         applied = []
         with self._lock:
+            self.reload_if_changed()
             for change in changes:
                 if change.action != "set" or change.new is None:
                     continue
@@ -519,6 +524,7 @@ class PrototypeAnnotations:
             self._source = prototype_source(provider)
         report = {}
         with self._lock:
+            self.reload_if_changed()
             for sid in self.slide_ids():
                 if self.state(sid).status != "stale":
                     continue
@@ -713,6 +719,7 @@ def accept_suggestions(annotations: PrototypeAnnotations, slide_id: str, suggest
                        keep_user_names: bool = True) -> list[PrototypeLabel]:
     """Give the suggested names (source "proalign"); names a person typed stay unless told otherwise."""
     accepted = []
+    annotations.reload_if_changed()
     current = annotations.labels(slide_id)
     for s in suggestions:
         old = current.get(s.proto_idx)

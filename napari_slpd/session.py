@@ -177,7 +177,6 @@ class Session:
         self.cohort = Cohort(root, create=create)
         self.settings = settings or SessionSettings()
         self._lock = threading.RLock()
-        self._encoders: tuple[tuple, Any, Any] | None = None
         self._regions: dict[str, tuple[float, RegionData]] = {}
         self._prototypes: dict[str, tuple[tuple, Any]] = {}
         self._index = None  # CohortIndex
@@ -292,21 +291,23 @@ class Session:
 
     # -- features --------------------------------------------------------------------------------------
     def encoders(self):
-        """(patch encoder, region encoder) for the current settings, built once and reused."""
+        """(patch encoder, region encoder) for the current settings, built once per process and reused
+        (opening another cohort with the same models does not load them again)."""
         fs = self.settings.features
-        key = fs.encoder_key()
-        with self._lock:
-            if self._encoders is None or self._encoders[0] != key:
+        key = fs.encoder_key() + (_checkpoint_stamp(fs.patch_checkpoint), _checkpoint_stamp(fs.region_checkpoint))
+        with _ENCODERS_LOCK:
+            if _ENCODERS.get("key") != key:
                 from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
+                _ENCODERS.clear()  # one set of models in memory at a time
                 patch = build_patch_encoder(
                     fs.patch_encoder, checkpoint=fs.patch_checkpoint, device=fs.device, input_size=fs.patch_input_px
                 )
                 region = build_region_encoder(
                     fs.region_encoder, checkpoint=fs.region_checkpoint, device=fs.device, in_dim=patch.dim
                 )
-                self._encoders = (key, patch, region)
-            return self._encoders[1], self._encoders[2]
+                _ENCODERS.update(key=key, patch=patch, region=region)
+            return _ENCODERS["patch"], _ENCODERS["region"]
 
     def extraction_config(self, slide_id: str):
         from napari_slpd.features.engine import ExtractionConfig
@@ -584,6 +585,23 @@ class Session:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+# The models of the last settings used in this process: building them (and hashing a checkpoint) takes
+# seconds, and they hold no per-cohort state.
+_ENCODERS: dict = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _checkpoint_stamp(path: str | None):
+    """Changes when the checkpoint file is replaced, so a rewritten checkpoint is loaded again."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path  # missing: the encoder builder raises the clear error
+    return (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
 def _is_dicom_dir(path: Path) -> bool:

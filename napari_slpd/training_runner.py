@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -807,10 +807,12 @@ def reencode_region_embeddings(
                 if progress:
                     progress(done, total)
                 continue
-            try:
-                settings = json.loads(attrs.get("settings") or "{}")
-            except (TypeError, json.JSONDecodeError):
-                settings = {}
+            settings = attrs.get("settings") or {}
+            if isinstance(settings, str):
+                try:
+                    settings = json.loads(settings)
+                except json.JSONDecodeError:
+                    settings = {}
             if not settings:
                 raise FeatureStoreError(f"{path} does not record its extraction settings; extract it again")
             settings["region_encoder"] = str(region_encoder.model_id)
@@ -848,10 +850,12 @@ def reencode_region_embeddings(
                     fh.attrs["reencoded_from"] = previous
                     fh.attrs["settings"] = json.dumps(settings, sort_keys=True)
                     fh.attrs["settings_key"] = new_key
-                    try:
-                        run_settings = json.loads(attrs.get("run_settings") or "{}")
-                    except (TypeError, json.JSONDecodeError):
-                        run_settings = {}
+                    run_settings = attrs.get("run_settings") or {}
+                    if isinstance(run_settings, str):
+                        try:
+                            run_settings = json.loads(run_settings)
+                        except json.JSONDecodeError:
+                            run_settings = {}
                     fh.attrs["run_key"] = settings_key({"settings_key": new_key, **run_settings})
             results.append(ReencodeResult(sid, "reencoded", n))
         except _Cancelled:

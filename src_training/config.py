@@ -226,9 +226,11 @@ def preset(name: str) -> TrainConfig:
             head=HeadConfig(out_dim=1024, hidden_dim=256, bottleneck_dim=64),
             views=ViewConfig(scale_to_grid=True),
             cluster=ClusterConfig(num_clusters=2, min_num_region=4, warm_epoch=1),
-            # A tiny batch with the linear scaling rule would give lr 3e-5; the tiny run has few steps, so its
-            # reference lr is higher and its warm-up one epoch.
-            optim=OptimConfig(epochs=4, batch_size_per_gpu=16, lr=4e-3, warmup_epochs=1),
+            # A run of a dozen steps: with the official reference lr (5e-4 per 256, i.e. 3e-5 at batch 16) and
+            # teacher momentum 0.996 neither network would move; the teacher must follow the student within a
+            # few dozen steps, so the tiny run uses lr 1e-2 per 256 (6e-4 at batch 16), momentum 0.99 and a
+            # one-epoch warm-up.
+            optim=OptimConfig(epochs=4, batch_size_per_gpu=16, lr=1e-2, warmup_epochs=1, momentum_teacher=0.99),
             run=RunConfig(num_workers=0),
             preset="tiny",
         )

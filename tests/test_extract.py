@@ -257,7 +257,7 @@ def test_batches_bound_memory_and_reader_cuts_patches_row_major(encoders):
         whole = slide.read_region((int(x0), int(y0)), grid.read_level, (grid.read_size, grid.read_size))
     from PIL import Image
 
-    resized = np.asarray(Image.fromarray(whole).resize((G * 64, G * 64), Image.Resampling.BILINEAR))
+    resized = np.asarray(Image.fromarray(whole).resize((G * 64, G * 64), Image.Resampling.BILINEAR, reducing_gap=3.0))
     # patch (r, c) = rows r*64.., cols c*64.. of the resized region (band edges may differ by rounding)
     for r, c in [(0, 0), (0, G - 1), (G - 1, 0), (3, 5)]:
         diff = np.abs(patches[r * G + c].astype(int) - resized[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64])
@@ -288,19 +288,21 @@ def test_empty_and_bad_slides(tmp_path, encoders):
         extract_slide(real_slide("tcga_jp2k_svs"), tmp_path / "t.h5", patch, region, config())
 
 
-def test_cli_extract_folder_summary_registry_and_skip(tmp_path, slides_dir, capsys):
+def test_cli_extract_summary_registry_skip_and_per_slide_messages(tmp_path, slides_dir, capsys):
     from napari_slpd.cli import main
     from napari_slpd.cohort import Cohort
 
     cohort = tmp_path / "cohort"
-    args = [str(real_slide("cmu_svs")), str(real_slide("tcga_jp2k_svs")), str(slides_dir / "dicom-cmu-1-small-region-napari-wsi"),
-            "--out", str(cohort), "--region-px", "512", "--patch-px", "128", "--target-mpp", "2.0",
+    slides = [str(real_slide("cmu_svs")), str(real_slide("tcga_jp2k_svs")), str(real_slide("breast_tiff")),
+              str(slides_dir / "dicom-cmu-1-small-region-napari-wsi")]
+    args = [*slides, "--out", str(cohort), "--region-px", "512", "--patch-px", "128", "--target-mpp", "2.0",
             "--input-size", str(INPUT_PX), "--device", "cpu", "--workers", "1", "--threads", "1", "--quiet"]
     code = main(["extract", *args])
     text = capsys.readouterr().out
-    assert code == 1  # the TCGA slide has no pixel size: an error row, not a crash
-    assert "tcga-cr-7395-01a-01-ts1" in text and "pixel size" in text and "--mpp" in text
-    assert "3 slides: 1 error, 2 extracted" in text
+    assert code == 1  # two slides state no usable pixel size: error rows, not a crash
+    assert "tcga-cr-7395-01a-01-ts1" in text and "not in the file" in text and "--mpp" in text
+    assert "implausible 264.583" in text
+    assert "4 slides: 2 error, 2 extracted" in text
     ids = Cohort(cohort).slide_ids()
     assert ids == ["cmu_small_region", "dicom-cmu-1-small-region-napari-wsi"]
     for slide_id in ids:
@@ -308,6 +310,39 @@ def test_cli_extract_folder_summary_registry_and_skip(tmp_path, slides_dir, caps
 
     code = main(["extract", *args, "--mpp-fallback", "level0"])
     text = capsys.readouterr().out
-    assert code == 0 and "2 skipped" in text and "1 extracted" in text
+    assert code == 0 and "2 skipped" in text and "1 extracted" in text and "1 empty" in text
+    breast = next(line for line in text.splitlines() if line.startswith("CropBreastSlide"))
+    assert "empty" in breast and "smaller than one region" in breast  # a clear per-slide message
     entry = json.loads((cohort / "cohort.json").read_text())["slides"]["tcga-cr-7395-01a-01-ts1"]
     assert entry["mpp"] == 0.5 and entry["mpp_source"] == "level0-assumed"
+    assert "CropBreastSlide" not in Cohort(cohort).slide_ids()  # no features: not registered
+
+
+@pytest.mark.cuda
+def test_cuda_extraction_matches_cpu_and_never_mixes_precisions(tmp_path, encoders):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+
+    cpu_patch, cpu_region = encoders
+    patch = build_patch_encoder("hipt_vit256", device="cuda", input_size=INPUT_PX)
+    region = build_region_encoder("hipt_vit4k", device="cuda", in_dim=patch.dim)
+    path = real_slide("cmu_svs")
+    cpu_out, gpu_out = tmp_path / "cpu.h5", tmp_path / "gpu.h5"
+    extract_slide(path, cpu_out, cpu_patch, cpu_region, config())
+    stop = threading.Event()
+    partial = extract_slide(path, gpu_out, cpu_patch, cpu_region, config(),
+                            progress=lambda d, t: d >= 2 and stop.set(), cancel=stop)
+    assert partial.status == "cancelled"
+    # a CPU (float32) partial file is not continued in bf16: the GPU run starts the slide over
+    result = extract_slide(path, gpu_out, patch, region, config(compile=True, batch_size=128))
+    assert result.status == "extracted" and result.resumed_from == 0
+    with FeatureStore.open(cpu_out) as a, FeatureStore.open(gpu_out) as b:
+        assert json.loads(b.attrs["run_settings"])["precision"] == "bfloat16"
+        assert a.settings_key == b.settings_key  # same meaning, other precision
+        np.testing.assert_array_equal(a.region_coords, b.region_coords)
+        ta, tb = a.tokens(), b.tokens()
+        cos = (ta * tb).sum(1) / (np.linalg.norm(ta, axis=1) * np.linalg.norm(tb, axis=1))
+        assert cos.min() > 0.98  # bf16 autocast vs float32

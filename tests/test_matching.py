@@ -55,7 +55,8 @@ def test_rectangular_matching_is_the_best_injective_map(K, L):
         assert S == pytest.approx(ref, abs=1e-9)
         assert len(pairs) == min(K, L)
         assert len({k for k, _ in pairs}) == len({l for _, l in pairs}) == min(K, L)
-        assert prototype_set_distance(A, B) == pytest.approx(min(K, L) - S, abs=1e-9)
+        # Unmatched prototypes of the larger set count as partners at cosine 0.
+        assert prototype_set_distance(A, B) == pytest.approx(max(K, L) - S, abs=1e-9)
         # Symmetric in its arguments.
         assert prototype_set_similarity(B, A)[0] == pytest.approx(S, abs=1e-9)
 
@@ -112,11 +113,14 @@ def test_upper_bounds_hold_and_exact_top_n_equals_a_full_sort():
     bounds = np.concatenate([matching_upper_bounds(b) for b in blocks])
     assert (bounds >= exact - 1e-6).all()
     all_ids = np.concatenate(ids)
+    sizes = np.concatenate([np.full(b.shape[0], max(b.shape[1:])) for b in blocks])
+    distance = sizes - exact
     for n in (1, 5, 25):
         top = top_matches(blocks, n, ids)
-        order = np.lexsort((all_ids, -exact))[:n]
+        order = np.lexsort((all_ids, distance))[:n]  # nearest first, ties by id
         assert [m.candidate for m in top] == all_ids[order].tolist()
         assert [m.similarity for m in top] == pytest.approx(exact[order].tolist(), abs=1e-6)
+        assert [m.distance for m in top] == pytest.approx(distance[order].tolist(), abs=1e-6)
     collector = TopN(5)
     for b, i in zip(blocks, ids):
         collector.offer(b, i)

@@ -6,7 +6,6 @@ and the similar-slides index refreshed, names carried over)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import textwrap
@@ -288,3 +287,28 @@ def test_use_checkpoint_reencodes_regions_and_refreshes_prototypes(lab, tmp_path
     assert session.settings.features.region_checkpoint == str(checkpoint.resolve())  # not switched
     with FeatureStore.open(lab.cohort.features_path(sid)) as store:
         assert store.settings_key == key  # a cancelled re-encoding leaves every file as it was
+
+
+@pytest.mark.cuda
+def test_real_tiny_run_on_cuda_then_use_checkpoint(tmp_path):
+    """src_training on the GPU(s) (torchrun with two when there are two), then re-encoding on the GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
+    from napari_slpd.training_runner import use_checkpoint
+    from test_annotations import build_labeled_cohort
+
+    lab = build_labeled_cohort(tmp_path / "cohort", rows=3, cols=4)
+    gpus = min(2, torch.cuda.device_count())
+    settings = TrainingSettings(cohort=str(lab.cohort.root), run_dir=str(tmp_path / "cohort" / "training" / "gpu"),
+                                preset="tiny", epochs=2, batch_size=8, device="auto", gpus=gpus, warm_epoch=0)
+    run = TrainingRun.start(settings)
+    assert run.wait(timeout=400) == "done", run.log_tail(30)
+    assert run.progress.device.startswith("cuda") and run.progress.curves["intra_loss"][1][-1] > 0
+    session = Session(lab.cohort.root, SessionSettings(
+        features=FeatureSettings(patch_encoder="open_clip:slpd-tiny-clip", region_px=256, patch_px=64, device="cuda"),
+        prototypes=PrototypeSettings(k=3)))
+    report = use_checkpoint(session, run.exported_checkpoint())
+    assert [r.status for r in report.reencoded] == ["reencoded"] * 3 and report.index_slides == 3

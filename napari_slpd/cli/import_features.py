@@ -51,7 +51,8 @@ def expand_h5(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in (".h5", ".hdf5") and not p.name.startswith("."))
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in (".h5", ".hdf5") and not p.name.startswith("."))
             if not found:
                 raise SlpdError(f"no .h5 files in {path}")
             out.extend(found)

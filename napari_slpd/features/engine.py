@@ -21,7 +21,6 @@ memory at full size, only one band per worker does.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,7 +47,8 @@ log = logging.getLogger(__name__)
 # Largest band of a region read at once, in read-level px (16 MiB of RGBA from openslide).
 BAND_READ_PX = 4096 * 1024
 # Names the way pixels become patches; part of the settings so that a change never mixes silently.
-RESAMPLING = "pil-bilinear-bands-v1"
+RESAMPLING = "pil-bilinear-gap3-bands-v1"
+REDUCING_GAP = 3.0
 
 ProgressFn = Callable[[int, int], None]
 CancelCheck = Any  # threading.Event, or a callable returning bool
@@ -77,7 +77,7 @@ class ExtractionConfig:
     num_workers: int | None = None  # region reading/decoding threads; None: one per CPU core (at most 16)
     queue_size: int | None = None  # regions read ahead of the model, at most; None: 2 x num_workers
     regions_per_chunk: int = 16  # regions written (and resumable) at a time
-    device: str = "auto"  # informative: the encoders are already placed; used for pinned memory
+    device: str = "auto"  # where callers build the encoders; extract_slide runs on the encoders' own device
     compile: bool = False  # torch.compile the patch encoder on CUDA
     store_patch_features: bool = True  # also write features/coords in the CLAM/TRIDENT layout
     token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
@@ -95,20 +95,23 @@ class ExtractionConfig:
             raise SlpdError(f"num_workers must be 0 (read in the calling thread) or more, not {self.num_workers}")
         if (self.queue_size is not None and self.queue_size < 1) or self.regions_per_chunk < 1:
             raise SlpdError("queue_size and regions_per_chunk must be at least 1")
-        if not (self.torch_threads in (None, "auto") or (isinstance(self.torch_threads, int) and self.torch_threads > 0)):
+        threads = self.torch_threads
+        if not (threads in (None, "auto") or (isinstance(threads, int) and threads > 0)):
             raise SlpdError(f"torch_threads must be 'auto', None or a positive int, not {self.torch_threads!r}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise SlpdError(f"token_dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
 
     @property
     def workers(self) -> int:
+        """Reader threads: num_workers, or one per available core (at most 16)."""
         if self.num_workers is not None:
             return int(self.num_workers)
         return max(1, min(16, available_cores()))
 
     @property
     def window(self) -> int:
+        """Regions read ahead at most: queue_size, or twice the readers (each can hold one finished)."""
         return int(self.queue_size) if self.queue_size is not None else max(2, 2 * self.workers)
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise SlpdError(f"token_dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
 
 
 @dataclass
@@ -165,10 +168,11 @@ class RegionReader:
         return int(self.grid.patches_per_side)
 
     def band_rows(self) -> int:
-        """Patch rows read per band: as many as fit in BAND_READ_PX (at least one)."""
+        """Patch rows read per band: bands of equal height, each at most BAND_READ_PX (at least one row)."""
         rs = int(self.grid.read_size)
-        rows_px = math.ceil(rs / self.G)
-        return int(max(1, min(self.G, BAND_READ_PX // max(1, rs * rows_px))))
+        fit = max(1, min(self.G, BAND_READ_PX // max(1, rs * math.ceil(rs / self.G))))
+        n_bands = math.ceil(self.G / fit)
+        return math.ceil(self.G / n_bands)
 
     def __call__(self, index: int) -> np.ndarray:
         from PIL import Image
@@ -187,8 +191,11 @@ class RegionReader:
             band = self.slide.read_region((x0, int(round(y0 + sy0 * ds))), level, (rs, sy1 - sy0))
             target = (G * p, (r1 - r0) * p)  # (width, height)
             if band.shape[1] != target[0] or band.shape[0] != target[1]:
-                # Bilinear in Pillow is area-aware when shrinking (its support grows with the scale).
-                band = np.asarray(Image.fromarray(band).resize(target, Image.Resampling.BILINEAR))
+                # Bilinear in Pillow is area-aware when shrinking (its support grows with the scale); a
+                # reducing gap of 3 first box-reduces large shrinks by whole factors, about twice as fast
+                # and, per Pillow, indistinguishable from the full filter.
+                band = np.asarray(Image.fromarray(band).resize(target, Image.Resampling.BILINEAR,
+                                                               reducing_gap=REDUCING_GAP))
             # [rows*p, G*p, 3] -> [rows, G, p, p, 3]: patch (row, col) holds px (row*p.., col*p..).
             out[r0:r1] = band.reshape(r1 - r0, p, G, p, 3).transpose(0, 2, 1, 3, 4)
         return out.reshape(G * G, p, p, 3)
@@ -247,15 +254,6 @@ class RegionStream:
         self._window.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def iter_regions(read, indices, num_workers: int, queue_size: int, cancel: CancelCheck = None):
-    """Generator form of :class:`RegionStream` (closes its threads when exhausted or closed)."""
-    stream = RegionStream(read, indices, num_workers, queue_size, cancel)
-    try:
-        yield from stream
-    finally:
-        stream.close()
 
 
 # -- model helpers ------------------------------------------------------------------------------------
@@ -642,7 +640,8 @@ def sequential_extract(slide, grid, patch_encoder, region_encoder) -> tuple[np.n
             embeddings.append(region_encoder.encode(grid_tokens).to("cpu", torch.float32).numpy())
             tokens.append(grid_tokens.numpy())
     if not tokens:
-        return np.zeros((0, int(patch_encoder.dim), G, G), np.float32), np.zeros((0, int(region_encoder.dim)), np.float32)
+        return (np.zeros((0, int(patch_encoder.dim), G, G), np.float32),
+                np.zeros((0, int(region_encoder.dim)), np.float32))
     return np.concatenate(tokens), np.concatenate(embeddings)
 
 
@@ -652,7 +651,7 @@ __all__ = [
     "RegionReader",
     "extract_slide",
     "extraction_settings",
-    "iter_regions",
+    "RegionStream",
     "encode_regions",
     "sequential_extract",
 ]

@@ -264,7 +264,8 @@ def embeddings_of(store, source: str) -> tuple[np.ndarray, np.ndarray, float, np
 
 def compute_slide_prototypes(cohort, slide_id: str, k: int = DEFAULT_K, source: str = "region_embeddings",
                              seed: int = KMEANS_SEED, niter: int = KMEANS_NITER, nredo: int = KMEANS_NREDO,
-                             min_regions: int | None = None, device: str = "auto", save: bool = True) -> SlidePrototypes:
+                             min_regions: int | None = None, device: str = "auto",
+                             save: bool = True) -> SlidePrototypes:
     """Compute (and, with ``save``, cache) one slide's prototypes from its FeatureStore."""
     from napari_slpd.features.store import FeatureStore
 
@@ -383,7 +384,8 @@ def compute_cohort_prototypes(
         if _is_cancelled(cancel):
             report.cancelled = True
             break
-        result = _one_slide(cohort, slide_id, FeatureStore, k, source, seed, niter, nredo, min_regions, device, overwrite)
+        result = _one_slide(cohort, slide_id, FeatureStore, k, source, seed, niter, nredo, min_regions, device,
+                            overwrite)
         report.results.append(result)
         if result.dim is not None:
             dims.setdefault(result.dim, []).append(slide_id)
@@ -395,7 +397,8 @@ def compute_cohort_prototypes(
             "run `slpd extract` first"
         )
     if len(dims) > 1:
-        parts = "; ".join(f"{d}-d: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''}" for d, ids in sorted(dims.items()))
+        parts = "; ".join(f"{d}-d: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''}"
+                          for d, ids in sorted(dims.items()))
         report.warnings.append(
             f"the slides' embeddings have different sizes ({parts}): they come from different encoders and "
             "cannot be compared; extract every slide with the same encoders"
@@ -403,7 +406,8 @@ def compute_cohort_prototypes(
     return report
 
 
-def _one_slide(cohort, slide_id, FeatureStore, k, source, seed, niter, nredo, min_regions, device, overwrite) -> SlideResult:
+def _one_slide(cohort, slide_id, FeatureStore, k, source, seed, niter, nredo, min_regions, device,
+               overwrite) -> SlideResult:
     features_path = cohort.features_path(slide_id)
     if not features_path.exists():
         return SlideResult(slide_id, "skipped", "no extracted features (run `slpd extract`)")

@@ -30,7 +30,7 @@ import numpy as np
 
 from napari_slpd.errors import PrototypeError
 from napari_slpd.io_utils import atomic_path, atomic_write_json
-from napari_slpd.prototypes.kmeans import SlidePrototypes, faiss_threads, l2_normalize
+from napari_slpd.prototypes.kmeans import SINGLE_THREAD_WORK, SlidePrototypes, faiss_threads, l2_normalize
 from napari_slpd.prototypes.matching import (
     PrototypePair,
     TopMatch,
@@ -89,8 +89,8 @@ class IndexConfig:
 
 @dataclass
 class SimilarSlide:
-    """One ranked slide: ``distance`` = min(K, L) - S, ``similarity`` = S, ``pairs`` the matched prototypes
-    (query prototype k, this slide's prototype l, cosine), most similar pair first."""
+    """One ranked slide: ``distance`` = max(K, L) - S (K - S for equal K), ``similarity`` = S, ``pairs`` the
+    matched prototypes (query prototype k, this slide's prototype l, cosine), most similar pair first."""
 
     slide_id: str
     distance: float
@@ -210,7 +210,8 @@ class VectorStore:
                 grown[: self.n_slots] = old[: self.n_slots]
                 setattr(self, name, grown)
 
-    def add_batch(self, keys: list[str], vectors: np.ndarray, payload: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def add_batch(self, keys: list[str], vectors: np.ndarray,
+                  payload: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Store ``vectors`` [N, n, dim] (normalized here) for N new keys holding n vectors each; returns
         their slots. Keys must not be stored already (remove them first)."""
         N, n = int(vectors.shape[0]), int(vectors.shape[1])
@@ -222,7 +223,8 @@ class VectorStore:
         start, first = self.n_rows, self.n_slots
         self.vectors[start : start + N * n] = l2_normalize(np.asarray(vectors, np.float32).reshape(N * n, self.dim))
         for name, shape in self.payload_shapes.items():
-            self.payload[name][start : start + N * n] = np.asarray((payload or {})[name], np.int64).reshape(N * n, *shape)
+            values = np.asarray((payload or {})[name], np.int64)
+            self.payload[name][start : start + N * n] = values.reshape(N * n, *shape)
         slots = np.arange(first, first + N, dtype=np.int64)
         self._offset[slots] = start + n * np.arange(N, dtype=np.int64)
         self._count[slots] = n
@@ -301,7 +303,8 @@ class VectorStore:
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays, dim: int, id_bits: int, payload_shapes: dict[str, tuple] | None = None) -> "VectorStore":
+    def from_arrays(cls, arrays, dim: int, id_bits: int,
+                    payload_shapes: dict[str, tuple] | None = None) -> "VectorStore":
         store = cls(dim, id_bits, payload_shapes)
         store.vectors = np.ascontiguousarray(arrays["vectors"], np.float32)
         if store.vectors.ndim != 2 or store.vectors.shape[1] != store.dim:
@@ -354,12 +357,15 @@ class IVFStage:
         n_train = min(n, nlist * int(points_per_cell))
         rng = np.random.default_rng(seed)
         sample = vectors[np.sort(rng.choice(n, n_train, replace=False))] if n_train < n else vectors
-        index.train(np.ascontiguousarray(sample))
-        # After compact() the live slots' rows are contiguous and in slot order, as their ids are.
-        live = store.live_slots()
-        if live.size:
-            ids = np.concatenate([store.ids(s) for s in live])
-            index.add_with_ids(np.ascontiguousarray(vectors), ids)
+        # Small indexes train and fill faster on one thread (see kmeans.SINGLE_THREAD_WORK).
+        threads = 1 if n * nlist * store.dim < SINGLE_THREAD_WORK else None
+        with faiss_threads(threads):
+            index.train(np.ascontiguousarray(sample))
+            # After compact() the live slots' rows are contiguous and in slot order, as their ids are.
+            live = store.live_slots()
+            if live.size:
+                ids = np.concatenate([store.ids(s) for s in live])
+                index.add_with_ids(np.ascontiguousarray(vectors), ids)
         stage = cls(index, n)
         return stage
 
@@ -368,13 +374,16 @@ class IVFStage:
         return int(self.index.nlist)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+        threads = 1 if vectors.shape[0] * self.nlist * vectors.shape[1] < SINGLE_THREAD_WORK else None
+        with faiss_threads(threads):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
         import faiss
 
         ids = np.ascontiguousarray(ids, np.int64)
-        self.index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+        with faiss_threads(1):  # a scan of the lists: memory-bound, and usually a handful of ids
+            self.index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
 
     def search(self, queries: np.ndarray, depth: int, nprobe: int, threads: int | None = None):
         """(similarities, ids) [nq, depth] of the nearest stored vectors (ids -1 where fewer exist)."""
@@ -446,7 +455,9 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise PrototypeError(f"index manifest {path} is unreadable ({exc}); delete the index folder to rebuild it") from exc
+        raise PrototypeError(
+            f"index manifest {path} is unreadable ({exc}); delete the index folder to rebuild it"
+        ) from exc
     if manifest.get("format") != FORMAT:
         raise PrototypeError(f"{path} is not a napari-slpd index manifest")
     if int(manifest.get("version", 0)) > FORMAT_VERSION:
@@ -466,13 +477,17 @@ def load_store(directory: Path, name: str, payload_shapes: dict[str, tuple] | No
         with np.load(arrays_path, allow_pickle=False) as arrays:
             store = VectorStore.from_arrays(arrays, int(manifest["dim"]), int(manifest["id_bits"]), payload_shapes)
     except (OSError, KeyError, ValueError) as exc:
-        raise PrototypeError(f"saved index data {arrays_path} is unreadable ({exc}); delete {directory} to rebuild") from exc
+        raise PrototypeError(
+            f"saved index data {arrays_path} is unreadable ({exc}); delete {directory} to rebuild"
+        ) from exc
     ivf = None
     if manifest.get("ivf"):
         try:
             ivf = IVFStage.load(directory / manifest["ivf"], int(manifest.get("ivf_trained_on", 0)))
         except RuntimeError as exc:
-            raise PrototypeError(f"saved faiss index {manifest['ivf']} is unreadable ({exc}); delete {directory}") from exc
+            raise PrototypeError(
+                f"saved faiss index {manifest['ivf']} is unreadable ({exc}); delete {directory} to rebuild"
+            ) from exc
     return store, ivf, manifest
 
 
@@ -572,7 +587,8 @@ class CohortIndex:
         protos = as_prototype_set(prototypes, f"prototypes of slide {slide_id!r}")
         self._add_batch([slide_id], protos[None], None if stamp is None else [stamp], source)
 
-    def _add_batch(self, slide_ids: list[str], protos: np.ndarray, stamps: list[str] | None, source: str | None) -> None:
+    def _add_batch(self, slide_ids: list[str], protos: np.ndarray, stamps: list[str] | None,
+                   source: str | None) -> None:
         N, K, E = protos.shape
         if K == 0 or E == 0:
             raise PrototypeError(f"prototype sets must be non-empty, got shape {protos.shape}")
@@ -580,7 +596,9 @@ class CohortIndex:
             raise PrototypeError(f"slides with {K} prototypes cannot be indexed; at most {(1 << PROTO_ID_BITS) - 1}")
         if protos.dtype.kind not in "fiu" or not np.isfinite(protos).all():
             bad = [slide_ids[i] for i in np.flatnonzero(~np.isfinite(protos).all(axis=(1, 2)))[:5]]
-            raise PrototypeError(f"prototypes of slide(s) {', '.join(bad)} contain NaN or infinite values; recompute them")
+            raise PrototypeError(
+                f"prototypes of slide(s) {', '.join(bad)} contain NaN or infinite values; recompute them"
+            )
         if self._store is None:
             self._store = VectorStore(E, PROTO_ID_BITS)
         elif E != self._store.dim:
@@ -653,7 +671,8 @@ class CohortIndex:
         if isinstance(query, str):
             return self.prototypes(query), query
         if isinstance(query, SlidePrototypes):
-            return l2_normalize(as_prototype_set(query.centroids, "query prototypes").astype(np.float32)), query.slide_id
+            protos = as_prototype_set(query.centroids, "query prototypes").astype(np.float32)
+            return l2_normalize(protos), query.slide_id
         return l2_normalize(as_prototype_set(query, "query prototypes").astype(np.float32)), None
 
     def query(
@@ -698,7 +717,7 @@ class CohortIndex:
         sim = match.sim
         return SimilarSlide(
             slide_id=self._store.slot_key[match.candidate],
-            distance=float(min(sim.shape) - match.similarity),
+            distance=float(match.distance),
             similarity=float(match.similarity),
             pairs=pairs_from_similarity(sim),
             n_prototypes=int(sim.shape[1]),
@@ -768,6 +787,7 @@ class CohortIndex:
         best = np.full((unique.size, K), -np.inf, np.float32)
         np.maximum.at(best, (inverse, krow), sims)
         estimate = np.where(np.isfinite(best), best, floor[None, :]).sum(axis=1) + K * _QUANTIZATION_SLACK
+        estimate -= np.maximum(K, self._store.slot_count[unique])  # an estimate of -distance
         order = np.argsort(-estimate, kind="stable")[: max(cfg.max_candidates, 20 * n)]
         start, batch = 0, max(64, 4 * n)
         while start < order.size:
@@ -879,7 +899,8 @@ class CohortIndex:
         return index
 
     @classmethod
-    def open(cls, cohort, config: IndexConfig | None = None, progress=None, cancel=None, save: bool = True) -> "CohortIndex":
+    def open(cls, cohort, config: IndexConfig | None = None, progress=None, cancel=None,
+             save: bool = True) -> "CohortIndex":
         """The cohort's saved index brought up to date with its prototype cache (built when missing or
         unreadable), and saved again when anything changed."""
         index = None

@@ -174,7 +174,9 @@ def label_map(
     cell, origin, rows, cols, span = lattice
     H, W = int(rows.max()) + span, int(cols.max()) + span
     if H * W > max_pixels:
-        raise PrototypeError(f"the label map would have {H} x {W} pixels (more than {max_pixels}); tiles are too spread")
+        raise PrototypeError(
+            f"the label map would have {H} x {W} pixels (more than {max_pixels}); the tiles are too spread out"
+        )
     data = np.zeros((H, W), dtype)
     tile_index = np.full((H, W), -1, np.int32)
     labels = np.where(assignments >= 0, assignments + 1, 0).astype(dtype)

@@ -2,19 +2,20 @@
 
 S(n, m) = max over one-to-one matchings pi of sum_k <c(n, k), c(m, pi(k))>. The official SLPD code
 enumerates all K! permutations; the Hungarian algorithm (scipy's ``linear_sum_assignment``) finds the
-same maximum in O(K^3). Prototypes are L2-normalized, so every inner product is a cosine in [-1, 1] and
-S lies in [-min(K, L), min(K, L)]; the distance shown to users is ``min(K, L) - S`` (``K - S`` when both
-slides have K prototypes).
+same maximum in O(K^3). Prototypes are L2-normalized, so every inner product is a cosine in [-1, 1].
+The distance shown to users is ``K - S``: the sum over matched pairs of (1 - cosine).
 
 Slides with different numbers of prototypes (K != L, e.g. a small slide whose K was capped) are matched
-rectangularly: the min(K, L) pairs of the best partial one-to-one matching; the prototypes of the larger
-set left over do not count. This is the maximum over all injective maps from the smaller set into the
-larger one, which is what the permutation definition becomes when the sets differ in size.
+rectangularly: S is the best partial one-to-one matching of min(K, L) pairs (the maximum over injective
+maps of the smaller set into the larger one, which is what the permutation definition becomes). The
+distance is ``max(K, L) - S``: a prototype left without a partner counts as a partner at cosine 0
+(orthogonal). So a one-region slide that resembles one of the query's four prototypes is at distance
+>= 3, not 0, and when K == L this is the SPEC's K - S. Rankings are by this distance.
 
 Ranking many candidate slides against one query (the cohort index's re-ranking) uses a bound: for any
 matching, S <= the sum of the row maxima of the similarity matrix (every query prototype gets at most its
 best partner) and <= the sum of the column maxima. Candidates are solved exactly in decreasing order of
-that bound and the search stops once the bound falls below the n-th best exact value found, so the top n
+that bound and the search stops once the bound cannot beat the n-th best exact value found, so the top n
 are exact while only a few dozen assignment problems are solved, however many candidates there are.
 """
 
@@ -93,10 +94,11 @@ def prototype_set_similarity(A, B) -> tuple[float, list[tuple[int, int]]]:
 
 
 def prototype_set_distance(A, B) -> float:
-    """min(K, L) - S(A, B): 0 for identical sets, up to 2 * min(K, L) for opposite ones."""
+    """max(K, L) - S(A, B) (= K - S for sets of equal size): 0 for identical sets; an unmatched prototype
+    of the larger set counts as a partner at cosine 0."""
     sim = similarity_matrix(A, B)
     S, _, _ = _solve(sim)
-    return float(min(sim.shape) - S)
+    return float(max(sim.shape) - S)
 
 
 def match_prototypes(A, B) -> list[PrototypePair]:
@@ -121,7 +123,9 @@ def brute_force_set_similarity(A, B) -> tuple[float, list[tuple[int, int]]]:
     sim = similarity_matrix(A, B)
     K, L = sim.shape
     if max(K, L) > BRUTE_FORCE_MAX:
-        raise PrototypeError(f"brute force over permutations is limited to {BRUTE_FORCE_MAX} prototypes, got {max(K, L)}")
+        raise PrototypeError(
+            f"brute force over permutations is limited to {BRUTE_FORCE_MAX} prototypes, got {max(K, L)}"
+        )
     transposed = K > L
     if transposed:
         sim = sim.T
@@ -225,22 +229,24 @@ def _exact_all(sims: np.ndarray) -> np.ndarray:
 class TopMatch(NamedTuple):
     candidate: int  # the id the candidate was offered with
     similarity: float  # exact S
+    distance: float  # max(K, L) - S
     sim: np.ndarray  # its [K, L] similarity matrix (for the matched pairs)
 
 
 class TopN:
-    """Collects the n candidates with the largest exact S from blocks of similarity matrices offered one
-    after another (blocks let candidates with different numbers of prototypes be ranked together).
+    """Collects the n candidates with the smallest exact distance max(K, L) - S, from blocks of similarity
+    matrices [N, K, L] offered one after another (one block per L, so candidates with different numbers of
+    prototypes are ranked together).
 
-    Exact: within a block, candidates are solved in decreasing order of their upper bound until the bound
-    falls below the n-th best S found so far; the n-th best only grows, so every candidate left unsolved
-    provably ranks below the final top n. Ties in S are broken by the smaller candidate id.
+    Exact: within a block, candidates are solved in decreasing order of their upper bound on S until the
+    bound can no longer beat the n-th best found so far; that only gets better, so every candidate left
+    unsolved provably ranks below the final top n. Ties are broken by the smaller candidate id.
     """
 
     def __init__(self, n: int):
         self.n = int(n)
-        # Min-heap keyed so that the worst kept candidate (lowest S, then highest id) is on top.
-        self._heap: list[tuple[float, int, int, np.ndarray]] = []
+        # Min-heap on (-distance, -id): the worst kept candidate (largest distance, then largest id) on top.
+        self._heap: list[tuple[float, int, float, int, np.ndarray]] = []
         self.solved = 0
 
     @property
@@ -249,42 +255,44 @@ class TopN:
 
     @property
     def threshold(self) -> float:
-        """The n-th best S so far (-inf until n candidates were seen): what a candidate must reach."""
+        """The n-th best -distance so far (-inf until n candidates were seen): what a candidate must beat."""
         return self._heap[0][0] if self.full else -math.inf
 
     def offer(self, sims: np.ndarray, ids: np.ndarray, bound: np.ndarray | None = None) -> None:
-        """Offer candidates ``ids`` [N] with similarity matrices ``sims`` [N, K, L] (and their upper bounds,
-        computed here when not given)."""
+        """Offer candidates ``ids`` [N] with similarity matrices ``sims`` [N, K, L] (and upper bounds on
+        their S, computed here when not given)."""
         if self.n <= 0 or sims.shape[0] == 0:
             return
+        N, K, L = sims.shape
+        size = max(K, L)
         ids = np.asarray(ids, np.int64)
         if bound is None:
             # The column-side bound prunes more but costs a strided pass: worth it for shortlists only.
-            bound = matching_upper_bounds(sims, both_sides=sims.shape[0] <= _BATCHED_MATMUL_MAX)
+            bound = matching_upper_bounds(sims, both_sides=N <= _BATCHED_MATMUL_MAX)
         for j in np.lexsort((ids, -bound)):
-            if self.full and bound[j] < self.threshold - _BOUND_SLACK:
+            if self.full and bound[j] - size < self.threshold - _BOUND_SLACK:
                 break
             S = _solve(sims[j])[0]
             self.solved += 1
-            item = (S, -int(ids[j]), int(ids[j]), np.array(sims[j]))
+            item = (S - size, -int(ids[j]), S, int(ids[j]), np.array(sims[j]))
             if not self.full:
                 heapq.heappush(self._heap, item)
             elif item[:2] > self._heap[0][:2]:
                 heapq.heapreplace(self._heap, item)
 
     def results(self) -> list[TopMatch]:
-        best = sorted(self._heap, key=lambda t: (-t[0], t[2]))
-        return [TopMatch(cid, S, sim) for S, _, cid, sim in best]
+        best = sorted(self._heap, key=lambda t: (-t[0], t[3]))
+        return [TopMatch(cid, S, -score, sim) for score, _, S, cid, sim in best]
 
 
 def top_matches(blocks: Sequence[np.ndarray], n: int, candidate_ids: Sequence[np.ndarray]) -> list[TopMatch]:
-    """The n best candidates (exact S, best first) of one or more blocks of similarity matrices
-    [N_b, K, L_b] whose candidates have ids ``candidate_ids[b]`` [N_b]."""
+    """The n nearest candidates (exact distance, nearest first) of one or more blocks of similarity
+    matrices [N_b, K, L_b] whose candidates have ids ``candidate_ids[b]`` [N_b]."""
     top = TopN(n)
     bounds = [matching_upper_bounds(b, both_sides=b.shape[0] <= _BATCHED_MATMUL_MAX) for b in blocks]
-    # Blocks with the highest bounds first, so that the threshold rises early and prunes the rest.
-    order = np.argsort([-(b.max() if b.size else -math.inf) for b in bounds], kind="stable")
-    for b in order:
+    # Most promising blocks first, so that the threshold rises early and prunes the rest.
+    best = [(bd.max() - max(b.shape[1:])) if bd.size else -math.inf for b, bd in zip(blocks, bounds)]
+    for b in np.argsort(best, kind="stable")[::-1]:
         top.offer(blocks[b], candidate_ids[b], bounds[b])
     return top.results()
 

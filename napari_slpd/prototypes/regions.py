@@ -256,7 +256,8 @@ class RegionIndex:
         return index
 
     @classmethod
-    def open(cls, cohort, source: str = "region_embeddings", progress=None, cancel=None, save: bool = True) -> "RegionIndex":
+    def open(cls, cohort, source: str = "region_embeddings", progress=None, cancel=None,
+             save: bool = True) -> "RegionIndex":
         """The cohort's saved region index brought up to date (built when missing), saved when changed."""
         index = None
         if (cohort.index_dir / f"regions-{source}.json").exists():

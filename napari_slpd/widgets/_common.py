@@ -62,7 +62,12 @@ def guarded(context: str):
     """Decorate a GUI slot so that an exception becomes a notification instead of a Qt crash."""
 
     def wrap(fn):
+        n_params = _positional_capacity(fn)
+
         def slot(*args, **kwargs):
+            # Qt signals pass extra values (clicked passes `checked`): give fn only what it takes.
+            if n_params is not None:
+                args = args[:n_params]
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # a slot must never raise into the Qt event loop
@@ -74,6 +79,19 @@ def guarded(context: str):
         return slot
 
     return wrap
+
+
+def _positional_capacity(fn) -> int | None:
+    """How many positional arguments ``fn`` accepts (None: any number)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 class _ProgressRelay(QObject):

@@ -265,9 +265,13 @@ def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = 
     opened.extras["color_of"] = dict(color_of or {})
     if viewer is None:
         return None
+    before = viewer.layers.selection.active
     layer = _replace_layer(viewer, name, raster.astype(np.int32), _tag(kwargs, opened.slide_id, ROLE_PROTOTYPES),
                            "labels")
     layer.editable = False  # an analysis result, not an annotation to paint on
+    if before is None or (before.metadata or {}).get("slpd_role") in (ROLE_IMAGE, ROLE_TISSUE, ROLE_PROTOTYPES, None):
+        # napari's status bar describes the active layer: the prototypes layer names the hovered region.
+        viewer.layers.selection.active = layer
     _keep_on_top(state, (ROLE_SELECTION, ROLE_MATCHES))
     return layer
 

@@ -148,6 +148,7 @@ class FeaturesWidget(QWidget):
 
     # -- settings <-> form -----------------------------------------------------------------------------
     def load_settings(self, fs) -> None:
+        self._shown = fs
         self.patch_encoder.setCurrentText(fs.patch_encoder)
         self.patch_checkpoint.setText(fs.patch_checkpoint or "")
         self.input_px.setValue(int(fs.patch_input_px or 0))
@@ -164,7 +165,9 @@ class FeaturesWidget(QWidget):
         self._update_note()
 
     def _on_settings_changed(self, settings) -> None:
-        if settings.features != self.form_settings(validate=False):
+        # Only a change of the feature settings made elsewhere (e.g. a fine-tuned checkpoint) reloads the
+        # form; other settings changing must not discard what the user is typing here.
+        if settings.features != self._shown:
             self.load_settings(settings.features)
 
     def form_settings(self, validate: bool = True):
@@ -196,6 +199,7 @@ class FeaturesWidget(QWidget):
     def apply(self):
         """Validate the form and make it the shared feature settings."""
         settings = self.form_settings()
+        self._shown = settings
         if settings != self.state.settings.features:
             self.state.update_settings(features=settings)
         return settings

@@ -188,9 +188,9 @@ class FineTuneWidget(QWidget):
         self.timer.timeout.connect(self.poll)
         self.timer.start()
         self._close_filter = _CloseFilter(self)
-        self._main_window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
-        if self._main_window is not None:
-            self._main_window.installEventFilter(self._close_filter)
+        main_window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
+        if main_window is not None:  # the filter is a child of this panel: removed when the panel goes
+            main_window.installEventFilter(self._close_filter)
         self.destroyed.connect(lambda *_: self._detach_quietly())
         self.state.cohort_changed.connect(self._on_cohort_changed)
         if self.state.session is not None:
@@ -397,6 +397,7 @@ class FineTuneWidget(QWidget):
         if choice == "leave":
             run.detach()
             log.info("training left running in %s (pid %s)", run.run_dir, run.pid)
+            self.status.setText(f"left running in {run.run_dir} (pid {run.pid})")
             return False
         self._stop_and_wait(run)
         return False
@@ -411,7 +412,7 @@ class FineTuneWidget(QWidget):
             run.poll()  # escalates to SIGTERM / SIGKILL when the stop takes too long
             QApplication.processEvents()
             time.sleep(0.05)
-        run.poll()
+        self.poll()
 
     def _detach_quietly(self) -> None:
         # The panel went away without napari closing (dock removed): the run goes on, re-attachable.

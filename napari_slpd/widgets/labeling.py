@@ -56,6 +56,8 @@ class LabelingWidget(QWidget):
         self.suggestions = []
         self.plan = []
         self._filling = False
+        self._suggestions_key = None
+        self._suggestions_cache = []
 
         self.title = QLabel("No slide open.")
         self.title.setWordWrap(True)
@@ -185,7 +187,8 @@ class LabelingWidget(QWidget):
 
         ensure_selection_painter(self.state)
         self.state.cohort_changed.connect(self._on_cohort_changed)
-        self.state.slide_opened.connect(lambda _sid: self.refresh())
+        # Bound methods (psygnal holds them weakly): the shared state must not keep a closed panel alive.
+        self.state.slide_opened.connect(self._on_slide_opened)
         self.state.prototypes_updated.connect(self._on_prototypes_updated)
         if self.state.session is not None:
             self._on_cohort_changed(self.state.session)
@@ -202,6 +205,9 @@ class LabelingWidget(QWidget):
                 from napari_slpd.widgets._common import show_error
 
                 show_error(exc, "Prototype names")
+        self.refresh()
+
+    def _on_slide_opened(self, _slide_id: str) -> None:
         self.refresh()
 
     def _on_prototypes_updated(self, slide_id: str) -> None:
@@ -223,7 +229,7 @@ class LabelingWidget(QWidget):
 
     def refresh(self) -> None:
         """Reload names, suggestions and sizes of the open slide; colour its prototype layer."""
-        from napari_slpd.annotations import load_suggestions, prototype_rows
+        from napari_slpd.annotations import prototype_rows
 
         session, slide_id, protos = self._current()
         self.plan = []
@@ -241,16 +247,32 @@ class LabelingWidget(QWidget):
         state = self.annotations.state(slide_id, protos)
         self.stale_box.setVisible(state.status == "stale")
         self.stale_label.setText(state.message)
-        try:
-            self.suggestions = load_suggestions(session, slide_id)
-        except Exception as exc:  # none computed yet, or computed on other features
-            self.suggestions = []
-            log.debug("no zero-shot names for %s: %s", slide_id, exc)
+        self.suggestions = self._suggestions_for(session, slide_id, protos)
         self.rows = prototype_rows(self.annotations, slide_id, protos, self.suggestions)
         named = sum(r.named for r in self.rows)
         self.title.setText(f"{slide_id}: {len(self.rows)} prototypes, {named} named")
         self._fill_table()
         self._apply_style()
+
+    def _suggestions_for(self, session, slide_id: str, protos) -> list:
+        """ProAlign's names for the slide's prototypes, read again only when either file changed."""
+        from napari_slpd.annotations import load_suggestions, prototype_identity
+
+        path = session.cohort.proalign_path(slide_id)
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            return []
+        key = (slide_id, stamp, prototype_identity(protos.centroids))
+        if key != self._suggestions_key:
+            try:
+                self._suggestions_cache = load_suggestions(session, slide_id)
+            except Exception as exc:  # computed on other features, or unreadable: no suggestions
+                log.info("no zero-shot names for %s: %s", slide_id, exc)
+                self._suggestions_cache = []
+            self._suggestions_key = key
+        return list(self._suggestions_cache)
 
     def _apply_style(self) -> None:
         """Show the names and colours on the prototype layer (through the shared state)."""

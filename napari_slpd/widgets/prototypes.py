@@ -93,6 +93,7 @@ class PrototypesWidget(QWidget):
         self.state.slide_opened.connect(self._on_slide_opened)
         self.state.features_updated.connect(self._on_features_updated)
         self.state.prototype_style_changed.connect(lambda _sid: self.update_legend())
+        self.state.prototypes_updated.connect(self._on_prototypes_updated)
         self.state.settings_changed.connect(self._on_settings_changed)
         self._hover_cb = self._on_mouse_move
         napari_viewer.mouse_move_callbacks.append(self._hover_cb)
@@ -145,6 +146,10 @@ class PrototypesWidget(QWidget):
             return
         if self.auto.isChecked():
             guarded("Prototypes")(self.compute)(False)
+
+    def _on_prototypes_updated(self, slide_id: str) -> None:
+        if slide_id in ("", self.state.current_slide_id):
+            self.update_legend()
 
     # -- computing -------------------------------------------------------------------------------------
     def compute(self, all_slides: bool = False):

@@ -1,0 +1,135 @@
+"""``slpd prototypes COHORT [-k 4]``: K prototypes per slide of a cohort, cached, and the cohort index.
+
+Each slide with extracted features gets K prototypes (K-means of its region embeddings, or of its patch
+features with ``--source features``), saved to ``COHORT/prototypes/<slide_id>.h5``. Files made with the
+same settings from the same features are reused. Then the cohort's similarity index is brought up to
+date and saved in ``COHORT/index`` (``slpd similar`` uses it).
+
+Exit status: 0 when every slide with features has prototypes, 1 when some failed (they keep any older
+prototypes), 2 on bad input (no such cohort, no slides, no features at all).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from napari_slpd.errors import SlpdError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prototypes",
+        help="compute K prototypes per slide (K-means of region embeddings) and the cohort index",
+        description="Summarize each slide of a cohort by K prototypes (K-means of its region embeddings, "
+        "SLPD settings: faiss, niter 10, nredo 5, seed 0), cache them, and build the cohort's similar-slide "
+        "index. Slides with fewer regions than K get fewer prototypes (reported).",
+    )
+    parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
+    parser.add_argument("-k", "--k", type=int, default=4,
+                        help="prototypes per slide (default 4; SLPD: 4 NSCLC, 2 BRCA)")
+    parser.add_argument("--source", choices=("region_embeddings", "features"), default="region_embeddings",
+                        help="cluster region embeddings (default) or patch features (patch-resolution label maps)")
+    parser.add_argument("--min-regions", type=int, default=None, metavar="N",
+                        help="leave out slides with fewer regions (SLPD's min_num_region: 32 NSCLC, 16 BRCA)")
+    parser.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda: faiss GPU K-means when available")
+    parser.add_argument("--slides", nargs="+", metavar="SLIDE_ID", default=None, help="only these slides")
+    parser.add_argument("--overwrite", action="store_true", help="recompute even up-to-date prototypes")
+    parser.add_argument("--no-index", action="store_true", help="do not update the cohort index")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def open_cohort(path: str):
+    from napari_slpd.cohort import Cohort
+
+    cohort = Cohort(path, create=False)
+    if not cohort.registry_path.exists():
+        raise SlpdError(
+            f"{cohort.root} is not a cohort folder (no {cohort.registry_path.name}); run `slpd extract` first"
+        )
+    return cohort
+
+
+class ProgressBar:
+    """A tqdm bar on stderr usable as a ``progress(done, total)`` callback (silent when disabled)."""
+
+    def __init__(self, description: str, enabled: bool):
+        self.description = description
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.description, unit="slide", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_table(report) -> str:
+    rows = [("slide", "status", "K", "regions", "prototype sizes", "note")]
+    for r in report.results:
+        sizes = " ".join(f"{100 * s:.0f}%" for s in r.sizes) if r.sizes else ""
+        rows.append((r.slide_id, r.status, "" if r.k is None else str(r.k),
+                     "" if r.n_regions is None else str(r.n_regions), sizes, r.message))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def summary(report) -> str:
+    counts = {}
+    for r in report.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    text = f"{len(report.results)} slides ({parts}); K = {report.k} from {report.source}"
+    return text + ("; cancelled" if report.cancelled else "")
+
+
+def run(args) -> int:
+    from napari_slpd.prototypes.cache import compute_cohort_prototypes
+    from napari_slpd.prototypes.index import CohortIndex
+
+    cohort = open_cohort(args.cohort)
+    bar = ProgressBar("prototypes", enabled=not (args.quiet or args.json))
+    try:
+        report = compute_cohort_prototypes(
+            cohort, k=args.k, source=args.source, seed=args.seed, min_regions=args.min_regions,
+            device=args.device, overwrite=args.overwrite, slide_ids=args.slides, progress=bar,
+        )
+    finally:
+        bar.close()
+    index_info = None
+    if not args.no_index and report.usable:
+        bar = ProgressBar("cohort index", enabled=not (args.quiet or args.json))
+        try:
+            index = CohortIndex.open(cohort, progress=bar)
+        finally:
+            bar.close()
+        index_info = {"slides": len(index), "prototypes": index.n_prototypes,
+                      "method": "ivf" if index.uses_ivf else "exact", "path": str(cohort.index_dir)}
+    if args.json:
+        out = report.to_dict()
+        out["index"] = index_info
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(report))
+        print(summary(report))
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+        if index_info:
+            print(f"cohort index: {index_info['slides']} slides, {index_info['prototypes']} prototypes "
+                  f"({index_info['method']}), saved in {index_info['path']}")
+    if report.failed or report.cancelled:
+        return 1
+    return 0
