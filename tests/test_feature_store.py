@@ -226,3 +226,19 @@ def test_chunk_shape_and_count_checked(tmp_path):
         writer.finish()
     with pytest.raises(FeatureStoreError, match="more regions"):
         writer.append(chunk_of(make_data(m=M + 3), 0, M + 3))
+
+
+def test_one_writer_per_slide_at_a_time(tmp_path):
+    data = make_data()
+    final = tmp_path / "s.h5"
+    first = FeatureStoreWriter(final, layout(), SETTINGS)
+    with pytest.raises(FeatureStoreError, match="another process is writing"):
+        FeatureStoreWriter(final, layout(), SETTINGS)
+    first.append(chunk_of(data, 0, 3))
+    first.close()  # e.g. cancelled: the partial file stays, the lock goes
+    with FeatureStoreWriter(final, layout(), SETTINGS) as second:
+        assert second.n_done == 3
+        second.append(chunk_of(data, 3, M))
+        second.finish()
+    assert not list(tmp_path.glob(".*.lock"))
+    FeatureStore.open(final).close()

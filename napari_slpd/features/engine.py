@@ -504,16 +504,16 @@ def extract_slide(
             result.seconds = time.perf_counter() - t0
             return result
 
-        writer = _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder)
-        result.resumed_from = writer.n_done
-        maybe_compile(patch_encoder, config.compile)
-        done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
-        result.n_computed = done - writer.resumed_from
-        if done < len(grid):
-            result.status = "cancelled"
-            result.message = f"cancelled after {done} of {len(grid)} regions; run again to resume"
-        else:
-            writer.finish()
+        with _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder) as writer:
+            result.resumed_from = writer.n_done
+            maybe_compile(patch_encoder, config.compile)
+            done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
+            result.n_computed = done - writer.resumed_from
+            if done < len(grid):
+                result.status = "cancelled"
+                result.message = f"cancelled after {done} of {len(grid)} regions; run again to resume"
+            else:
+                writer.finish()
         result.seconds = time.perf_counter() - t0
         return result
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 
 from napari_slpd.errors import FeatureStoreError, SlpdError
 from napari_slpd.features.store import (FORMAT_VERSION, FeatureStoreWriter, RegionChunk, StoreLayout,
-                                        existing_store_is_current, partial_path_for)
+                                        existing_store_is_current)
 
 log = logging.getLogger(__name__)
 
@@ -384,19 +384,18 @@ def _write_import(out_path, layout, settings, chunk, attrs, coords_attrs, pf: Pa
 
     no_patch_layout = StoreLayout(layout.n_regions, layout.token_dim, layout.grid_size, layout.embed_dim,
                                   layout.token_dtype, patch_features=False)
-    partial = partial_path_for(out_path)
-    if partial.exists():
-        partial.unlink()
-    writer = FeatureStoreWriter(out_path, no_patch_layout, settings, None, attrs, None)
-    writer.append(chunk)
-    # The patch-level features have another row count than the regions: written before completion,
-    # inside the same partial file, so the final file still appears only once whole.
-    with h5py.File(writer.partial_path, "r+") as fh:
-        fh.create_dataset("features", data=pf.features, dtype="float32", chunks=True)
-        ds = fh.create_dataset("coords", data=pf.coords, dtype="int64", chunks=True)
-        for key, value in coords_attrs.items():
-            ds.attrs[key] = value
-    writer.finish()
+    with FeatureStoreWriter(out_path, no_patch_layout, settings, None, attrs, None) as writer:
+        if writer.n_done:  # an import killed before its rename: redo it whole
+            writer.restart()
+        writer.append(chunk)
+        # The patch-level features have another row count than the regions: written before completion,
+        # inside the same partial file, so the final file still appears only once whole.
+        with h5py.File(writer.partial_path, "r+") as fh:
+            fh.create_dataset("features", data=pf.features, dtype="float32", chunks=True)
+            ds = fh.create_dataset("coords", data=pf.coords, dtype="int64", chunks=True)
+            for key, value in coords_attrs.items():
+                ds.attrs[key] = value
+        writer.finish()
 
 
 __all__ = [

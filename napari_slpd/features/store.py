@@ -435,8 +435,34 @@ class FeatureStoreWriter:
         self.attrs = dict(attrs or {})
         self.coords_attrs = dict(coords_attrs or {})
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self.n_done = self._resume_or_create()
+        self._lock = _SlideLock(self.final_path)
+        try:
+            self.n_done = self._resume_or_create()
+        except BaseException:
+            self._lock.release()
+            raise
         self.resumed_from = self.n_done
+
+    def restart(self) -> None:
+        """Drop whatever an earlier run left in the partial file and start it empty."""
+        self.partial_path.unlink(missing_ok=True)
+        self._create()
+        self.n_done = self.resumed_from = 0
+
+    def close(self) -> None:
+        """Release the slide's lock; an unfinished file stays for the next run to resume."""
+        self._lock.release()
+
+    def __enter__(self) -> "FeatureStoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     # -- opening ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -626,7 +652,43 @@ class FeatureStoreWriter:
         _fsync_path(self.partial_path)
         os.replace(self.partial_path, self.final_path)
         _fsync_dir(self.final_path.parent)
+        self.close()
         return self.final_path
+
+
+class _SlideLock:
+    """An exclusive lock on ``.<final name>.lock`` beside a feature file, held while it is written.
+
+    Two processes extracting one slide into one cohort (two shells, a GUI and a CLI) would otherwise
+    append to the same partial file. flock is released by the kernel when a process dies, so a killed
+    run never leaves a stale lock behind. Without fcntl (Windows) there is no lock.
+    """
+
+    def __init__(self, final_path: Path):
+        self.path = final_path.with_name(f".{final_path.name}.lock")
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise FeatureStoreError(
+                f"another process is writing the features of {final_path.stem} ({self.path.name} is locked); "
+                "wait for it to finish or stop it"
+            ) from exc
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(fd)  # closing drops the flock
 
 
 def _fsync_path(path: Path) -> None:
@@ -652,9 +714,8 @@ def write_store(
     run_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a whole feature file in one go (e.g. imported features); same atomic rules as extraction."""
-    partial = partial_path_for(final_path)
-    if partial.exists():
-        partial.unlink()
-    writer = FeatureStoreWriter(final_path, layout, settings, run_settings, attrs, coords_attrs)
-    writer.append(chunk)
-    return writer.finish()
+    with FeatureStoreWriter(final_path, layout, settings, run_settings, attrs, coords_attrs) as writer:
+        if writer.n_done:
+            writer.restart()
+        writer.append(chunk)
+        return writer.finish()
