@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     n_slides = args.n_slides or (10_000 if args.quick else 100_000)
     n_queries = args.queries or (100 if args.quick else 200)
-    n_exact = min(n_queries, args.exact_queries or (50 if args.quick else 40))
+    n_exact = min(n_queries, args.exact_queries or (50 if args.quick else 30))
     n_brute = min(n_exact, args.brute_queries or 3)
 
     t0 = time.perf_counter()

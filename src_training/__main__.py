@@ -132,7 +132,8 @@ def config_from_args(args):
     return cfg
 
 
-def _install_signal_handlers(trainer) -> None:
+def _install_signal_handlers(trainer) -> dict:
+    """SIGINT/SIGTERM ask the trainer to stop; returns the previous handlers (to restore them)."""
     received = []
 
     def handler(signum, _frame):
@@ -143,8 +144,10 @@ def _install_signal_handlers(trainer) -> None:
         log.warning("%s received: stopping after the current step (checkpoint and export follow)", name)
         trainer.request_stop(f"signal {name}")
 
+    previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+        previous[sig] = signal.signal(sig, handler)
+    return previous
 
 
 def run(args) -> int:
@@ -152,7 +155,7 @@ def run(args) -> int:
     from src_training import distributed
     from src_training.data import TokenGridIndex
     from src_training.events import EventWriter
-    from src_training.trainer import Trainer
+    from src_training.trainer import Trainer, TrainingDiverged
 
     cfg = config_from_args(args)
     if args.export_only:
@@ -172,8 +175,20 @@ def run(args) -> int:
         except SlpdError as exc:
             events.emit("error", kind="input", message=str(exc), checkpoint=None)
             raise
-        _install_signal_handlers(trainer)
-        result = trainer.fit()
+        previous = _install_signal_handlers(trainer)
+        try:
+            result = trainer.fit()
+        except TrainingDiverged:
+            raise  # its error event is already written
+        except SlpdError as exc:
+            events.emit("error", kind="input", message=str(exc), checkpoint=None)
+            raise
+        except Exception as exc:
+            events.emit("error", kind="internal", message=f"{type(exc).__name__}: {exc}", checkpoint=None)
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if ctx.is_main:
             print(f"slpd-train: {result.status} at epoch {result.epoch} (step {result.global_step}); "
                   f"checkpoint {result.checkpoint}; teacher exported to {result.export}", file=sys.stderr)

@@ -26,7 +26,9 @@ from napari_slpd.errors import FeatureStoreError, SlpdError
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_FILES = 64
+# Open HDF5 files kept per process and dataset (one file descriptor each): with W loader workers a run holds
+# at most W x MAX_OPEN_FILES of them, well below the usual limit of 1024.
+MAX_OPEN_FILES = 48
 
 
 @dataclass

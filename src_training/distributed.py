@@ -93,17 +93,26 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over processes (returns the tensor for chaining)."""
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        # NCCL reduces GPU memory only: round-trip CPU tensors (cluster results) through the GPU.
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        tensor.copy_(on_gpu)
+    else:
+        dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over processes (returns the tensor for chaining); CPU tensors work with NCCL too."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

@@ -202,11 +202,12 @@ class Trainer:
             self.train_set, batch_sampler=self.sampler, collate_fn=collate_views, **loader_args
         )
         eval_batch = cfg.cluster.eval_batch_size or 5 * cfg.optim.batch_size_per_gpu
+        # Used once per epoch: its workers (and their open files) end after each clustering pass.
         self.eval_loader = torch.utils.data.DataLoader(
             self.eval_set,
             batch_sampler=ShardSampler(len(self.index), eval_batch, ctx.rank, ctx.world_size),
             collate_fn=collate_eval,
-            **loader_args,
+            **{**loader_args, "persistent_workers": False},
         )
 
         # ============ networks ============
@@ -247,6 +248,7 @@ class Trainer:
         self.epoch_steps = 0
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self._last_cluster_s = 0.0
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
@@ -466,6 +468,7 @@ class Trainer:
         if out is None:
             return False
         self.clusters, stats = out
+        self._last_cluster_s = stats["seconds"]
         if self.ctx.is_main:
             self.events.emit("clusters", **stats)
             log.info("epoch %d: %d slide(s) clustered into %d prototypes, %d left out (%.1f s)", epoch,
@@ -583,12 +586,21 @@ class Trainer:
             "lr": float(self.schedules.lr[it]), "weight_decay": float(self.schedules.weight_decay[it]),
             "momentum": float(self.schedules.momentum[it]), "teacher_temp": self.dino_loss.teacher_temp(epoch),
             "steps_per_s": rate, "regions_per_s": rate * self.global_batch if rate else None,
-            "eta_s": (self.total_steps - it - 1) / rate if rate else None,
+            "eta_s": self._eta(it, rate),
         }
         self.history.append(record)
         every = max(self.cfg.run.log_every_steps, 1)
         if self.ctx.is_main and (step % every == 0 or step == 0 or step == self.steps_per_epoch - 1):
             self.events.emit("step", **record)
+
+    def _eta(self, it: int, rate: float | None) -> float | None:
+        """Seconds left: remaining steps at the current rate plus the re-clustering passes still to come."""
+        if not rate:
+            return None
+        cfg = self.cfg
+        epoch = it // self.steps_per_epoch
+        clusterings_left = sum(1 for e in range(epoch + 1, cfg.optim.epochs) if e > cfg.cluster.warm_epoch)
+        return (self.total_steps - it - 1) / rate + clusterings_left * self._last_cluster_s
 
     def _diverged(self, epoch: int, step: int, values: list[float]) -> None:
         existing = ckpt.checkpoint_path(self.run_dir)

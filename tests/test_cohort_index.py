@@ -212,6 +212,15 @@ def test_cohort_index_follows_the_prototype_cache(tmp_path):
     assert reloaded.stamps == index.stamps
     changes = reloaded.sync(cohort)
     assert changes == {"added": [], "updated": [], "removed": []}
+    # Prototypes of patch features (8-d here) for some slides only cannot be mixed in; for all, they replace.
+    compute_cohort_prototypes(cohort, k=3, source="features", slide_ids=["s0"])
+    with pytest.raises(PrototypeError, match=r"different sizes.*8-d: 1 slide\(s\) \(s0\)"):
+        CohortIndex.open(cohort)
+    compute_cohort_prototypes(cohort, k=3, source="features")
+    switched = CohortIndex.open(cohort)
+    assert switched.source == "features" and switched.dim == 8 and len(switched) == 4
+    compute_cohort_prototypes(cohort, k=3)
+    assert CohortIndex.open(cohort).source == "region_embeddings"
     # Mismatched embedding sizes across slides: one clear message naming them; the cache is untouched.
     write_feature_file(cohort.features_path("s3"), rng.standard_normal((12, 24)), settings_key="other")
     compute_cohort_prototypes(cohort, k=3)

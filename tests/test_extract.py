@@ -59,7 +59,10 @@ def config(**kw) -> ExtractionConfig:
 
 def datasets(path: Path) -> dict:
     with h5py.File(path, "r") as fh:
-        return {name: fh[name][()] for name in DATASETS if name in fh}
+        data = {name: fh[name][()] for name in DATASETS if name in fh}
+        data["_resume/ends"] = fh["_resume/ends"][()]
+        data["attrs"] = {k: fh.attrs[k] for k in fh.attrs}
+    return data
 
 
 def test_extract_real_slide_matches_reference_and_tissue(tmp_path, encoders):
@@ -109,7 +112,7 @@ def test_second_run_computes_nothing_and_settings_never_mix(tmp_path, encoders):
     path = real_slide("cmu_svs")
     out = tmp_path / "cmu.h5"
     extract_slide(path, out, patch, region, config())
-    before = (out.stat().st_mtime_ns, datasets(out))
+    mtime = out.stat().st_mtime_ns
 
     class Exploding:
         def __getattr__(self, name):
@@ -120,7 +123,7 @@ def test_second_run_computes_nothing_and_settings_never_mix(tmp_path, encoders):
 
     again = extract_slide(path, out, Exploding(), region, config(num_workers=0))
     assert again.status == "skipped" and again.n_computed == 0
-    assert out.stat().st_mtime_ns == before[0]
+    assert out.stat().st_mtime_ns == mtime
 
     other = config(grid=GridConfig(region_px=512, patch_px=128, target_mpp=1.0))
     with pytest.raises(FeatureStoreError, match="other settings"):
@@ -177,6 +180,10 @@ def test_killed_run_resumes_to_identical_file(tmp_path, encoders):
     assert resumed.n_computed == total - resumed.resumed_from
     a, b = datasets(full), datasets(killed)
     assert a.keys() == b.keys()
+    attrs_a, attrs_b = a.pop("attrs"), b.pop("attrs")
+    assert attrs_a.keys() == attrs_b.keys()
+    for key in attrs_a:
+        np.testing.assert_array_equal(attrs_a[key], attrs_b[key], err_msg=key)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bit for bit
 

@@ -64,6 +64,8 @@ def write(path, data, chunks=(3, 3, 1), settings=SETTINGS, finish=True, run=None
         start = end
     if finish:
         writer.finish()
+    else:
+        writer.close()  # as a killed or cancelled run would leave it: partial file, no lock
     return writer
 
 
@@ -147,6 +149,7 @@ def test_corrupted_chunk_fails_checksum_and_is_recomputed(tmp_path, caplog):
         fh["region_embeddings"][3] += 1.0  # inside the second chunk
     with caplog.at_level(logging.WARNING):
         writer = FeatureStoreWriter(final, layout(), SETTINGS, {"precision": "float32"})
+    writer.close()
     assert writer.n_done == 2
     assert "checksum" in caplog.text
 
@@ -157,9 +160,11 @@ def test_partial_with_other_settings_or_precision_starts_over(tmp_path, caplog):
     write(final, data, chunks=(3,), finish=False)
     with caplog.at_level(logging.WARNING):
         w = FeatureStoreWriter(final, layout(), {**SETTINGS, "patch_px": 32}, {"precision": "float32"})
+    w.close()
     assert w.n_done == 0 and "starting this slide over" in caplog.text
     write(final, data, chunks=(3,), finish=False)  # fresh partial with the original settings
     w = FeatureStoreWriter(final, layout(), SETTINGS, {"precision": "bfloat16"})
+    w.close()
     assert w.n_done == 0  # never mixes two precisions in one file
 
 
@@ -168,6 +173,7 @@ def test_unreadable_partial_starts_over(tmp_path, caplog):
     partial_path_for(final).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
     with caplog.at_level(logging.WARNING):
         w = FeatureStoreWriter(final, layout(), SETTINGS, {"precision": "float32"})
+    w.close()
     assert w.n_done == 0 and "unreadable" in caplog.text
 
 
@@ -242,3 +248,16 @@ def test_one_writer_per_slide_at_a_time(tmp_path):
         second.finish()
     assert not list(tmp_path.glob(".*.lock"))
     FeatureStore.open(final).close()
+
+
+def test_without_patch_features(tmp_path):
+    data = make_data()
+    lay = StoreLayout(n_regions=M, token_dim=D, grid_size=G, embed_dim=E, patch_features=False)
+    chunk = chunk_of(data, 0, M)
+    chunk.patch_features = chunk.patch_coords = None
+    from napari_slpd.features.store import write_store
+
+    write_store(tmp_path / "s.h5", lay, SETTINGS, chunk)
+    with FeatureStore.open(tmp_path / "s.h5") as store:
+        assert store.features is None and store.coords is None and store.coords_attrs == {}
+        np.testing.assert_allclose(store.tokens(), data["tokens"], atol=2e-3)  # float16 by default

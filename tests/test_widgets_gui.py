@@ -18,6 +18,8 @@ from widgets_support import K, build_processed_cohort, tiny_settings
 pytestmark = pytest.mark.gui
 
 WAIT_MS = 120_000
+import os
+SHOW = os.environ.get("SHOW", "1") == "1"
 
 
 @dataclass
@@ -53,7 +55,7 @@ def _viewer(make_napari_viewer, *names):
 
     classes = {"cohort": CohortWidget, "features": FeaturesWidget, "prototypes": PrototypesWidget,
                "similar": SimilarSlidesWidget, "embedding": EmbeddingMapWidget}
-    viewer = make_napari_viewer(show=True)
+    viewer = make_napari_viewer(show=SHOW)
     viewer.window._qt_window.resize(1600, 1000)
     panels = {}
     for name in names:
@@ -104,8 +106,8 @@ def _open(qtbot, panels, slide_id: str):
     opened = cohort_panel.open_slide(slide_id)
     _wait(qtbot, cohort_panel.task_bar)
     if "prototypes" in panels and opened.regions is not None:
-        qtbot.waitUntil(lambda: "prototypes" in opened.extras and not panels["prototypes"].task_bar.busy,
-                        timeout=WAIT_MS)
+        assert _wait(qtbot, panels["prototypes"].task_bar) == "done"
+        assert "prototypes" in opened.extras
     return opened
 
 
@@ -134,7 +136,7 @@ def test_open_cohort_compute_features_and_prototypes_align_with_the_slide(make_n
     # The features form, set as a user would (tiny settings so the CPU run takes seconds).
     features.region_px.setValue(256)
     features.patch_px.setValue(64)
-    features.input_px.setValue(32)
+    features.input_px.setValue(16)
     features.target_mpp.setValue(1.0)
     features.device.setCurrentText("cpu")
     protos.k_spin.setValue(K)
@@ -154,7 +156,7 @@ def test_open_cohort_compute_features_and_prototypes_align_with_the_slide(make_n
     _click(qtbot, features.current_button)
     assert _wait(qtbot, features.task_bar) == "done"
     assert [r.status for r in features.last_results] == ["extracted"]
-    qtbot.waitUntil(lambda: state.layer("prototypes") is not None and not protos.task_bar.busy, timeout=WAIT_MS)
+    assert _wait(qtbot, protos.task_bar) == "done"  # shown automatically once the slide has features
     opened = state.current
     layer = state.layer("prototypes")
     M = len(opened.regions)

@@ -2,7 +2,7 @@
 
 The cohort holds the real CMU-1 small region as SVS and as a DICOM pyramid (the same tissue through two
 readers: each must be the other's nearest slide), the real breast TIFF (its bogus pixel size replaced by a
-user value) and one synthetic slide. Features use a random-init ViT-256 at 32 px on 64-px patches of
+user value) and one synthetic slide. Features use a random-init ViT-256 seeing 16 px (one token) on 64-px patches of
 256-px regions at 1 um/px (about a dozen regions per real slide), so extraction takes seconds on a CPU.
 The folder lives in pytest's base temp folder, so a second test module reuses the cache.
 """
@@ -19,7 +19,7 @@ K = 3
 def tiny_settings(**feature_overrides):
     from napari_slpd.session import FeatureSettings, PrototypeSettings, SessionSettings
 
-    features = dict(region_px=256, patch_px=64, patch_input_px=32, target_mpp=1.0, batch_size=256,
+    features = dict(region_px=256, patch_px=64, patch_input_px=16, target_mpp=1.0, batch_size=256,
                     num_workers=1, device="cpu")
     features.update(feature_overrides)
     return SessionSettings(features=FeatureSettings(**features), prototypes=PrototypeSettings(k=K), top_k=5)

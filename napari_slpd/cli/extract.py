@@ -297,12 +297,24 @@ def run_extract(args) -> int:
         print(f"{prefix}{len(slides)} slides -> {cohort.root}; patch encoder {patch_encoder.model_id}, "
               f"region encoder {region_encoder.model_id}, device {device}", file=sys.stderr)
 
-    rows = []
-    for path in mine:
-        rows.append(_extract_one(path, cohort, patch_encoder, region_encoder, config, args, prefix))
+    rows: list[dict] = []
+    folder = cohort.root / RANKS_DIR / _run_token(slides, cohort.root, info.world)
+    try:
+        for path in mine:
+            rows.append(_extract_one(path, cohort, patch_encoder, region_encoder, config, args, prefix))
+    except BaseException as exc:
+        if info.world > 1 and info.rank != 0:
+            # Rank 0 waits for this report: say what failed rather than leave it waiting (a launcher
+            # other than torchrun may not stop the other ranks when one dies).
+            for path in mine[len(rows):]:
+                row = _result_row(path=path, error=f"rank {info.rank} stopped: {type(exc).__name__}: {exc}")
+                row["path"] = str(_registry_path(path))
+                rows.append(row)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_rank_report(folder, info, rows)
+        raise
 
     if info.world > 1:
-        folder = cohort.root / RANKS_DIR / _run_token(slides, cohort.root, info.world)
         folder.mkdir(parents=True, exist_ok=True)
         if info.rank != 0:
             _write_rank_report(folder, info, rows)

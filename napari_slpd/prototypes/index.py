@@ -840,9 +840,16 @@ class CohortIndex:
                 loaded.append((slide_id, centroids, wanted[slide_id], attrs.get("source")))
             if progress is not None:
                 progress(i + 1, len(todo))
-        self._check_consistent(loaded)
+        replaced = {item[0] for item in loaded}
+        kept = [s for s in self.slide_ids if s not in replaced]
+        self._check_consistent(loaded, kept)
+        previous = set(self.slide_ids)
+        if not kept and self._store is not None:
+            # Every slide is re-read (e.g. prototypes recomputed from another source or encoder): start
+            # afresh, so that the new prototypes need not match the dims or source of the old ones.
+            self._store, self._ivf, self.source, self.stamps = None, None, None, {}
         for slide_id, centroids, stamp, source in loaded:
-            (changes["updated"] if slide_id in self else changes["added"]).append(slide_id)
+            (changes["updated"] if slide_id in previous else changes["added"]).append(slide_id)
             self._add(slide_id, centroids, stamp, source)
         if len(self) == 0:
             raise PrototypeError(
@@ -851,16 +858,19 @@ class CohortIndex:
         self._after_change()
         return changes
 
-    def _check_consistent(self, loaded) -> None:
-        """One clear message for a cohort whose slides' prototypes cannot be compared with each other."""
+    def _check_consistent(self, loaded, kept: list[str]) -> None:
+        """One clear message for a cohort whose slides' prototypes cannot be compared with each other
+        (``loaded``: slides about to be (re-)added; ``kept``: indexed slides that stay as they are)."""
         by_dim: dict[int, list[str]] = {}
-        if self._store is not None:
-            by_dim[self._store.dim] = [s for s in self.slide_ids if s not in {x[0] for x in loaded}]
         by_source: dict[str, list[str]] = {}
+        if kept:
+            by_dim[self._store.dim] = list(kept)
+            if self.source is not None:
+                by_source[self.source] = list(kept)
         for slide_id, centroids, _, source in loaded:
             by_dim.setdefault(int(centroids.shape[1]), []).append(slide_id)
-            by_source.setdefault(source or "?", []).append(slide_id)
-        by_dim = {d: ids for d, ids in by_dim.items() if ids}
+            if source:
+                by_source.setdefault(source, []).append(slide_id)
         if len(by_dim) > 1:
             parts = [f"{d}-d: {len(ids)} slide(s) ({', '.join(sorted(ids)[:4])}{', ...' if len(ids) > 4 else ''})"
                      for d, ids in sorted(by_dim.items(), key=lambda item: -len(item[1]))]
@@ -868,10 +878,9 @@ class CohortIndex:
                 "the cohort's slides have embeddings of different sizes, so they cannot be compared: "
                 + "; ".join(parts) + ". Extract every slide with the same encoders (slpd extract --overwrite)"
             )
-        if self.source is not None and len(self):
-            by_source.setdefault(self.source, []).append("(indexed)")
         if len(by_source) > 1:
-            parts = [f"{src}: {', '.join(sorted(ids)[:4])}" for src, ids in by_source.items()]
+            parts = [f"{src}: {', '.join(sorted(ids)[:4])}{', ...' if len(ids) > 4 else ''}"
+                     for src, ids in by_source.items()]
             raise PrototypeError(
                 "the cohort's prototypes were computed from different sources (" + "; ".join(parts)
                 + "); recompute them all with the same --source"
