@@ -69,3 +69,13 @@ def test_cohort_path_that_is_a_file(tmp_path):
     f.write_text("")
     with pytest.raises(SlpdError, match="is a file"):
         Cohort(f)
+
+
+def test_atomic_path_gives_default_permissions(tmp_path):
+    target = tmp_path / "shared.json"
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(target, {})
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644
