@@ -1,20 +1,25 @@
 """Benchmark of region feature extraction (napari_slpd.features.engine). Prints ONE JSON line last.
 
-(a) ``pipeline_vs_sequential``: the engine against HIPT's loop (read one region, encode its patches as one
-    batch, encode its token grid, next region; nothing overlaps) on the same slide, grid and model, in
-    one process: sequential seconds / engine seconds. Both use the same region reader and the same
-    encoders, so the ratio is what the engine's overlap of decoding with inference, its parallel
-    readers, its batching and its thread policy buy. The default settings are decode-heavy (regions
-    read at level 0, a light patch model), the regime a GPU is in: there the model outruns one reader
-    many times over. ``compute_bound_ratio`` repeats (a) with a heavier model (64-px input), where the
-    model dominates and little can be overlapped; it is printed for context, not as the headline.
-(b) ``rss_ratio_4x_area``: peak RSS of extracting a mosaic 4x larger in area over the smaller one's, each
-    in a fresh subprocess (memory must be bounded by batch, window and chunk, not by the slide).
+(a) ``pipeline_vs_sequential``: the engine against HIPT's loop (find the regions, then read one region,
+    encode its patches as one batch, encode its token grid, next region; nothing overlaps; save) on the
+    same slide and model, end to end, in one process: sequential seconds / engine seconds. Both use the
+    same tissue detection, region reader and encoders, so the ratio is what the engine's parallel
+    readers, its overlap of decoding with inference, its batching and its thread policy buy.
+    The settings are decode-heavy (2048-px regions read at level 0, ViT-256 fed 16-px patches): the
+    regime of a GPU, where the model outruns a reader many times over; on CPU a full-size ViT-256 is
+    compute-bound and little can be overlapped. Best of ``--repeats`` alternated runs.
+    ``pipeline_vs_sequential_1thread``: the same against the loop run with one torch thread (the better
+    sequential setting on a small, busy machine), to separate overlap and batching from thread policy.
+    ``compute_bound_ratio``: (a) with a heavier model (48-px input), for context.
+(b) ``rss_ratio_4x_area``: peak RSS while extracting a mosaic 4x larger in area over the smaller one's,
+    each in a fresh subprocess, the high-water mark reset after the models are loaded (memory must be
+    bounded by batch, window and chunk, not by the slide).
 (c) ``cuda_regions_per_s``: with CUDA, regions/s of the full HIPT configuration (4096-px regions of
     256-px patches at 0.5 um/px, ViT-256 at 256 px in bf16, ViT-4K) on a large mosaic; null otherwise.
 
 Mosaics are built from the real CMU-1 small region tiles (napari_slpd.mosaic) under benchmarks/out/.
-Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--repeats N]
+On a shared machine the timings move with other programs' load: the load average is printed with them.
+Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--skip-compute-bound] [--repeats N]
 """
 
 from __future__ import annotations
@@ -51,23 +56,35 @@ def build_models(input_px: int, device: str = "cpu"):
     return patch, region
 
 
-def time_sequential(slide, grid, patch, region) -> float:
+def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
+    """HIPT's way end to end: find the tissue regions, then for each region read it, encode its patches as
+    one batch and its token grid, nothing overlapping; save the slide's features at the end."""
+    import h5py
+
     from napari_slpd.features.engine import sequential_extract
+    from napari_slpd.grid import build_region_grid
+    from napari_slpd.slide import open_slide
+    from napari_slpd.tissue import detect_tissue
 
     t0 = time.perf_counter()
-    sequential_extract(slide, grid, patch, region)
+    with open_slide(path) as slide:
+        grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
+        tokens, embeddings = sequential_extract(slide, grid, patch, region)
+    with h5py.File(folder / f"sequential_{time.monotonic_ns()}.h5", "w") as fh:
+        fh["region_tokens"] = tokens.astype("float16")
+        fh["region_embeddings"] = embeddings
+        fh["region_coords"] = grid.coords
     return time.perf_counter() - t0
 
 
-def time_engine(slide, config, patch, region, folder: Path) -> tuple[float, int]:
+def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float, int]:
+    """The engine end to end on the same slide: tissue, grid, reading, encoding, writing the store."""
     from napari_slpd.features.engine import extract_slide
 
     out = folder / f"engine_{time.monotonic_ns()}.h5"
     t0 = time.perf_counter()
-    result = extract_slide(slide, out, patch, region, config)
-    seconds = time.perf_counter() - t0
-    out.unlink(missing_ok=True)
-    return seconds, result.n_computed
+    result = extract_slide(path, out, patch, region, config)
+    return time.perf_counter() - t0, result.n_computed
 
 
 def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int,
@@ -87,23 +104,25 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     from napari_slpd.tissue import detect_tissue
 
     grid_cfg = GridConfig(region_px=region_px, patch_px=patch_px, target_mpp=0.5, min_tissue=0.25)
-    config = ExtractionConfig(grid=grid_cfg, batch_size=512, regions_per_chunk=16)
+    config = ExtractionConfig(grid=grid_cfg, batch_size=256, regions_per_chunk=16)  # defaults otherwise
     patch, region = build_models(input_px)
     threads = torch.get_num_threads()
-    with open_slide(mosaic(side)) as slide, tempfile.TemporaryDirectory() as tmp:
+    path = mosaic(side)
+    with open_slide(path) as slide:
         grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
         # Warm-up: first-call costs (allocator, kernels) belong to neither method.
         patch.encode(RegionReader(slide, grid, input_px)(0))
+    with tempfile.TemporaryDirectory() as tmp:
         seq, eng, seq1 = [], [], []
         for k in range(repeats):
-            seq.append(time_sequential(slide, grid, patch, region))
-            seconds, n = time_engine(slide, config, patch, region, Path(tmp))
+            seq.append(time_sequential(path, grid_cfg, patch, region, Path(tmp)))
+            seconds, n = time_engine(path, config, patch, region, Path(tmp))
             eng.append(seconds)
             assert n == len(grid)
             if one_thread_baseline and k == 0:
                 torch.set_num_threads(1)
                 try:
-                    seq1.append(time_sequential(slide, grid, patch, region))
+                    seq1.append(time_sequential(path, grid_cfg, patch, region, Path(tmp)))
                 finally:
                     torch.set_num_threads(threads)
     best_seq, best_eng = min(seq), min(eng)
@@ -198,7 +217,7 @@ def cuda_throughput(side: int, compile_model: bool) -> dict | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller slides, one repeat")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-compute-bound", action="store_true")
     parser.add_argument("--cuda-side", type=int, default=49152, help="side of the CUDA mosaic (px)")
@@ -209,7 +228,7 @@ def main() -> int:
         return 2
     repeats = 1 if args.quick else args.repeats
 
-    a = pipeline_ratio(side=8192 if args.quick else 10240, region_px=2048, patch_px=256, input_px=16,
+    a = pipeline_ratio(side=8192 if args.quick else 14336, region_px=2048, patch_px=256, input_px=16,
                        repeats=repeats)
     print(f"(a) decode-heavy: {a['settings']}; {a['regions']} regions: sequential {a['sequential_s']} s "
           f"(one torch thread: {a['sequential_1thread_s']} s), engine {a['engine_s']} s -> {a['ratio']}x "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -55,7 +55,7 @@ class FeatureSettings:
     batch_size: int = 256
     num_workers: int = 2
     token_dtype: str = "float16"
-    overwrite: bool = False  # replace feature files made with other settings
+    overwrite: bool = False  # replace feature files made with other settings (current ones stay cached)
 
     def __post_init__(self):
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -80,9 +80,10 @@ class FeatureSettings:
 
     @property
     def random_init(self) -> bool:
-        return self.patch_checkpoint is None and self.patch_encoder == "hipt_vit256" or (
-            self.region_checkpoint is None and self.region_encoder == "hipt_vit4k"
-        )
+        """Whether a HIPT encoder runs without weights (its features then carry no learned morphology)."""
+        patch_random = self.patch_checkpoint is None and self.patch_encoder == "hipt_vit256"
+        region_random = self.region_checkpoint is None and self.region_encoder == "hipt_vit4k"
+        return patch_random or region_random
 
 
 @dataclass
@@ -118,6 +119,8 @@ class SlideStatus:
     prototypes: str  # "done" | "missing" | "stale"
     n_regions: int | None = None
     detail: str = ""
+    mpp: float | None = None  # pixel size recorded in the cohort (user value), None: the file's own
+    mpp_source: str | None = None
 
     @property
     def features_done(self) -> bool:
@@ -244,9 +247,15 @@ class Session:
 
     # -- status ----------------------------------------------------------------------------------------
     def status(self, slide_id: str) -> SlideStatus:
+        return self._status(self.record(slide_id))
+
+    def statuses(self) -> list[SlideStatus]:
+        return [self._status(record) for record in self.cohort.slides()]  # one registry read for all
+
+    def _status(self, record: SlideRecord) -> SlideStatus:
         from napari_slpd.features.store import partial_path_for, read_store_attrs
 
-        record = self.record(slide_id)
+        slide_id = record.slide_id
         path = self.cohort.features_path(slide_id)
         features, n_regions, detail = "missing", None, ""
         if path.exists():
@@ -268,10 +277,8 @@ class Session:
         if self.cohort.prototypes_path(slide_id).exists():
             current = features == "done" and self._prototypes_current(slide_id, str(attrs.get("settings_key", "")))
             protos = "done" if current else "stale"
-        return SlideStatus(slide_id, record.path, record.path.exists(), features, protos, n_regions, detail)
-
-    def statuses(self) -> list[SlideStatus]:
-        return [self.status(sid) for sid in self.slide_ids()]
+        return SlideStatus(slide_id, record.path, record.path.exists(), features, protos, n_regions, detail,
+                           record.mpp, record.mpp_source)
 
     def _settings_differences(self, attrs: dict) -> list[str]:
         """Cheap check of a feature file against the current settings (names and sizes; checkpoints are
@@ -338,7 +345,7 @@ class Session:
         slide. A slide that fails with an SlpdError does not stop the others: its result has status
         "error" and the message. ``on_slide(result)`` is called after each slide (from this thread).
         """
-        from napari_slpd.features.engine import ExtractionResult, extract_slide
+        from napari_slpd.features.engine import ExtractionResult
 
         slide_ids = list(slide_ids) if slide_ids is not None else self.slide_ids()
         n = len(slide_ids)
@@ -358,9 +365,7 @@ class Session:
                     progress(i * unit + min(unit, done * unit // total), n * unit)
 
             try:
-                result = extract_slide(
-                    record.path, out, patch, region, self.extraction_config(slide_id), slide_progress, cancel
-                )
+                result = self._extract_one(record, out, patch, region, slide_progress, cancel)
             except SlpdError as exc:
                 result = ExtractionResult(slide_id, record.path, out, "error", message=str(exc))
                 log.warning("%s: %s", slide_id, exc)
@@ -373,6 +378,26 @@ class Session:
             if result.status == "cancelled":
                 break
         return results
+
+    def _extract_one(self, record: SlideRecord, out: Path, patch, region, progress, cancel):
+        """One slide. ``overwrite`` here replaces only a file made with other settings: a file that is
+        current stays cached (the engine's own overwrite would recompute it too)."""
+        from napari_slpd.features.engine import extract_slide, extraction_settings
+        from napari_slpd.features.store import existing_store_is_current
+        from napari_slpd.slide import open_slide
+
+        config = self.extraction_config(record.slide_id)
+        slide = open_slide(record.path, mpp=config.mpp, mpp_fallback=config.mpp_fallback)
+        try:
+            if config.overwrite and out.exists():
+                try:
+                    current = existing_store_is_current(out, extraction_settings(slide, config, patch, region))
+                except FeatureStoreError:  # other settings, incomplete or damaged: replace it
+                    current = False
+                config.overwrite = not current
+            return extract_slide(slide, out, patch, region, config, progress, cancel)
+        finally:
+            slide.close()
 
     def region_data(self, slide_id: str) -> RegionData:
         """Embeddings and coordinates of a slide's regions (cached in memory while the file is unchanged)."""

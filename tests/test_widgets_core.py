@@ -239,3 +239,28 @@ def test_cancelled_map_writes_nothing(tmp_path):
     assert not cache_path(tmp_path, "a").exists()
     with pytest.raises(SlpdError, match="different sizes"):
         load_or_compute_map(tmp_path, "x", [("a", "k", np.ones((5, 8))), ("b", "k", np.ones((5, 4)))])
+
+
+@pytest.mark.cuda
+def test_session_runs_the_models_on_cuda(tmp_path):
+    """device="cuda" reaches the encoders; GPU features (bf16 autocast) agree with the CPU's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from conftest import real_slide
+
+    from napari_slpd.session import Session
+
+    slide = real_slide("cmu_svs")
+    gpu = Session.open(tmp_path / "gpu", slides=[slide], settings=tiny_settings(device="cuda"))
+    assert [r.status for r in gpu.extract()] == ["extracted"]
+    patch, region = gpu.encoders()
+    assert patch.device.type == "cuda" and region.device.type == "cuda"
+    cpu = Session.open(tmp_path / "cpu", slides=[slide], settings=tiny_settings(device="cpu"))
+    assert [r.status for r in cpu.extract()] == ["extracted"]
+    a = gpu.region_data("cmu_small_region").embeddings
+    b = cpu.region_data("cmu_small_region").embeddings
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98, cos.min()
+    assert gpu.prototypes("cmu_small_region").k == K

@@ -106,8 +106,12 @@ def _open(qtbot, panels, slide_id: str):
     opened = cohort_panel.open_slide(slide_id)
     _wait(qtbot, cohort_panel.task_bar)
     if "prototypes" in panels and opened.regions is not None:
-        assert _wait(qtbot, panels["prototypes"].task_bar) == "done"
-        assert "prototypes" in opened.extras
+        # Cached prototypes are drawn at once; otherwise the Prototypes panel computes them in a worker.
+        bar = panels["prototypes"].task_bar
+        qtbot.waitUntil(lambda: "prototypes" in opened.extras or (bar.task is not None and not bar.busy),
+                        timeout=WAIT_MS)
+        assert "prototypes" in opened.extras, bar.status.text()
+        qtbot.waitUntil(lambda: not bar.busy, timeout=WAIT_MS)
     return opened
 
 
@@ -463,3 +467,24 @@ def test_errors_become_notifications_not_crashes(make_napari_viewer, qtbot, tmp_
     _click(qtbot, features.cohort_button)
     assert any("whole multiple" in m for m in _last_notifications(1))
     assert features.task_bar.task is None
+
+
+def test_panels_open_from_the_plugins_menu_and_share_one_state(make_napari_viewer, qtbot, cohort):
+    """The napari.yaml contributions build the panels, and all of a viewer's panels share one state."""
+    viewer = make_napari_viewer(show=SHOW)
+    widgets = []
+    for name in ("Cohort", "Features", "Prototypes", "Similar slides", "Embedding map"):
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-slpd", name)
+        widgets.append(widget)
+    _OPEN_PANELS.extend(widgets)
+    states = {id(w.state) for w in widgets}
+    assert len(states) == 1
+    # Opening a cohort in one panel reaches the others.
+    cohort_panel, features = widgets[0], widgets[1]
+    cohort_panel.state.update_settings(features=cohort.settings.features, prototypes=cohort.settings.prototypes)
+    features.load_settings(cohort.settings.features)
+    cohort_panel.open_cohort(cohort.root)
+    assert widgets[3].state.session is cohort_panel.state.session
+    _open(qtbot, {"cohort": cohort_panel, "prototypes": widgets[2]}, "CropBreastSlide")
+    assert widgets[2].legend.rowCount() == widgets[2].state.current.extras["prototypes"].k
+    assert tuple(cohort_panel.state.layer("image").scale) == (0.5, 0.5)  # the user's pixel size, not 264.58

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-real", action="store_true", help="leave out the real test slides")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where models run")
     parser.add_argument("-k", type=int, default=4, help="prototypes per slide (default 4)")
+    parser.add_argument("--docs-screenshots", default=None, metavar="DIR",
+                        help="also write small copies of the screenshots (at most 1200 px wide) to DIR")
     parser.set_defaults(func=run)
 
 
@@ -77,6 +78,7 @@ def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None =
         min_tissue=0.25,
         batch_size=256,
         num_workers=1,
+        overwrite=True,  # the demo owns its cohort: features made by an older version are replaced
     )
     return SessionSettings(features=features, prototypes=PrototypeSettings(k=k), top_k=10)
 
@@ -133,7 +135,7 @@ def process_cohort(session, say: Callable[[str], None] = print) -> dict:
 
 
 def pick_query_slide(session) -> str:
-    """The demo's first slide: a synthetic one with the most regions (it shows the prototypes best)."""
+    """The slide the demo opens: the one with the most regions (it shows its prototypes best)."""
     best, best_n = None, -1
     for st in session.statuses():
         if st.features_done and st.prototypes_done and (st.n_regions or 0) > best_n:
@@ -247,23 +249,100 @@ def save_screenshots(viewer, panels: dict, folder: Path) -> list[Path]:
     return paths
 
 
+def save_neighbour_screenshot(viewer, panels: dict, folder: Path) -> Path | None:
+    """Open the most similar slide (as a double-click on the list does) and take the window."""
+    similar = panels["Similar slides"]
+    if not similar.results():
+        return None
+    similar.table.cellDoubleClicked.emit(0, 1)
+    viewer.reset_view()
+    path = folder / "viewer-neighbour.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    return path
+
+
+def save_small_copies(paths: list[Path], folder: Path, max_width: int = 1200) -> list[Path]:
+    """Copies for the documentation: at most ``max_width`` px wide, 256-colour PNG (about 150 KB)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+        small = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.FLOYDSTEINBERG)
+        target = folder / path.name
+        small.save(target, optimize=True)
+        out.append(target)
+    return out
+
+
 def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def _start_virtual_display():
-    """An Xvfb display for this process (pyvirtualdisplay); None when Xvfb cannot be started."""
+    """An Xvfb display for this process (pyvirtualdisplay when installed, else the Xvfb binary directly);
+    returns an object with ``stop()``, or None when no Xvfb can be started."""
     try:
         from pyvirtualdisplay import Display
     except ImportError:
-        return None
+        return _XvfbProcess.start()
     try:
         display = Display(visible=False, size=(1920, 1200), color_depth=24)
         display.start()
-    except Exception as exc:  # Xvfb missing or failing: say so, the caller gives the fix
-        log.warning("could not start a virtual display: %s", exc)
-        return None
+    except Exception as exc:  # pyvirtualdisplay present but failing: try Xvfb ourselves
+        log.warning("pyvirtualdisplay could not start Xvfb (%s); trying Xvfb directly", exc)
+        return _XvfbProcess.start()
     return display
+
+
+class _XvfbProcess:
+    """Xvfb on a free display number, with DISPLAY pointing at it while it runs."""
+
+    def __init__(self, process, number: int, previous: str | None):
+        self.process, self.number, self.previous = process, number, previous
+
+    @classmethod
+    def start(cls, size: str = "1920x1200x24", timeout_s: float = 10.0):
+        import shutil
+        import subprocess
+
+        binary = shutil.which("Xvfb")
+        if binary is None:
+            return None
+        for number in range(99, 199):
+            if Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists():
+                continue
+            process = subprocess.Popen(
+                [binary, f":{number}", "-screen", "0", size, "-nolisten", "tcp"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < timeout_s:
+                if process.poll() is not None:
+                    break  # taken meanwhile, or failing: try the next number
+                if Path(f"/tmp/.X11-unix/X{number}").exists():
+                    previous = os.environ.get("DISPLAY")
+                    os.environ["DISPLAY"] = f":{number}"
+                    return cls(process, number, previous)
+                time.sleep(0.05)
+            if process.poll() is None:
+                process.terminate()
+        return None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except Exception:  # a stuck Xvfb must not hang the demo's exit
+            self.process.kill()
+        if self.previous is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = self.previous
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -293,7 +372,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = build_demo_cohort(cohort_root, args.slides, not args.no_real, say)
     session = Session.open(cohort_root, slides=paths, settings=settings)
-    say(f"Processing {len(session.slide_ids())} slides (region 256 px, patch 64 px at 0.5 um/px, K={args.k})")
+    fs = settings.features
+    say(f"Processing {len(session.slide_ids())} slides (regions of {fs.region_px} px cut into {fs.patch_px}-px patches "
+        f"at {fs.target_mpp:g} um/px, K={args.k})")
     process_cohort(session, say)
     slide_id = pick_query_slide(session)
     for match in session.similar_slides(slide_id, top_k=3):
@@ -320,8 +401,15 @@ def run(args: argparse.Namespace) -> int:
         say(f"Demo ready after {time.perf_counter() - t0:.0f} s")
         if screenshots_only:
             folder = out / "screenshots"
-            for path in save_screenshots(viewer, panels, folder):
+            paths = save_screenshots(viewer, panels, folder)
+            neighbour = save_neighbour_screenshot(viewer, panels, folder)
+            if neighbour is not None:
+                paths.append(neighbour)
+            for path in paths:
                 say(f"  screenshot: {path}")
+            if args.docs_screenshots:
+                for path in save_small_copies(paths, Path(args.docs_screenshots)):
+                    say(f"  small copy: {path} ({path.stat().st_size // 1024} KB)")
             viewer.close()
             return 0
         napari.run()

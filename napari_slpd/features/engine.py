@@ -83,8 +83,8 @@ class ExtractionConfig:
     token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
     mpp: float | None = None  # user pixel size (um/px) overriding the slide's metadata
     mpp_fallback: str = "none"  # "none" | "objective" | "level0": used only when metadata has none
-    # torch intra-op threads on CPU: "auto" gives the model the cores the readers leave idle, batch by
-    # batch; an int fixes it (1 makes runs bit-for-bit repeatable); None leaves torch's setting alone.
+    # torch intra-op threads on CPU: "auto" times one thread against torch's setting on full batches and
+    # keeps the faster; an int fixes it (then CPU runs repeat bit for bit); None leaves torch's setting.
     torch_threads: int | str | None = "auto"
     overwrite: bool = False  # replace a complete file made with other settings
 
@@ -226,10 +226,6 @@ class RegionStream:
                 return
             self._window.append((i, self._pool.submit(self.read, i)))
 
-    def reads_in_progress(self) -> int:
-        """Reads submitted and not finished: how many decoder threads are busy right now."""
-        return min(self.num_workers, sum(not f.done() for _, f in self._window))
-
     def __iter__(self) -> "RegionStream":
         return self
 
@@ -285,35 +281,81 @@ def _precision(patch_encoder) -> str:
 
 
 class _ThreadPolicy:
-    """Torch intra-op threads on CPU while readers run beside the model.
+    """Torch intra-op threads on CPU while readers decode beside the model.
 
-    On few cores, OpenMP threads that share a core with a busy reader stall every parallel op at its
-    barrier (a ViT runs hundreds per batch), which can cost more than the extra thread gains. "auto" sets,
-    before each batch, as many threads as cores not busy reading (at least one, at most torch's own
-    setting): when the readers are ahead (model-bound) the model gets every core; when they are behind
-    (decode-bound) the readers keep theirs. Restores torch's setting afterwards.
+    More OpenMP threads are not always faster: a thread that shares its core with a busy reader, with
+    another program, or with a container's CPU quota stalls every parallel op at its barrier (a ViT runs
+    hundreds per batch); on a busy 2-core machine, 2 threads ran 2.5x slower than 1. No core count says
+    which case holds, so "auto" decides from what it sees:
+
+    * decode-bound (the model waited for regions more than a quarter of the time it computed): one
+      thread; more would only take cores from the readers the model is waiting for;
+    * model-bound: full batches alternate between one thread and torch's own setting until each has been
+      timed twice, then the faster runs, and every ``EXPLORE_EVERY`` batches the other is timed again in
+      case the load changed.
+
+    An int fixes the count (CPU runs then repeat bit for bit); None leaves torch's setting. Torch's
+    setting is restored afterwards.
     """
 
-    def __init__(self, setting: int | str | None, on_cuda: bool):
+    EXPLORE_EVERY = 12
+    HISTORY = 3  # timings kept per thread count (the median decides)
+    DECODE_BOUND = 0.25  # waiting / computing above which the readers, not the model, limit the pace
+
+    def __init__(self, setting: int | str | None, on_cuda: bool, full_batch: int):
         import torch
 
         self._torch = torch
         self.before = torch.get_num_threads()
         self.mode = None if on_cuda else setting
         self.current = self.before
+        self.full_batch = full_batch
+        self.candidates = sorted({1, self.before})
+        self.timings: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self.batches = 0
+        self.waited = 0.0  # seconds the model waited for regions
+        self.computed = 0.0  # seconds spent encoding
         if isinstance(self.mode, int):
             self._set(self.mode)
+        elif self.mode == "auto":
+            self._set(1)  # start lean: the first regions are still being read
 
     def _set(self, n: int) -> None:
         if n != self.current:
             self._torch.set_num_threads(n)
             self.current = n
 
-    def before_batch(self, stream: "RegionStream | None") -> None:
-        if self.mode != "auto":
+    def _best(self) -> int:
+        return min(self.candidates, key=lambda n: float(np.median(self.timings[n])))
+
+    def waited_for_region(self, seconds: float) -> None:
+        self.waited += seconds
+
+    def before_batch(self, n_patches: int) -> None:
+        if self.mode != "auto" or len(self.candidates) == 1 or n_patches != self.full_batch:
             return
-        busy = stream.reads_in_progress() if stream is not None else 0
-        self._set(max(1, min(self.before, available_cores() - busy)))
+        if self.computed and self.waited > self.DECODE_BOUND * self.computed:
+            self._set(1)
+            return
+        untimed = [n for n in self.candidates if len(self.timings[n]) < 2]
+        if untimed:
+            choice = untimed[self.batches % len(untimed)]
+        elif self.batches % self.EXPLORE_EVERY == 0:
+            choice = next(n for n in self.candidates if n != self._best())
+        else:
+            choice = self._best()
+        self._set(choice)
+
+    def after_batch(self, n_patches: int, seconds: float) -> None:
+        self.computed += seconds
+        if self.mode != "auto" or n_patches != self.full_batch:
+            return
+        self.batches += 1
+        if self.batches == 1:
+            return  # the first full batch pays one-off costs (kernel selection, allocations)
+        history = self.timings[self.current]
+        history.append(seconds)
+        del history[: -self.HISTORY]
 
     def restore(self) -> None:
         self._set(self.before)
@@ -343,11 +385,11 @@ class _PatchBatcher:
     batch_size, not by the slide or the region size.
     """
 
-    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, before_batch=None):
+    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, threads: "_ThreadPolicy | None" = None):
         import torch
 
         self.encoder = encoder
-        self.before_batch = before_batch
+        self.threads = threads
         self.batch_size = batch_size
         shape = (batch_size, patch_px, patch_px, 3)
         if pin:
@@ -379,11 +421,14 @@ class _PatchBatcher:
         import torch
 
         batch = self._tensor[: self.fill] if self._tensor is not None else torch.from_numpy(self.buffer[: self.fill])
-        if self.before_batch is not None:
-            self.before_batch()
+        if self.threads is not None:
+            self.threads.before_batch(self.fill)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             feats = self.encoder.encode(batch)
         feats = feats.detach().to("cpu", torch.float32).numpy()
+        if self.threads is not None:
+            self.threads.after_batch(self.fill, time.perf_counter() - t0)
         pos = 0
         for out, start, n, last in self.targets:
             out[start : start + n] = feats[pos : pos + n]
@@ -578,15 +623,17 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
     if progress is not None:
         progress(done, M)
     stream = RegionStream(reader, range(done, M), config.workers, config.window, cancel)
-    threads = _ThreadPolicy(config.torch_threads, on_cuda)
-    batcher = _PatchBatcher(patch_encoder, min(config.batch_size, config.regions_per_chunk * G2), px, on_cuda,
-                            before_batch=lambda: threads.before_batch(stream))
+    batch_size = min(config.batch_size, config.regions_per_chunk * G2)
+    threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size)
+    batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda, threads=threads)
     try:
         while done < M:
             c = min(config.regions_per_chunk, M - done)
             feats = np.empty((c * G2, D), np.float32)
             for k in range(c):
+                t0 = time.perf_counter()
                 item = next(stream, None)
+                threads.waited_for_region(time.perf_counter() - t0)
                 if item is None:  # cancelled
                     return done
                 index, patches = item

@@ -171,43 +171,51 @@ class Task:
         return self.worker is not None and not self.finished
 
     # -- GUI-thread handlers -------------------------------------------------------------------------
+    def _call(self, callback, *args) -> bool:
+        """Run a panel's callback; False (and a notification) when it raised. A panel closed while its
+        task ran has lost its Qt objects: that is not an error to report."""
+        if callback is None:
+            return True
+        try:
+            callback(*args)
+        except RuntimeError as exc:
+            if "has been deleted" in str(exc):
+                return True
+            show_error(exc, self.description)
+            return False
+        except Exception as exc:  # showing a result must not crash the viewer either
+            show_error(exc, self.description)
+            return False
+        return True
+
     def _on_progress(self, done: int, total: int) -> None:
         if self._pbar is not None:
             if self._pbar.total != total:
                 self._pbar.total = total
             self._pbar.n = done
             self._pbar.events.value(value=done)
-        if self.on_progress is not None:
-            self.on_progress(done, total)
+        self._call(self.on_progress, done, total)
 
     def _on_returned(self, result: Any) -> None:
         self.result = result
         if self.cancel_event.is_set():
             self.outcome = "cancelled"
-            if self.on_cancelled:
-                self.on_cancelled()
+            self._call(self.on_cancelled)
         else:
             self.outcome = "done"
-            if self.on_result:
-                try:
-                    self.on_result(result)
-                except Exception as exc:  # showing a result must not crash the viewer either
-                    self.outcome = "error"
-                    self.error = exc
-                    show_error(exc, self.description)
+            if not self._call(self.on_result, result):
+                self.outcome = "error"
 
     def _on_errored(self, exc: BaseException) -> None:
         if self.cancel_event.is_set():
             # Work that stops because it was cancelled may raise; that is not an error to report.
             self.outcome = "cancelled"
-            if self.on_cancelled:
-                self.on_cancelled()
+            self._call(self.on_cancelled)
             return
         self.outcome = "error"
         self.error = exc
         show_error(exc, self.description)
-        if self.on_error:
-            self.on_error(exc)
+        self._call(self.on_error, exc)
 
     def _on_finished(self) -> None:
         if self.outcome is None:  # a worker quit before returning
@@ -216,8 +224,7 @@ class Task:
             self._pbar.close()
             self._pbar = None
         self.finished = True
-        if self.on_finished:
-            self.on_finished()
+        self._call(self.on_finished)
 
 
 class TaskBar(QWidget):
@@ -247,6 +254,8 @@ class TaskBar(QWidget):
         layout.addLayout(row)
         layout.addWidget(self.status)
         self.task: Task | None = None
+        # A panel closed while its task runs: stop the work (finished files stay, nothing half-written).
+        self.destroyed.connect(lambda *_args, bar=self: bar.task.cancel() if bar.task is not None else None)
 
     @property
     def busy(self) -> bool:

@@ -124,6 +124,7 @@ class CohortWidget(QWidget):
         layout.addLayout(row3)
         layout.addWidget(self.task_bar)
 
+        self.destroyed.connect(lambda *_args, panel=self: panel._thumb_worker.quit() if panel._thumb_worker else None)
         self.state.cohort_changed.connect(self._on_cohort_changed)
         self.state.features_updated.connect(self._on_cache_changed)
         self.state.prototypes_updated.connect(self._on_cache_changed)
@@ -216,7 +217,6 @@ class CohortWidget(QWidget):
         self.table.setRowCount(len(statuses))
         n_feat = n_proto = 0
         for row, st in enumerate(statuses):
-            record = session.record(st.slide_id)
             thumb = QTableWidgetItem()
             if st.slide_id in icons:
                 thumb.setIcon(icons[st.slide_id])
@@ -225,9 +225,9 @@ class CohortWidget(QWidget):
             name.setToolTip(str(st.path) + ("" if st.exists else "  (file missing)"))
             name.setData(Qt.ItemDataRole.UserRole, st.slide_id)
             self.table.setItem(row, 1, name)
-            mpp_item = QTableWidgetItem(f"{record.mpp:.3g}" if record.mpp is not None else "file")
+            mpp_item = QTableWidgetItem(f"{st.mpp:.3g}" if st.mpp is not None else "file")
             mpp_item.setToolTip(
-                f"pixel size set to {record.mpp:g} um/px ({record.mpp_source or 'user'})" if record.mpp is not None
+                f"pixel size set to {st.mpp:g} um/px ({st.mpp_source or 'user'})" if st.mpp is not None
                 else "pixel size as the slide file states it"
             )
             self.table.setItem(row, 2, mpp_item)

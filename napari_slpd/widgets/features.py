@@ -253,7 +253,10 @@ class FeaturesWidget(QWidget):
         self.task_bar.status.setText(("Cancelled: " if cancelled else "Features: ") + summary)
         for r in results:
             if r.status in ("error", "empty"):
-                show_warning(f"{r.slide_id}: {r.message}")
+                hint = ""
+                if "other settings" in r.message and not self.overwrite.isChecked():
+                    hint = " (in this panel: tick 'Replace features made with other settings')"
+                show_warning(f"{r.slide_id}: {r.message}{hint}")
         if not cancelled:
             show_info(f"features: {summary}")
         changed = [r.slide_id for r in results if r.status in ("extracted", "skipped")]

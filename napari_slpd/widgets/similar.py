@@ -2,7 +2,8 @@
 
 Slide mode ranks the cohort's slides by prototype set distance K - S (SPEC section 2) to the current
 slide and lists, per neighbour, the matched prototype pairs. With a clicked region the query prototype
-is that region's prototype, and opening a neighbour outlines its regions of the matched prototype.
+is that region's prototype, and opening a neighbour outlines its regions of the matched prototype (for a
+whole-slide query, those of the most similar matched pair).
 Region mode lists the regions across the cohort nearest (cosine) to the clicked region. Double-clicking a
 row opens that slide with its prototypes, coloured like the query's prototypes they were matched to,
 and outlines the matched regions.
@@ -270,9 +271,15 @@ class SimilarSlidesWidget(QWidget):
             color_of = {int(l): int(k) for k, l in res.pairs}
             show_prototypes(self.state, protos, color_of=color_of)
             if query.prototype is not None:
+                # The regions of the prototype matched to the clicked region's prototype.
                 partner = next((l for k, l in res.pairs if k == query.prototype), None)
-                if partner is not None:
-                    matched = np.flatnonzero(np.asarray(protos.assignments) == partner).tolist()
+            elif res.pairs:
+                # Whole slide: the regions of the most similar matched pair.
+                partner = res.pairs[int(np.argmax(res.pair_similarities))][1]
+            else:
+                partner = None
+            if partner is not None:
+                matched = np.flatnonzero(np.asarray(protos.assignments) == partner).tolist()
         else:
             show_prototypes(self.state, protos)
             matched = [int(res.region)]
