@@ -23,6 +23,7 @@ import numpy as np
 
 from napari_slpd.errors import SlpdError
 from napari_slpd.io_utils import atomic_path
+from napari_slpd.progress import Cancelled, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,11 @@ def _pca_2d(x: np.ndarray) -> np.ndarray:
 
 
 def _check_cancel(cancel) -> None:
-    if cancel is None:
-        return
-    stop = cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
-    if stop:
+    if is_cancelled(cancel):
         raise MapCancelled("the embedding map was cancelled")
 
 
-class MapCancelled(SlpdError):
+class MapCancelled(Cancelled):
     """Raised when the map computation was cancelled; nothing was written."""
 
 

@@ -25,6 +25,7 @@ from napari_slpd.cohort import Cohort, SlideRecord, find_slides
 from napari_slpd.embedding_map import UmapParams
 from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
 from napari_slpd.io_utils import atomic_path
+from napari_slpd.progress import is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,6 @@ class RegionMatch:
 # -- the session ---------------------------------------------------------------------------------------
 
 
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    return bool(cancel.is_set()) if hasattr(cancel, "is_set") else bool(cancel())
-
-
 class Session:
     """An open cohort and the settings used on it. Thread-safe for one writer at a time (the GUI runs
     one task per panel; heavy state is guarded by a lock)."""
@@ -304,7 +299,10 @@ class Session:
         key = fs.encoder_key() + (_checkpoint_stamp(fs.patch_checkpoint), _checkpoint_stamp(fs.region_checkpoint))
         with _ENCODERS_LOCK:
             if _ENCODERS.get("key") != key:
-                from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+                from napari_slpd.models.encoders import (
+                    build_patch_encoder,
+                    build_region_encoder,
+                )
 
                 _ENCODERS.clear()  # one set of models in memory at a time
                 patch = build_patch_encoder(
@@ -355,7 +353,7 @@ class Session:
             progress(0, n * unit)
         patch, region = self.encoders() if slide_ids else (None, None)
         for i, slide_id in enumerate(slide_ids):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             record = self.record(slide_id)
             out = self.cohort.features_path(slide_id)
@@ -460,7 +458,11 @@ class Session:
         """The slide's SlidePrototypes for the current settings: from memory, from the cohort cache, or
         (``compute``) computed and cached. Raises PrototypeError when they cannot be had (no features,
         too few regions, or not computed and ``compute`` is False)."""
-        from napari_slpd.prototypes.cache import compute_slide_prototypes, prototypes_stamp, read_prototypes
+        from napari_slpd.prototypes.cache import (
+            compute_slide_prototypes,
+            prototypes_stamp,
+            read_prototypes,
+        )
 
         data = self.region_data(slide_id)  # raises FeatureStoreError when there are no features
         ps = self.settings.prototypes
@@ -520,7 +522,7 @@ class Session:
                 self._index = CohortIndex.open(self.cohort, cancel=cancel)
             else:
                 changes = self._index.sync(self.cohort, cancel=cancel)
-                if any(changes.values()) and not _is_cancelled(cancel):
+                if any(changes.values()) and not is_cancelled(cancel):
                     self._index.save(self.cohort.index_dir)
             return self._index
 

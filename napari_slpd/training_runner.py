@@ -41,6 +41,7 @@ import numpy as np
 
 from napari_slpd.errors import CheckpointError, FeatureStoreError, SlpdError
 from napari_slpd.io_utils import atomic_path, atomic_write_json
+from napari_slpd.progress import is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ PRESETS = ("tiny", "nsclc", "brca")  # src_training.config.PRESETS, without impo
 
 class TrainingRunError(SlpdError):
     """A training run cannot be started, attached to, stopped or used."""
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    return bool(cancel.is_set()) if hasattr(cancel, "is_set") else bool(cancel())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -793,7 +788,7 @@ def reencode_region_embeddings(
         if sid not in present:
             results.append(ReencodeResult(sid, "error", 0, "no feature file"))
             continue
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             results.append(ReencodeResult(sid, "cancelled"))
             continue
         try:
@@ -824,7 +819,7 @@ def reencode_region_embeddings(
                     tokens = fh["region_tokens"]
                     embeddings = []
                     for start in range(0, n, batch_size):
-                        if _is_cancelled(cancel):
+                        if is_cancelled(cancel):
                             raise _Cancelled()
                         block = tokens[start:start + batch_size]
                         embeddings.append(encode_regions(region_encoder, block, batch_size))

@@ -21,23 +21,19 @@ dataset of 100k x 512 patches is never loaded whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.models.encoders import resolve_device
+from napari_slpd.progress import Cancelled, ProgressFn, is_cancelled  # noqa: F401  (re-exported)
 
 DEFAULT_TAU = 0.05
 DEFAULT_CHUNK = 16384
 _EPS = 1e-12
 
-ProgressFn = Callable[[int, int], None]
-
-
-class Cancelled(SlpdError):
-    """The user cancelled a running computation; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +90,6 @@ class SlideAlignment:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):  # threading.Event
-        return bool(cancel.is_set())
-    return bool(cancel())
-
-
 def _check_cancel(cancel) -> None:
     if is_cancelled(cancel):
         raise Cancelled("cancelled")

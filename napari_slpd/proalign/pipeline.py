@@ -19,7 +19,12 @@ from typing import Callable, Iterable
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.proalign.cache import FORMAT_VERSION, ProAlignResult, is_current, write_proalign
+from napari_slpd.proalign.cache import (
+    FORMAT_VERSION,
+    ProAlignResult,
+    is_current,
+    write_proalign,
+)
 from napari_slpd.proalign.core import (
     Cancelled,
     ProAlignConfig,

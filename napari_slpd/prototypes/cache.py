@@ -27,6 +27,7 @@ import numpy as np
 
 from napari_slpd.errors import FeatureStoreError, PrototypeError
 from napari_slpd.io_utils import atomic_path
+from napari_slpd.progress import is_cancelled
 from napari_slpd.prototypes.kmeans import (
     DEFAULT_K,
     KMEANS_NITER,
@@ -41,14 +42,6 @@ log = logging.getLogger(__name__)
 FORMAT = "napari-slpd-prototypes"
 FORMAT_VERSION = 1
 SOURCES = ("region_embeddings", "features")
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 def check_source(source: str) -> str:
@@ -381,7 +374,7 @@ def compute_cohort_prototypes(
     report = PrototypesReport(str(cohort.root), int(k), source)
     dims: dict[int, list[str]] = {}
     for i, slide_id in enumerate(all_ids):
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             report.cancelled = True
             break
         result = _one_slide(cohort, slide_id, FeatureStore, k, source, seed, niter, nredo, min_regions, device,

@@ -30,7 +30,13 @@ import numpy as np
 
 from napari_slpd.errors import PrototypeError
 from napari_slpd.io_utils import atomic_path, atomic_write_json
-from napari_slpd.prototypes.kmeans import SINGLE_THREAD_WORK, SlidePrototypes, faiss_threads, l2_normalize
+from napari_slpd.progress import is_cancelled
+from napari_slpd.prototypes.kmeans import (
+    SINGLE_THREAD_WORK,
+    SlidePrototypes,
+    faiss_threads,
+    l2_normalize,
+)
 from napari_slpd.prototypes.matching import (
     PrototypePair,
     TopMatch,
@@ -111,14 +117,6 @@ class SimilarSlide:
 
 
 # -- storage shared with the region index -------------------------------------------------------------------
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 def auto_nlist(n_vectors: int) -> int:
@@ -556,7 +554,7 @@ class CohortIndex:
         items = list(items)
         done = 0
         for slide_id, protos in items:
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             self._add(slide_id, protos, None, None)
             done += 1
@@ -573,7 +571,7 @@ class CohortIndex:
             raise PrototypeError(f"prototypes must be [N, K, E] for {len(slide_ids)} slides, got {prototypes.shape}")
         step = 8192
         for start in range(0, len(slide_ids), step):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             self._add_batch(slide_ids[start : start + step], prototypes[start : start + step], None, source)
             if progress is not None:
@@ -830,7 +828,7 @@ class CohortIndex:
         todo = [s for s in wanted if self.stamps.get(s) != wanted[s] or s not in self]
         loaded: list[tuple[str, np.ndarray, str, str]] = []
         for i, slide_id in enumerate(todo):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             try:
                 centroids, attrs = read_centroids(cohort.prototypes_path(slide_id))
@@ -926,7 +924,7 @@ class CohortIndex:
             changed = False
         changes = index.sync(cohort, progress=progress, cancel=cancel)
         changed = changed or any(changes.values())
-        if save and changed and not _is_cancelled(cancel):
+        if save and changed and not is_cancelled(cancel):
             index.save(cohort.index_dir)
         return index
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.prototypes.index import IVFStage, VectorStore, _is_cancelled, load_store, save_store
+from napari_slpd.progress import is_cancelled
+from napari_slpd.prototypes.index import (
+    IVFStage,
+    VectorStore,
+    load_store,
+    save_store,
+)
 from napari_slpd.prototypes.kmeans import check_embeddings, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -223,7 +229,7 @@ class RegionIndex:
                 changed = True
         todo = [s for s in present if self.settings_keys.get(s) != present[s] or s not in self]
         for i, slide_id in enumerate(todo):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 break
             try:
                 with FeatureStore.open(cohort.features_path(slide_id)) as store:
@@ -269,6 +275,6 @@ class RegionIndex:
         if fresh:
             index = cls(source=source)
         changed = index.sync(cohort, progress=progress, cancel=cancel) or fresh
-        if save and changed and not _is_cancelled(cancel):
+        if save and changed and not is_cancelled(cancel):
             index.save(cohort.index_dir)
         return index
