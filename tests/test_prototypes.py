@@ -365,3 +365,13 @@ def test_empty_cohorts_missing_features_and_cancel(tmp_path):
     assert report.cancelled and [r.status for r in report.results] == ["computed", "computed"]
     with pytest.raises(PrototypeError, match="source must be one of"):
         compute_cohort_prototypes(cohort, k=2, source="tokens")
+
+
+def test_missing_faiss_names_the_extra_to_install(monkeypatch):
+    import sys
+
+    from napari_slpd.prototypes.kmeans import import_faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(PrototypeError, match=r"napari-slpd\[cpu\]"):
+        import_faiss()

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from napari_slpd.errors import FeatureStoreError
+from napari_slpd.h5_attrs import encode_attr, json_default, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -49,50 +50,13 @@ REQUIRED_DATASETS = ("region_tokens", "region_embeddings", "region_coords")
 
 def settings_key(settings: Mapping[str, Any]) -> str:
     """A stable hash of a JSON-able settings mapping (key order does not matter)."""
-    canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=_json_default)
+    canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=json_default)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot put {type(value).__name__} into feature settings")
 
 
 def partial_path_for(final_path: str | os.PathLike) -> Path:
     final_path = Path(final_path)
     return final_path.with_name(final_path.name + PARTIAL_SUFFIX)
-
-
-def _attr_value(value):
-    """h5py cannot store None or nested containers: None -> "", dicts/lists -> JSON text."""
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, sort_keys=True, default=_json_default)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _decode_attr(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
-        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _read_attrs(obj) -> dict:
-    return {key: _decode_attr(obj.attrs[key]) for key in obj.attrs.keys()}
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -110,7 +74,7 @@ def read_store_attrs(path: str | os.PathLike) -> dict:
         raise FeatureStoreError(f"feature file {path} does not exist")
     try:
         with h5py.File(path, "r") as fh:
-            return _read_attrs(fh)
+            return read_attrs(fh)
     except OSError as exc:
         raise FeatureStoreError(
             f"feature file {path} is damaged or not an HDF5 file ({exc}); delete it and extract again"
@@ -127,7 +91,7 @@ class FeatureStore:
     def __init__(self, path: Path, handle):
         self.path = path
         self._h5 = handle
-        self.attrs: dict = _read_attrs(handle)
+        self.attrs: dict = read_attrs(handle)
         self._embeddings: np.ndarray | None = None
         self._region_coords: np.ndarray | None = None
 
@@ -280,7 +244,7 @@ class FeatureStore:
 
     @property
     def coords_attrs(self) -> dict:
-        return _read_attrs(self._h5["coords"]) if "coords" in self._h5 else {}
+        return read_attrs(self._h5["coords"]) if "coords" in self._h5 else {}
 
     def tokens(self, indices=None, dtype=np.float32) -> np.ndarray:
         """Token grids [k, D, G, G] of the given regions (all when None), as ``dtype``."""
@@ -492,7 +456,7 @@ class FeatureStoreWriter:
     def _verify_partial(self) -> int | None:
         """Regions of the partial file that are finished and verified, or None when it must be redone."""
         with self._open("r+") as fh:
-            attrs = _read_attrs(fh)
+            attrs = read_attrs(fh)
             if attrs.get("run_key") != self.run_key:
                 log.warning(
                     "%s: an unfinished extraction with other settings (or another precision or code version) "
@@ -560,19 +524,19 @@ class FeatureStoreWriter:
                 coords = fh.create_dataset("coords", (0, 2), dtype="int64", maxshape=(None, 2),
                                            chunks=(max(1024, G * G), 2))
                 for key, value in self.coords_attrs.items():
-                    coords.attrs[key] = _attr_value(value)
+                    coords.attrs[key] = encode_attr(value)
             resume = fh.create_group("_resume")
             resume.create_dataset("ends", (0,), dtype="int64", maxshape=(None,), chunks=(256,))
             resume.create_dataset("sha256", (0,), dtype="S64", maxshape=(None,), chunks=(256,))
             for key, value in self.attrs.items():
-                fh.attrs[key] = _attr_value(value)
+                fh.attrs[key] = encode_attr(value)
             for key, value in self.settings.items():
                 # Settings are also readable one by one (e.g. attrs["region_px"]) unless attrs says otherwise.
                 if key not in self.attrs:
-                    fh.attrs[key] = _attr_value(value)
-            fh.attrs["settings"] = _attr_value(self.settings)
+                    fh.attrs[key] = encode_attr(value)
+            fh.attrs["settings"] = encode_attr(self.settings)
             fh.attrs["settings_key"] = self.settings_key
-            fh.attrs["run_settings"] = _attr_value(self.run_settings)
+            fh.attrs["run_settings"] = encode_attr(self.run_settings)
             fh.attrs["run_key"] = self.run_key
             fh.attrs["format_version"] = FORMAT_VERSION
             fh.attrs["token_dtype"] = L.token_dtype
@@ -646,7 +610,7 @@ class FeatureStoreWriter:
             )
         with self._open("r+") as fh:
             for key, value in (extra_attrs or {}).items():
-                fh.attrs[key] = _attr_value(value)
+                fh.attrs[key] = encode_attr(value)
             fh.attrs["n_regions"] = self.n_done
             fh.attrs["complete"] = True
         _fsync_path(self.partial_path)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.h5_attrs import decode_attr, encode_attr
 from napari_slpd.io_utils import atomic_path
 
 FORMAT_VERSION = 1
@@ -134,24 +135,6 @@ class ProAlignResult:
                                  extra_metadata=extra)
 
 
-def _attr(value):
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _decode(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def write_proalign(path: str | os.PathLike, result: ProAlignResult) -> Path:
     """Write ``result`` to ``path`` atomically (temporary file + rename); returns the path."""
     import h5py
@@ -175,7 +158,7 @@ def write_proalign(path: str | os.PathLike, result: ProAlignResult) -> Path:
                     continue
                 fh.create_dataset(name, data=np.asarray(value, dtype=dtype))
             for key, value in result.attrs.items():
-                fh.attrs[key] = _attr(value)
+                fh.attrs[key] = encode_attr(value)
             fh.attrs["slide_id"] = result.slide_id
             fh.attrs["names"] = json.dumps(list(result.names))
             fh.attrs["colors"] = json.dumps(list(result.colors))
@@ -193,7 +176,7 @@ def read_proalign_attrs(path: str | os.PathLike) -> dict:
         raise ProAlignCacheError(f"no ProAlign result at {path}; run `slpd proalign` for this cohort first")
     try:
         with h5py.File(path, "r") as fh:
-            return {key: _decode(fh.attrs[key]) for key in fh.attrs.keys()}
+            return {key: decode_attr(fh.attrs[key]) for key in fh.attrs.keys()}
     except OSError as exc:
         raise ProAlignCacheError(f"ProAlign result {path} is damaged ({exc}); delete it and run again") from None
 

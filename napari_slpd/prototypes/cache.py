@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import FeatureStoreError, PrototypeError
+from napari_slpd.h5_attrs import decode_attr
 from napari_slpd.io_utils import atomic_path
 from napari_slpd.progress import is_cancelled
 from napari_slpd.prototypes.kmeans import (
@@ -54,14 +55,6 @@ def check_source(source: str) -> str:
 
 
 # -- one file ----------------------------------------------------------------------------------------------
-
-
-def _decode(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def save_prototypes(path: str | os.PathLike, protos: SlidePrototypes, min_regions: int | None = None) -> Path:
@@ -109,7 +102,7 @@ def read_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         with h5py.File(path, "r") as fh:
-            attrs = {k: _decode(v) for k, v in fh.attrs.items()}
+            attrs = {k: decode_attr(v) for k, v in fh.attrs.items()}
     except OSError as exc:
         raise PrototypeError(f"prototypes file {path} is damaged ({exc}); run `slpd prototypes` again") from exc
     if attrs.get("format") != FORMAT:
@@ -126,7 +119,7 @@ def read_centroids(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         raise PrototypeError(f"prototypes file {path} does not exist; run `slpd prototypes` first")
     try:
         with h5py.File(path, "r") as fh:
-            attrs = {k: _decode(v) for k, v in fh.attrs.items()}
+            attrs = {k: decode_attr(v) for k, v in fh.attrs.items()}
             centroids = np.asarray(fh["centroids"][()], np.float32)
     except (OSError, KeyError) as exc:
         raise PrototypeError(f"prototypes file {path} is damaged ({exc}); run `slpd prototypes` again") from exc

@@ -35,6 +35,7 @@ from napari_slpd.prototypes.kmeans import (
     SINGLE_THREAD_WORK,
     SlidePrototypes,
     faiss_threads,
+    import_faiss,
     l2_normalize,
 )
 from napari_slpd.prototypes.matching import (
@@ -336,7 +337,7 @@ class IVFStage:
 
     @classmethod
     def build(cls, store: VectorStore, nlist: int | None, points_per_cell: int, seed: int) -> "IVFStage":
-        import faiss
+        faiss = import_faiss()
 
         n = store.n_live_rows
         nlist = int(nlist or auto_nlist(n))
@@ -377,7 +378,7 @@ class IVFStage:
             self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
-        import faiss
+        faiss = import_faiss()
 
         ids = np.ascontiguousarray(ids, np.int64)
         with faiss_threads(1):  # a scan of the lists: memory-bound, and usually a handful of ids
@@ -390,13 +391,13 @@ class IVFStage:
             return self.index.search(np.ascontiguousarray(queries, np.float32), int(depth))
 
     def save(self, path: Path) -> None:
-        import faiss
+        faiss = import_faiss()
 
         faiss.write_index(self.index, str(path))
 
     @classmethod
     def load(cls, path: Path, trained_on: int) -> "IVFStage":
-        import faiss
+        faiss = import_faiss()
 
         return cls(faiss.read_index(str(path)), trained_on)
 

@@ -135,12 +135,24 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False)
 
 
+def import_faiss():
+    """faiss, or a message saying which extra installs it (faiss-cpu and faiss-gpu are alternatives)."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise PrototypeError(
+            "faiss is not installed: install exactly one of `pip install \"napari-slpd[cpu]\"` (faiss-cpu) "
+            "or `pip install \"napari-slpd[gpu]\"` (faiss-gpu)"
+        ) from exc
+    return faiss
+
+
 def faiss_uses_gpu(device: str = "auto") -> bool:
     """Whether K-means runs on a GPU: faiss must see one and ``device`` must allow it."""
     device = str(device or "auto").lower()
     if device == "cpu":
         return False
-    import faiss
+    faiss = import_faiss()
 
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if n_gpus > 0:
@@ -166,7 +178,7 @@ def faiss_threads(n: int | None):
     if n is None:
         yield
         return
-    import faiss
+    faiss = import_faiss()
 
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(max(1, int(n)))
@@ -177,7 +189,7 @@ def faiss_threads(n: int | None):
 
 
 def _flat_l2_index(dim: int, device: str):
-    import faiss
+    faiss = import_faiss()
 
     if not faiss_uses_gpu(device):
         return faiss.IndexFlatL2(dim)
@@ -212,7 +224,7 @@ def compute_prototypes(
     one, "cpu" never does. ``threads``: faiss CPU threads (None: one for a slide-sized problem, faiss's
     default for large ones such as hundreds of thousands of patch features).
     """
-    import faiss
+    faiss = import_faiss()
 
     k = int(k)
     if not 1 <= k <= MAX_K:
