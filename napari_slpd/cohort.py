@@ -68,7 +68,8 @@ class Cohort:
         if not self.root.exists():
             if not create:
                 raise SlpdError(f"cohort folder {self.root} does not exist")
-            self.root.mkdir(parents=True)
+            # exist_ok: several processes (torchrun ranks) may create the same cohort at once.
+            self.root.mkdir(parents=True, exist_ok=True)
         if not self.root.is_dir():
             raise SlpdError(f"cohort path {self.root} is a file, not a folder")
 

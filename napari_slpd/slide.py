@@ -264,6 +264,57 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+# One tile cache shared by all of a slide's handles (one per reading thread): without it each handle
+# decodes on its own the tiles that neighbouring regions share, which a single reader would have cached.
+# Twice openslide's default per-handle size, since several readers fill it at once.
+SHARED_TILE_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def _raw_reader():
+    """openslide's own read into a caller's buffer (premultiplied ARGB, native-endian uint32), or None
+    when this openslide-python does not expose it; then the public read_region is used."""
+    try:
+        from openslide import lowlevel
+
+        read, convert = lowlevel._read_region, lowlevel._convert.argb2rgba
+    except (ImportError, AttributeError):
+        return None
+    return read, convert
+
+
+_RAW_READER = None  # resolved on first use: (read, argb2rgba) or False
+
+
+def _read_rgb_image(handle, x: int, y: int, level: int, w: int, h: int):
+    """PIL RGB image of a region composited onto white, with as few full-size passes as possible.
+
+    openslide-python's read_region un-premultiplies the whole buffer and wraps it as RGBA; turning that
+    into an RGB array then costs two or three more full copies. An opaque region (the usual case: alpha
+    only drops outside the scan) needs none of that: premultiplied and straight colour agree at alpha 255,
+    so one C unpack (BGRX -> RGB) gives the same pixels. Anything transparent takes openslide's own
+    conversion and the same compositing as ever, so the pixels are identical either way.
+    """
+    import ctypes
+    import sys
+
+    from PIL import Image
+
+    global _RAW_READER
+    if _RAW_READER is None:
+        _RAW_READER = _raw_reader() or False
+    osr = getattr(handle, "_osr", None)
+    if not _RAW_READER or osr is None or sys.byteorder != "little":
+        return Image.fromarray(_rgba_to_rgb_on_white(np.asarray(handle.read_region((x, y), level, (w, h)))))
+    read, argb2rgba = _RAW_READER
+    buf = (ctypes.c_uint32 * (w * h))()
+    read(osr, buf, x, y, level, w, h)
+    argb = np.frombuffer(buf, np.uint32)
+    if argb.min() >= 0xFF000000:  # every pixel opaque; bytes in memory are B, G, R, A
+        return Image.frombuffer("RGB", (w, h), buf, "raw", "BGRX", 0, 1)
+    argb2rgba(buf)
+    return Image.fromarray(_rgba_to_rgb_on_white(np.frombuffer(buf, np.uint8).reshape(h, w, 4)))
+
+
 class Slide:
     """An open whole-slide image. See docs/ARCHITECTURE.md "Slides" for the contract."""
 
@@ -286,6 +337,8 @@ class Slide:
         self._handles: list = [handle]
         self._handles_lock = threading.Lock()
         self._local.handle = handle
+        self._tile_cache = None
+        self._share_cache(handle)
         self._closed = False
         self._read_calls = 0
         self._count_lock = threading.Lock()
@@ -352,31 +405,56 @@ class Slide:
             import openslide
 
             handle = openslide.OpenSlide(str(self.file))
+            self._share_cache(handle)
             self._local.handle = handle
             with self._handles_lock:
                 self._handles.append(handle)
         return handle
 
+    def _share_cache(self, handle) -> None:
+        """Give ``handle`` the slide's shared tile cache (openslide >= 4: OpenSlideCache)."""
+        try:
+            import openslide
+
+            if self._tile_cache is None:
+                self._tile_cache = openslide.OpenSlideCache(SHARED_TILE_CACHE_BYTES)
+            handle.set_cache(self._tile_cache)
+        except Exception as exc:  # an older openslide: every handle keeps its private cache
+            log.debug("openslide tile cache not shared: %s", exc)
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) of ``size`` px at ``level``, top-left at level-0 ``location``; areas outside
         the scan are white. Safe to call from several threads at once."""
-        if self._closed:
-            raise SlideError(f"slide {self.path} is closed")
-        if not 0 <= level < self.level_count:
-            raise SlideError(f"level {level} does not exist in {self.path} (it has {self.level_count})")
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
+            self._check_readable(level)
             return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+        return np.array(self.read_region_image(location, level, (w, h)))
+
+    def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+        """The same pixels as :meth:`read_region` as a PIL RGB image, for callers that resize next (it
+        saves the array round trip). Safe to call from several threads at once."""
+        from PIL import Image
+
+        self._check_readable(level)
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            return Image.new("RGB", (max(w, 0), max(h, 0)), (255, 255, 255))
         with self._count_lock:
             self._read_calls += 1
         try:
-            image = self._handle().read_region((int(location[0]), int(location[1])), level, (w, h))
+            return _read_rgb_image(self._handle(), int(location[0]), int(location[1]), level, w, h)
         except Exception as exc:
             raise SlideError(
                 f"cannot read {w}x{h} px at level {level}, {tuple(location)} of {self.path}: {exc} "
                 "(the file may be damaged)"
             ) from exc
-        return _rgba_to_rgb_on_white(np.asarray(image))
+
+    def _check_readable(self, level: int) -> None:
+        if self._closed:
+            raise SlideError(f"slide {self.path} is closed")
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"level {level} does not exist in {self.path} (it has {self.level_count})")
 
     def _check_first_tile(self) -> None:
         # Opening succeeds on files whose tiles are damaged; one small read makes the error surface here,

@@ -79,3 +79,12 @@ def test_atomic_path_gives_default_permissions(tmp_path):
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_concurrent_creation_of_one_cohort(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "new" / "cohort"
+    with ThreadPoolExecutor(8) as pool:
+        cohorts = list(pool.map(lambda _: Cohort(root), range(32)))
+    assert all(c.root == root.resolve() for c in cohorts)

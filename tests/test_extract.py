@@ -243,6 +243,33 @@ def test_region_stream_order_and_bounded_window():
         list(RegionStream(failing, range(10), num_workers=2, queue_size=3))
 
 
+def test_reader_image_path_matches_array_path_and_stream_reports_reads_finished():
+    class ArraysOnly:  # a slide without read_region_image: the reader resizes from arrays
+        def __init__(self, slide):
+            self.read_region = slide.read_region
+
+    with open_slide(real_slide("cmu_svs")) as slide:
+        grid = build_region_grid(slide, detect_tissue(slide), GRID)
+        for index in (0, len(grid) - 1):
+            fast = RegionReader(slide, grid, 64)(index)
+            np.testing.assert_array_equal(fast, RegionReader(ArraysOnly(slide), grid, 64)(index))
+        # A region hanging over the slide's edge is composited onto white the same way on both paths.
+        W, H = slide.dimensions
+        edge = slide.read_region((W - 100, H - 60), 0, (300, 200))
+        assert edge.flags.writeable and edge.shape == (200, 300, 3)
+        assert np.array_equal(np.asarray(slide.read_region_image((W - 100, H - 60), 0, (300, 200))), edge)
+        assert (edge[100:, 150:] == 255).all()
+
+    release = threading.Event()
+    stream = RegionStream(lambda i: release.wait(5) and i, range(3), num_workers=2, queue_size=2)
+    assert not stream.reads_finished()  # one index still pending, two reads running
+    release.set()
+    assert [i for i, _ in stream] == [0, 1, 2]
+    assert stream.reads_finished()
+    stream.close()
+    assert RegionStream(lambda i: i, range(2), num_workers=0, queue_size=1).reads_finished()
+
+
 def test_batches_bound_memory_and_reader_cuts_patches_row_major(encoders):
     patch, region = encoders
     sizes = []

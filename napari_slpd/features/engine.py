@@ -184,18 +184,24 @@ class RegionReader:
         x0, y0 = (int(v) for v in self.grid.coords[index])
         out = np.empty((G, G, p, p, 3), np.uint8)
         rows = self.band_rows()
+        # A slide that hands out PIL images saves a full-size array round trip before resizing.
+        read_image = getattr(self.slide, "read_region_image", None)
         for r0 in range(0, G, rows):
             r1 = min(G, r0 + rows)
             # Source rows of this band at the read level: patch-row boundaries rounded to whole px.
             sy0, sy1 = round(r0 * rs / G), round(r1 * rs / G)
-            band = self.slide.read_region((x0, int(round(y0 + sy0 * ds))), level, (rs, sy1 - sy0))
+            where, size = (x0, int(round(y0 + sy0 * ds))), (rs, sy1 - sy0)
+            image = read_image(where, level, size) if read_image is not None else None
+            band = self.slide.read_region(where, level, size) if image is None else None
             target = (G * p, (r1 - r0) * p)  # (width, height)
-            if band.shape[1] != target[0] or band.shape[0] != target[1]:
+            if size != target:
                 # Bilinear in Pillow is area-aware when shrinking (its support grows with the scale); a
                 # reducing gap of 3 first box-reduces large shrinks by whole factors, about twice as fast
                 # and, per Pillow, indistinguishable from the full filter.
-                band = np.asarray(Image.fromarray(band).resize(target, Image.Resampling.BILINEAR,
-                                                               reducing_gap=REDUCING_GAP))
+                image = image if image is not None else Image.fromarray(band)
+                image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+            if image is not None:
+                band = np.asarray(image)
             # [rows*p, G*p, 3] -> [rows, G, p, p, 3]: patch (row, col) holds px (row*p.., col*p..).
             out[r0:r1] = band.reshape(r1 - r0, p, G, p, 3).transpose(0, 2, 1, 3, 4)
         return out.reshape(G * G, p, p, 3)
@@ -212,7 +218,7 @@ class RegionStream:
         self.cancel = cancel
         self.num_workers = int(num_workers)
         self.queue_size = max(1, int(queue_size))
-        self._pending = iter(list(indices))
+        self._pending = collections.deque(indices)
         self._window: collections.deque[tuple[int, Future]] = collections.deque()
         self._pool = (ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="slpd-read")
                       if self.num_workers > 0 else None)
@@ -220,11 +226,17 @@ class RegionStream:
             self._fill()
 
     def _fill(self) -> None:
-        while len(self._window) < self.queue_size:
-            i = next(self._pending, None)
-            if i is None:
-                return
+        while self._pending and len(self._window) < self.queue_size:
+            i = self._pending.popleft()
             self._window.append((i, self._pool.submit(self.read, i)))
+
+    def reads_finished(self) -> bool:
+        """True once no read is left to start or still running: the readers no longer need the CPU."""
+        if self._pool is None:
+            return True  # reads happen in the caller's thread, never beside the model
+        if self._pending:
+            return False
+        return all(future.done() for _, future in self._window)
 
     def __iter__(self) -> "RegionStream":
         return self
@@ -233,9 +245,9 @@ class RegionStream:
         if is_cancelled(self.cancel):
             raise StopIteration
         if self._pool is None:
-            i = next(self._pending, None)
-            if i is None:
+            if not self._pending:
                 raise StopIteration
+            i = self._pending.popleft()
             return i, self.read(i)
         if not self._window:
             raise StopIteration
@@ -288,6 +300,9 @@ class _ThreadPolicy:
     hundreds per batch); on a busy 2-core machine, 2 threads ran 2.5x slower than 1. No core count says
     which case holds, so "auto" decides from what it sees:
 
+    * at the start, and whenever no read is left to run beside the model (the readers are done, or
+      read in the calling thread): torch's own setting, as a plain loop would run; nothing is timed, so
+      a short run pays no probe;
     * decode-bound (the model waited for regions more than a quarter of the time it computed): one
       thread; more would only take cores from the readers the model is waiting for;
     * model-bound: full batches alternate between one thread and torch's own setting until each has been
@@ -302,7 +317,8 @@ class _ThreadPolicy:
     HISTORY = 3  # timings kept per thread count (the median decides)
     DECODE_BOUND = 0.25  # waiting / computing above which the readers, not the model, limit the pace
 
-    def __init__(self, setting: int | str | None, on_cuda: bool, full_batch: int):
+    def __init__(self, setting: int | str | None, on_cuda: bool, full_batch: int,
+                 readers_idle: Callable[[], bool] | None = None):
         import torch
 
         self._torch = torch
@@ -315,10 +331,9 @@ class _ThreadPolicy:
         self.batches = 0
         self.waited = 0.0  # seconds the model waited for regions
         self.computed = 0.0  # seconds spent encoding
+        self.readers_idle = readers_idle or (lambda: False)
         if isinstance(self.mode, int):
             self._set(self.mode)
-        elif self.mode == "auto":
-            self._set(1)  # start lean: the first regions are still being read
 
     def _set(self, n: int) -> None:
         if n != self.current:
@@ -331,8 +346,17 @@ class _ThreadPolicy:
     def waited_for_region(self, seconds: float) -> None:
         self.waited += seconds
 
+    def take_idle_cores(self) -> bool:
+        """Under "auto", give the model torch's own thread count once no read runs beside it."""
+        if self.mode == "auto" and self.readers_idle():
+            self._set(self.before)
+            return True
+        return False
+
     def before_batch(self, n_patches: int) -> None:
-        if self.mode != "auto" or len(self.candidates) == 1 or n_patches != self.full_batch:
+        if self.mode != "auto" or len(self.candidates) == 1:
+            return
+        if self.take_idle_cores() or n_patches != self.full_batch:
             return
         if self.computed and self.waited > self.DECODE_BOUND * self.computed:
             self._set(1)
@@ -624,7 +648,8 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
         progress(done, M)
     stream = RegionStream(reader, range(done, M), config.workers, config.window, cancel)
     batch_size = min(config.batch_size, config.regions_per_chunk * G2)
-    threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size)
+    threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size,
+                            readers_idle=stream.reads_finished)
     batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda, threads=threads)
     try:
         while done < M:
@@ -649,6 +674,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
             if is_cancelled(cancel):
                 return done
             tokens = feats.reshape(c, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
+            threads.take_idle_cores()
             embeddings = encode_regions(region_encoder, tokens, config.region_batch_size)
             sl = slice(done, done + c)
             writer.append(
