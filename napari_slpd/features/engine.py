@@ -24,6 +24,7 @@ import collections
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -220,6 +221,9 @@ class RegionStream:
         self.queue_size = max(1, int(queue_size))
         self._pending = collections.deque(indices)
         self._window: collections.deque[tuple[int, Future]] = collections.deque()
+        self._cpu_lock = threading.Lock()
+        self._read_cpu = 0.0  # CPU seconds the reader threads spent reading
+        self._reads = 0
         self._pool = (ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="slpd-read")
                       if self.num_workers > 0 else None)
         if self._pool is not None:
@@ -228,7 +232,21 @@ class RegionStream:
     def _fill(self) -> None:
         while self._pending and len(self._window) < self.queue_size:
             i = self._pending.popleft()
-            self._window.append((i, self._pool.submit(self.read, i)))
+            self._window.append((i, self._pool.submit(self._timed_read, i)))
+
+    def _timed_read(self, i):
+        start = time.thread_time()  # this thread's CPU: what the read costs, whatever else runs
+        try:
+            return self.read(i)
+        finally:
+            with self._cpu_lock:
+                self._read_cpu += time.thread_time() - start
+                self._reads += 1
+
+    def read_cpu_per_item(self) -> float | None:
+        """Mean CPU seconds of one finished read on the reader threads (None before the first)."""
+        with self._cpu_lock:
+            return self._read_cpu / self._reads if self._reads else None
 
     def reads_finished(self) -> bool:
         """True once no read is left to start or still running: the readers no longer need the CPU."""
@@ -303,8 +321,10 @@ class _ThreadPolicy:
     * at the start, and whenever no read is left to run beside the model (the readers are done, or
       read in the calling thread): torch's own setting, as a plain loop would run; nothing is timed, so
       a short run pays no probe;
-    * decode-bound (the model waited for regions more than a quarter of the time it computed): one
-      thread; more would only take cores from the readers the model is waiting for;
+    * decode-bound: one thread, since more would only take cores from the readers the model waits
+      for. It is decode-bound when it waited for regions more than a quarter of the time it computed,
+      or when a region's reading costs the readers more CPU than the cores left beside a one-thread
+      model can give in the time that model encodes it (both measured, nothing guessed);
     * model-bound: full batches alternate between one thread and torch's own setting until each has been
       timed twice, then the faster runs, and every ``EXPLORE_EVERY`` batches the other is timed again in
       case the load changed.
@@ -318,7 +338,7 @@ class _ThreadPolicy:
     DECODE_BOUND = 0.25  # waiting / computing above which the readers, not the model, limit the pace
 
     def __init__(self, setting: int | str | None, on_cuda: bool, full_batch: int,
-                 readers_idle: Callable[[], bool] | None = None):
+                 readers: "RegionStream | None" = None, patches_per_region: int = 1):
         import torch
 
         self._torch = torch
@@ -331,7 +351,8 @@ class _ThreadPolicy:
         self.batches = 0
         self.waited = 0.0  # seconds the model waited for regions
         self.computed = 0.0  # seconds spent encoding
-        self.readers_idle = readers_idle or (lambda: False)
+        self.readers = readers
+        self.patches_per_region = max(1, int(patches_per_region))
         if isinstance(self.mode, int):
             self._set(self.mode)
 
@@ -348,22 +369,31 @@ class _ThreadPolicy:
 
     def take_idle_cores(self) -> bool:
         """Under "auto", give the model torch's own thread count once no read runs beside it."""
-        if self.mode == "auto" and self.readers_idle():
+        if self.mode == "auto" and (self.readers is None or self.readers.reads_finished()):
             self._set(self.before)
             return True
         return False
 
+    def decode_bound(self) -> bool:
+        if self.waited > self.DECODE_BOUND * self.computed:
+            return True
+        read_cpu = self.readers.read_cpu_per_item() if self.readers is not None else None
+        if read_cpu is None or not self.timings[1]:
+            return False
+        model_per_region = float(np.median(self.timings[1])) / self.full_batch * self.patches_per_region
+        return read_cpu > model_per_region * max(0, available_cores() - 1)
+
     def before_batch(self, n_patches: int) -> None:
         if self.mode != "auto" or len(self.candidates) == 1:
             return
-        if self.take_idle_cores() or n_patches != self.full_batch:
-            return
-        if self.computed and self.waited > self.DECODE_BOUND * self.computed:
+        if self.take_idle_cores() or n_patches != self.full_batch or self.batches == 0:
+            return  # the first full batch is not timed (one-off costs): it keeps torch's setting
+        if self.decode_bound():
             self._set(1)
             return
         untimed = [n for n in self.candidates if len(self.timings[n]) < 2]
         if untimed:
-            choice = untimed[self.batches % len(untimed)]
+            choice = untimed[0]  # one thread first: it also tells whether the readers limit the pace
         elif self.batches % self.EXPLORE_EVERY == 0:
             choice = next(n for n in self.candidates if n != self._best())
         else:
@@ -649,7 +679,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
     stream = RegionStream(reader, range(done, M), config.workers, config.window, cancel)
     batch_size = min(config.batch_size, config.regions_per_chunk * G2)
     threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size,
-                            readers_idle=stream.reads_finished)
+                            readers=stream, patches_per_region=G2)
     batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda, threads=threads)
     try:
         while done < M:
