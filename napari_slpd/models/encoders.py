@@ -66,6 +66,14 @@ REGION_ENCODER_KINDS = ("hipt_vit4k", "mean")
 DEFAULT_SEED = 0
 
 
+def _forward(module, x, device, autocast_dtype):
+    """Run ``module`` (under autocast when a dtype is set, i.e. bf16 on CUDA); float32 on the CPU."""
+    if autocast_dtype is None:
+        return module(x).float().cpu()
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+        return module(x).float().cpu()
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """How a patch encoder expects its input, and what it outputs."""
@@ -224,13 +232,7 @@ class PatchEncoder:
         if len(batch) == 0:
             return torch.empty(0, self.dim, dtype=torch.float32)
         with torch.inference_mode():
-            x = self.preprocess(batch)
-            if self._autocast is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self._autocast):
-                    out = self.module(x)
-            else:
-                out = self.module(x)
-            out = out.float().cpu()
+            out = _forward(self.module, self.preprocess(batch), self.device, self._autocast)
         if out.ndim != 2 or out.shape[1] != self.dim:
             raise RuntimeError(f"{self.model_id} returned shape {tuple(out.shape)}, expected [B, {self.dim}]")
         return out.clone()  # a normal tensor, usable outside inference mode
@@ -278,13 +280,7 @@ class RegionEncoder:
         if tokens.shape[0] == 0:
             return torch.empty(0, self.dim, dtype=torch.float32)
         with torch.inference_mode():
-            x = tokens.to(self.device, non_blocking=True).float()
-            if self._autocast is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self._autocast):
-                    out = self.module(x)
-            else:
-                out = self.module(x)
-            out = out.float().cpu()
+            out = _forward(self.module, tokens.to(self.device, non_blocking=True).float(), self.device, self._autocast)
         return out.clone()
 
     def __repr__(self) -> str:
