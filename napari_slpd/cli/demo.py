@@ -4,9 +4,11 @@ Builds a small cohort of synthetic H&E slides (different seeds draw different ti
 real test slides when ``../shared/data/slides`` is there, extracts region features with small CPU-friendly
 settings, computes the prototypes and the cohort index, then opens napari with the slide, its tissue
 outline, region grid and prototypes, every SLPD panel docked, the most similar slides listed and the
-embedding map drawn. Without a display (no DISPLAY / WAYLAND_DISPLAY), or with ``--screenshots-only``, the
-same viewer runs on a virtual X display (Xvfb) and screenshots of the window and of each panel are written
-to ``OUT/screenshots`` instead.
+embedding map drawn. On a synthetic slide the labeling panel names the prototypes after the tissue classes
+the slide was painted with (its ground truth); the fine-tune panel is set up for a short tiny run. Without a
+display (no DISPLAY / WAYLAND_DISPLAY), or with ``--screenshots-only``, the same viewer runs on a virtual X
+display (Xvfb), the tiny fine-tune run trains (unless ``--no-finetune``) and screenshots of the window, of
+each panel and of the labeling and fine-tune panels in use are written to ``OUT/screenshots`` instead.
 
 Everything is cached in ``OUT/cohort``: a second run starts at once.
 """
@@ -30,6 +32,13 @@ SYNTHETIC_SIZE = (3072, 2304)
 SYNTHETIC_SEEDS = (11, 12, 13, 14, 15)
 REAL_SLIDES = ("cmu_small_region.svs",)  # real slides with a trustworthy pixel size
 WINDOW_SIZE = (1800, 1150)
+# The demo's fine-tune run: the tiny preset, short enough for a CPU (about half a minute on one thread).
+FINETUNE_EPOCHS = 2
+FINETUNE_BATCH = 32
+FINETUNE_THREADS = 1
+# Prototype colours by painted tissue class (tab10 hues that read on H&E; grey would read as background).
+CLASS_COLORS = {"stroma": "#2ca02c", "tumour": "#d62728", "lymphocytes": "#1f77b4", "necrosis": "#8c564b",
+                "fat": "#bcbd22"}
 
 
 def register(subparsers) -> None:
@@ -55,6 +64,9 @@ def register(subparsers) -> None:
     parser.add_argument("-k", type=int, default=4, help="prototypes per slide (default 4)")
     parser.add_argument("--docs-screenshots", default=None, metavar="DIR",
                         help="also write small copies of the screenshots (at most 1200 px wide) to DIR")
+    parser.add_argument("--no-finetune", action="store_true",
+                        help="with screenshots: do not run the short fine-tune demo (the panel is shown set up, "
+                        "before Start)")
     parser.set_defaults(func=run)
 
 
@@ -145,6 +157,125 @@ def pick_query_slide(session) -> str:
     return best
 
 
+# -- prototype names from the painted tissue -----------------------------------------------------------
+
+
+def synthetic_design_of(path: str | os.PathLike):
+    """The design a synthetic slide of the demo was painted from, or None for any other slide.
+
+    ``write_synthetic_slide`` is deterministic in its seed, size and pixel size, which the slide's Aperio
+    description records; the demo writes its slides with the composition drawn from the seed, so painting
+    the design again at low resolution gives the class map behind every pixel.
+    """
+    import openslide
+
+    from napari_slpd.sample_data import design_slide
+
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError):  # not a file OpenSlide reads (a DICOM folder): not one of ours
+        return None
+    try:
+        props = slide.properties
+        if "napari-slpd synthetic" not in props.get("tiff.ImageDescription", ""):
+            return None
+        seed, mpp = int(props["aperio.Seed"]), float(props["aperio.MPP"])
+        width, height = slide.dimensions
+    except (KeyError, ValueError):  # a synthetic slide of an older version without its seed
+        return None
+    finally:
+        slide.close()
+    return design_slide(width, height, seed, mpp)
+
+
+def tissue_class_shares(design, coords, tile_px: float, assignments, k: int):
+    """``[k, classes]`` share of each painted tissue class (sample_data.TISSUE_CLASSES without background)
+    in the regions of each prototype, counted on the design's class map."""
+    import numpy as np
+
+    from napari_slpd.sample_data import TISSUE_CLASSES
+
+    step = design.class_px
+    counts = np.zeros((k, len(TISSUE_CLASSES)), np.float64)
+    for (x, y), proto in zip(np.asarray(coords, np.int64), np.asarray(assignments, np.int64)):
+        x0, y0 = int(x) // step, int(y) // step
+        x1, y1 = -(-int(x + tile_px) // step), -(-int(y + tile_px) // step)
+        block = design.classes[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)]
+        if 0 <= proto < k and block.size:
+            counts[proto] += np.bincount(block.ravel(), minlength=len(TISSUE_CLASSES))
+    tissue = counts[:, 1:]  # background is no tissue class
+    return tissue / np.maximum(tissue.sum(axis=1, keepdims=True), 1.0)
+
+
+def names_from_shares(shares, mixed_share: float = 0.3, some_share: float = 0.15) -> list[str]:
+    """A name per prototype from its tissue-class shares: the main class; "A + B" when a second class
+    covers at least ``mixed_share`` of its regions, "A, some B" from ``some_share``; a name that still
+    repeats gets " (2)", " (3)"."""
+    import numpy as np
+
+    from napari_slpd.sample_data import TISSUE_CLASSES
+
+    classes = TISSUE_CLASSES[1:]
+    names, seen = [], {}
+    for row in np.asarray(shares, np.float64):
+        if row.sum() <= 0:
+            name = "no tissue"
+        else:
+            first, second = np.argsort(-row, kind="stable")[:2]
+            name = classes[first]
+            if row[second] >= mixed_share:
+                name += f" + {classes[second]}"
+            elif row[second] >= some_share:
+                name += f", some {classes[second]}"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return names
+
+
+def _shade(color: str, n: int) -> str:
+    """The n-th variant of a class colour: itself, then darker and lighter in turn (two prototypes of one
+    class stay told apart on the slide)."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    if n == 0:
+        return color
+    f = 0.6 ** ((n + 1) // 2)
+    if n % 2:  # darker
+        r, g, b = (int(c * f) for c in (r, g, b))
+    else:  # lighter
+        r, g, b = (int(255 - (255 - c) * f) for c in (r, g, b))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def name_prototypes_from_design(session, slide_id: str, annotations) -> dict[int, str]:
+    """Name the prototypes of a synthetic slide after the tissue classes it was painted with (and colour
+    them by class), unless a name is given already; returns {prototype: name} ({} for other slides).
+
+    These names are the slide's ground truth, not a model's guess; real slides keep "prototype k" until a
+    person or ProAlign (with a vision-language model) names them.
+    """
+    design = synthetic_design_of(session.cohort.slide(slide_id).path)
+    if design is None:
+        return {}
+    protos = session.prototypes(slide_id, compute=False)
+    if protos.coords is None or not protos.tile_size_level0:
+        return {}
+    if annotations.labels(slide_id, protos):
+        return {}  # named before (by the demo or by a person): keep those names
+    shares = tissue_class_shares(design, protos.coords, float(protos.tile_size_level0), protos.assignments,
+                                 protos.k)
+    names = names_from_shares(shares)
+    used: dict[str, int] = {}
+    for k, name in enumerate(names):
+        main = name.split(" + ")[0].split(",")[0].split(" (")[0]
+        color = CLASS_COLORS.get(main)
+        if color is not None:
+            color = _shade(color, used.get(main, 0))
+            used[main] = used.get(main, 0) + 1
+        annotations.set_label(slide_id, k, name=name, color=color, source="user", save=False)
+    annotations.save()
+    return dict(enumerate(names))
+
+
 # -- the viewer ----------------------------------------------------------------------------------------
 
 
@@ -162,10 +293,13 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 300.0, what: st
 
 
 def dock_panels(viewer) -> dict:
-    """Dock every SLPD panel of part 1 (Cohort, Features, Prototypes, Similar slides, Embedding map)."""
+    """Dock every SLPD panel: Cohort, Prototypes and Similar slides on the right; Features, Embedding map,
+    Prototype labeling and SLPD fine-tune as tabs on the left (the slide keeps the middle)."""
     from napari_slpd.widgets.cohort import CohortWidget
     from napari_slpd.widgets.embedding import EmbeddingMapWidget
     from napari_slpd.widgets.features import FeaturesWidget
+    from napari_slpd.widgets.finetune import FineTuneWidget
+    from napari_slpd.widgets.labeling import LabelingWidget
     from napari_slpd.widgets.prototypes import PrototypesWidget
     from napari_slpd.widgets.similar import SimilarSlidesWidget
 
@@ -176,6 +310,8 @@ def dock_panels(viewer) -> dict:
         ("Similar slides", SimilarSlidesWidget, "right", False),
         ("Features", FeaturesWidget, "left", False),
         ("Embedding map", EmbeddingMapWidget, "left", True),
+        ("Prototype labeling", LabelingWidget, "left", True),
+        ("SLPD fine-tune", FineTuneWidget, "left", True),
     )
     for name, cls, area, tabify in layout:
         widget = cls(viewer)
@@ -184,8 +320,10 @@ def dock_panels(viewer) -> dict:
     return panels
 
 
-def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeout_s: float = 300.0) -> dict:
-    """Drive the panels: open the cohort and ``slide_id``, list similar slides, draw the embedding map."""
+def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeout_s: float = 300.0,
+              say: Callable[[str], None] = print, device: str = "auto") -> dict:
+    """Drive the panels: open the cohort and ``slide_id``, list similar slides, draw the embedding map, name
+    the prototypes of a synthetic slide after its painted tissue, set the fine-tune panel up."""
     panels = panels or dock_panels(viewer)
     cohort, protos = panels["Cohort"], panels["Prototypes"]
     similar, embedding = panels["Similar slides"], panels["Embedding map"]
@@ -211,16 +349,61 @@ def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeou
         largest = int(max(range(opened.extras["prototypes"].k), key=lambda k: int((assignments == k).sum())))
         regions = [int(i) for i in range(len(assignments)) if assignments[i] == largest]
         embedding.select_rows(embedding.map.rows_of(opened.slide_id, regions))
+    labeling = panels.get("Prototype labeling")
+    if labeling is not None and labeling.annotations is not None:
+        names = name_prototypes_from_design(session, slide_id, labeling.annotations)
+        if names:
+            say(f"  prototypes of {slide_id} named after the tissue it was painted with: "
+                + ", ".join(names.values()))
+        labeling.refresh()
+    if "SLPD fine-tune" in panels:
+        setup_finetune(panels["SLPD fine-tune"], device)
     arrange_docks(viewer, panels)
     viewer.reset_view()
     return panels
 
 
+def setup_finetune(panel, device: str = "auto") -> None:
+    """Fill the fine-tune form for the demo's short run: the tiny preset with bigger batches, one thread."""
+    panel.preset_combo.setCurrentText("tiny")
+    panel.epochs_spin.setValue(0)  # the preset's
+    panel.batch_spin.setValue(FINETUNE_BATCH)
+    panel.device_combo.setCurrentText(device)
+    panel.threads_spin.setValue(FINETUNE_THREADS)
+
+
+def run_finetune(panel, timeout_s: float = 600.0, say: Callable[[str], None] = print) -> str:
+    """Train the demo's tiny run from the panel (as its Start button does) and follow it to the end; a
+    finished run found in the cohort (an earlier demo) is shown again instead. Returns the run's state."""
+    run = panel.run
+    if run is not None and run.state == "done":
+        say(f"  fine-tune: showing the finished run in {run.run_dir}")
+        return run.state
+    t0 = time.perf_counter()
+    run = panel.start()
+    say(f"  fine-tune: tiny SLPD run in {run.run_dir}")
+    try:
+        wait_until(lambda: not run.is_running, timeout_s, "the fine-tune run")
+    except SlpdError:
+        run.stop(timeout=60)
+        raise
+    panel.poll()
+    if run.state != "done":
+        say(f"  fine-tune ended {run.state}: {run.log_tail(5)}")
+    else:
+        say(f"  fine-tune: {run.progress.summary()} ({time.perf_counter() - t0:.0f} s)")
+    return run.state
+
+
 def arrange_docks(viewer, panels: dict) -> None:
-    """Give the list panels room: Cohort and Similar slides taller than Prototypes."""
+    """Give the list panels room (Cohort and Similar slides taller than Prototypes); show the embedding map
+    of the left tabs."""
     from qtpy.QtCore import Qt
 
     window = viewer.window._qt_window
+    embedding_dock = getattr(panels.get("Embedding map"), "slpd_dock", None)
+    if embedding_dock is not None:
+        embedding_dock.raise_()
     docks = [getattr(panels[name], "slpd_dock", None) for name in ("Cohort", "Prototypes", "Similar slides")]
     docks = [d for d in docks if d is not None]
     if len(docks) == 3:
@@ -246,6 +429,65 @@ def save_screenshots(viewer, panels: dict, folder: Path) -> list[Path]:
         QApplication.instance().processEvents()
         widget.grab().save(str(path))
         paths.append(path)
+    return paths
+
+
+def _close_notifications(viewer) -> None:
+    """Close napari's notification toasts (one would cover the slide in a screenshot)."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:  # napari moved it: a toast in the picture is no error
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+
+
+def _window_with_panel(viewer, panels: dict, name: str, path: Path, width: int = 760) -> Path:
+    """The window with panel ``name`` raised in its tab, given the left column (``width`` px wide, the
+    layer controls folded away for the screenshot)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication
+
+    dock = panels[name].slpd_dock
+    window = viewer.window._qt_window
+    controls = getattr(getattr(viewer.window, "_qt_viewer", None), "dockLayerControls", None)
+    before = dock.width()
+    dock.raise_()
+    if controls is not None:
+        controls.hide()
+    window.resizeDocks([dock], [width], Qt.Orientation.Horizontal)
+    layer_list = getattr(viewer.window._qt_viewer, "dockLayerList", None)
+    if layer_list is not None:
+        window.resizeDocks([layer_list, dock], [150, window.height()], Qt.Orientation.Vertical)
+    _close_notifications(viewer)
+    QApplication.instance().processEvents()
+    viewer.reset_view()
+    viewer.screenshot(str(path), canvas_only=False)
+    if controls is not None:
+        controls.show()
+    window.resizeDocks([dock], [before], Qt.Orientation.Horizontal)
+    return path
+
+
+def save_in_use_screenshots(viewer, panels: dict, folder: Path, timeout_s: float = 120.0) -> list[Path]:
+    """The window with the labeling panel in use (the largest prototype's name previewed on the similar
+    slides) as ``labeling.png`` and with the fine-tune panel as ``finetune.png``; the embedding map's
+    selection is cleared and its tab shown again afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    # The map's selection outlines would hide which prototype each region has.
+    panels["Cohort"].state.clear_selection()
+    labeling = panels.get("Prototype labeling")
+    if labeling is not None and labeling.rows:
+        largest = max(labeling.rows, key=lambda r: r.regions)
+        labeling.proto_combo.setCurrentIndex(labeling.rows.index(largest))
+        labeling.neighbours_spin.setValue(3)
+        labeling.preview_propagation()
+        wait_until(lambda: not labeling.task_bar.busy, timeout_s, "the propagation preview")
+        paths.append(_window_with_panel(viewer, panels, "Prototype labeling", folder / "labeling.png"))
+    if "SLPD fine-tune" in panels:
+        paths.append(_window_with_panel(viewer, panels, "SLPD fine-tune", folder / "finetune.png"))
+    arrange_docks(viewer, panels)
     return paths
 
 
@@ -277,6 +519,16 @@ def save_small_copies(paths: list[Path], folder: Path, max_width: int = 1200) ->
         small.save(target, optimize=True)
         out.append(target)
     return out
+
+
+def _preload_triton() -> None:
+    """Import triton (when installed) before napari draws anything: loading its LLVM after Mesa's software
+    OpenGL (llvmpipe, as under Xvfb) has loaded another LLVM crashes the process, and the panels import it
+    late (timm and open_clip pull torch._dynamo in when "Use checkpoint" or zero-shot names run)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # not installed, or no usable build: then there is nothing to clash
+        log.debug("triton not preloaded: %s", exc)
 
 
 def _has_display() -> bool:
@@ -394,14 +646,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         import napari
 
+        _preload_triton()
         viewer = napari.Viewer(title="napari-slpd demo", show=True)
         viewer.window._qt_window.resize(*WINDOW_SIZE)
         panels = dock_panels(viewer)
-        show_demo(viewer, session, slide_id, panels)
+        show_demo(viewer, session, slide_id, panels, say=say, device=args.device)
         say(f"Demo ready after {time.perf_counter() - t0:.0f} s")
         if screenshots_only:
+            if not args.no_finetune:
+                run_finetune(panels["SLPD fine-tune"], say=say)
             folder = out / "screenshots"
             paths = save_screenshots(viewer, panels, folder)
+            paths += save_in_use_screenshots(viewer, panels, folder)
             neighbour = save_neighbour_screenshot(viewer, panels, folder)
             if neighbour is not None:
                 paths.append(neighbour)
