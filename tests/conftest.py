@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from napari_slpd.gl_compat import preload_triton
+
+# Before any test draws a napari canvas under Xvfb (see napari_slpd.gl_compat): GUI tests that build
+# timm/open_clip models after a viewer has drawn would otherwise crash the test process.
+preload_triton()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLIDES_DIR = Path(os.environ.get("SLPD_TEST_SLIDES", REPO_ROOT.parent / "shared" / "data" / "slides"))
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"

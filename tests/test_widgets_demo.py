@@ -6,16 +6,10 @@ import os
 import shutil
 
 import pytest
-
 from widgets_support import build_processed_cohort
-
-from napari_slpd.cli.demo import _preload_triton
 
 pytestmark = pytest.mark.gui
 
-# At collection, before any test draws a canvas: triton's LLVM loaded after Mesa's llvmpipe (Xvfb) crashes
-# the process, e.g. when test_widgets_labeling imports open_clip after this module's viewer has drawn.
-_preload_triton()
 
 
 @pytest.fixture(scope="module")

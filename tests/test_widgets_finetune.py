@@ -84,7 +84,7 @@ def test_tiny_finetune_from_the_panel(make_napari_viewer, qtbot, tmp_path, artif
     assert {k: label.name for k, label in names.items()} == {k: TYPE_NAMES[t] for k, t in truth.items()}
     assert [r.name for r in labeling.rows] == [TYPE_NAMES[truth[k]] for k in range(3)]
     assert "re-encoded" in widget.log_view.toPlainText()
-    _screenshot(viewer, qtbot, artifacts_dir / "finetune_panel.png", "finetune.png")
+    _screenshot(viewer, qtbot, artifacts_dir / "finetune_panel.png")
 
 
 def _stub_runs(monkeypatch, tmp_path):

@@ -5,7 +5,6 @@ a label-map TIFF and validate them; a screenshot of the panel in use."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -227,10 +226,10 @@ def test_zero_shot_names_propagation_export_and_screenshot(make_napari_viewer, q
     widget.overwrite_check.setChecked(True)
     widget.preview_propagation()
     wait_for(widget.task_bar, qtbot, 60_000)
-    _screenshot(viewer, qtbot, artifacts_dir / "labeling_panel.png", "labeling.png")
+    _screenshot(viewer, qtbot, artifacts_dir / "labeling_panel.png")
 
 
-def _screenshot(viewer, qtbot, path: Path, docs_name: str) -> None:
+def _screenshot(viewer, qtbot, path: Path) -> None:
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
     window = viewer.window._qt_window
@@ -241,12 +240,3 @@ def _screenshot(viewer, qtbot, path: Path, docs_name: str) -> None:
     qtbot.wait(400)
     image = window.grab().toImage().scaledToWidth(1200)
     assert image.save(str(path)) and path.stat().st_size > 20_000
-    if os.environ.get("SLPD_UPDATE_DOCS_SCREENSHOTS"):
-        # docs/ keeps a small copy: 1000 px wide, 256-colour palette.
-        from PIL import Image
-
-        docs = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-        docs.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as im:
-            small = im.convert("RGB").resize((1000, round(im.height * 1000 / im.width)), Image.LANCZOS)
-            small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(docs / docs_name, optimize=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.gl_compat import preload_triton
 
 log = logging.getLogger(__name__)
 
@@ -521,16 +522,6 @@ def save_small_copies(paths: list[Path], folder: Path, max_width: int = 1200) ->
     return out
 
 
-def _preload_triton() -> None:
-    """Import triton (when installed) before napari draws anything: loading its LLVM after Mesa's software
-    OpenGL (llvmpipe, as under Xvfb) has loaded another LLVM crashes the process, and the panels import it
-    late (timm and open_clip pull torch._dynamo in when "Use checkpoint" or zero-shot names run)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:  # not installed, or no usable build: then there is nothing to clash
-        log.debug("triton not preloaded: %s", exc)
-
-
 def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
@@ -646,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import napari
 
-        _preload_triton()
+        preload_triton()
         viewer = napari.Viewer(title="napari-slpd demo", show=True)
         viewer.window._qt_window.resize(*WINDOW_SIZE)
         panels = dock_panels(viewer)
