@@ -36,12 +36,13 @@ import numpy as np
 from napari_slpd.errors import SlpdError
 from napari_slpd.features.store import (
     FORMAT_VERSION,
+    TOKEN_DTYPES,
     FeatureStoreWriter,
     RegionChunk,
     StoreLayout,
-    TOKEN_DTYPES,
     existing_store_is_current,
 )
+from napari_slpd.progress import CancelCheck, ProgressFn, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ BAND_READ_PX = 4096 * 1024
 RESAMPLING = "pil-bilinear-gap3-bands-v1"
 REDUCING_GAP = 3.0
 
-ProgressFn = Callable[[int, int], None]
-CancelCheck = Any  # threading.Event, or a callable returning bool
 
 
 def _grid_config_cls():
@@ -143,14 +142,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def is_cancelled(cancel: CancelCheck) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 # -- reading regions ----------------------------------------------------------------------------------
