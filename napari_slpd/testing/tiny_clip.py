@@ -57,38 +57,21 @@ def tiny_clip_config(embed_dim: int = 32, image_size: int = 32, patch_size: int 
 
 def tiny_coca_config(embed_dim: int = 32, image_size: int = 32, patch_size: int = 16, width: int = 64,
                      layers: int = 2, heads: int = 2, context_length: int = 76) -> dict:
-    """A CoCa config (the CONCH family) in open_clip's JSON schema, tiny sizes."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {
-            "image_size": image_size,
-            "layers": layers,
-            "width": width,
-            "head_width": width // heads,
-            "patch_size": patch_size,
-            "attentional_pool": True,
-            "attn_pooler_heads": heads,
-            "output_tokens": True,
-        },
-        "text_cfg": {
-            "context_length": context_length,
-            "vocab_size": 49408,
-            "width": width,
-            "heads": heads,
-            "layers": layers,
-            "embed_cls": True,
-            "output_tokens": True,
-        },
-        "multimodal_cfg": {
-            "context_length": context_length,
-            "vocab_size": 49408,
-            "width": width,
-            "heads": heads,
-            "layers": 1,
-            "attn_pooler_heads": heads,
-        },
-        "custom_text": True,
+    """A CoCa config (the CONCH family) in open_clip's JSON schema, tiny sizes: the CLIP config plus an
+    attentional pooler, token outputs and a one-layer multimodal decoder."""
+    cfg = tiny_clip_config(embed_dim, image_size, patch_size, width, layers, heads, context_length)
+    cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_heads=heads, output_tokens=True)
+    cfg["text_cfg"].update(embed_cls=True, output_tokens=True)
+    cfg["multimodal_cfg"] = {
+        "context_length": context_length,
+        "vocab_size": cfg["text_cfg"]["vocab_size"],
+        "width": width,
+        "heads": heads,
+        "layers": 1,
+        "attn_pooler_heads": heads,
     }
+    cfg["custom_text"] = True
+    return cfg
 
 
 def register_open_clip_config(model_name: str, model_cfg: dict, config_dir: str | os.PathLike) -> Path:
