@@ -17,7 +17,7 @@
 (c) ``cuda_regions_per_s``: with CUDA, regions/s of the full HIPT configuration (4096-px regions of
     256-px patches at 0.5 um/px, ViT-256 at 256 px in bf16, ViT-4K) on a large mosaic; null otherwise.
 
-Mosaics are built from the real CMU-1 small region tiles (napari_slpd.mosaic) under benchmarks/out/.
+Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
 Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--skip-compute-bound] [--repeats N]
 """
@@ -39,7 +39,7 @@ OUT = REPO / "benchmarks" / "out"
 
 
 def mosaic(side: int, name: str | None = None) -> Path:
-    from napari_slpd.mosaic import build_mosaic
+    from napari_slpd.testing.mosaic import build_mosaic
 
     path = OUT / (name or f"mosaic_{side}.tiff")
     if not path.exists():
@@ -62,9 +62,9 @@ def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
     import h5py
 
     from napari_slpd.features.engine import sequential_extract
-    from napari_slpd.grid import build_region_grid
-    from napari_slpd.slide import open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import build_region_grid
+    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     t0 = time.perf_counter()
     with open_slide(path) as slide:
@@ -99,9 +99,9 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     import torch
 
     from napari_slpd.features.engine import ExtractionConfig, RegionReader
-    from napari_slpd.grid import GridConfig, build_region_grid
-    from napari_slpd.slide import open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     grid_cfg = GridConfig(region_px=region_px, patch_px=patch_px, target_mpp=0.5, min_tissue=0.25)
     config = ExtractionConfig(grid=grid_cfg, batch_size=256, regions_per_chunk=16)  # defaults otherwise
@@ -144,7 +144,7 @@ _RSS_CHILD = r"""
 import json, resource, sys, tempfile
 from pathlib import Path
 from napari_slpd.features.engine import ExtractionConfig, extract_slide
-from napari_slpd.grid import GridConfig
+from napari_slpd.slides.grid import GridConfig
 from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
 def vm(key):
@@ -197,7 +197,7 @@ def cuda_throughput(side: int, compile_model: bool) -> dict | None:
     if not torch.cuda.is_available():
         return None
     from napari_slpd.features.engine import ExtractionConfig, extract_slide
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
 
     patch, region = build_models(256, device="cuda")
     config = ExtractionConfig(grid=GridConfig(region_px=4096, patch_px=256, target_mpp=0.5, min_tissue=0.25),

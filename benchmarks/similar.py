@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from napari_slpd.prototypes.index import CohortIndex, IndexConfig  # noqa: E402
+from napari_slpd.similarity.index import CohortIndex, IndexConfig  # noqa: E402
 
 
 def synthetic_cohort(n_slides: int, k: int = 16, dim: int = 192, n_types: int = 512, slides_per_case: int = 6,

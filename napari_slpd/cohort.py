@@ -6,7 +6,7 @@ Layout (every file written atomically)::
       cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}}}
       features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
       prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
-      index/                      cohort similarity index (napari_slpd.prototypes.index)
+      index/                      cohort similarity index (napari_slpd.similarity.index)
       proalign/<slide_id>.h5      ProAlign slide embeddings and named label maps
       annotations.json            prototype names and colours chosen by the user
       training/                   SLPD fine-tune runs (checkpoints, events)
@@ -20,38 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_write_json
+from napari_slpd.slides.ids import SLIDE_SUFFIXES, find_slides, slide_id_for  # noqa: F401 (re-exported)
+from napari_slpd.utils.files import atomic_write_json
 
 REGISTRY_NAME = "cohort.json"
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")
-
-
-def slide_id_for(path: str | os.PathLike) -> str:
-    """A file-system-safe id for a slide: its file stem (folder name for DICOM folders)."""
-    path = Path(path)
-    stem = path.name if path.is_dir() else path.stem
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-
-
-def find_slides(folder: str | os.PathLike) -> list[Path]:
-    """Slide files (and DICOM folders) directly inside ``folder``, sorted by name."""
-    folder = Path(folder)
-    found = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and entry.suffix.lower() in SLIDE_SUFFIXES:
-            found.append(entry)
-        elif entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir()):
-            found.append(entry)
-    return found
-
-
 @dataclass
 class SlideRecord:
     slide_id: str

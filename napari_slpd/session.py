@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from napari_slpd.cohort import Cohort, SlideRecord, find_slides
-from napari_slpd.embedding_map import UmapParams
+from napari_slpd.viewer.embedding_map import UmapParams
 from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
-from napari_slpd.io_utils import atomic_path
-from napari_slpd.progress import is_cancelled
+from napari_slpd.utils.files import atomic_path
+from napari_slpd.utils.progress import is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class FeatureSettings:
         self.grid_config()  # validates region/patch sizes with the grid's own messages
 
     def grid_config(self):
-        from napari_slpd.grid import GridConfig
+        from napari_slpd.slides.grid import GridConfig
 
         return GridConfig(
             region_px=int(self.region_px),
@@ -207,7 +207,7 @@ class Session:
 
     def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[str]]:
         """Register slides; returns (records added, messages for paths that are not slides)."""
-        from napari_slpd.slide import locate_slide_file
+        from napari_slpd.slides.slide import locate_slide_file
 
         added, problems = [], []
         for path in paths:
@@ -227,14 +227,14 @@ class Session:
 
     def open_slide(self, slide_id: str):
         """The slide opened with its recorded pixel size (or the fallback of the feature settings)."""
-        from napari_slpd.slide import open_slide
+        from napari_slpd.slides.slide import open_slide
 
         record = self.record(slide_id)
         return open_slide(record.path, mpp=record.mpp, mpp_fallback=self.settings.features.mpp_fallback)
 
     def set_slide_mpp(self, slide_id: str, mpp: float) -> None:
         """Record a user-given pixel size for a slide whose file has none (or a wrong one)."""
-        from napari_slpd.slide import resolve_pixel_size
+        from napari_slpd.slides.slide import resolve_pixel_size
 
         resolve_pixel_size({}, mpp=mpp)  # validates the value with the slide module's message
         record = self.record(slide_id)
@@ -382,7 +382,7 @@ class Session:
         current stays cached (the engine's own overwrite would recompute it too)."""
         from napari_slpd.features.engine import extract_slide, extraction_settings
         from napari_slpd.features.store import existing_store_is_current
-        from napari_slpd.slide import open_slide
+        from napari_slpd.slides.slide import open_slide
 
         config = self.extraction_config(record.slide_id)
         slide = open_slide(record.path, mpp=config.mpp, mpp_fallback=config.mpp_fallback)
@@ -514,7 +514,7 @@ class Session:
     def index(self, progress: ProgressFn | None = None, cancel=None):
         """The cohort index, up to date with the prototypes of every slide with current features (their
         missing prototypes are computed first) and saved in ``COHORT/index``."""
-        from napari_slpd.prototypes import CohortIndex
+        from napari_slpd.similarity import CohortIndex
 
         self.ensure_prototypes(progress=progress, cancel=cancel)
         with self._lock:
@@ -563,7 +563,7 @@ class Session:
         return matches
 
     def _region_index(self):
-        from napari_slpd.prototypes import RegionIndex
+        from napari_slpd.similarity import RegionIndex
 
         with self._lock:
             if self._rindex is None:
@@ -599,7 +599,7 @@ class Session:
     def embedding_map(self, slide_ids: Sequence[str] | None = None, name: str | None = None,
                       progress: ProgressFn | None = None, cancel=None):
         """(EmbeddingMap, from_cache) of the regions of ``slide_ids`` (all slides with features)."""
-        from napari_slpd.embedding_map import load_or_compute_map
+        from napari_slpd.viewer.embedding_map import load_or_compute_map
 
         slide_ids = list(slide_ids) if slide_ids is not None else self.slides_with_features()
         if name is None:

@@ -26,12 +26,11 @@ from typing import Any
 import torch
 
 from napari_slpd.errors import CheckpointError
-from napari_slpd.io_utils import atomic_path
+from napari_slpd.utils.files import atomic_path
+from src_training.config import CHECKPOINT_NAME, EXPORT_NAME  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pth"
-EXPORT_NAME = "teacher_vit4k.pth"
 FORMAT = "slpd-train-checkpoint"
 FORMAT_VERSION = 1
 

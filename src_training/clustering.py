@@ -157,7 +157,7 @@ def slide_similarity_matrix(centroids: torch.Tensor, has_prototypes: torch.Tenso
     Rows are split across processes (row n on process n mod W) and summed; each row is one call of
     ``batch_set_similarity`` (exact optimal matching of the row's set against all others).
     """
-    from napari_slpd.prototypes import batch_set_similarity
+    from napari_slpd.similarity import batch_set_similarity
 
     n_slides = centroids.shape[0]
     eligible = torch.nonzero(has_prototypes).flatten()
@@ -178,7 +178,7 @@ def find_neighbours(
     centroids: torch.Tensor, has_prototypes: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(neighbours [S, r], their S(n, m) [S, r], l* [S, K, r]); -1 / nan where a slide has no neighbour."""
-    from napari_slpd.prototypes import cross_assignment
+    from napari_slpd.similarity import cross_assignment
 
     n_slides, k, _ = centroids.shape
     sim = slide_similarity_matrix(centroids, has_prototypes)

@@ -238,3 +238,7 @@ def preset(name: str) -> TrainConfig:
 
 
 PRESETS = ("nsclc", "brca", "tiny")
+
+# File names inside a run folder (here, not in checkpoint.py, so that a viewer can use them without torch).
+CHECKPOINT_NAME = "checkpoint.pth"
+EXPORT_NAME = "teacher_vit4k.pth"

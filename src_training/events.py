@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+EVENTS_NAME = "events.jsonl"  # the stream's file name inside a run folder
+
 SCHEMA_VERSION = 1
 _SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_write_json
+from napari_slpd.utils.files import atomic_write_json
 from src_training import checkpoint as ckpt
 from src_training import distributed
 from src_training.clustering import ClusterResult, recluster

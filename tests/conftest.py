@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from napari_slpd.gl_compat import preload_triton
+from napari_slpd.viewer.gl_compat import preload_triton
 
-# Before any test draws a napari canvas under Xvfb (see napari_slpd.gl_compat): GUI tests that build
+# Before any test draws a napari canvas under Xvfb (see napari_slpd.viewer.gl_compat): GUI tests that build
 # timm/open_clip models after a viewer has drawn would otherwise crash the test process.
 preload_triton()
 

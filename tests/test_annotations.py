@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import real_slide
-from napari_slpd.annotations import (PrototypeAnnotations, StaleAnnotationsError, accept_suggestions,
+from napari_slpd.labeling import (PrototypeAnnotations, StaleAnnotationsError, accept_suggestions,
                                      default_color, plan_propagation, prototype_identity, proalign_suggestions)
 from napari_slpd.cohort import Cohort
 from napari_slpd.errors import PrototypeError, SlpdError

@@ -7,10 +7,10 @@ import re
 import pytest
 
 from conftest import real_slide
-from napari_slpd import _reader
+from napari_slpd.viewer import reader as _reader
 from napari_slpd.cli import main
 from napari_slpd.errors import NotASlideError, SlideError
-from napari_slpd.slide import open_slide
+from napari_slpd.slides.slide import open_slide
 
 
 @pytest.fixture

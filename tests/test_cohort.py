@@ -5,7 +5,7 @@ import pytest
 
 from napari_slpd.cohort import Cohort, find_slides, slide_id_for
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_path, atomic_write_json, sha256_file
+from napari_slpd.utils.files import atomic_path, atomic_write_json, sha256_file
 
 
 def test_atomic_path_keeps_old_file_on_error(tmp_path):

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.prototypes import (
-    CohortIndex,
-    IndexConfig,
-    RegionIndex,
-    compute_cohort_prototypes,
-    prototype_set_similarity,
-)
-from napari_slpd.prototypes.index import auto_nlist
+from napari_slpd.prototypes import compute_cohort_prototypes
+from napari_slpd.similarity import CohortIndex, IndexConfig, RegionIndex, prototype_set_similarity
+from napari_slpd.similarity.index import auto_nlist
 from test_prototypes import clustered_embeddings, make_cohort, write_feature_file
 
 
@@ -173,7 +168,7 @@ def test_save_load_roundtrip_is_atomic(tmp_path, monkeypatch):
         assert loaded.query("s0", n=1)[0].slide_id == "new"
         first = json.loads((folder / "cohort.json").read_text())
         # A save that fails half-way leaves the previous index readable and untouched.
-        import napari_slpd.prototypes.index as index_module
+        import napari_slpd.similarity.index as index_module
 
         def broken_savez(*args, **kwargs):
             raise OSError("disk full")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_slpd.errors import CheckpointError, SlpdError
-from napari_slpd.io_utils import sha256_file
+from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import save_dino_checkpoint
 from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 from napari_slpd.models.vit import vit4k_xs, vit256_small

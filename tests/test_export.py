@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_slpd.export import (ClassStyle, ExportError, mask_to_polygons, prototype_geojson, read_geojson,
+from napari_slpd.export.geojson import (ClassStyle, ExportError, mask_to_polygons, prototype_geojson, read_geojson,
                                 trace_rings, write_geojson, write_label_map_tiff)
 
 

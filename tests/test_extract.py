@@ -26,9 +26,9 @@ from napari_slpd.features.engine import (
     sequential_extract,
 )
 from napari_slpd.features.store import FeatureStore, partial_path_for
-from napari_slpd.grid import GridConfig, build_region_grid
-from napari_slpd.slide import open_slide
-from napari_slpd.tissue import detect_tissue
+from napari_slpd.slides.grid import GridConfig, build_region_grid
+from napari_slpd.slides.slide import open_slide
+from napari_slpd.slides.tissue import detect_tissue
 
 INPUT_PX = 32  # ViT-256 at 32 px: 4 patch tokens + [CLS], cheap on CPU, same architecture
 GRID = GridConfig(region_px=512, patch_px=64, target_mpp=1.0, min_tissue=0.25)  # G = 8
@@ -137,7 +137,7 @@ def test_second_run_computes_nothing_and_settings_never_mix(tmp_path, encoders):
 KILL_SCRIPT = r"""
 import sys
 from napari_slpd.features.engine import ExtractionConfig, extract_slide
-from napari_slpd.grid import GridConfig
+from napari_slpd.slides.grid import GridConfig
 from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=int(sys.argv[3]))
 region = build_region_encoder("hipt_vit4k", device="cpu")

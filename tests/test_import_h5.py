@@ -150,7 +150,7 @@ def test_import_errors_are_clear(tmp_path):
 
 
 def test_level_downsample_from_slide_and_warning_without_size(tmp_path, caplog):
-    from napari_slpd.slide import open_slide
+    from napari_slpd.slides.slide import open_slide
 
     coords = lattice_coords(range(4), [0] * 4, origin=(0, 0), step=512)
     h5 = write_clam(tmp_path / "l1.h5", coded_features(coords), coords, patch_size=256, patch_level=1)
@@ -209,7 +209,7 @@ def test_cli_import_features_registers_slides(tmp_path, capsys):
 def test_import_of_extracted_features_rebuilds_the_token_grids(tmp_path):
     """Extraction writes CLAM-layout patch features; importing them gives back the same token grids."""
     from napari_slpd.features.engine import ExtractionConfig, extract_slide
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
     from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
     patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=16)

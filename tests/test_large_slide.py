@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import real_slide
-from napari_slpd.slide import open_slide
+from napari_slpd.slides.slide import open_slide
 
 SIDE = 60_000
 
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
-    from napari_slpd.mosaic import build_mosaic
+    from napari_slpd.testing.mosaic import build_mosaic
 
     source = real_slide("cmu_svs")
     path = tmp_path_factory.mktemp("mosaic") / "mosaic.tif"
@@ -62,7 +62,7 @@ def test_open_and_coarsest_level_bounded_tiles_and_memory(mosaic):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         t0 = time.perf_counter()
-        from napari_slpd.slide import open_slide
+        from napari_slpd.slides.slide import open_slide
         slide = open_slide({str(mosaic.path)!r})
         pyramid = slide.pyramid()
         coarsest = pyramid[-1].compute()
@@ -104,8 +104,8 @@ def test_random_fields_of_view_touch_only_their_tiles(mosaic):
 
 
 def test_tissue_and_grid_on_the_mosaic(mosaic):
-    from napari_slpd.grid import GridConfig, build_region_grid
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.slides.tissue import detect_tissue
 
     with open_slide(mosaic.path) as slide:
         mask = detect_tissue(slide)

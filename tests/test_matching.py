@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.prototypes import (
-    batch_set_similarity,
-    brute_force_set_similarity,
-    cross_assignment,
-    match_prototypes,
-    prototype_set_distance,
-    prototype_set_similarity,
-)
-from napari_slpd.prototypes.matching import TopN, matching_upper_bounds, top_matches
+from napari_slpd.similarity import batch_set_similarity, brute_force_set_similarity, cross_assignment, match_prototypes, prototype_set_distance, prototype_set_similarity
+from napari_slpd.similarity.matching import TopN, matching_upper_bounds, top_matches
 
 
 def unit(rng, *shape):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_slpd.errors import CheckpointError
-from napari_slpd.io_utils import sha256_file
+from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import load_dino_checkpoint, read_checkpoint, save_dino_checkpoint
 from napari_slpd.models.vit import interpolate_pos_embed, vit4k_xs, vit256_small
 

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cohort(tiny, tmp_path_factory):
     from napari_slpd.features.engine import ExtractionConfig, extract_slide
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
     from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
     paths = {name: real_slide(name) for name in SLIDES}

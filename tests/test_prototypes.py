@@ -13,12 +13,7 @@ import pytest
 from conftest import real_slide
 from napari_slpd.cohort import Cohort
 from napari_slpd.errors import PrototypeError
-from napari_slpd.prototypes import (
-    compute_cohort_prototypes,
-    compute_prototypes,
-    label_map,
-    load_prototypes,
-)
+from napari_slpd.prototypes import compute_cohort_prototypes, compute_prototypes, label_map, load_prototypes
 
 # -- helpers shared with the other prototype test files ----------------------------------------------------
 
@@ -230,10 +225,10 @@ def test_patch_resolution_label_maps_fractional_and_overlapping_tiles():
 
 def test_label_map_overlays_a_real_slide_grid_and_matches_the_region_layer():
     slide_path = real_slide("cmu_svs")
-    from napari_slpd.grid import GridConfig, build_region_grid
-    from napari_slpd.layers import region_labels_layer, region_rectangles
-    from napari_slpd.slide import open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.viewer.layers import region_labels_layer, region_rectangles
+    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     with open_slide(slide_path) as slide:
         grid = build_region_grid(slide, detect_tissue(slide), GridConfig(region_px=512, patch_px=64, target_mpp=0.5,
@@ -250,7 +245,7 @@ def test_label_map_overlays_a_real_slide_grid_and_matches_the_region_layer():
             (y0, x0), (y1, x1) = rect[0], rect[2]
             centre = ((y0 + y1) / 2 * mpp, (x0 + x1) / 2 * mpp)
             assert lm.tile_index[napari_world_to_label_pixel(kwargs, centre)] == i
-        # Same placement as the slide-layer helper of napari_slpd.layers (which pads to the slide origin).
+        # Same placement as the slide-layer helper of napari_slpd.viewer.layers (which pads to the slide origin).
         image, other, _ = region_labels_layer(slide, grid, labels)
         for x0, y0 in grid.coords:
             world = ((y0 + 10) * mpp, (x0 + 10) * mpp)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import real_slide
-from napari_slpd import _reader
+from napari_slpd.viewer import reader as _reader
 from napari_slpd.errors import SlpdError
-from napari_slpd.grid import GridConfig, build_region_grid
-from napari_slpd.layers import region_grid_layer, region_labels_layer, tissue_mask_layer
-from napari_slpd.slide import open_slide
-from napari_slpd.tissue import detect_tissue
+from napari_slpd.slides.grid import GridConfig, build_region_grid
+from napari_slpd.viewer.layers import region_grid_layer, region_labels_layer, tissue_mask_layer
+from napari_slpd.slides.slide import open_slide
+from napari_slpd.slides.tissue import detect_tissue
 
 
 @pytest.fixture
@@ -117,10 +117,11 @@ def test_overlay_layers_align_with_the_image():
 
 
 def test_sample_data(monkeypatch, tmp_path, warnings_seen):
-    from napari_slpd import sample_data
+    from napari_slpd.samples import synthetic
+    from napari_slpd.viewer import sample_data
 
-    monkeypatch.setattr(sample_data, "SYNTHETIC_SAMPLE_SIZE", (1024, 768))
-    monkeypatch.setattr(sample_data.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(synthetic, "SYNTHETIC_SAMPLE_SIZE", (1024, 768))
+    monkeypatch.setattr(synthetic.tempfile, "gettempdir", lambda: str(tmp_path))
     layers = sample_data.synthetic_slide_sample()
     data, kwargs, kind = layers[0]
     assert kind == "image" and data[0].shape == (768, 1024, 3) and kwargs["scale"] == (0.5, 0.5)
@@ -129,7 +130,7 @@ def test_sample_data(monkeypatch, tmp_path, warnings_seen):
 
 
 def test_real_sample_data(monkeypatch, tmp_path, slides_dir, warnings_seen):
-    from napari_slpd import sample_data
+    from napari_slpd.viewer import sample_data
 
     monkeypatch.setenv("SLPD_SLIDES_DIR", str(slides_dir))
     assert sample_data.cmu_small_region_sample()[0][0][0].shape == (2967, 2220, 3)

@@ -16,10 +16,10 @@ def _add(viewer, layer_tuple):
 
 
 def test_slide_with_tissue_and_grid_overlays(make_napari_viewer, artifacts_dir, qtbot):
-    from napari_slpd.grid import GridConfig, build_region_grid
-    from napari_slpd.layers import region_grid_layer, tissue_mask_layer
-    from napari_slpd.slide import open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.viewer.layers import region_grid_layer, tissue_mask_layer
+    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     viewer = make_napari_viewer(show=True)  # a hidden canvas renders black under Xvfb
     path = real_slide("cmu_svs")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REAL_SLIDES, real_slide
 from napari_slpd.errors import PixelSizeError, SlideError, SlpdError
-from napari_slpd.slide import PixelSize, open_slide, resolve_pixel_size
+from napari_slpd.slides.slide import PixelSize, open_slide, resolve_pixel_size
 
 # name -> (vendor, (width, height), level_count, mpp, mpp_source) per ../shared/data/slides/MANIFEST.md
 EXPECTED = {
@@ -177,7 +177,7 @@ class TestPixelSize:
 
 class TestSyntheticSlide:
     def test_written_slide_opens_with_metadata_and_levels(self, tmp_path):
-        from napari_slpd.sample_data import write_synthetic_slide
+        from napari_slpd.samples.synthetic import write_synthetic_slide
 
         path = tmp_path / "syn.svs"
         design = write_synthetic_slide(path, width=2304, height=1536, seed=3, min_level_px=256)
@@ -194,7 +194,7 @@ class TestSyntheticSlide:
         assert abs(sum(design.composition.values()) - 1.0) < 1e-6
 
     def test_seeds_differ_and_painting_is_seamless(self):
-        from napari_slpd.sample_data import design_slide, paint_block
+        from napari_slpd.samples.synthetic import design_slide, paint_block
 
         compositions = [design_slide(2048, 2048, seed).composition for seed in range(6)]
         dominant = {max(c, key=c.get) for c in compositions}

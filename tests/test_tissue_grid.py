@@ -7,9 +7,9 @@ import pytest
 
 from conftest import REAL_SLIDES, real_slide
 from napari_slpd.errors import PixelSizeError, SlpdError
-from napari_slpd.grid import GridConfig, RegionGrid, build_region_grid
-from napari_slpd.slide import open_slide
-from napari_slpd.tissue import TissueMask, TissueParams, detect_tissue, tissue_from_rgb
+from napari_slpd.slides.grid import GridConfig, RegionGrid, build_region_grid
+from napari_slpd.slides.slide import open_slide
+from napari_slpd.slides.tissue import TissueMask, TissueParams, detect_tissue, tissue_from_rgb
 
 # Tissue fraction ranges checked by eye on the thumbnails: CMU is a strip of skin on glass, the TCGA
 # slide a large piece with a white rim, the breast crop all tissue.
@@ -44,7 +44,7 @@ def test_glass_corner_is_not_tissue_and_centre_is():
 
 
 def test_mask_matches_synthetic_ground_truth(tmp_path):
-    from napari_slpd.sample_data import write_synthetic_slide
+    from napari_slpd.samples.synthetic import write_synthetic_slide
 
     path = tmp_path / "syn.svs"
     design = write_synthetic_slide(path, width=2048, height=1536, seed=4)

@@ -152,7 +152,7 @@ def test_index_without_any_features_says_what_to_do(tmp_path):
 
 def test_clustering_neighbours_and_exclusion(small_index):
     pytest.importorskip("faiss")
-    from napari_slpd.prototypes import cross_assignment, prototype_set_similarity
+    from napari_slpd.similarity import cross_assignment, prototype_set_similarity
     from src_training.clustering import cluster_slides, find_neighbours
 
     index = small_index
@@ -384,7 +384,7 @@ def test_tiny_preset_on_real_slides_trains_and_the_features_engine_loads_the_res
     pytest.importorskip("faiss")
     engine = pytest.importorskip("napari_slpd.features.engine")
     from napari_slpd.cohort import Cohort
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
     from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
     cohort = Cohort(tmp_path / "cohort")

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_slpd.training_runner import (EventTail, RunProgress, TrainingRun, TrainingRunError, TrainingSettings,
-                                         build_command, find_runs, running_runs)
+from napari_slpd.training import (TrainingRun, TrainingRunError, TrainingSettings, build_command, find_runs,
+                                  running_runs)
+from src_training.event_reader import EventTail, RunProgress
 
 
 def _settings(tmp_path, **kw):
@@ -100,7 +101,7 @@ STUB = textwrap.dedent("""
 def test_stop_escalates_to_kill_and_removes_half_written_files(tmp_path, monkeypatch):
     stub = tmp_path / "stub.py"
     stub.write_text(STUB)
-    import napari_slpd.training_runner as tr
+    import napari_slpd.training.run as tr
 
     monkeypatch.setattr(tr, "build_command", lambda settings, resume=False, python=None:
                         [sys.executable, str(stub), "--out", settings.run_dir, "--events",
@@ -173,7 +174,7 @@ def _wait(predicate, run, timeout=30.0):
 def test_detach_reattach_stop_and_resume_follow_the_trainer_protocol(tmp_path, monkeypatch):
     stub = tmp_path / "graceful.py"
     stub.write_text(GRACEFUL)
-    import napari_slpd.training_runner as tr
+    import napari_slpd.training.run as tr
 
     real_build = tr.build_command
     launched = []
@@ -224,13 +225,13 @@ def lab(tmp_path_factory):
 
 
 def test_use_checkpoint_reencodes_regions_and_refreshes_prototypes(lab, tmp_path):
-    from napari_slpd.annotations import PrototypeAnnotations
+    from napari_slpd.labeling import PrototypeAnnotations
     from napari_slpd.features.store import FeatureStore
     from napari_slpd.models.checkpoints import save_dino_checkpoint
     from napari_slpd.models.encoders import build_region_encoder
     from napari_slpd.models.vit import vit4k_xs
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
-    from napari_slpd.training_runner import use_checkpoint
+    from napari_slpd.features.reencode import use_checkpoint
     from test_annotations import TYPE_NAMES, type_of_prototypes
 
     import torch
@@ -297,7 +298,7 @@ def test_real_tiny_run_on_cuda_then_use_checkpoint(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
-    from napari_slpd.training_runner import use_checkpoint
+    from napari_slpd.features.reencode import use_checkpoint
     from test_annotations import build_labeled_cohort
 
     lab = build_labeled_cohort(tmp_path / "cohort", rows=3, cols=4)

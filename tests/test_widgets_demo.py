@@ -30,7 +30,7 @@ def test_demo_viewer_lists_similar_slides_and_writes_screenshots(make_napari_vie
         save_small_copies,
         show_demo,
     )
-    from napari_slpd.sample_data import TISSUE_CLASSES
+    from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
@@ -94,7 +94,7 @@ def test_tissue_class_shares_count_the_painted_classes_of_each_prototype():
     import numpy as np
 
     from napari_slpd.cli.demo import names_from_shares, tissue_class_shares
-    from napari_slpd.sample_data import TISSUE_CLASSES
+    from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     stroma, tumour, fat = (TISSUE_CLASSES.index(n) for n in ("stroma", "tumour", "fat"))
     classes = np.zeros((8, 8), np.uint8)  # 8 level-0 px per class-map px: a 64-px region is 8 x 8 cells

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gui
 
 
 def test_tiny_finetune_from_the_panel(make_napari_viewer, qtbot, tmp_path, artifacts_dir):
-    from napari_slpd.annotations import PrototypeAnnotations
+    from napari_slpd.labeling import PrototypeAnnotations
     from napari_slpd.features.store import read_store_attrs
     from napari_slpd.widgets._common import wait_for
     from napari_slpd.widgets.finetune import FineTuneWidget
@@ -89,7 +89,7 @@ def test_tiny_finetune_from_the_panel(make_napari_viewer, qtbot, tmp_path, artif
 
 def _stub_runs(monkeypatch, tmp_path):
     """Launch the trainer stand-in of test_training_runner instead of src_training (fast, same protocol)."""
-    import napari_slpd.training_runner as tr
+    import napari_slpd.training.run as tr
     from test_training_runner import GRACEFUL
 
     stub = tmp_path / "graceful.py"
@@ -104,7 +104,7 @@ def test_closing_napari_while_training_asks_to_stop_or_leave(make_napari_viewer,
     from qtpy.QtWidgets import QApplication
 
     from napari_slpd.session import Session
-    from napari_slpd.training_runner import TrainingRun
+    from napari_slpd.training.run import TrainingRun
     from napari_slpd.widgets.finetune import FineTuneWidget
     from napari_slpd.widgets.state import SlpdState
 

@@ -354,7 +354,7 @@ def test_embedding_map_selects_regions_and_regions_select_points(make_napari_vie
 def test_cancel_extraction_leaves_nothing_half_written(make_napari_viewer, qtbot, tmp_path):
     from napari_slpd.features.store import FeatureStore, partial_path_for
     from napari_slpd.errors import FeatureStoreError
-    from napari_slpd.sample_data import write_synthetic_slide
+    from napari_slpd.samples.synthetic import write_synthetic_slide
 
     for seed in (3, 4):
         write_synthetic_slide(tmp_path / f"synthetic-{seed}.svs", width=2048, height=1536, seed=seed)

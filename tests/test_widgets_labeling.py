@@ -92,7 +92,7 @@ def _layer_color_of_prototype(state, k):
 
 
 def test_rename_recolour_and_find_them_after_reopening(make_napari_viewer, qtbot, lab):
-    from napari_slpd.annotations import PrototypeAnnotations
+    from napari_slpd.labeling import PrototypeAnnotations
     from napari_slpd.cohort import Cohort
     from napari_slpd.widgets.labeling import COL_NAME, LabelingWidget
 
@@ -135,8 +135,8 @@ def test_rename_recolour_and_find_them_after_reopening(make_napari_viewer, qtbot
 
 
 def test_zero_shot_names_propagation_export_and_screenshot(make_napari_viewer, qtbot, lab, artifacts_dir, tmp_path):
-    from napari_slpd.annotations import PrototypeAnnotations
-    from napari_slpd.export import read_geojson
+    from napari_slpd.labeling import PrototypeAnnotations
+    from napari_slpd.export.geojson import read_geojson
     from napari_slpd.widgets._common import wait_for
     from napari_slpd.widgets.labeling import COL_ACCEPT, LabelingWidget
 

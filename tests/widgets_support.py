@@ -39,7 +39,7 @@ def build_processed_cohort(root: Path):
     """The cohort described above, with features and prototypes (cached in ``root``)."""
     import pytest
 
-    from napari_slpd.sample_data import write_synthetic_slide
+    from napari_slpd.samples.synthetic import write_synthetic_slide
     from napari_slpd.session import Session
 
     if not SLIDES_DIR.exists():

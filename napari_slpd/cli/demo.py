@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.gl_compat import preload_triton
+from napari_slpd.viewer.gl_compat import preload_triton
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None =
 def build_demo_cohort(root: Path, n_synthetic: int = len(SYNTHETIC_SEEDS), include_real: bool = True,
                       say: Callable[[str], None] = print) -> list[Path]:
     """Write the synthetic slides into ``root/slides`` (once) and return every slide path of the demo."""
-    from napari_slpd.sample_data import real_slides_dir, write_synthetic_slide
+    from napari_slpd.samples.synthetic import real_slides_dir, write_synthetic_slide
 
     slides_dir = root / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def synthetic_design_of(path: str | os.PathLike):
     """
     import openslide
 
-    from napari_slpd.sample_data import design_slide
+    from napari_slpd.samples.synthetic import design_slide
 
     try:
         slide = openslide.OpenSlide(str(path))
@@ -194,7 +194,7 @@ def tissue_class_shares(design, coords, tile_px: float, assignments, k: int):
     in the regions of each prototype, counted on the design's class map."""
     import numpy as np
 
-    from napari_slpd.sample_data import TISSUE_CLASSES
+    from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     step = design.class_px
     counts = np.zeros((k, len(TISSUE_CLASSES)), np.float64)
@@ -214,7 +214,7 @@ def names_from_shares(shares, mixed_share: float = 0.3, some_share: float = 0.15
     repeats gets " (2)", " (3)"."""
     import numpy as np
 
-    from napari_slpd.sample_data import TISSUE_CLASSES
+    from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     classes = TISSUE_CLASSES[1:]
     names, seen = [], {}

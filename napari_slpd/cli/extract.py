@@ -89,7 +89,7 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
 
 def expand_slides(items: list[str]) -> list[Path]:
     """Slide paths from files and folders, in a stable order, without duplicates."""
-    from napari_slpd.cohort import find_slides
+    from napari_slpd.slides.ids import find_slides
 
     out: list[Path] = []
     for item in items:
@@ -149,7 +149,7 @@ def _run_token(slides: list[Path], out: Path, world: int) -> str:
 
 
 def _write_rank_report(folder: Path, info: RankInfo, rows: list[dict]) -> None:
-    from napari_slpd.io_utils import atomic_write_json
+    from napari_slpd.utils.files import atomic_write_json
 
     atomic_write_json(folder / f"rank{info.rank}.json", {"rank": info.rank, "started": info.started, "rows": rows})
 
@@ -204,7 +204,7 @@ def build_encoders(args, device: str):
 
 def extraction_config(args):
     from napari_slpd.features.engine import ExtractionConfig
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
 
     return ExtractionConfig(
         grid=GridConfig(region_px=args.region_px, patch_px=args.patch_px, target_mpp=args.target_mpp,
@@ -225,7 +225,7 @@ def extraction_config(args):
 
 def _result_row(result=None, path: Path | None = None, error: str | None = None) -> dict:
     if result is None:
-        from napari_slpd.cohort import slide_id_for
+        from napari_slpd.slides.ids import slide_id_for
 
         return {"slide_id": slide_id_for(path), "path": str(path), "status": "error", "regions": 0,
                 "computed": 0, "seconds": 0.0, "message": error or "", "mpp": None, "mpp_source": None}
@@ -336,7 +336,7 @@ def _extract_one(path: Path, cohort, patch_encoder, region_encoder, config, args
     from tqdm import tqdm
 
     from napari_slpd.features.engine import extract_slide
-    from napari_slpd.slide import open_slide
+    from napari_slpd.slides.slide import open_slide
 
     bar = tqdm(total=0, desc=f"{prefix}{path.name}", unit="region", disable=args.quiet, leave=True,
                dynamic_ncols=True, file=sys.stderr)

@@ -65,7 +65,7 @@ def expand_h5(items: list[str]) -> list[Path]:
 
 def slides_by_id(items: list[str]) -> dict[str, Path]:
     from napari_slpd.cli.extract import _registry_path, expand_slides
-    from napari_slpd.cohort import slide_id_for
+    from napari_slpd.slides.ids import slide_id_for
 
     return {slide_id_for(_registry_path(p)): _registry_path(p) for p in expand_slides(items)} if items else {}
 
@@ -76,7 +76,7 @@ def run_import(args) -> int:
     from napari_slpd.cli.extract import format_summary
     from napari_slpd.cohort import Cohort, slide_id_for
     from napari_slpd.features.import_h5 import import_patch_features
-    from napari_slpd.slide import open_slide
+    from napari_slpd.slides.slide import open_slide
 
     cohort = Cohort(args.out)
     files = expand_h5(args.h5)

@@ -31,9 +31,9 @@ def register(subparsers) -> None:
 
 
 def describe(path, args) -> dict:
-    from napari_slpd.grid import GridConfig, build_region_grid
-    from napari_slpd.slide import open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     config = GridConfig(region_px=args.region_px, patch_px=args.patch_px, target_mpp=args.target_mpp,
                         min_tissue=args.min_tissue)

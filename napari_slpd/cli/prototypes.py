@@ -98,7 +98,7 @@ def summary(report) -> str:
 
 def run(args) -> int:
     from napari_slpd.prototypes.cache import compute_cohort_prototypes
-    from napari_slpd.prototypes.index import CohortIndex
+    from napari_slpd.similarity.index import CohortIndex
 
     cohort = open_cohort(args.cohort)
     bar = ProgressBar("prototypes", enabled=not (args.quiet or args.json))

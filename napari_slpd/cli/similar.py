@@ -45,7 +45,7 @@ def _table(header: tuple, rows: list[tuple]) -> str:
 
 def run_slides(args, cohort) -> int:
     from napari_slpd.prototypes.cache import load_prototypes
-    from napari_slpd.prototypes.index import CohortIndex
+    from napari_slpd.similarity.index import CohortIndex
 
     cohort.slide(args.slide_id)  # a clear error for an unknown slide
     query = load_prototypes(cohort, args.slide_id)
@@ -78,7 +78,7 @@ def run_slides(args, cohort) -> int:
 
 
 def run_regions(args, cohort) -> int:
-    from napari_slpd.prototypes.regions import RegionIndex
+    from napari_slpd.similarity.regions import RegionIndex
 
     cohort.slide(args.slide_id)
     bar = ProgressBar("region index", enabled=not (args.quiet or args.json))

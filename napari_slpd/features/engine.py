@@ -42,7 +42,7 @@ from napari_slpd.features.store import (
     StoreLayout,
     existing_store_is_current,
 )
-from napari_slpd.progress import CancelCheck, ProgressFn, is_cancelled
+from napari_slpd.utils.progress import CancelCheck, ProgressFn, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ REDUCING_GAP = 3.0
 
 
 def _grid_config_cls():
-    from napari_slpd.grid import GridConfig
+    from napari_slpd.slides.grid import GridConfig
 
     return GridConfig
 
 
 def _tissue_params_cls():
-    from napari_slpd.tissue import TissueParams
+    from napari_slpd.slides.tissue import TissueParams
 
     return TissueParams
 
@@ -70,8 +70,8 @@ def _tissue_params_cls():
 class ExtractionConfig:
     """How to extract one slide. Settings that change the features are recorded in the store."""
 
-    grid: Any = field(default_factory=lambda: _grid_config_cls()())  # napari_slpd.grid.GridConfig
-    tissue: Any = field(default_factory=lambda: _tissue_params_cls()())  # napari_slpd.tissue.TissueParams
+    grid: Any = field(default_factory=lambda: _grid_config_cls()())  # napari_slpd.slides.grid.GridConfig
+    tissue: Any = field(default_factory=lambda: _tissue_params_cls()())  # napari_slpd.slides.tissue.TissueParams
     batch_size: int = 256  # patches per patch-encoder batch: bounds the model's memory
     region_batch_size: int = 64  # token grids per region-encoder batch
     num_workers: int | None = None  # region reading/decoding threads; None: one per CPU core (at most 16)
@@ -129,7 +129,7 @@ class ExtractionResult:
     seconds: float = 0.0
     message: str = ""
     mpp: float | None = None  # pixel size used, um/px
-    mpp_source: str | None = None  # where it came from (napari_slpd.slide.PixelSize.source)
+    mpp_source: str | None = None  # where it came from (napari_slpd.slides.slide.PixelSize.source)
 
     @property
     def regions_per_s(self) -> float:
@@ -151,8 +151,8 @@ def available_cores() -> int:
 class RegionReader:
     """Reads region ``i`` of a grid as patches [G*G, p, p, 3] uint8 (row-major, like grid.patch_coords())."""
 
-    slide: Any  # napari_slpd.slide.Slide (thread-safe reads)
-    grid: Any  # napari_slpd.grid.RegionGrid
+    slide: Any  # napari_slpd.slides.slide.Slide (thread-safe reads)
+    grid: Any  # napari_slpd.slides.grid.RegionGrid
     patch_px: int  # side of each output patch (the patch encoder's input size)
 
     @property
@@ -557,13 +557,13 @@ def extract_slide(
 ) -> ExtractionResult:
     """Extract (or resume, or skip) one slide's region features into the FeatureStore at ``out_path``.
 
-    ``slide_path`` is a path or an open :class:`napari_slpd.slide.Slide`. ``progress(done, total)`` is
+    ``slide_path`` is a path or an open :class:`napari_slpd.slides.slide.Slide`. ``progress(done, total)`` is
     called as regions finish (total = regions of the slide); ``cancel`` (Event or callable) stops after
     the current batch, keeping every finished chunk. Bad input raises an SlpdError subclass.
     """
-    from napari_slpd.grid import build_region_grid
-    from napari_slpd.slide import Slide, open_slide
-    from napari_slpd.tissue import detect_tissue
+    from napari_slpd.slides.grid import build_region_grid
+    from napari_slpd.slides.slide import Slide, open_slide
+    from napari_slpd.slides.tissue import detect_tissue
 
     config = config or ExtractionConfig()
     t0 = time.perf_counter()

@@ -276,7 +276,7 @@ def import_patch_features(
     by default the file's own ``encoder`` / ``model`` attribute or "imported".
     """
     from napari_slpd import __version__
-    from napari_slpd.io_utils import sha256_file
+    from napari_slpd.utils.files import sha256_file
 
     h5_path, out_path = Path(h5_path), Path(out_path)
     pf = read_patch_features(h5_path, slide)

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from napari_slpd.errors import FeatureStoreError
-from napari_slpd.h5_attrs import encode_attr, json_default, read_attrs
+from napari_slpd.utils.h5_attrs import encode_attr, json_default, read_attrs
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from napari_slpd.errors import CheckpointError
-from napari_slpd.io_utils import atomic_path, sha256_file
+from napari_slpd.utils.files import atomic_path, sha256_file
 
 __all__ = [
     "LoadReport",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
-from napari_slpd.io_utils import sha256_file
+from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import (check_state_dict, extract_state_dict, load_dino_checkpoint,
                                             read_checkpoint, strip_prefixes)
 from napari_slpd.models.vit import vit4k_xs, vit256_small

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
-from napari_slpd.io_utils import sha256_file
+from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import check_state_dict, extract_state_dict, read_checkpoint, strip_prefixes
 
 __all__ = ["OpenClipBundle", "load_open_clip", "CHECKPOINT_FILE_NAMES"]

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.h5_attrs import decode_attr, encode_attr
-from napari_slpd.io_utils import atomic_path
+from napari_slpd.utils.h5_attrs import decode_attr, encode_attr
+from napari_slpd.utils.files import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -118,14 +118,14 @@ class ProAlignResult:
         return {name: float(c) / total for name, c in zip(self.names, counts, strict=True)}
 
     def class_styles(self) -> dict:
-        """{label index: ClassStyle(name, color)} for :mod:`napari_slpd.export` (GeoJSON, label TIFF)."""
-        from napari_slpd.export import ClassStyle
+        """{label index: ClassStyle(name, color)} for :mod:`napari_slpd.export.geojson` (GeoJSON, label TIFF)."""
+        from napari_slpd.export.geojson import ClassStyle
 
         return {k: ClassStyle(name, color) for k, (name, color) in enumerate(zip(self.names, self.colors, strict=True))}
 
     def region_geojson(self, slide_dimensions: tuple[int, int] | None = None) -> dict:
         """The named region-level label map as a QuPath-compatible GeoJSON FeatureCollection."""
-        from napari_slpd.export import prototype_geojson
+        from napari_slpd.export.geojson import prototype_geojson
 
         if self.region_labels is None or self.region_coords is None or self.region_size_level0 is None:
             raise ProAlignCacheError(f"{self.slide_id}: this ProAlign result has no region-level label map")

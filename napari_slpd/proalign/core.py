@@ -28,7 +28,7 @@ import torch
 
 from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.models.encoders import resolve_device
-from napari_slpd.progress import Cancelled, ProgressFn, is_cancelled  # noqa: F401  (re-exported)
+from napari_slpd.utils.progress import Cancelled, ProgressFn, is_cancelled  # noqa: F401  (re-exported)
 
 DEFAULT_TAU = 0.05
 DEFAULT_CHUNK = 16384

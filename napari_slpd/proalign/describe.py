@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from napari_slpd.io_utils import atomic_write_text
+from napari_slpd.utils.files import atomic_write_text
 from napari_slpd.proalign.descriptions import (
     DescriptionError,
     PrototypeDescriptions,

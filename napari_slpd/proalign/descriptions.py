@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.labeling.palette import TEXT_PROTOTYPE_PALETTE
 
 PACKAGED_DIR = Path(__file__).resolve().parent / "descriptions"
 DESCRIPTION_SUFFIXES = (".yaml", ".yml", ".json")
@@ -40,12 +41,7 @@ _HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 _TOP_KEYS = {"organ", "version", "prototypes", "notes", "generated_by"}
 _PROTO_KEYS = {"name", "color", "descriptions", "notes"}
 
-# Distinct, colour-blind-aware defaults (Tableau 20 order) for prototypes that come without a colour.
-DEFAULT_PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
-    "#dbdb8d", "#9edae5",
-)
+DEFAULT_PALETTE = TEXT_PROTOTYPE_PALETTE  # one palette module: napari_slpd.labeling.palette
 
 
 class DescriptionError(SlpdError):

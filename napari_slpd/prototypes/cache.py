@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import FeatureStoreError, PrototypeError
-from napari_slpd.h5_attrs import decode_attr
-from napari_slpd.io_utils import atomic_path
-from napari_slpd.progress import is_cancelled
+from napari_slpd.utils.h5_attrs import decode_attr
+from napari_slpd.utils.files import atomic_path
+from napari_slpd.utils.progress import is_cancelled
 from napari_slpd.prototypes.kmeans import (
     DEFAULT_K,
     KMEANS_NITER,

@@ -1,7 +1,7 @@
 """Prototype label maps: each region's (or patch's) prototype painted as an integer image that overlays
 the slide in napari.
 
-Placement follows the project's world frame (napari_slpd.layers): the slide's level-0 pixel j is centred
+Placement follows the project's world frame (napari_slpd.viewer.layers): the slide's level-0 pixel j is centred
 at world ``j * u`` (u = um/px, or 1 when the pixel size is unknown), so a level-0 box [x0, x1) spans world
 ``(x0 - 0.5) * u`` to ``(x1 - 0.5) * u``. A label pixel of ``scale`` level-0 px whose box starts at level-0
 ``origin`` therefore needs ``translate = (origin + scale / 2 - 0.5) * u``.

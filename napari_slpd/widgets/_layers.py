@@ -1,6 +1,6 @@
 """The napari layers of the open slide: image, tissue, region grid, prototypes, selected/matched regions.
 
-All of them share the world frame of :mod:`napari_slpd.layers` (um when the slide's pixel size is known,
+All of them share the world frame of :mod:`napari_slpd.viewer.layers` (um when the slide's pixel size is known,
 level-0 px for every layer otherwise) and carry ``metadata = {"slpd_slide": id, "slpd_role": role}`` so
 that :class:`~napari_slpd.widgets.state.SlpdState` finds them. The prototypes layer is a Labels layer whose
 value is region index + 1, coloured by each region's prototype: napari's status bar then shows, for the
@@ -87,7 +87,7 @@ def show_slide(state: SlpdState, slide_id: str, with_prototypes: bool = True) ->
     prototypes when the cache has them (the tissue mask is added later by :func:`show_tissue`, it needs
     a read of the whole slide at low resolution). Emits ``slide_opened``.
     """
-    from napari_slpd.layers import UNKNOWN_MPP_NOTE, slide_image_layer
+    from napari_slpd.viewer.layers import UNKNOWN_MPP_NOTE, slide_image_layer
 
     session = state.require_session()
     viewer = state.viewer
@@ -141,8 +141,8 @@ def refresh_regions(state: SlpdState) -> bool:
 
 
 def show_tissue(state: SlpdState, mask) -> Any:
-    """Add the tissue mask of the current slide (a napari_slpd.tissue.TissueMask)."""
-    from napari_slpd.layers import tissue_mask_layer
+    """Add the tissue mask of the current slide (a napari_slpd.slides.tissue.TissueMask)."""
+    from napari_slpd.viewer.layers import tissue_mask_layer
 
     opened = state.require_current()
     viewer = state.viewer

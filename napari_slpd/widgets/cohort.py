@@ -162,7 +162,7 @@ class CohortWidget(QWidget):
         return session
 
     def add_slides(self, folder_or_paths) -> None:
-        from napari_slpd.cohort import find_slides
+        from napari_slpd.slides.ids import find_slides
 
         session = self.state.require_session()
         paths = find_slides(folder_or_paths) if isinstance(folder_or_paths, (str, Path)) else folder_or_paths
@@ -306,7 +306,7 @@ class CohortWidget(QWidget):
             slide = opened.slide
 
             def work(progress, cancel):
-                from napari_slpd.tissue import detect_tissue as detect
+                from napari_slpd.slides.tissue import detect_tissue as detect
 
                 progress(0, 1)
                 mask = detect(slide)

@@ -1,8 +1,8 @@
 """SLPD fine-tune panel: train the region encoder on the open cohort in a background process, follow it
 (loss terms, log, ETA), stop / resume it, and make its checkpoint the cohort's region encoder.
 
-The process, its events and its checkpoints are :mod:`napari_slpd.training_runner`'s; "use this
-checkpoint" is :func:`napari_slpd.training_runner.use_checkpoint` in a worker. Closing napari while a
+The process, its events and its checkpoints are :mod:`napari_slpd.training.run`'s; "use this
+checkpoint" is :func:`napari_slpd.features.reencode.use_checkpoint` in a worker. Closing napari while a
 run trains asks whether to stop it (a clean checkpoint is written first) or to leave it running (the
 panel re-attaches to it when the cohort is opened again).
 """
@@ -102,7 +102,7 @@ class FineTuneWidget(QWidget):
         self.viewer = napari_viewer
         self.state = SlpdState.for_viewer(napari_viewer)
         self.setObjectName("slpd-finetune")
-        self.run = None  # napari_slpd.training_runner.TrainingRun
+        self.run = None  # napari_slpd.training.run.TrainingRun
         self.stop_timeout = 300.0  # s a stop may take before SIGTERM/SIGKILL (checkpoint of a big model)
 
         self.preset_combo = QComboBox()
@@ -200,7 +200,7 @@ class FineTuneWidget(QWidget):
     # -- settings --------------------------------------------------------------------------------------
     def settings(self):
         """TrainingSettings from the form (None fields: the preset's values)."""
-        from napari_slpd.training_runner import TrainingSettings, default_run_dir
+        from napari_slpd.training import TrainingSettings, default_run_dir
 
         session = self.state.require_session()
         preset = self.preset_combo.currentText()
@@ -220,7 +220,7 @@ class FineTuneWidget(QWidget):
 
     # -- following a run -------------------------------------------------------------------------------
     def _on_cohort_changed(self, session) -> None:
-        from napari_slpd.training_runner import TrainingRun, find_runs, running_runs
+        from napari_slpd.training.run import TrainingRun, find_runs, running_runs
 
         if self.run is not None and self.run.is_running:
             return  # keep following the run we started
@@ -240,7 +240,7 @@ class FineTuneWidget(QWidget):
                 show_info(f"following the training run still going in {run.run_dir} (pid {run.pid})")
 
     def _choose_run(self) -> None:
-        from napari_slpd.training_runner import TrainingRun
+        from napari_slpd.training.run import TrainingRun
 
         folder = QFileDialog.getExistingDirectory(self, "Training run folder")
         if folder:
@@ -303,7 +303,7 @@ class FineTuneWidget(QWidget):
     # -- actions ---------------------------------------------------------------------------------------
     def start(self):
         from napari_slpd.errors import SlpdError
-        from napari_slpd.training_runner import TrainingRun
+        from napari_slpd.training.run import TrainingRun
 
         if self.run is not None and self.run.is_running:
             raise SlpdError("a training run is going; stop it first")
@@ -335,7 +335,7 @@ class FineTuneWidget(QWidget):
     def use_checkpoint(self):
         """Re-encode the cohort's regions with the run's exported teacher; refresh prototypes and index."""
         from napari_slpd.errors import SlpdError
-        from napari_slpd.training_runner import use_checkpoint
+        from napari_slpd.features.reencode import use_checkpoint
 
         session = self.state.require_session()
         checkpoint = self.run.exported_checkpoint() if self.run is not None else None

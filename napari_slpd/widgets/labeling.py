@@ -1,8 +1,8 @@
 """Prototype labeling panel: name and colour the prototypes of the open slide, take ProAlign's zero-shot
 names, carry a name to the matched prototypes of similar slides, export the named regions.
 
-Everything it decides lives in the Qt-free core: :mod:`napari_slpd.annotations` (names kept in the
-cohort, stale-name handling, propagation plans, ProAlign suggestions) and :mod:`napari_slpd.export`
+Everything it decides lives in the Qt-free core: :mod:`napari_slpd.labeling.names` (names kept in the
+cohort, stale-name handling, propagation plans, ProAlign suggestions) and :mod:`napari_slpd.export.geojson`
 (QuPath GeoJSON, label-map TIFF). This panel shows their results and forwards clicks.
 """
 
@@ -195,7 +195,7 @@ class LabelingWidget(QWidget):
 
     # -- data ------------------------------------------------------------------------------------------
     def _on_cohort_changed(self, session) -> None:
-        from napari_slpd.annotations import PrototypeAnnotations
+        from napari_slpd.labeling import PrototypeAnnotations
 
         self.annotations = None
         if session is not None:
@@ -229,7 +229,7 @@ class LabelingWidget(QWidget):
 
     def refresh(self) -> None:
         """Reload names, suggestions and sizes of the open slide; colour its prototype layer."""
-        from napari_slpd.annotations import prototype_rows
+        from napari_slpd.labeling import prototype_rows
 
         session, slide_id, protos = self._current()
         self.plan = []
@@ -256,7 +256,7 @@ class LabelingWidget(QWidget):
 
     def _suggestions_for(self, session, slide_id: str, protos) -> list:
         """ProAlign's names for the slide's prototypes, read again only when either file changed."""
-        from napari_slpd.annotations import load_suggestions, prototype_identity
+        from napari_slpd.labeling import load_suggestions, prototype_identity
 
         path = session.cohort.proalign_path(slide_id)
         try:
@@ -276,7 +276,7 @@ class LabelingWidget(QWidget):
 
     def _apply_style(self) -> None:
         """Show the names and colours on the prototype layer (through the shared state)."""
-        from napari_slpd.annotations import color_to_rgba
+        from napari_slpd.labeling import color_to_rgba
 
         opened = self.state.current
         if opened is None or opened.extras.get("color_of"):
@@ -444,7 +444,7 @@ class LabelingWidget(QWidget):
 
     def accept_suggestion(self, k: int | None) -> None:
         """Take ProAlign's name of prototype ``k`` (None: all, keeping names a person typed)."""
-        from napari_slpd.annotations import accept_suggestions
+        from napari_slpd.labeling import accept_suggestions
         from napari_slpd.errors import SlpdError
 
         _, slide_id, _ = self._require()
@@ -458,7 +458,7 @@ class LabelingWidget(QWidget):
     # -- propagation -----------------------------------------------------------------------------------
     def preview_propagation(self):
         """Plan (in a worker: it may build the similar-slides index) and show what propagating would change."""
-        from napari_slpd.annotations import plan_propagation
+        from napari_slpd.labeling import plan_propagation
 
         session, slide_id, _ = self._require()
         k = self.proto_combo.currentData()
@@ -532,7 +532,7 @@ class LabelingWidget(QWidget):
 
     def export_geojson(self, path: str | None = None):
         """Write the open slide's prototype regions as QuPath GeoJSON (asks for a path when none is given)."""
-        from napari_slpd.export import export_slide_prototypes
+        from napari_slpd.export.geojson import export_slide_prototypes
 
         session, slide_id, _ = self._require()
         path = path or self._save_path("Export prototype regions", ".geojson", "GeoJSON (*.geojson *.json)")
@@ -545,7 +545,7 @@ class LabelingWidget(QWidget):
 
     def export_tiff(self, path: str | None = None):
         """Write the open slide's label map as a palette TIFF (one pixel per region)."""
-        from napari_slpd.export import export_slide_prototypes
+        from napari_slpd.export.geojson import export_slide_prototypes
 
         session, slide_id, _ = self._require()
         path = path or self._save_path("Export label map", "_prototypes.tif", "TIFF (*.tif *.tiff)")

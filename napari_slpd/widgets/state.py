@@ -22,6 +22,7 @@ import numpy as np
 from psygnal import Signal
 
 from napari_slpd.session import Session, SessionSettings
+from napari_slpd.labeling.palette import default_prototype_rgba as default_prototype_color
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class OpenSlide:
     """The slide shown in the viewer: its id, the open Slide, and where it sits in world coordinates."""
 
     slide_id: str
-    slide: Any  # napari_slpd.slide.Slide
+    slide: Any  # napari_slpd.slides.slide.Slide
     geometry: SlideGeometry
     regions: RegionLayout | None = None  # from its feature file, once there is one
     extras: dict = field(default_factory=dict)
@@ -352,20 +353,3 @@ class SlpdState:
         if viewer is None:
             return []
         return [l for l in viewer.layers if (getattr(l, "metadata", {}) or {}).get("slpd_role") in ROLES]
-
-
-# Colours of prototypes 0..9 (tab10, without grey: grey reads as "background" on H&E); cycled beyond.
-_TAB10 = (
-    (0.122, 0.467, 0.706), (1.000, 0.498, 0.055), (0.173, 0.627, 0.173), (0.839, 0.153, 0.157),
-    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761), (0.737, 0.741, 0.133),
-    (0.090, 0.745, 0.812), (0.682, 0.780, 0.910),
-)
-
-
-def default_prototype_color(k: int) -> tuple[float, float, float, float]:
-    k = int(k)
-    r, g, b = _TAB10[k % len(_TAB10)]
-    if k >= len(_TAB10):  # darken further cycles so that 32 prototypes stay distinguishable
-        f = 0.75 ** (k // len(_TAB10))
-        r, g, b = r * f, g * f, b * f
-    return (r, g, b, 1.0)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.progress import is_cancelled
-from napari_slpd.prototypes.index import (
+from napari_slpd.utils.progress import is_cancelled
+from napari_slpd.similarity.index import (
     IVFStage,
     VectorStore,
     load_store,

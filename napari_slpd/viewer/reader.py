@@ -34,8 +34,8 @@ def read_slide_layers(
     mpp_fallback: str = "none",
 ) -> list[tuple]:
     """Layer-data tuples for a slide: the multiscale image, then its associated images (hidden)."""
-    from napari_slpd.layers import UNKNOWN_MPP_NOTE, associated_image_layers, slide_image_layer
-    from napari_slpd.slide import open_slide
+    from napari_slpd.viewer.layers import UNKNOWN_MPP_NOTE, associated_image_layers, slide_image_layer
+    from napari_slpd.slides.slide import open_slide
 
     slide = open_slide(path, mpp=mpp, mpp_fallback=mpp_fallback)
     if slide.mpp is None:
@@ -60,7 +60,7 @@ def get_reader(path):
             return None  # several files are not one slide (a DICOM series is opened as its folder)
         path = path[0]
     try:
-        from napari_slpd.slide import locate_slide_file
+        from napari_slpd.slides.slide import locate_slide_file
 
         locate_slide_file(Path(path))
     except NotASlideError as exc:

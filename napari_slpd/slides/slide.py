@@ -321,7 +321,7 @@ class Slide:
     def __init__(self, path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none"):
         import openslide
 
-        from napari_slpd.cohort import slide_id_for
+        from napari_slpd.slides.ids import slide_id_for
 
         self.file = locate_slide_file(path).resolve()
         self.path = Path(path).expanduser().resolve()

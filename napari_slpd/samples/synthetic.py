@@ -1,4 +1,4 @@
-"""Sample slides for napari's File > Open Sample and for demos that must run without data.
+"""Procedural H&E slides for napari's File > Open Sample, the demo and sample cohorts (no data needed).
 
 ``write_synthetic_slide`` paints a procedural H&E slide and writes it as an Aperio-style tiled JPEG TIFF
 pyramid that openslide opens (pixel size, objective power, thumbnail, label and macro included). Each seed
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_path
+from napari_slpd.utils.files import atomic_path
 
 TISSUE_CLASSES = ("background", "stroma", "tumour", "lymphocytes", "necrosis", "fat")
 # Optical density per unit stain (R, G, B), measured from the colours of real H&E nuclei and stroma.
@@ -467,7 +467,7 @@ def write_synthetic_slide(
     return design
 
 
-# -- napari sample-data commands ------------------------------------------------------------------------
+# -- cached sample slides ------------------------------------------------------------------------------------
 
 # Size of the slide behind napari's "Synthetic H&E slide" sample (about 3 x 2.3 mm at 0.5 um/px; painted
 # once, in about ten seconds, then cached).
@@ -498,40 +498,4 @@ def real_slides_dir() -> Path:
     env = os.environ.get("SLPD_SLIDES_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
-
-
-def _real_slide(relative: str) -> Path:
-    folder = real_slides_dir()
-    path = folder / relative
-    if not folder.is_dir():
-        raise SlpdError(
-            f"the real sample slides folder {folder} does not exist; this sample needs the shared test data "
-            "(set SLPD_SLIDES_DIR to its location) - the synthetic sample needs no data"
-        )
-    if not path.exists():
-        raise SlpdError(f"sample slide {path} is missing from {folder}")
-    return path
-
-
-def _layers_for(path: Path) -> list:
-    from napari_slpd._reader import read_slide_layers
-
-    return read_slide_layers(path)
-
-
-def synthetic_slide_sample() -> list:
-    """napari sample: a synthetic H&E pyramid (written once to the temp folder)."""
-    return _layers_for(synthetic_slide_path(0))
-
-
-def cmu_small_region_sample() -> list:
-    return _layers_for(_real_slide("cmu_small_region.svs"))
-
-
-def tcga_jpeg2000_sample() -> list:
-    return _layers_for(_real_slide("tcga-cr-7395-01a-01-ts1.svs"))
-
-
-def breast_tiff_sample() -> list:
-    return _layers_for(_real_slide("CropBreastSlide.tiff"))
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "slides"

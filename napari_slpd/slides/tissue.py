@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from napari_slpd.slide import LEVEL0_ASSUMED_MPP, Slide
+from napari_slpd.slides.slide import LEVEL0_ASSUMED_MPP, Slide
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_slpd.grid import RegionGrid
-from napari_slpd.slide import Slide
-from napari_slpd.tissue import TissueMask
+from napari_slpd.slides.grid import RegionGrid
+from napari_slpd.slides.slide import Slide
+from napari_slpd.slides.tissue import TissueMask
 
 UNKNOWN_MPP_NOTE = "pixel size unknown: distances are in level-0 pixels, not micrometres"
 

@@ -29,8 +29,8 @@ from typing import Iterable
 import numpy as np
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.io_utils import atomic_path, atomic_write_json
-from napari_slpd.progress import is_cancelled
+from napari_slpd.utils.files import atomic_path, atomic_write_json
+from napari_slpd.utils.progress import is_cancelled
 from napari_slpd.prototypes.kmeans import (
     SINGLE_THREAD_WORK,
     SlidePrototypes,
@@ -38,7 +38,7 @@ from napari_slpd.prototypes.kmeans import (
     import_faiss,
     l2_normalize,
 )
-from napari_slpd.prototypes.matching import (
+from napari_slpd.similarity.matching import (
     PrototypePair,
     TopMatch,
     TopN,

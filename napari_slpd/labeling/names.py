@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,58 +43,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from napari_slpd.errors import PrototypeError, SlpdError
-from napari_slpd.io_utils import atomic_write_json
+from napari_slpd.labeling.palette import color_to_rgba, default_color, default_name, normalize_color  # noqa: F401
+from napari_slpd.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SOURCES = ("user", "proalign", "propagated")
-_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
-
-# Colours of prototypes 0..9 (matplotlib tab10 without grey, which reads as background on H&E), the same
-# order the Prototypes panel uses for unnamed prototypes; cycled and darkened beyond 10.
-_TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-          "#aec7e8")
-
 
 class StaleAnnotationsError(PrototypeError):
     """Names were given to prototypes that have since been recomputed."""
-
-
-def default_color(k: int) -> str:
-    k = int(k)
-    base = _TAB10[k % len(_TAB10)]
-    if k < len(_TAB10):
-        return base
-    f = 0.75 ** (k // len(_TAB10))
-    r, g, b = (int(base[i:i + 2], 16) for i in (1, 3, 5))
-    return "#{:02x}{:02x}{:02x}".format(int(r * f), int(g * f), int(b * f))
-
-
-def default_name(k: int) -> str:
-    return f"prototype {int(k)}"
-
-
-def normalize_color(color: str | Sequence[float]) -> str:
-    """'#rrggbb' from a hex string ('#rgb' too) or an RGB(A) sequence (0-1 floats or 0-255 ints)."""
-    if isinstance(color, str):
-        text = color.strip()
-        if re.fullmatch(r"#[0-9a-fA-F]{3}", text):
-            text = "#" + "".join(c * 2 for c in text[1:])
-        if not _HEX.match(text):
-            raise SlpdError(f"colour {color!r} is not a #rrggbb hex colour")
-        return text.lower()
-    values = [float(v) for v in list(color)[:3]]
-    if len(values) != 3:
-        raise SlpdError(f"colour {color!r} needs three components")
-    scale = 255.0 if max(values) <= 1.0 else 1.0  # 0-1 floats (napari, Qt F) or 0-255 ints
-    rgb = [int(round(min(255.0, max(0.0, v * scale)))) for v in values]
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def color_to_rgba(color: str) -> tuple[float, float, float, float]:
-    c = normalize_color(color)
-    return (int(c[1:3], 16) / 255.0, int(c[3:5], 16) / 255.0, int(c[5:7], 16) / 255.0, 1.0)
 
 
 def _clean_name(name: str) -> str:
@@ -345,8 +302,8 @@ class PrototypeAnnotations:
         return names, colors
 
     def class_styles(self, slide_id: str, protos=None) -> dict:
-        """{k: ClassStyle(name, colour)} for napari_slpd.export."""
-        from napari_slpd.export import ClassStyle
+        """{k: ClassStyle(name, colour)} for napari_slpd.export.geojson."""
+        from napari_slpd.export.geojson import ClassStyle
 
         names, colors = self.styles(slide_id, protos)
         return {k: ClassStyle(names[k], colors[k]) for k in names}
@@ -541,244 +498,3 @@ class PrototypeAnnotations:
             if report:
                 self.save()
         return report
-
-
-# -------------------------------------------------------------------------------------------------
-# Propagation
-
-
-def plan_propagation(
-    provider,
-    slide_id: str,
-    proto_idx: int,
-    name: str,
-    targets: Sequence[str],
-    color: str | None = None,
-    annotations: PrototypeAnnotations | None = None,
-    overwrite_user: bool = False,
-    min_similarity: float | None = None,
-) -> list[Change]:
-    """Preview: give ``name`` to the partner of prototype ``proto_idx`` of ``slide_id`` in each target slide.
-
-    The partner is found by the optimal one-to-one matching of the two slides' prototype sets (the
-    matching behind the similar-slides ranking). A target whose partner already carries a name typed by
-    a person is skipped unless ``overwrite_user``; partners less similar than ``min_similarity`` (cosine)
-    are skipped. ``provider``: a Session, a Cohort or a slide_id -> SlidePrototypes function.
-    """
-    from napari_slpd.prototypes import match_prototypes
-
-    source = prototype_source(provider)
-    annotations = annotations or PrototypeAnnotations.load(_cohort_of(provider), provider)
-    name = _clean_name(name)
-    src = source(slide_id)
-    if src is None:
-        raise PrototypeError(f"{slide_id} has no prototypes; compute them first")
-    if not 0 <= int(proto_idx) < src.k:
-        raise PrototypeError(f"{slide_id} has {src.k} prototypes; there is no prototype {proto_idx}")
-    if color is None:
-        try:
-            current = annotations.label(slide_id, proto_idx, src)
-        except StaleAnnotationsError:
-            current = None
-        color = current.color if current else default_color(proto_idx)
-    color = normalize_color(color)
-    changes = []
-    for target in dict.fromkeys(targets):  # unique, order kept
-        if target == slide_id:
-            continue
-        try:
-            other = source(target)
-        except SlpdError as exc:
-            changes.append(Change(target, -1, "skip", None, reason=f"no prototypes ({exc})"))
-            continue
-        if other is None:
-            changes.append(Change(target, -1, "skip", None, reason="no prototypes"))
-            continue
-        identity = prototype_identity(other.centroids)
-        try:
-            pairs = match_prototypes(src.centroids, other.centroids)
-        except PrototypeError as exc:
-            changes.append(Change(target, -1, "skip", None, reason=str(exc), identity=identity))
-            continue
-        partner = next((p for p in pairs if p.k == int(proto_idx)), None)
-        if partner is None:
-            changes.append(Change(target, -1, "skip", None, reason=(
-                f"prototype {proto_idx} has no partner among its {other.k} prototypes"), identity=identity))
-            continue
-        l, sim = int(partner.l), float(partner.similarity)
-        new = PrototypeLabel(name, color, "propagated", confidence=sim, origin=f"{slide_id}:{int(proto_idx)}")
-        try:
-            old = annotations.label(target, l, other)
-        except StaleAnnotationsError:
-            changes.append(Change(target, l, "skip", new, None, sim, reason=(
-                "its names are stale (prototypes recomputed); carry them over or discard them first"),
-                identity=identity))
-            continue
-        if old is not None and old.name == name and old.color == color:
-            changes.append(Change(target, l, "unchanged", new, old, sim, identity=identity))
-        elif old is not None and old.source == "user" and not overwrite_user:
-            changes.append(Change(target, l, "skip", new, old, sim, reason=(
-                f"prototype {l} is already named '{old.name}' by a person"), identity=identity))
-        elif min_similarity is not None and sim < min_similarity:
-            changes.append(Change(target, l, "skip", new, old, sim, reason=(
-                f"the matched prototype {l} is too different (cosine {sim:.2f} < {min_similarity:.2f})"),
-                identity=identity))
-        else:
-            changes.append(Change(target, l, "set", new, old, sim, identity=identity))
-    return changes
-
-
-# -------------------------------------------------------------------------------------------------
-# ProAlign zero-shot names
-
-
-@dataclass
-class NameSuggestion:
-    """ProAlign's name for one prototype: the zero-shot label most of its patches carry."""
-
-    proto_idx: int
-    name: str
-    color: str
-    confidence: float  # share * mean_confidence
-    share: float  # fraction of the prototype's patches (or regions) with this label
-    mean_confidence: float  # their mean zero-shot confidence
-    runner_up: str = ""
-
-
-def proalign_suggestions(result, protos) -> list[NameSuggestion]:
-    """Zero-shot names of a slide's prototypes from its ProAlign result (napari_slpd.proalign).
-
-    Patch labels are counted per prototype through each patch's region (``patch_region``); without them
-    the region-level labels are used. Both results must come from the same feature file (same regions).
-    """
-    assignments = np.asarray(protos.assignments, dtype=np.int64)
-    n_regions = len(assignments)
-    coords = getattr(protos, "coords", None)
-    if result.region_coords is not None and coords is not None:
-        if len(result.region_coords) != n_regions or not np.array_equal(
-                np.asarray(result.region_coords, np.int64), np.asarray(coords, np.int64)):
-            raise SlpdError(
-                f"the ProAlign result of {result.slide_id} was computed on other regions than its prototypes; "
-                "run ProAlign again on the current features"
-            )
-    n_names = len(result.names)
-    if result.patch_region is not None:
-        region = np.asarray(result.patch_region, dtype=np.int64)
-        keep = (region >= 0) & (region < n_regions)
-        proto = assignments[region[keep]]
-        labels = np.asarray(result.patch_labels, dtype=np.int64)[keep]
-        conf = np.asarray(result.patch_confidence, dtype=np.float64)[keep]
-    elif result.region_labels is not None:
-        labels = np.asarray(result.region_labels, dtype=np.int64)
-        keep = labels >= 0
-        if len(labels) != n_regions:
-            raise SlpdError(f"the ProAlign result of {result.slide_id} has {len(labels)} regions, not {n_regions}")
-        proto, labels = assignments[keep], labels[keep]
-        conf = np.asarray(result.region_confidence, dtype=np.float64)[keep]
-    else:
-        raise SlpdError(f"the ProAlign result of {result.slide_id} maps no patch to a region")
-    k = protos.k
-    votes = np.zeros((k, n_names))
-    conf_sum = np.zeros((k, n_names))
-    np.add.at(votes, (proto, labels), 1)
-    np.add.at(conf_sum, (proto, labels), conf)
-    suggestions = []
-    for i in range(k):
-        total = votes[i].sum()
-        if total == 0:
-            continue
-        order = np.argsort(-votes[i], kind="stable")
-        best = int(order[0])
-        share = float(votes[i, best] / total)
-        mean_conf = float(conf_sum[i, best] / votes[i, best])
-        runner = result.names[int(order[1])] if n_names > 1 and votes[i, order[1]] > 0 else ""
-        color = result.colors[best] if best < len(result.colors) and result.colors[best] else default_color(i)
-        suggestions.append(NameSuggestion(i, result.names[best], normalize_color(color), share * mean_conf, share,
-                                          mean_conf, runner))
-    return suggestions
-
-
-def load_suggestions(provider, slide_id: str) -> list[NameSuggestion]:
-    """ProAlign suggestions for a slide from the cohort cache (ProAlignCacheError when it has none)."""
-    from napari_slpd.proalign.cache import load_proalign
-
-    cohort = _cohort_of(provider)
-    path = cohort.proalign_path(slide_id)
-    if not Path(path).exists():
-        from napari_slpd.proalign.cache import ProAlignCacheError
-
-        raise ProAlignCacheError(f"{slide_id} has no ProAlign result yet; run ProAlign on the cohort first")
-    result = load_proalign(path, with_attention=False)
-    protos = prototype_source(provider)(slide_id)
-    if protos is None:
-        raise PrototypeError(f"{slide_id} has no prototypes; compute them first")
-    return proalign_suggestions(result, protos)
-
-
-def accept_suggestions(annotations: PrototypeAnnotations, slide_id: str, suggestions: Iterable[NameSuggestion],
-                       keep_user_names: bool = True) -> list[PrototypeLabel]:
-    """Give the suggested names (source "proalign"); names a person typed stay unless told otherwise."""
-    accepted = []
-    annotations.reload_if_changed()
-    current = annotations.labels(slide_id)
-    for s in suggestions:
-        old = current.get(s.proto_idx)
-        if keep_user_names and old is not None and old.source == "user":
-            continue
-        accepted.append(annotations.set_label(slide_id, s.proto_idx, name=s.name, color=s.color, source="proalign",
-                                              confidence=s.confidence, origin="proalign zero-shot", save=False))
-    if accepted:
-        annotations.save()
-    return accepted
-
-
-# -------------------------------------------------------------------------------------------------
-# What the labeling panel lists
-
-
-@dataclass
-class PrototypeRow:
-    """One prototype of a slide as the labeling panel lists it."""
-
-    proto_idx: int
-    name: str
-    color: str
-    named: bool  # a name was given (else the default name)
-    source: str  # "user" | "proalign" | "propagated" | "" (default)
-    confidence: float | None
-    regions: int
-    share: float  # fraction of the slide's regions
-    suggestion: NameSuggestion | None = None
-
-    @property
-    def suggestion_text(self) -> str:
-        if self.suggestion is None:
-            return ""
-        return f"{self.suggestion.name} ({self.suggestion.confidence:.2f})"
-
-
-def prototype_rows(annotations: PrototypeAnnotations, slide_id: str, protos,
-                   suggestions: Iterable[NameSuggestion] = ()) -> list[PrototypeRow]:
-    """Rows of the labeling table: names (stale names are not shown), sizes and ProAlign suggestions."""
-    try:
-        labels = annotations.labels(slide_id, protos)
-    except StaleAnnotationsError:
-        labels = {}
-    counts = np.bincount(np.asarray(protos.assignments, dtype=np.int64), minlength=protos.k)
-    total = max(1, int(counts.sum()))
-    by_k = {s.proto_idx: s for s in suggestions}
-    rows = []
-    for k in range(protos.k):
-        label = labels.get(k)
-        rows.append(PrototypeRow(
-            proto_idx=k,
-            name=label.name if label else default_name(k),
-            color=label.color if label else default_color(k),
-            named=label is not None,
-            source=label.source if label else "",
-            confidence=label.confidence if label else None,
-            regions=int(counts[k]),
-            share=float(counts[k]) / total,
-            suggestion=by_k.get(k),
-        ))
-    return rows

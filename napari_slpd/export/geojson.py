@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from napari_slpd.errors import PrototypeError, SlpdError
-from napari_slpd.io_utils import atomic_path, atomic_write_text
+from napari_slpd.utils.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ def _slide_frame(cohort, slide_id: str, n_regions: int):
     if dims is None:
         with_slide = cohort.slide(slide_id)
         try:
-            from napari_slpd.slide import open_slide
+            from napari_slpd.slides.slide import open_slide
 
             slide = open_slide(with_slide.path, mpp=with_slide.mpp)
             try:
@@ -454,7 +454,7 @@ def export_slide_prototypes(
     (loaded from the cohort by default; stale names are not used). ``only`` restricts the export to some
     prototypes; ``named_only`` to those that carry a name.
     """
-    from napari_slpd.annotations import PrototypeAnnotations, _cohort_of, prototype_source
+    from napari_slpd.labeling.names import PrototypeAnnotations, _cohort_of, prototype_source
 
     if geojson_path is None and tiff_path is None:
         raise ExportError("give a GeoJSON path, a TIFF path, or both")

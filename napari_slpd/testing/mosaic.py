@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_path
+from napari_slpd.utils.files import atomic_path
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _box_downsample(image: np.ndarray, factor: int) -> np.ndarray:
 
 def _best_crop(slide, period: int) -> tuple[int, int]:
     """Level-0 top-left of the period x period crop with the most tissue (coarse saturation check)."""
-    from napari_slpd.tissue import saturation_value
+    from napari_slpd.slides.tissue import saturation_value
 
     W, H = slide.dimensions
     ds = max(1.0, max(W, H) / 256)
@@ -93,7 +93,7 @@ def build_mosaic(
     import imagecodecs
     import tifffile
 
-    from napari_slpd.slide import open_slide
+    from napari_slpd.slides.slide import open_slide
 
     if tile % 16 or tile < 16:
         raise SlpdError(f"tile size must be a positive multiple of 16, not {tile}")

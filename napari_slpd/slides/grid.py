@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from napari_slpd.errors import PixelSizeError, SlpdError
-from napari_slpd.slide import PLAUSIBLE_MPP, Slide
-from napari_slpd.tissue import TissueMask, detect_tissue
+from napari_slpd.slides.slide import PLAUSIBLE_MPP, Slide
+from napari_slpd.slides.tissue import TissueMask, detect_tissue
 
 
 @dataclass(frozen=True)

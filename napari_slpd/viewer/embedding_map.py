@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.io_utils import atomic_path
-from napari_slpd.progress import Cancelled, is_cancelled
+from napari_slpd.utils.files import atomic_path
+from napari_slpd.utils.progress import Cancelled, is_cancelled
 
 log = logging.getLogger(__name__)
 
