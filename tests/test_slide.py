@@ -77,7 +77,7 @@ def test_single_level_slide_gets_virtual_levels():
 
 
 def test_concurrent_reads_use_one_handle_per_thread():
-    with open_slide(real_slide("tcga_jp2k_svs")) as slide:
+    with open_slide(real_slide("tcga_jp2k_svs"), reader="openslide") as slide:
         level0 = slide.pyramid()[0]
         reference = [level0.blocks[i, j].compute(scheduler="sync") for i in range(3) for j in range(3)]
         barrier = threading.Barrier(4)

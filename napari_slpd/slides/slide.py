@@ -5,6 +5,12 @@ Leica SCN, Ventana BIF, DICOM WSI; a folder of ``.dcm`` files too). The pyramid 
 whose chunks are whole tiles of the slide, so showing a field of view reads only the tiles it touches and
 no level is ever read as a whole. openslide handles are kept one per thread (``threading.local``) because
 openslide serialises work through a handle; dask and napari read chunks from several threads at once.
+
+Region pixels come from the fast tile reader (``napari_slpd.slides.readers``: tiled TIFF incl. SVS JPEG and
+JPEG 2000, generic and Philips TIFF, DICOM WSI) when it handles the slide, which decodes the compressed
+tiles straight into the region with GIL-free decoders; openslide reads everything else, and is the
+reference the fast reader is checked against (a probe on open falls back to openslide on any mismatch).
+``SLPD_READER=openslide`` (or ``reader="openslide"``) forces openslide. ``slide.reader`` names the reader.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ VIRTUAL_LEVEL_MAX_SIDE = 1024
 MIN_CHUNK_PX = 128
 DEFAULT_TILE_PX = 256
 MPP_FALLBACKS = ("none", "objective", "level0")
+READERS = ("auto", "openslide", "tiles")
+# The open-time probe: the fast reader must agree with openslide within this (pixman's bilinear rounding).
+PROBE_TOLERANCE = 3
 # The first bytes of the files that openslide reads through TIFF: used to spot truncated slides early.
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -244,10 +253,13 @@ def _looks_like_text(head: bytes) -> bool:
     return b"\x00" not in head
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none") -> "Slide":
+def open_slide(path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none",
+               reader: str | None = None) -> "Slide":
     """Open a whole-slide image. ``mpp`` overrides the file's pixel size; ``mpp_fallback`` ("none",
-    "objective" or "level0") is used only when the file states no plausible pixel size."""
-    return Slide(path, mpp=mpp, mpp_fallback=mpp_fallback)
+    "objective" or "level0") is used only when the file states no plausible pixel size. ``reader``:
+    "auto" (fast tile reader where it applies, else openslide), "openslide" or "tiles" (fail if the fast
+    reader does not apply); default: $SLPD_READER or "auto"."""
+    return Slide(path, mpp=mpp, mpp_fallback=mpp_fallback, reader=reader)
 
 
 # -- the slide ------------------------------------------------------------------------------------------
@@ -318,8 +330,15 @@ def _read_rgb_image(handle, x: int, y: int, level: int, w: int, h: int):
 class Slide:
     """An open whole-slide image. See docs/ARCHITECTURE.md "Slides" for the contract."""
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none"):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none",
+                 reader: str | None = None):
         import openslide
+
+        reader = reader or os.environ.get("SLPD_READER") or "auto"
+        if reader not in READERS:
+            raise SlideError(f"reader must be one of {READERS}, not {reader!r}")
+        self._tiles = None
+        self.reader_note = "forced by reader='openslide'" if reader == "openslide" else ""
 
         from napari_slpd.slides.ids import slide_id_for
 
@@ -358,7 +377,50 @@ class Slide:
         else:
             self.slide_id = slide_id_for(self.path)
         self._pyramid: list | None = None
+        if reader != "openslide":
+            self._open_tiles(required=reader == "tiles")
         self._check_first_tile()
+
+    def _open_tiles(self, required: bool) -> None:
+        """Use the fast tile reader when it handles this slide and agrees with openslide on a probe."""
+        from napari_slpd.slides.readers import open_tile_reader
+
+        tiles, why = open_tile_reader(self.file, self.vendor, self.level_dimensions, self.level_downsamples)
+        if tiles is not None:
+            why = self._probe_tiles(tiles)
+            if why:
+                tiles.close()
+                tiles = None
+        if tiles is None:
+            self.reader_note = why
+            if required:
+                raise SlideError(f"the fast tile reader cannot read {self.path}: {why}")
+            log.debug("%s: openslide reads it (%s)", self.path, why)
+            return
+        self._tiles = tiles
+
+    def _probe_tiles(self, tiles) -> str:
+        """"" when the fast reader gives openslide's pixels on a small read of the finest and the coarsest
+        level (a tile at the slide's centre), else why not."""
+        for level in sorted({0, self.level_count - 1}):
+            w, h = self.level_dimensions[level]
+            size = (min(w, 96), min(h, 96))
+            ds = self.level_downsamples[level]
+            where = (int((w - size[0]) // 2 * ds), int((h - size[1]) // 2 * ds))
+            try:
+                fast = tiles.read(where, level, size)
+            except Exception as exc:  # damaged or unusual tiles: openslide's error path reports them
+                return f"probe read failed ({exc})"
+            ref = np.asarray(_read_rgb_image(self._handle(), where[0], where[1], level, *size))
+            diff = int(np.abs(fast.astype(np.int16) - ref.astype(np.int16)).max()) if ref.size else 0
+            if diff > PROBE_TOLERANCE:
+                return f"probe differs from openslide by up to {diff} levels at level {level}"
+        return ""
+
+    @property
+    def reader(self) -> str:
+        """Which reader decodes regions: "openslide" or the fast reader's name (e.g. "tiles:aperio-jpeg")."""
+        return self._tiles.name if self._tiles is not None else "openslide"
 
     # -- metadata ------------------------------------------------------------------------------------
     @property
@@ -394,7 +456,8 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return f"Slide({str(self.path)!r}, {self.vendor}, {w}x{h}, levels={self.level_count}, mpp={self.mpp})"
+        return (f"Slide({str(self.path)!r}, {self.vendor}, {w}x{h}, levels={self.level_count}, mpp={self.mpp}, "
+                f"reader={self.reader})")
 
     # -- reading -------------------------------------------------------------------------------------
     def _handle(self):
@@ -429,6 +492,11 @@ class Slide:
         if w <= 0 or h <= 0:
             self._check_readable(level)
             return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+        if self._tiles is not None:
+            self._check_readable(level)
+            with self._count_lock:
+                self._read_calls += 1
+            return self._read_tiles(location, level, (w, h))
         return np.array(self.read_region_image(location, level, (w, h)))
 
     def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]):
@@ -442,6 +510,8 @@ class Slide:
             return Image.new("RGB", (max(w, 0), max(h, 0)), (255, 255, 255))
         with self._count_lock:
             self._read_calls += 1
+        if self._tiles is not None:
+            return Image.fromarray(self._read_tiles(location, level, (w, h)))
         try:
             return _read_rgb_image(self._handle(), int(location[0]), int(location[1]), level, w, h)
         except Exception as exc:
@@ -449,6 +519,33 @@ class Slide:
                 f"cannot read {w}x{h} px at level {level}, {tuple(location)} of {self.path}: {exc} "
                 "(the file may be damaged)"
             ) from exc
+
+    def _read_tiles(self, location, level: int, size, scale: int = 1, parallel: bool = False) -> np.ndarray:
+        from napari_slpd.slides.readers.tiles import TileDecodeError, tile_error
+
+        try:
+            return self._tiles.read((int(location[0]), int(location[1])), level, size, scale, parallel)
+        except TileDecodeError as exc:
+            raise tile_error(self.path, location, level, size, exc) from exc
+
+    def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                            max_scale: int = 1, parallel: bool = False) -> tuple[np.ndarray, int]:
+        """The region of :meth:`read_region` decoded at 1/s of ``level`` (s the largest of 1, 2, 4, 8 up
+        to ``max_scale`` the tiles allow, through libjpeg's scaled IDCT): (RGB array of
+        ceil(w/s) x ceil(h/s) px, s). s is 1 with openslide. ``parallel`` splits a large read over the
+        shared decode pool (for a caller that reads one region at a time)."""
+        self._check_readable(level)
+        w, h = int(size[0]), int(size[1])
+        scale = 1
+        if self._tiles is not None:
+            while scale * 2 <= max_scale and scale < 8 and self._tiles.level_scale_ok(level, scale * 2):
+                scale *= 2
+        if w <= 0 or h <= 0 or self._tiles is None:
+            return self.read_region(location, level, (w, h)), 1
+        with self._count_lock:
+            self._read_calls += 1
+        out_size = (math.ceil(w / scale), math.ceil(h / scale))
+        return self._read_tiles(location, level, out_size, scale, parallel), scale
 
     def _check_readable(self, level: int) -> None:
         if self._closed:
@@ -551,6 +648,9 @@ class Slide:
     # -- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        tiles, self._tiles = getattr(self, "_tiles", None), None
+        if tiles is not None:
+            tiles.close()
         with self._handles_lock:
             handles, self._handles = self._handles, []
         for handle in handles:
