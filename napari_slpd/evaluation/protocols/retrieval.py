@@ -1,0 +1,72 @@
+"""Slide retrieval (the similar-slides feature, measured), leave one case out.
+
+Every labelled slide is a query once; the keys are all slides of the other cases. Vectors are ranked by
+Euclidean distance (Patho-Bench's default ``l2`` similarity, no centering); prototype sets by the
+prototype set distance through the similarity engine. Equal distances keep slide order. The figures are
+Patho-Bench's top-k accuracy, majority-vote accuracy and mAP@k (metrics.retrieval_per_query), reported per
+fold by the query's test fold and over all queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_slpd.evaluation.protocols.common import Predictions, TaskData
+from napari_slpd.evaluation.splits import fold_of_each_slide
+from napari_slpd.utils.progress import raise_if_cancelled
+
+
+@dataclass
+class RetrievalConfig:
+    ks: tuple[int, ...] = (1, 3, 5)
+
+
+def _same_case(cases: np.ndarray) -> list[np.ndarray]:
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cases.tolist()):
+        groups.setdefault(str(c), []).append(i)
+    return [np.asarray(groups[str(c)]) for c in cases.tolist()]
+
+
+def retrieval_vectors(data: TaskData, X: np.ndarray, config: RetrievalConfig, cancel=None) -> Predictions:
+    from scipy.spatial.distance import cdist
+
+    n, max_k = len(data.slide_ids), max(config.ks)
+    same = _same_case(data.cases)
+    retrieved = np.full((n, max_k), -1, np.int64)
+    distances = np.full((n, max_k), np.nan)
+    X = np.asarray(X, np.float64)
+    for start in range(0, n, 512):
+        raise_if_cancelled(cancel, "retrieval")
+        block = cdist(X[start : start + 512], X)
+        for r, i in enumerate(range(start, min(n, start + 512))):
+            d = block[r].copy()
+            d[same[i]] = np.inf
+            order = np.argsort(d, kind="stable")[:max_k]
+            order = order[np.isfinite(d[order])]
+            retrieved[i, : order.size] = order
+            distances[i, : order.size] = d[order]
+    return Predictions(fold_of_each_slide(data.folds, n), np.arange(n), retrieved=retrieved, distances=distances)
+
+
+def retrieval_sets(data: TaskData, sets: list[np.ndarray], config: RetrievalConfig, cancel=None) -> Predictions:
+    from napari_slpd.evaluation.set_distance import build_set_index, nearest_sets
+
+    n, max_k = len(data.slide_ids), max(config.ks)
+    index = build_set_index(data.slide_ids, sets)
+    position = {s: i for i, s in enumerate(data.slide_ids)}
+    same = _same_case(data.cases)
+    retrieved = np.full((n, max_k), -1, np.int64)
+    distances = np.full((n, max_k), np.nan)
+    for i, slide_id in enumerate(data.slide_ids):
+        raise_if_cancelled(cancel, "retrieval")
+        exclude = [data.slide_ids[j] for j in same[i] if j != i]
+        if n - len(exclude) - 1 <= 0:
+            continue
+        hits = nearest_sets(index, slide_id, max_k, exclude)
+        for r, (hit, dist) in enumerate(hits[:max_k]):
+            retrieved[i, r] = position[hit]
+            distances[i, r] = dist
+    return Predictions(fold_of_each_slide(data.folds, n), np.arange(n), retrieved=retrieved, distances=distances)
