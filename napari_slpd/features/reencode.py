@@ -1,13 +1,13 @@
-"""Use a fine-tuned region encoder: re-encode every slide's region embeddings from the token grids cached
-in its FeatureStore (no slide is read again), then refresh prototypes and the similar-slides index."""
+"""Use a fine-tuned region encoder: encode every slide's region embeddings from the token grids cached
+in its FeatureStore (no slide is read again) as a new version beside the earlier ones, select it, then
+refresh prototypes and the similar-slides index. Switching between versions afterwards is
+:mod:`napari_slpd.features.versions`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 
 from napari_slpd.errors import CheckpointError, FeatureStoreError, SlpdError
-from napari_slpd.utils.files import atomic_path
 from napari_slpd.utils.progress import ProgressFn, is_cancelled
 
 log = logging.getLogger(__name__)
@@ -42,18 +41,21 @@ def reencode_region_embeddings(
     progress: ProgressFn | None = None,
     cancel=None,
     region_encoder=None,
+    select: bool = True,
+    label: str = "",
 ) -> list[ReencodeResult]:
-    """Recompute the region embeddings of every FeatureStore of ``cohort`` with the ViT-4K ``checkpoint``.
+    """Compute the region embeddings of every FeatureStore of ``cohort`` with the ViT-4K ``checkpoint``.
 
     Region embeddings are the only cached values that depend on the region encoder; the token grids
-    (patch encoder output) are read back from each file. Each file is rewritten through a copy that
-    replaces it atomically, with its settings (and so its ``settings_key``) updated to the new encoder,
-    so prototypes computed from the old embeddings are known to be stale. Progress is counted in regions.
+    (patch encoder output) are read back from each file. The new embeddings are stored as a new version
+    next to the existing ones (``napari_slpd.features.store``: nothing is overwritten), and with
+    ``select`` made the file's selected version, whose settings (and so its ``settings_key``) name the new
+    encoder: prototypes computed from other embeddings are then known to be stale. A slide that already
+    holds this encoder's embeddings is not computed again ("current"). Progress is counted in regions.
     """
-    import h5py
-
     from napari_slpd.features.engine import encode_regions
-    from napari_slpd.features.store import FeatureStore, settings_key
+    from napari_slpd.features.store import (FeatureStore, add_region_embedding_version,
+                                            select_region_embedding_version, version_key)
 
     slide_ids = list(slide_ids) if slide_ids is not None else cohort.slide_ids()
     paths = {sid: cohort.features_path(sid) for sid in slide_ids}
@@ -74,6 +76,10 @@ def reencode_region_embeddings(
 
         region_encoder = build_region_encoder("hipt_vit4k", checkpoint=checkpoint, device=device,
                                               in_dim=int(token_dim))
+    model_id = str(region_encoder.model_id)
+    sha = region_encoder.checkpoint_sha256 or ""
+    key = version_key(model_id, sha)
+    label = label or _checkpoint_label(checkpoint)
     total = sum(counts.values())
     done = 0
     if progress:
@@ -89,30 +95,13 @@ def reencode_region_embeddings(
             continue
         try:
             with FeatureStore.open(path, expect_token_dim=getattr(region_encoder, "in_dim", None)) as store:
-                attrs = dict(store.attrs)
                 n = store.n_regions
-            if attrs.get("region_encoder_sha256") == (region_encoder.checkpoint_sha256 or "") and \
-                    attrs.get("region_encoder") == str(region_encoder.model_id):
-                results.append(ReencodeResult(sid, "current", n, "already encoded with this checkpoint"))
-                done += n
-                if progress:
-                    progress(done, total)
-                continue
-            settings = attrs.get("settings") or {}
-            if isinstance(settings, str):
-                try:
-                    settings = json.loads(settings)
-                except json.JSONDecodeError:
-                    settings = {}
-            if not settings:
-                raise FeatureStoreError(f"{path} does not record its extraction settings; extract it again")
-            settings["region_encoder"] = str(region_encoder.model_id)
-            settings["region_encoder_sha256"] = region_encoder.checkpoint_sha256 or ""
-            new_key = settings_key(settings)
-            with atomic_path(path, suffix=".reencode.partial") as tmp:
-                shutil.copyfile(path, tmp)
-                with h5py.File(tmp, "r+") as fh:
-                    tokens = fh["region_tokens"]
+                have = {v.key: v for v in store.region_embedding_versions()}
+                if key in have and have[key].region_encoder == model_id:
+                    status = "current"
+                else:
+                    status = "reencoded"
+                    tokens = store.region_tokens
                     embeddings = []
                     for start in range(0, n, batch_size):
                         if is_cancelled(cancel):
@@ -124,30 +113,16 @@ def reencode_region_embeddings(
                             progress(done, total)
                     emb = np.concatenate(embeddings, axis=0) if embeddings else \
                         np.zeros((0, region_encoder.dim), np.float32)
-                    old = fh["region_embeddings"]
-                    if old.shape != emb.shape:
-                        chunks = old.chunks
-                        del fh["region_embeddings"]
-                        fh.create_dataset("region_embeddings", data=emb, dtype="float32",
-                                          maxshape=(None, emb.shape[1]),
-                                          chunks=(max(1, min(256, 65536 // emb.shape[1])), emb.shape[1])
-                                          if chunks else None)
-                    else:
-                        old[...] = emb
-                    previous = f"{attrs.get('region_encoder', '?')}"
-                    fh.attrs["region_encoder"] = settings["region_encoder"]
-                    fh.attrs["region_encoder_sha256"] = settings["region_encoder_sha256"]
-                    fh.attrs["region_encoder_checkpoint"] = str(Path(checkpoint).resolve())
-                    fh.attrs["reencoded_from"] = previous
-                    fh.attrs["settings"] = json.dumps(settings, sort_keys=True)
-                    fh.attrs["settings_key"] = new_key
-                    run_settings = attrs.get("run_settings") or {}
-                    if isinstance(run_settings, str):
-                        try:
-                            run_settings = json.loads(run_settings)
-                        except json.JSONDecodeError:
-                            run_settings = {}
-                    fh.attrs["run_key"] = settings_key({"settings_key": new_key, **run_settings})
+            if status == "current":
+                if select:
+                    select_region_embedding_version(path, key)
+                results.append(ReencodeResult(sid, "current", n, "already encoded with this checkpoint"))
+                done += n
+                if progress:
+                    progress(done, total)
+                continue
+            add_region_embedding_version(path, emb, model_id, sha, checkpoint=checkpoint, label=label,
+                                         select=select)
             results.append(ReencodeResult(sid, "reencoded", n))
         except _Cancelled:
             results.append(ReencodeResult(sid, "cancelled", 0, "cancelled; the file keeps its earlier embeddings"))
@@ -155,6 +130,21 @@ def reencode_region_embeddings(
             results.append(ReencodeResult(sid, "error", 0, str(exc)))
             log.warning("%s: %s", sid, exc)
     return results
+
+
+def _checkpoint_label(checkpoint) -> str:
+    """A readable name of a fine-tune checkpoint: its run folder and epoch when the file records them."""
+    path = Path(checkpoint)
+    label = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    try:
+        import torch
+
+        extra = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(extra, dict) and "epoch" in extra:
+            label += f" (epoch {int(extra['epoch'])})"
+    except Exception:  # noqa: BLE001 - the label is cosmetic
+        pass
+    return label
 
 
 class _Cancelled(Exception):
@@ -169,6 +159,9 @@ class UseCheckpointReport:
     index_slides: int
     names: dict[str, str] = field(default_factory=dict)  # slide_id -> what happened to its prototype names
     cancelled: bool = False
+    previous_version: str | None = None  # region-embedding version selected before (switch back to it)
+    version: str = ""  # the checkpoint's version key
+    label: str = ""
 
     def summary(self) -> str:
         n_re = sum(r.status == "reencoded" for r in self.reencoded)
@@ -182,7 +175,9 @@ class UseCheckpointReport:
         if errors:
             text += f"; problems: {'; '.join(errors)}"
         if self.cancelled:
-            text += " (cancelled: slides not done keep their earlier embeddings)"
+            text += " (cancelled: every slide keeps its earlier embeddings)"
+        elif self.previous_version and self.previous_version != self.version:
+            text += f"; the earlier region embeddings ({self.previous_version}) are kept: switch back any time"
         return text
 
 
@@ -195,13 +190,20 @@ def use_checkpoint(
 ) -> UseCheckpointReport:
     """Make ``checkpoint`` (an exported teacher ViT-4K) the region encoder of the session's cohort.
 
-    Re-encodes region embeddings from the cached token grids, switches the session's feature settings to
-    the new encoder (so later extractions use it too), recomputes every slide's prototypes and the
-    cohort index. Prototype names given before are carried to the new prototypes by region overlap when
-    ``carry_names`` (see :meth:`napari_slpd.labeling.names.PrototypeAnnotations.carry_over`).
+    Encodes region embeddings from the cached token grids as a new version in each feature file (the
+    earlier versions stay: :func:`napari_slpd.features.versions.use_region_encoder` switches back
+    instantly), then selects it everywhere, switches the session's feature settings to the new encoder (so
+    later extractions use it too), recomputes every slide's prototypes and the cohort index. The
+    prototypes of the version left are kept for switching back. Prototype names given before are carried
+    to the new prototypes by region overlap when ``carry_names`` (see
+    :meth:`napari_slpd.labeling.names.PrototypeAnnotations.carry_over`).
 
-    Progress: re-encoding is the first 80 %, prototypes and index the rest (in thousandths).
+    Progress: encoding is the first 80 %, prototypes and index the rest (in thousandths). A cancelled run
+    selects nothing (every slide keeps its embeddings); the slides encoded so far are skipped next time.
     """
+    from napari_slpd.features.store import version_key
+    from napari_slpd.features.versions import activate, find_region_encoder, selected_region_encoder
+
     checkpoint = Path(checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
@@ -218,6 +220,7 @@ def use_checkpoint(
         # Names are stored with the region assignments they were given on, which is all carrying them
         # over to the new prototypes needs.
         before = PrototypeAnnotations.load(cohort, session)
+    previous = selected_region_encoder(cohort)
     unit = 1000
 
     def stage(lo, hi):
@@ -227,25 +230,25 @@ def use_checkpoint(
         return report
 
     results = reencode_region_embeddings(cohort, checkpoint, device=fs.device, progress=stage(0, 800),
-                                         cancel=cancel, region_encoder=encoder)
+                                         cancel=cancel, region_encoder=encoder, select=False)
     cancelled = any(r.status == "cancelled" for r in results)
     protos: dict[str, str] = {}
     n_index = 0
     names: dict[str, str] = {}
+    key = version_key(str(encoder.model_id), encoder.checkpoint_sha256 or "")
     if not cancelled:
-        # Only once every slide is re-encoded does the cohort switch encoders (a cancelled run keeps the
-        # slides done so far; running it again skips them).
-        from dataclasses import replace
-
-        session.settings.features = replace(fs, region_encoder="hipt_vit4k", region_checkpoint=str(checkpoint))
-        protos = session.ensure_prototypes(progress=stage(800, 950), cancel=cancel)
-        index = session.index(progress=stage(950, 1000), cancel=cancel)
-        n_index = _index_size(index)
-        if before is not None:
-            names = before.carry_over(session)
+        # Only once every slide is encoded does the cohort switch encoders.
+        _, _, _, _, protos, n_index, names = activate(
+            session, key, progress=progress, cancel=cancel, carry_names=carry_names, names_before=before, lo=800)
     if progress:
         progress(unit, unit)
-    return UseCheckpointReport(str(checkpoint), results, protos, n_index, names, cancelled)
+    label = ""
+    try:
+        label = find_region_encoder(cohort, key).label
+    except SlpdError:
+        pass
+    return UseCheckpointReport(str(checkpoint), results, protos, n_index, names, cancelled,
+                               previous_version=previous, version=key, label=label)
 
 
 def _token_dim(cohort) -> int:
