@@ -43,6 +43,8 @@ def describe(path, args) -> dict:
             "path": str(slide.path),
             "slide_id": slide.slide_id,
             "format": slide.vendor,
+            "reader": slide.reader,
+            "reader_note": getattr(slide, "reader_note", ""),
             "width": slide.dimensions[0],
             "height": slide.dimensions[1],
             "levels": [
@@ -73,6 +75,9 @@ def describe(path, args) -> dict:
 def format_info(info: dict, args) -> str:
     lines = [f"{info['path']}"]
     lines.append(f"  format          {info['format']}")
+    if "reader" in info:
+        note = f" ({info['reader_note']})" if info.get("reader_note") else ""
+        lines.append(f"  reader          {info['reader']}{note}")
     size = f"{info['width']} x {info['height']} px"
     if "size_mm" in info:
         size += f"  ({info['size_mm'][0]:.2f} x {info['size_mm'][1]:.2f} mm)"

@@ -1,0 +1,120 @@
+"""GPU decoding of a region's JPEG tiles (optional; imported only where CUDA is present).
+
+The CPU reads the tiles' compressed bytes (os.pread, microseconds each) and nvJPEG decodes all of a
+region's tiles in one batched call (``torchvision.io.decode_jpeg(list, device="cuda")``); the region is
+assembled on the device, so the engine can hand it to the ViT without a host round trip. Tiles whose
+components are RGB (Aperio) carry an Adobe APP14 marker (transform 0) so the decoder does not convert
+them from YCbCr, as with the CPU's scaled decoder. Only whole-pixel geometry (level-0 locations that fall
+on whole level pixels, as at level 0) and JPEG levels are handled here; other reads use the CPU reader.
+
+Nothing imports this module on a CPU machine: :func:`cuda_available` is the gate, and tests that use it
+are marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+from napari_slpd.slides.readers.tiles import TileDecodeError, TileReader, _merge_tables
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class CudaRegionReader:
+    """read(location, level, size) -> torch.uint8 tensor (h, w, 3) on ``device``, from a CPU TileReader's
+    tile bytes decoded in one nvJPEG batch per region."""
+
+    def __init__(self, tiles: TileReader, tables_of, rgb_of, device: str = "cuda"):
+        import torch
+        import torchvision.io  # noqa: F401  (fails early when torchvision lacks the CUDA decoder)
+
+        self.tiles = tiles
+        self.device = torch.device(device)
+        self._tables_of = tables_of  # level -> JPEGTables bytes or None
+        self._rgb_of = rgb_of  # level -> True when components are RGB
+
+    def read(self, location, level: int, size):
+        import torch
+        from torchvision.io import decode_jpeg
+
+        lv = self.tiles.levels[level]
+        if lv.codec != "jpeg":
+            raise TileDecodeError(f"level {level} is {lv.codec}, not JPEG: read it on the CPU")
+        w, h = int(size[0]), int(size[1])
+        lx, ly = float(location[0]) / lv.downsample, float(location[1]) / lv.downsample
+        ix, iy = round(lx), round(ly)
+        if abs(lx - ix) > 1 / 256 or abs(ly - iy) > 1 / 256:
+            raise TileDecodeError("a fractional level position: read it on the CPU (openslide's sub-pixel geometry)")
+        out = torch.full((h, w, 3), 255, dtype=torch.uint8, device=self.device)
+        x0, y0, x1, y1 = max(ix, 0), max(iy, 0), min(ix + w, lv.width), min(iy + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = lv.tile_w, lv.tile_h
+        jobs, streams = [], []
+        tables, rgb = self._tables_of(level), self._rgb_of(level)
+        for r in range(y0 // th, (y1 - 1) // th + 1):
+            for c in range(x0 // tw, (x1 - 1) // tw + 1):
+                data = lv.tile_bytes(r * lv.tiles_across + c)
+                if data:
+                    jobs.append((c, r))
+                    stream = _merge_tables(data, tables, rgb)
+                    streams.append(torch.frombuffer(bytearray(stream), dtype=torch.uint8))
+        if not streams:
+            return out
+        try:
+            decoded = decode_jpeg(streams, device=self.device)
+        except RuntimeError as exc:  # find the damaged tile on the CPU, which names it
+            for c, r in jobs:
+                self.tiles.tile(level, c, r)
+            raise TileDecodeError(f"nvJPEG failed on a batch of {len(jobs)} tiles ({exc})") from exc
+        for (c, r), tile in zip(jobs, decoded):
+            tile = tile.permute(1, 2, 0)  # (3, th, tw) -> (th, tw, 3)
+            tx, ty = c * tw, r * th
+            sx0, sy0 = max(x0, tx), max(y0, ty)
+            sx1, sy1 = min(x1, tx + tile.shape[1]), min(y1, ty + tile.shape[0])
+            out[sy0 - iy : sy1 - iy, sx0 - ix : sx1 - ix] = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
+        return out
+
+
+def cuda_reader_for(slide, device: str = "cuda") -> CudaRegionReader | None:
+    """A CudaRegionReader for an open Slide read by the tile reader from JPEG tiles, else None."""
+    tiles = getattr(slide, "_tiles", None)
+    if tiles is None or not cuda_available():
+        return None
+    if not any(lv.codec == "jpeg" for lv in tiles.levels):
+        return None
+    meta = _jpeg_meta(slide)
+    return CudaRegionReader(tiles, lambda level: meta[level][0], lambda level: meta[level][1], device)
+
+
+def _jpeg_meta(slide) -> list[tuple[bytes | None, bool]]:
+    """(JPEGTables, RGB components?) per level, read again from the file's headers."""
+    tiles = slide._tiles
+    if slide.vendor == "dicom":
+        import pydicom
+
+        meta = []
+        by_size = {}
+        for f in sorted(slide.file.parent.glob("*.dcm")):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                by_size[(int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows))] = ds
+            except Exception:
+                continue
+        for lv in tiles.levels:
+            ds = by_size.get((lv.width, lv.height))
+            meta.append((None, ds is not None and str(ds.PhotometricInterpretation).upper() == "RGB"))
+        return meta
+    import tifffile
+
+    with tifffile.TiffFile(slide.file) as tif:
+        pages = {(int(p.imagewidth), int(p.imagelength)): p for p in tif.pages if p.is_tiled}
+        return [(bytes(pages[(lv.width, lv.height)].jpegtables or b"") or None,
+                 int(pages[(lv.width, lv.height)].photometric) == 2) for lv in tiles.levels]
+
+
+__all__ = ["CudaRegionReader", "cuda_available", "cuda_reader_for"]
