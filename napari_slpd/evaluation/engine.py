@@ -201,8 +201,8 @@ def _primary(protocol: str, config: EvaluationConfig) -> str:
     return "auc"
 
 
-def _metric_fn(info: TaskInfo, protocol: str, preds: Predictions, config: EvaluationConfig):
-    """rows -> {metric: value} on those prediction rows."""
+def _metric_fn(info: TaskInfo, protocol: str, preds: Predictions, config: EvaluationConfig, only=None):
+    """rows -> {metric: value} on those prediction rows (``only``: that metric alone)."""
     data = info.data
     if protocol == "cox":
         return lambda rows: {"c_index": M.c_index(data.time[preds.index[rows]], data.event[preds.index[rows]],
@@ -211,7 +211,7 @@ def _metric_fn(info: TaskInfo, protocol: str, preds: Predictions, config: Evalua
         labels = np.where(preds.retrieved >= 0, data.y[np.maximum(preds.retrieved, 0)], -1)
         per_query = M.retrieval_per_query(labels, data.y[preds.index], config.retrieval.ks)
         return lambda rows: {k: float(v[rows].mean()) if len(rows) else float("nan") for k, v in per_query.items()}
-    return lambda rows: M.classification_metrics(data.y[preds.index[rows]], preds.proba[rows], info.ordinal)
+    return lambda rows: M.classification_metrics(data.y[preds.index[rows]], preds.proba[rows], info.ordinal, only)
 
 
 def _score(info: TaskInfo, representation: str, protocol: str, preds: Predictions, config: EvaluationConfig,
@@ -254,8 +254,8 @@ def compare(result_a: ProtocolResult, result_b: ProtocolResult, info: TaskInfo, 
     if not np.array_equal(key_a[order_a], key_b[order_b]):
         raise EvaluationError(f"{result_a.representation} and {result_b.representation} were tested on different slides")
     metric = result_a.primary
-    fa = _metric_fn(info, result_a.protocol, pa, config)
-    fb = _metric_fn(info, result_b.protocol, pb, config)
+    fa = _metric_fn(info, result_a.protocol, pa, config, only=metric)
+    fb = _metric_fn(info, result_b.protocol, pb, config, only=metric)
     resamples = M.case_resamples(info.data.cases[pa.index[order_a]], config.n_bootstrap, config.seed + 1)
     stats = M.paired_bootstrap(lambda rows: fa(order_a[rows])[metric], lambda rows: fb(order_b[rows])[metric],
                                resamples)

@@ -29,6 +29,7 @@ class AbmilConfig:
     patience: int = 5
     validation_fraction: float = 0.2
     device: str = "auto"
+    cpu_threads: int | None = 1  # torch threads on CPU (None: leave torch's setting)
 
 
 def resolve_device(device: str) -> str:
@@ -104,6 +105,19 @@ def abmil(data: TaskData, bags: list[np.ndarray], config: AbmilConfig, cancel=No
     import torch
 
     device = resolve_device(config.device)
+    threads = torch.get_num_threads()
+    if device == "cpu" and config.cpu_threads:
+        # One bag per step is a chain of tiny kernels: thread wake-ups cost more than they save.
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _abmil_folds(data, bags, config, device, cancel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _abmil_folds(data: TaskData, bags: list[np.ndarray], config: AbmilConfig, device: str, cancel) -> Predictions:
+    import torch
+
     parts = []
     for fold in data.folds:
         fit, val = inner_validation_split(fold.train, data.y, data.cases, seed=data.seed + fold.index,
