@@ -19,6 +19,7 @@
 
 Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
+``cpu_bound_fraction``: CPU seconds of the engine run (readers + model + writing) / (wall seconds x cores).
 Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--skip-compute-bound] [--repeats N]
 """
 
@@ -77,14 +78,16 @@ def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
-def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float, int]:
-    """The engine end to end on the same slide: tissue, grid, reading, encoding, writing the store."""
+def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float, int, float]:
+    """The engine end to end on the same slide: tissue, grid, reading, encoding, writing the store.
+    Returns (seconds, regions, CPU seconds of the whole process: readers + model + the rest)."""
     from napari_slpd.features.engine import extract_slide
 
     out = folder / f"engine_{time.monotonic_ns()}.h5"
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     result = extract_slide(path, out, patch, region, config)
-    return time.perf_counter() - t0, result.n_computed
+    return time.perf_counter() - t0, result.n_computed, time.process_time() - cpu0
 
 
 def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int,
@@ -99,6 +102,7 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     import torch
 
     from napari_slpd.features.engine import ExtractionConfig, RegionReader
+    from napari_slpd.features.reading import available_cores
     from napari_slpd.slides.grid import GridConfig, build_region_grid
     from napari_slpd.slides.slide import open_slide
     from napari_slpd.slides.tissue import detect_tissue
@@ -109,15 +113,18 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     threads = torch.get_num_threads()
     path = mosaic(side)
     with open_slide(path) as slide:
+        reader_name = slide.reader
         grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
         # Warm-up: first-call costs (allocator, kernels) belong to neither method.
         patch.encode(RegionReader(slide, grid, input_px)(0))
     with tempfile.TemporaryDirectory() as tmp:
-        seq, eng, seq1 = [], [], []
+        seq, eng, seq1, fractions = [], [], [], []
         for k in range(repeats):
             seq.append(time_sequential(path, grid_cfg, patch, region, Path(tmp)))
-            seconds, n = time_engine(path, config, patch, region, Path(tmp))
+            seconds, n, cpu = time_engine(path, config, patch, region, Path(tmp))
             eng.append(seconds)
+            # How close the engine runs to what the cores can do: CPU seconds / (wall x cores).
+            fractions.append(cpu / (seconds * available_cores()))
             assert n == len(grid)
             if one_thread_baseline and k == 0:
                 torch.set_num_threads(1)
@@ -128,10 +135,12 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     best_seq, best_eng = min(seq), min(eng)
     return {
         "regions": len(grid),
+        "reader": reader_name,
         "sequential_s": round(best_seq, 3),
         "sequential_1thread_s": round(min(seq1), 3) if seq1 else None,
         "engine_s": round(best_eng, 3),
         "ratio": round(best_seq / best_eng, 3),
+        "cpu_bound_fraction": round(fractions[eng.index(best_eng)], 3),
         "ratio_vs_one_thread": round(min(seq1) / best_eng, 3) if seq1 else None,
         "settings": f"{side}x{side} px mosaic, {region_px}-px regions of {patch_px}-px patches at 0.5 um/px, "
                     f"ViT-256 at {input_px} px + ViT-4K, CPU, {os.cpu_count()} cores, torch threads {threads}",
@@ -222,6 +231,7 @@ def main() -> int:
     parser.add_argument("--skip-compute-bound", action="store_true")
     parser.add_argument("--cuda-side", type=int, default=49152, help="side of the CUDA mosaic (px)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the patch encoder on CUDA")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: (c) runs whenever CUDA is present")
     args = parser.parse_args()
     if not SOURCE.exists():
         print(f"source slide {SOURCE} is absent", file=sys.stderr)
@@ -230,7 +240,7 @@ def main() -> int:
 
     a = pipeline_ratio(side=8192 if args.quick else 14336, region_px=2048, patch_px=256, input_px=16,
                        repeats=repeats)
-    print(f"(a) decode-heavy: {a['settings']}; {a['regions']} regions: sequential {a['sequential_s']} s "
+    print(f"(a) decode-heavy: {a['settings']}; reader {a['reader']}; {a['regions']} regions: sequential {a['sequential_s']} s "
           f"(one torch thread: {a['sequential_1thread_s']} s), engine {a['engine_s']} s -> {a['ratio']}x "
           f"({a['ratio_vs_one_thread']}x against the one-thread loop); load average {os.getloadavg()[0]:.1f}",
           flush=True)
@@ -253,6 +263,7 @@ def main() -> int:
         print("(c) no CUDA device: cuda_regions_per_s is null", flush=True)
     print(json.dumps({
         "pipeline_vs_sequential": a["ratio"],
+        "cpu_bound_fraction": a["cpu_bound_fraction"],
         "rss_ratio_4x_area": b["ratio"] if b else None,
         "cuda_regions_per_s": c["regions_per_s"] if c else None,
         "pipeline_vs_sequential_1thread": a["ratio_vs_one_thread"],
