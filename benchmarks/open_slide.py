@@ -106,6 +106,7 @@ def main(argv=None) -> int:
             coarsest.compute()
             ours_first.append(time.perf_counter() - t0)
             first_tiles = slide.read_calls
+            reader_name = slide.reader  # the fast tile reader where it applies (napari_slpd.slides.readers)
             level = slide.level_count - 1
             boxes = chunk_boxes(coarsest, 0, coarsest.shape[0], 0, coarsest.shape[1])
             slide.close()
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
         "tiles_per_fov": round(float(statistics.mean(tiles)), 2),
         "tiles_per_fov_max": int(max(tiles)),
         "overhead_vs_openslide": round(overhead, 3),
+        "reader": reader_name,
         "threaded_vs_openslide": round(threaded, 3),
         "fov_px": args.fov,
         "n_fov": args.n_fov,
