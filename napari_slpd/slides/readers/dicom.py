@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.slides.readers.tiff import Unsupported
-from napari_slpd.slides.readers.tiles import TileLevel, TileReader, jpeg2000_decoder, jpeg_decoder, pread_source
+from napari_slpd.slides.readers.tiles import (
+    TileLevel,
+    TileReader,
+    jpeg2000_decoder,
+    jpeg_decoder,
+    pread_source,
+)
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
