@@ -51,6 +51,7 @@ OVERRIDES = {
     "scale_crops": "views.scale_to_grid",
     "official_view_skip": "loss.official_view_skip",
     "shared_prototype_center": "loss.shared_prototype_center",
+    "cluster_fp32": "cluster.fp32",
     "seed": "run.seed",
     "num_workers": "run.num_workers",
     "threads": "run.threads",
@@ -59,6 +60,10 @@ OVERRIDES = {
     "save_every_steps": "run.save_every_steps",
     "keep_every_epochs": "run.keep_every_epochs",
     "log_every_steps": "run.log_every_steps",
+    "labels": "monitor.labels",
+    "task": "monitor.task",
+    "monitor_k": "monitor.k",
+    "monitor_folds": "monitor.folds",
 }
 
 
@@ -79,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", default="auto", help="'auto' (resume the run folder's checkpoint if any), 'none', or a checkpoint path")
     io.add_argument("--export-only", action="store_true", help="only export the teacher of the run folder's checkpoint")
     io.add_argument("-v", "--verbose", action="store_true")
+
+    m = p.add_argument_group("KNN monitor (after every epoch: KNN AUC of the teacher's slide embeddings)")
+    m.add_argument("--labels", help="labels CSV/TSV (slide_id, a class column, optional case_id) to monitor with")
+    m.add_argument("--task", help="the class column of --labels (default: the first one)")
+    m.add_argument("--monitor-k", type=int, help="neighbours of the KNN monitor (default 5)")
+    m.add_argument("--monitor-folds", type=int, help="frozen folds of the KNN monitor (default 10; fewer if a "
+                   "class has fewer cases)")
 
     s = p.add_argument_group("settings (defaults: the preset's)")
     s.add_argument("--preset", choices=PRESETS, default="nsclc", help="official nsclc (K=4) or brca (K=2) settings, or tiny")
@@ -110,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--official-view-skip", action=argparse.BooleanOptionalAction, default=None,
                    help="prototype losses skip the student's first global view like the official code (default: on)")
     s.add_argument("--shared-prototype-center", action=argparse.BooleanOptionalAction, default=None,
-                   help="intra and inter losses share one center, as the official code (default: off)")
+                   help="intra and inter losses share one center, as the official code (default: on)")
+    s.add_argument("--cluster-fp32", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the clustering pass (teacher embeddings + K-means) in fp32 under mixed precision "
+                   "(default: on)")
     s.add_argument("--seed", type=int)
     s.add_argument("--num-workers", type=int, help="data-loader worker processes per training process")
     s.add_argument("--threads", type=int, help="torch CPU threads per training process (0: torch's default)")

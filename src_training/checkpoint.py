@@ -36,7 +36,8 @@ FORMAT_VERSION = 1
 
 # Settings that may change between a checkpoint and its resume without changing what is being trained.
 RESUMABLE_CHANGES = {"run.num_workers", "run.threads", "run.device", "run.save_every_steps", "run.keep_every_epochs",
-                     "run.log_every_steps", "cluster.eval_batch_size"}
+                     "run.log_every_steps", "cluster.eval_batch_size", "monitor.labels", "monitor.task", "monitor.k",
+                     "monitor.folds", "monitor.seed"}
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:

@@ -10,6 +10,10 @@ Presets:
 - ``brca``: the official TCGA-BRCA run (K = 2, min 16 regions).
 - ``tiny``: a small, fast run for CPUs, tests and trying the tool on a handful of slides: small DINO head,
   batch 16, 4 epochs, prototype losses from epoch 2 on, crop sizes scaled to the token grid of the cache.
+  A quick check that the pipeline runs, not a recipe: use nsclc/brca on 16 x 16 token grids.
+
+``official_preset_fits(grid)`` says whether a cohort's token grids (side ``grid``) take the official crops
+(14 global, 6 local) as they are; the fine-tune panel then offers the official recipe by default.
 """
 
 from __future__ import annotations
@@ -96,9 +100,10 @@ class LossConfig:
     # rule although a prototype is no view, so the student's first global view is dropped (9 of 10 used).
     # False compares every prototype target with all student views.
     official_view_skip: bool = True
-    # Official quirk: intra and inter losses are one DINOLoss object, so they share (and both update) one
-    # center. SPEC and our default: each prototype loss keeps its own center.
-    shared_prototype_center: bool = False
+    # The official trainer (main_SLPD.py) builds one prototype-loss object for intra and inter, so the two
+    # share one center (updated twice per step): our default too (SPEC section 2). False gives each
+    # prototype loss its own center.
+    shared_prototype_center: bool = True
 
 
 @dataclass
@@ -113,6 +118,10 @@ class ClusterConfig:
     seed: int = 0
     # Batch of the center-crop embedding pass; 0 = 5 x the training batch, as the official trainer.
     eval_batch_size: int = 0
+    # Run the clustering pass (teacher embeddings of every region, then K-means) in full precision even
+    # when training uses mixed precision: bf16 bottleneck embeddings (8 bits of mantissa) blur the cosine
+    # similarities K-means and the slide matching work on. False: the training's autocast.
+    fp32: bool = True
 
 
 @dataclass
@@ -150,6 +159,17 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """KNN monitor (src_training/monitor.py): a labels file turns it on."""
+
+    labels: str | None = None  # CSV/TSV with slide_id, a task column, optional case_id
+    task: str | None = None  # the classification column (None: the first one)
+    k: int = 5
+    folds: int = 10
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -158,6 +178,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     preset: str = "nsclc"
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +230,7 @@ class TrainConfig:
             (r.threads >= 0 and r.num_workers >= 0, "threads and num_workers must be >= 0"),
             (r.save_every_steps >= 0 and r.log_every_steps >= 0, "step intervals must be >= 0"),
             (self.head.out_dim >= 2 and self.head.bottleneck_dim >= 1, "head dims must be positive"),
+            (self.monitor.k >= 1 and self.monitor.folds >= 2, "monitor k must be >= 1 and folds >= 2"),
         ]
         for ok, message in checks:
             if not ok:
@@ -238,6 +260,24 @@ def preset(name: str) -> TrainConfig:
 
 
 PRESETS = ("nsclc", "brca", "tiny")
+PRESET_LABELS = {
+    "nsclc": "nsclc: official SLPD recipe (K=4, 100 epochs)",
+    "brca": "brca: official SLPD recipe (K=2, 100 epochs)",
+    "tiny": "tiny: quick check / small token grids (not the official recipe)",
+}
+
+
+def official_preset_fits(grid: int | None) -> bool:
+    """Whether token grids of side ``grid`` take the official crops (14 x 14 global, 6 x 6 local) unscaled."""
+    if not grid:
+        return False
+    views = ViewConfig()
+    return int(grid) >= max(views.global_crop, views.local_crop)
+
+
+def default_preset(grid: int | None) -> str:
+    """The preset a user should start from: the official recipe when the grids allow it, else tiny."""
+    return "nsclc" if official_preset_fits(grid) else "tiny"
 
 # File names inside a run folder (here, not in checkpoint.py, so that a viewer can use them without torch).
 CHECKPOINT_NAME = "checkpoint.pth"

@@ -105,6 +105,11 @@ def format_event(event: dict) -> str | None:
         return (f"epoch {event.get('epoch')} done in {_fmt(event.get('seconds'), '.1f')} s: loss "
                 f"{_fmt(event.get('loss'))} (dino {_fmt(event.get('dino_loss'))}, intra "
                 f"{_fmt(event.get('intra_loss'))}, inter {_fmt(event.get('inter_loss'))})")
+    if kind == "monitor":
+        when = "before training" if event.get("epoch") == -1 else f"epoch {event.get('epoch')}"
+        return (f"{when}: KNN AUC {_fmt(event.get('knn_auc'), '.3f')} (+/- {_fmt(event.get('knn_auc_std'), '.3f')}), "
+                f"balanced accuracy {_fmt(event.get('balanced_accuracy'), '.3f')} on {event.get('n_slides')} slides, "
+                f"{event.get('n_folds')} frozen folds, task {event.get('task')}")
     if kind == "checkpoint":
         return f"checkpoint ({event.get('reason')}) at epoch {event.get('epoch')}, step {event.get('global_step')}"
     if kind == "export":
@@ -133,6 +138,11 @@ class RunProgress:
     curves: dict[str, tuple[list[int], list[float]]] = field(
         default_factory=lambda: {t: ([], []) for t in LOSS_TERMS})
     epoch_losses: list[dict] = field(default_factory=list)
+    # KNN monitor: one record per measurement (epoch -1: before training), as the monitor events hold them
+    monitor: list[dict] = field(default_factory=list)
+    # First global step with the prototype losses on (the end of the DINO-only warm-up), when known
+    warmup_end_step: int | None = None
+    warm_epoch: int | None = None
     eta_s: float | None = None
     eta_time: float | None = None  # event time the ETA refers to
     last_checkpoint: str | None = None
@@ -154,7 +164,14 @@ class RunProgress:
             for steps, values in self.curves.values():
                 keep = sum(1 for s in steps if s < start_step)
                 del steps[keep:], values[keep:]
-            self.epoch_losses = [e for e in self.epoch_losses if e.get("epoch", 0) < int(event.get("start_epoch") or 0)]
+            start_epoch = int(event.get("start_epoch") or 0)
+            self.epoch_losses = [e for e in self.epoch_losses if e.get("epoch", 0) < start_epoch]
+            self.monitor = [m for m in self.monitor if int(m.get("epoch", -1)) < start_epoch]
+            warm = ((event.get("config") or {}).get("cluster") or {}).get("warm_epoch")
+            if warm is not None and self.steps_per_epoch:
+                self.warm_epoch = int(warm)
+                first = (int(warm) + 1) * int(self.steps_per_epoch)
+                self.warmup_end_step = first if self.total_steps is None or first < int(self.total_steps) else None
         elif kind == "step":
             step = int(event.get("global_step", self.global_step))
             for term in LOSS_TERMS:
@@ -171,6 +188,9 @@ class RunProgress:
                 self.eta_s, self.eta_time = float(event["eta_s"]), float(event.get("time", time.time()))
         elif kind == "epoch":
             self.epoch_losses.append({k: event.get(k) for k in ("epoch",) + LOSS_TERMS})
+        elif kind == "monitor":
+            self.monitor = [m for m in self.monitor if m.get("epoch") != event.get("epoch")]
+            self.monitor.append({k: v for k, v in event.items() if k not in ("event", "v")})
         elif kind == "checkpoint":
             self.last_checkpoint = event.get("path")
         elif kind == "export":

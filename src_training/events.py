@@ -30,6 +30,13 @@ Kinds and their other keys:
 ``epoch``
     End of an epoch: ``epoch``, ``loss``, ``dino_loss``, ``intra_loss``, ``inter_loss`` (means over the epoch's
     steps), ``seconds``.
+``monitor``
+    KNN monitor (only with ``--labels``; src_training/monitor.py), before the first step (``epoch`` -1) and
+    after every epoch: ``epoch``, ``knn_auc`` (mean over the frozen folds of the one-vs-rest macro AUC of a
+    k-NN vote on the slides' mean teacher region embeddings), ``knn_auc_std``, ``knn_auc_pooled`` (AUC of
+    all folds' test predictions together), ``balanced_accuracy``, ``n_folds_scored``, ``task``, ``classes``,
+    ``n_slides`` (labelled slides of the run), ``n_folds``, ``k``, ``n_unlabelled`` (run slides without a
+    label), ``n_unknown`` (labelled slides not in the run), ``representation`` ("region_mean"), ``seconds``.
 ``checkpoint``
     ``path``, ``epoch`` (next epoch to run), ``global_step`` (next step to run), ``reason`` ("epoch", "step", "stop").
 ``export``

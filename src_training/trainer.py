@@ -210,8 +210,31 @@ class Trainer:
             **{**loader_args, "persistent_workers": False},
         )
 
+        # ============ KNN monitor (optional: a labels file) ============
+        self.monitor = None
+        self.monitor_set = None
+        self.monitor_history: list[dict] = []
+        if cfg.monitor.labels:
+            from src_training.monitor import prepare_monitor
+
+            self.monitor_setup = prepare_monitor(cfg.monitor.labels, cfg.monitor.task, list(self.index.slide_ids),
+                                                 k=cfg.monitor.k, folds=cfg.monitor.folds, seed=cfg.monitor.seed)
+            # Whole token grids, as the region encoder sees them once the checkpoint is used.
+            self.monitor_set = TokenGridDataset(self.index, eval_crop=self.index.grid)
+            self.monitor_loader = torch.utils.data.DataLoader(
+                self.monitor_set,
+                batch_sampler=ShardSampler(len(self.index), eval_batch, ctx.rank, ctx.world_size),
+                collate_fn=collate_eval,
+                **{**loader_args, "persistent_workers": False},
+            )
+
         # ============ networks ============
         self.student, self.teacher = build_networks(cfg, self.index.token_dim, self.device)
+        if cfg.monitor.labels:
+            from src_training.monitor import KnnMonitor
+
+            self.monitor = KnnMonitor(self.monitor_setup, self.monitor_loader, self.index, self.device,
+                                      int(self.teacher.backbone.embed_dim), run_dir=self.run_dir)
         if ctx.distributed:
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -384,6 +407,8 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
             self._emit_start()
+            if self.monitor is not None and self.epoch == 0 and self.step_in_epoch == 0:
+                self._measure(-1)  # the starting point
             self._step_timer = _Throughput()
             while self.epoch < cfg.optim.epochs:
                 epoch = self.epoch
@@ -401,6 +426,8 @@ class Trainer:
                         seconds=round(time.perf_counter() - epoch_started, 3),
                     )
                     log.info("epoch %d/%d: loss %.4f (dino %.4f, intra %.4f, inter %.4f)", epoch + 1, cfg.optim.epochs, *means)
+                if self.monitor is not None:
+                    self._measure(epoch)
                 self.epoch, self.step_in_epoch = epoch + 1, 0
                 self.epoch_sums, self.epoch_steps = np.zeros(4), 0
                 self.clusters = None
@@ -413,6 +440,18 @@ class Trainer:
         finally:
             self.train_set.close()
             self.eval_set.close()
+            if self.monitor_set is not None:
+                self.monitor_set.close()
+
+    def _measure(self, epoch: int) -> dict:
+        """KNN monitor after ``epoch`` (-1: before training); every process takes part (its share of regions)."""
+        record = self.monitor.measure(self.teacher.backbone, epoch)
+        self.monitor_history.append(record)
+        if self.ctx.is_main:
+            self.events.emit("monitor", **record)
+            log.info("epoch %d: KNN AUC %.3f (balanced accuracy %.3f) on %d slides, task %s", epoch,
+                     record["knn_auc"], record["balanced_accuracy"], record["n_slides"], record["task"])
+        return record
 
     def _emit_start(self) -> None:
         cfg = self.cfg
@@ -463,7 +502,8 @@ class Trainer:
         kmeans_device = "cpu" if self.device.type == "cpu" else "auto"
         out = recluster(
             epoch, self.teacher, self.eval_loader, self.index, self.cfg.cluster, self.cfg.head.bottleneck_dim,
-            self.device, self.amp_dtype, should_stop=should_stop, kmeans_device=kmeans_device,
+            self.device, None if self.cfg.cluster.fp32 else self.amp_dtype, should_stop=should_stop,
+            kmeans_device=kmeans_device,
         )
         if out is None:
             return False
