@@ -58,14 +58,14 @@ def _json_default(obj):
     return str(obj)
 
 
-def _finite(obj):
+def json_safe(obj):
     """JSON has no NaN: NaN and infinities become null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -170,7 +170,7 @@ def _figure(width: float, height: float):
 def _roc_plot(path: Path, results, info) -> None:
     from sklearn.metrics import roc_curve
 
-    fig = _figure(3.4 * len(results), 3.3)
+    fig = _figure(max(4.8, 3.4 * len(results)), 3.4)
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     data = info.data
     for ax, r in zip(axes, results):
@@ -220,7 +220,7 @@ def _km_plot(path: Path, results, info) -> None:
 
     from napari_slpd.evaluation.protocols.survival import structured
 
-    fig = _figure(3.4 * len(results), 3.3)
+    fig = _figure(max(4.8, 3.4 * len(results)), 3.4)
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     data = info.data
     for ax, r in zip(axes, results):
@@ -434,7 +434,7 @@ def write_report(result, out: str | os.PathLike, cohort=None, plots: bool = True
         payload["plots"] = plot_paths
         payload["retrieval_examples"] = examples
         (tmp / "results.json").write_text(
-            json.dumps(_finite(payload), indent=1, default=_json_default) + "\n", encoding="utf-8")
+            json.dumps(json_safe(payload), indent=1, default=_json_default) + "\n", encoding="utf-8")
         (tmp / "report.html").write_text(_html(result, plot_paths, examples), encoding="utf-8")
     return out.expanduser().resolve()
 

@@ -1,0 +1,204 @@
+"""``slpd evaluate COHORT --labels CSV``: slide-level figures of every representation, with the papers' protocols.
+
+Reads a labels file (or a Patho-Bench split file), evaluates each slide representation the cohort caches
+(``--list`` shows them) with KNN, linear probe, ABMIL, Cox survival and retrieval, prints one table per
+task and, with ``--out``, writes the report folder (results.json, folds.csv, predictions.csv,
+embeddings/, plots, report.html; see napari_slpd.evaluation.report).
+
+Exit status: 0 done, 2 bad input (labels, representation never computed, ...), 130 interrupted (no
+half-written report is left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from napari_slpd.errors import SlpdError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="slide-level evaluation (KNN, linear probe, ABMIL, Cox, retrieval) of the cohort's representations",
+        description="Evaluate the cohort's slide representations on labelled tasks with the HIPT/SLPD/PANTHER "
+        "protocols: 10-fold CV grouped by case and stratified, mean ± std over folds, bootstrap 95%% CI, paired "
+        "comparison between representations.",
+    )
+    parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
+    parser.add_argument("--labels", metavar="CSV", help="labels CSV/TSV (slide_id, task columns, optional "
+                        "case_id, split, time/event) or a Patho-Bench split file (fold_0, fold_1, ...)")
+    parser.add_argument("--list", action="store_true", help="list the representations this cohort offers and exit")
+    parser.add_argument("--task", action="append", metavar="COL", default=None,
+                        help="task column to evaluate (repeatable; default: every label column; 'survival' for "
+                        "time/event)")
+    parser.add_argument("--repr", action="append", metavar="NAME", default=None, dest="representations",
+                        help="representation (repeatable; default: every available one, see --list)")
+    parser.add_argument("--protocol", action="append", metavar="NAME", default=None,
+                        choices=("knn", "linear", "abmil", "cox", "retrieval"),
+                        help="protocol (repeatable; default: all that apply): knn, linear, abmil, cox, retrieval")
+    parser.add_argument("--out", metavar="DIR", default=None, help="write the report folder here")
+    parser.add_argument("--json", action="store_true", help="print results.json's content instead of tables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds, bootstrap and ABMIL (default 0)")
+    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default 10)")
+    parser.add_argument("--k", type=int, default=5, help="KNN neighbours (default 5)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--device", default="auto", help="ABMIL device: auto | cpu | cuda (default auto)")
+    parser.add_argument("--time-col", default="time", help="survival time column (default time)")
+    parser.add_argument("--event-col", default="event", help="survival event column (default event)")
+    parser.add_argument("--case-col", default="case_id", help="case (patient) column (default case_id)")
+    parser.add_argument("--slide-col", default="slide_id", help="slide id column (default slide_id)")
+    parser.add_argument("--ordinal", action="append", metavar="COL", default=[],
+                        help="treat this label column as ordinal (quadratic kappa); integer columns with 3+ "
+                        "levels are ordinal already")
+    parser.add_argument("--ignore-unknown", action="store_true",
+                        help="skip (and report) labelled slides that are not in the cohort instead of failing")
+    parser.add_argument("--no-plots", action="store_true", help="report without plots (faster)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _open_cohort(path: str):
+    from napari_slpd.cohort import Cohort
+
+    cohort = Cohort(path, create=False)
+    if not cohort.registry_path.exists():
+        raise SlpdError(
+            f"{cohort.root} is not a cohort folder (no {cohort.registry_path.name}); run `slpd extract` first"
+        )
+    return cohort
+
+
+def format_list(infos) -> str:
+    rows = [("representation", "kinds", "slides", "what / how to compute")]
+    for info in infos:
+        rows.append((info.name, "+".join(info.kinds), str(info.n_slides),
+                     info.description if info.available else f"not computed: {info.note}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
+
+
+def _cell(figure: dict) -> str:
+    mean, std, lo, hi = figure["mean"], figure["std"], figure["ci_low"], figure["ci_high"]
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and math.isfinite(lo) else ""
+    return f"{mean:.3f} ± {std:.3f}{ci}"
+
+
+def format_tables(result) -> str:
+    """One table per task: representations x protocols, each cell the primary figure, then comparisons."""
+    lines = []
+    for task, info in result.tasks.items():
+        rs = [r for r in result.results if r.task == task]
+        if not rs:
+            continue
+        protocols = list(dict.fromkeys(r.protocol for r in rs))
+        reps = list(dict.fromkeys(r.representation for r in rs))
+        header = ["representation"] + [f"{p} ({next(r.primary for r in rs if r.protocol == p)})" for p in protocols]
+        rows = [header]
+        for rep in reps:
+            row = [rep]
+            for p in protocols:
+                found = [r for r in rs if r.representation == rep and r.protocol == p]
+                row.append(_cell(found[0].figure()) if found else "")
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        t = info.to_dict()
+        lines.append(f"task {task} ({info.kind}{', ordinal' if info.ordinal else ''}): {t['n_slides']} slides, "
+                     f"{t['n_cases']} cases, {len(info.data.folds)} folds; mean ± std over folds [bootstrap 95% CI]")
+        for i, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        for name, r in [(f"{r.representation}/{r.protocol}", r) for r in rs if r.protocol in ("knn", "linear", "abmil")]:
+            extra = ", ".join(f"{m} {_cell(f)}" for m, f in r.summary.items() if m != "auc")
+            lines.append(f"  {name}: {extra}")
+        comps = [c for c in result.comparisons if c.task == task]
+        if comps:
+            lines.append("  paired comparisons (A - B, primary metric, paired bootstrap):")
+            for c in comps:
+                if math.isfinite(c.difference):
+                    lines.append(f"    {c.protocol}: {c.a} - {c.b} = {c.difference:+.3f} "
+                                 f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}], p = {c.p_value:.3g}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+class ProgressBar:
+    """A tqdm bar on stderr as a ``progress(done, total)`` callback; the total may grow while it runs."""
+
+    def __init__(self, description: str, enabled: bool):
+        self.description, self.enabled, self.bar = description, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.description, unit="step", file=sys.stderr, leave=False)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run(args) -> int:
+    from napari_slpd.evaluation.engine import EvaluationConfig, evaluate
+    from napari_slpd.evaluation.labels import LabelsConfig
+    from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
+    from napari_slpd.evaluation.representations import list_representations
+
+    cohort = _open_cohort(args.cohort)
+    if args.list:
+        infos = list_representations(cohort)
+        if args.json:
+            print(json.dumps([i.to_dict() for i in infos], indent=1))
+        else:
+            print(format_list(infos))
+        return 0
+    if not args.labels:
+        raise SlpdError("--labels CSV is required (or --list to see the representations)")
+    config = EvaluationConfig(
+        tasks=args.task, representations=args.representations, protocols=args.protocol, n_folds=args.folds,
+        seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=args.ignore_unknown,
+        labels=LabelsConfig(slide_col=args.slide_col, case_col=args.case_col, time_col=args.time_col,
+                            event_col=args.event_col, ordinal=list(args.ordinal)),
+        knn=KnnConfig(k=args.k), abmil=AbmilConfig(device=args.device),
+    )
+    bar = ProgressBar("evaluate", enabled=not (args.quiet or args.json))
+    try:
+        result = evaluate(cohort, args.labels, config, progress=bar)
+    finally:
+        bar.close()
+    out = None
+    if args.out:
+        from napari_slpd.evaluation.report import write_report
+
+        bar = ProgressBar("report", enabled=not (args.quiet or args.json))
+        try:
+            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar)
+        finally:
+            bar.close()
+    if args.json:
+        from napari_slpd.evaluation.report import json_safe
+
+        payload = json_safe(result.to_dict())
+        if out is not None:
+            payload["report"] = str(out)
+        print(json.dumps(payload, indent=1, default=str))
+        return 0
+    for line in result.report.lines():
+        print(line)
+    print()
+    print(format_tables(result))
+    if out is not None:
+        print(f"\nreport: {out / 'report.html'}")
+    print(f"({result.seconds:.1f} s)", file=sys.stderr)
+    return 0
