@@ -27,3 +27,7 @@ class FeatureStoreError(SlpdError):
 
 class PrototypeError(SlpdError):
     """Prototypes cannot be computed or compared (too few regions, mismatched dims, NaNs, empty cohort)."""
+
+
+class ExportError(SlpdError):
+    """Regions cannot be exported (not on a lattice, mismatched lengths, nothing to write)."""

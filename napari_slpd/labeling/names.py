@@ -302,8 +302,8 @@ class PrototypeAnnotations:
         return names, colors
 
     def class_styles(self, slide_id: str, protos=None) -> dict:
-        """{k: ClassStyle(name, colour)} for napari_slpd.export.geojson."""
-        from napari_slpd.export.geojson import ClassStyle
+        """{k: ClassStyle(name, colour)} for napari_slpd.export (GeoJSON, label TIFF)."""
+        from napari_slpd.labeling.palette import ClassStyle
 
         names, colors = self.styles(slide_id, protos)
         return {k: ClassStyle(names[k], colors[k]) for k in names}

@@ -5,6 +5,7 @@ legend, the labeling table, exports and ProAlign's text prototypes all take thei
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 from napari_slpd.errors import SlpdError
@@ -23,6 +24,15 @@ TEXT_PROTOTYPE_PALETTE = (
     "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
     "#dbdb8d", "#9edae5",
 )
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    """How one prototype (or named class) appears outside napari: its class name and colour (#rrggbb), as
+    GeoJSON export (QuPath classification) and the label-map TIFF palette write it."""
+
+    name: str
+    color: str
 
 
 def default_color(k: int) -> str:

@@ -118,8 +118,8 @@ class ProAlignResult:
         return {name: float(c) / total for name, c in zip(self.names, counts, strict=True)}
 
     def class_styles(self) -> dict:
-        """{label index: ClassStyle(name, color)} for :mod:`napari_slpd.export.geojson` (GeoJSON, label TIFF)."""
-        from napari_slpd.export.geojson import ClassStyle
+        """{label index: ClassStyle(name, color)} for :mod:`napari_slpd.export` (GeoJSON, label TIFF)."""
+        from napari_slpd.labeling.palette import ClassStyle
 
         return {k: ClassStyle(name, color) for k, (name, color) in enumerate(zip(self.names, self.colors, strict=True))}
 

@@ -2,7 +2,7 @@
 names, carry a name to the matched prototypes of similar slides, export the named regions.
 
 Everything it decides lives in the Qt-free core: :mod:`napari_slpd.labeling.names` (names kept in the
-cohort, stale-name handling, propagation plans, ProAlign suggestions) and :mod:`napari_slpd.export.geojson`
+cohort, stale-name handling, propagation plans, ProAlign suggestions) and :mod:`napari_slpd.export`
 (QuPath GeoJSON, label-map TIFF). This panel shows their results and forwards clicks.
 """
 
@@ -532,7 +532,7 @@ class LabelingWidget(QWidget):
 
     def export_geojson(self, path: str | None = None):
         """Write the open slide's prototype regions as QuPath GeoJSON (asks for a path when none is given)."""
-        from napari_slpd.export.geojson import export_slide_prototypes
+        from napari_slpd.export import export_slide_prototypes
 
         session, slide_id, _ = self._require()
         path = path or self._save_path("Export prototype regions", ".geojson", "GeoJSON (*.geojson *.json)")
@@ -545,7 +545,7 @@ class LabelingWidget(QWidget):
 
     def export_tiff(self, path: str | None = None):
         """Write the open slide's label map as a palette TIFF (one pixel per region)."""
-        from napari_slpd.export.geojson import export_slide_prototypes
+        from napari_slpd.export import export_slide_prototypes
 
         session, slide_id, _ = self._require()
         path = path or self._save_path("Export label map", "_prototypes.tif", "TIFF (*.tif *.tiff)")
