@@ -8,6 +8,7 @@ range because on a slide that is nearly all tissue (or all glass) Otsu would spl
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -126,6 +127,7 @@ def tissue_from_rgb(rgb: np.ndarray, mask_um_per_px: float, params: TissueParams
     """Tissue mask (bool) and the saturation threshold used, for an RGB image at ``mask_um_per_px``."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
 
     params = params or TissueParams()
     sat, value = saturation_value(rgb)
@@ -146,33 +148,31 @@ def tissue_from_rgb(rgb: np.ndarray, mask_um_per_px: float, params: TissueParams
     if radius(params.opening_um) > 0:
         mask = ndimage.binary_opening(mask, structure=_disk(radius(params.opening_um)))
     px_area = mask_um_per_px**2
-    mask = _remove_small(mask, params.min_object_um2 / px_area)
-    mask = ~_remove_small(~mask, params.min_hole_um2 / px_area, keep_border=True)
-    return mask, threshold
+    mask = remove_small_objects(mask, max_size=_smaller_than(params.min_object_um2 / px_area))
+    return _fill_small_holes(mask, params.min_hole_um2 / px_area), threshold
 
 
 def _disk(r: int) -> np.ndarray:
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return (xx**2 + yy**2) <= r * r + r  # a little fuller than a strict disk so r=1 is a 3x3 cross-plus
+    """A disk a little fuller than a strict one (x^2 + y^2 <= r^2 + r), so that r=1 is a 3x3 cross-plus."""
+    from skimage.morphology import disk
+
+    return disk(r, dtype=bool, strict_radius=False)
 
 
-def _remove_small(mask: np.ndarray, min_px: float, keep_border: bool = False) -> np.ndarray:
-    """Drop connected components smaller than ``min_px``; with keep_border, components touching the image
-    border are kept whatever their size (background around the tissue is not a hole)."""
+def _smaller_than(min_px: float) -> int:
+    """scikit-image's ``max_size`` (objects of at most this many px go) for "keep ``min_px`` px and more"."""
+    return max(0, math.ceil(min_px) - 1)
+
+
+def _fill_small_holes(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Fill holes (background not 4-connected to the image border) smaller than ``min_px``. Unlike
+    ``skimage.morphology.remove_small_holes``, background touching the border is never a hole, whatever its
+    size: it is the glass around the tissue."""
     from scipy import ndimage
+    from skimage.morphology import remove_small_objects
 
-    if min_px <= 1 or not mask.any():
-        return mask
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_px
-    if keep_border:
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        keep[border] = True
-    keep[0] = False
-    return keep[labels]
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    return mask | (holes & ~remove_small_objects(holes, max_size=_smaller_than(min_px)))
 
 
 def detect_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMask:
