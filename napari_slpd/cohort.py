@@ -3,7 +3,8 @@
 Layout (every file written atomically)::
 
     COHORT/
-      cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}}}
+      cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}},
+                                  "settings": {...}}  (the settings the cohort is worked with, see session.py)
       features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
       prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
       index/                      cohort similarity index (napari_slpd.similarity.index)
@@ -28,6 +29,9 @@ from napari_slpd.slides.ids import SLIDE_SUFFIXES, find_slides, slide_id_for  # 
 from napari_slpd.utils.files import atomic_write_json
 
 REGISTRY_NAME = "cohort.json"
+SETTINGS_KEY = "settings"
+
+
 @dataclass
 class SlideRecord:
     slide_id: str
@@ -58,9 +62,13 @@ class Cohort:
         if not self.registry_path.exists():
             return {"slides": {}}
         try:
-            return json.loads(self.registry_path.read_text(encoding="utf-8"))
+            registry = json.loads(self.registry_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise SlpdError(f"cohort registry {self.registry_path} is not valid JSON: {exc}") from exc
+        if not isinstance(registry, dict):
+            raise SlpdError(f"cohort registry {self.registry_path} is not a napari-slpd cohort file")
+        registry.setdefault("slides", {})
+        return registry
 
     def slides(self) -> list[SlideRecord]:
         records = []
@@ -106,6 +114,19 @@ class Cohort:
         registry["slides"][slide_id] = entry
         atomic_write_json(self.registry_path, registry)
         return self.slide(slide_id)
+
+    # -- settings ------------------------------------------------------------------------------
+    def load_settings(self) -> dict | None:
+        """The settings section of the registry (a plain dict, see napari_slpd.session), None if absent."""
+        section = self._load_registry().get(SETTINGS_KEY)
+        return dict(section) if isinstance(section, dict) else None
+
+    def save_settings(self, settings: dict) -> None:
+        """Replace the settings section (atomically, with the rest of the registry unchanged)."""
+        registry = self._load_registry()
+        registry.setdefault("slides", {})
+        registry[SETTINGS_KEY] = settings
+        atomic_write_json(self.registry_path, registry)
 
     def remove_slide(self, slide_id: str) -> None:
         registry = self._load_registry()

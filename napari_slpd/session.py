@@ -107,6 +107,58 @@ class SessionSettings:
     top_k: int = 10  # neighbours listed for a query
     umap: UmapParams = field(default_factory=UmapParams)
 
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        # The session that owns these settings saves them into its cohort on every change (also when a
+        # core function such as use_checkpoint switches the encoder by assigning ``features``).
+        hook = self.__dict__.get("_on_change")
+        if hook is not None and not name.startswith("_"):
+            hook()
+
+    def __getstate__(self):  # copies and pickles never carry the owning session's save hook
+        return {k: v for k, v in self.__dict__.items() if k != "_on_change"}
+
+    def to_dict(self) -> dict:
+        """The settings as saved in the cohort (``cohort.json`` "settings"). ``overwrite`` is an action
+        option of one run, never saved (a reopened cohort must not replace features unasked)."""
+        from dataclasses import asdict
+
+        features = asdict(self.features)
+        features.pop("overwrite", None)
+        return {"features": features, "prototypes": asdict(self.prototypes), "top_k": int(self.top_k),
+                "umap": asdict(self.umap)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> tuple["SessionSettings", list[str]]:
+        """(settings, problems): values that are unknown or invalid are left at their defaults and named
+        in ``problems`` (a cohort written by another version still opens)."""
+        from dataclasses import fields
+
+        problems: list[str] = []
+
+        def build(kind, section_name):
+            section = data.get(section_name)
+            if not isinstance(section, dict):
+                return kind()
+            names = {f.name for f in fields(kind)}
+            values = {k: v for k, v in section.items() if k in names and k != "overwrite"}
+            unknown = sorted(set(section) - names)
+            if unknown:
+                problems.append(f"{section_name}: unknown setting(s) {', '.join(unknown)} ignored")
+            try:
+                return kind(**values)
+            except (SlpdError, TypeError, ValueError) as exc:
+                problems.append(f"{section_name}: {exc}; defaults used")
+                return kind()
+
+        settings = cls(features=build(FeatureSettings, "features"), prototypes=build(PrototypeSettings, "prototypes"),
+                       umap=build(UmapParams, "umap"))
+        try:
+            settings.top_k = max(1, int(data.get("top_k", settings.top_k)))
+        except (TypeError, ValueError):
+            problems.append(f"top_k {data.get('top_k')!r} is not a number; {settings.top_k} used")
+        return settings, problems
+
 
 # -- results -------------------------------------------------------------------------------------------
 
@@ -173,12 +225,151 @@ class Session:
 
     def __init__(self, root: str | os.PathLike, settings: SessionSettings | None = None, create: bool = True):
         self.cohort = Cohort(root, create=create)
-        self.settings = settings or SessionSettings()
         self._lock = threading.RLock()
         self._regions: dict[str, tuple[float, RegionData]] = {}
         self._prototypes: dict[str, tuple[tuple, Any]] = {}
         self._index = None  # CohortIndex
         self._rindex = None  # RegionIndex
+        self._annotations = None  # PrototypeAnnotations, read again when the file changes
+        self._pixel_sizes: dict[str, tuple[Any, Any]] = {}
+        self.settings_problems: list[str] = []  # saved settings that could not be used as they were
+        self.settings_save_error: str | None = None  # why the settings could not be saved (read-only cohort)
+        self._settings: SessionSettings | None = None
+        self.settings = settings or SessionSettings()
+
+    # -- settings owned by the cohort ------------------------------------------------------------------
+    @property
+    def settings(self) -> SessionSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: SessionSettings) -> None:
+        """Replacing the settings saves them in the cohort (so does changing one of their fields)."""
+        changed = self._settings is not None and self._settings is not value
+        self._attach(value)
+        if changed:
+            self.save_settings()
+
+    def _attach(self, value: SessionSettings) -> None:
+        old = self._settings
+        if old is not None and old is not value and old.__dict__.get("_on_change") == self.save_settings:
+            object.__setattr__(old, "_on_change", None)
+        self._settings = value
+        object.__setattr__(value, "_on_change", self.save_settings)
+
+    def saved_settings(self) -> SessionSettings | None:
+        """The settings saved in the cohort folder (None: it has none yet). Values that cannot be used are
+        left at their defaults and listed in ``settings_problems``."""
+        try:
+            data = self.cohort.load_settings()
+        except SlpdError as exc:
+            self.settings_problems = [str(exc)]
+            return None
+        if data is None:
+            return None
+        settings, self.settings_problems = SessionSettings.from_dict(data)
+        for problem in self.settings_problems:
+            log.warning("cohort settings of %s: %s", self.root, problem)
+        return settings
+
+    def save_settings(self) -> bool:
+        """Write the current settings into the cohort (atomically); False (and ``settings_save_error``)
+        when the folder cannot be written, e.g. a read-only cohort."""
+        try:
+            section = self.cohort.load_settings() or {}
+            section.update(self.settings.to_dict())
+            self.cohort.save_settings(section)
+        except (OSError, SlpdError) as exc:
+            self.settings_save_error = f"the settings could not be saved in {self.root}: {exc}"
+            log.warning("%s", self.settings_save_error)
+            return False
+        self.settings_save_error = None
+        return True
+
+    def features_made_with(self) -> FeatureSettings | None:
+        """The feature settings the cohort's cached features were last computed with (saved in the cohort
+        by each extraction; inferred from the feature files of a cohort made elsewhere, without
+        checkpoint paths). None: no features yet."""
+        from dataclasses import fields
+
+        try:
+            section = self.cohort.load_settings() or {}
+        except SlpdError:
+            section = {}
+        made = section.get("features_made_with")
+        if isinstance(made, dict):
+            names = {f.name for f in fields(FeatureSettings)}
+            try:
+                return FeatureSettings(**{k: v for k, v in made.items() if k in names and k != "overwrite"})
+            except (SlpdError, TypeError, ValueError):
+                pass
+        return self._settings_from_feature_files()
+
+    def _settings_from_feature_files(self) -> FeatureSettings | None:
+        from collections import Counter
+
+        from napari_slpd.features.store import read_store_attrs
+
+        seen = Counter()
+        for slide_id in self.slide_ids():
+            path = self.cohort.features_path(slide_id)
+            if not path.exists():
+                continue
+            try:
+                a = read_store_attrs(path)
+            except SlpdError:
+                continue
+            if not a.get("complete", False):
+                continue
+            seen[(str(a.get("patch_encoder", "")).split(" (")[0], str(a.get("region_encoder", "")).split(" (")[0],
+                  int(a.get("region_px", 0)), int(a.get("patch_px", 0)), float(a.get("target_mpp", 0.5)),
+                  float(a.get("min_tissue", 0.25)))] += 1
+        if not seen:
+            return None
+        (patch, region, region_px, patch_px, target_mpp, min_tissue), _ = seen.most_common(1)[0]
+        from dataclasses import replace
+
+        try:
+            return replace(self.settings.features, patch_encoder=patch or self.settings.features.patch_encoder,
+                           region_encoder=region or self.settings.features.region_encoder, region_px=region_px,
+                           patch_px=patch_px, target_mpp=target_mpp, min_tissue=min_tissue, overwrite=False)
+        except SlpdError:
+            return None
+
+    def _record_features_made_with(self) -> None:
+        from dataclasses import asdict
+
+        try:
+            section = self.cohort.load_settings() or self.settings.to_dict()
+            made = asdict(self.settings.features)
+            made.pop("overwrite", None)
+            section["features_made_with"] = made
+            self.cohort.save_settings(section)
+        except (OSError, SlpdError) as exc:
+            log.warning("the feature settings could not be recorded in %s: %s", self.root, exc)
+
+    def checkpoint_features_at_risk(self, slide_ids: Sequence[str] | None = None) -> list[str]:
+        """Slides whose cached features were made with a checkpoint (patch or region encoder) that the
+        current settings would replace with a randomly initialised encoder's features."""
+        from napari_slpd.features.store import read_store_attrs
+
+        fs = self.settings.features
+        patch_random = fs.patch_checkpoint is None and fs.patch_encoder == "hipt_vit256"
+        region_random = fs.region_checkpoint is None and fs.region_encoder == "hipt_vit4k"
+        if not (patch_random or region_random):
+            return []
+        at_risk = []
+        for slide_id in (slide_ids if slide_ids is not None else self.slide_ids()):
+            path = self.cohort.features_path(slide_id)
+            if not path.exists():
+                continue
+            try:
+                a = read_store_attrs(path)
+            except SlpdError:
+                continue
+            if (patch_random and a.get("patch_encoder_sha256")) or (region_random and a.get("region_encoder_sha256")):
+                at_risk.append(slide_id)
+        return at_risk
 
     @property
     def root(self) -> Path:
@@ -193,8 +384,13 @@ class Session:
         settings: SessionSettings | None = None,
     ) -> "Session":
         """Open (or create) the cohort folder ``root`` and register slides: those in the folder ``slides``
-        (or the given slide paths); with ``slides=None`` the slides lying in ``root`` itself."""
+        (or the given slide paths); with ``slides=None`` the slides lying in ``root`` itself. Without
+        ``settings``, the settings saved in the cohort are used (defaults for a new cohort)."""
         session = cls(root, settings)
+        if settings is None:
+            saved = session.saved_settings()
+            if saved is not None:
+                session._attach(saved)  # as saved: nothing to write back
         if slides is None:
             session.add_slides(find_slides(session.root))
         elif isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir() and not _is_dicom_dir(Path(slides)):
@@ -289,6 +485,19 @@ class Session:
             have = str(attrs.get(key, ""))
             if have and not have.startswith(want):
                 diffs.append(f"{key} {have} (settings: {want})")
+        # Weights: a checkpoint against random init is visible without hashing the checkpoint file.
+        for key, checkpoint, encoder, random_name in (
+            ("patch_encoder", fs.patch_checkpoint, fs.patch_encoder, "hipt_vit256"),
+            ("region_encoder", fs.region_checkpoint, fs.region_encoder, "hipt_vit4k"),
+        ):
+            have = str(attrs.get(key, ""))
+            if not have or not have.startswith(encoder) or encoder != random_name:
+                continue
+            made_random = not str(attrs.get(f"{key}_sha256", "") or "")
+            if made_random and checkpoint:
+                diffs.append(f"{key.replace('_', ' ')} randomly initialised (settings: checkpoint {Path(checkpoint).name})")
+            elif not made_random and not checkpoint:
+                diffs.append(f"{key.replace('_', ' ')} from a checkpoint (settings: random init)")
         return diffs
 
     # -- features --------------------------------------------------------------------------------------
@@ -336,12 +545,17 @@ class Session:
         progress: ProgressFn | None = None,
         cancel=None,
         on_slide: Callable[[Any], None] | None = None,
+        replace_checkpoint_features: bool = False,
+        overwrite: bool | None = None,
     ) -> list:
         """Extract (or resume, or skip when cached) the features of ``slide_ids`` (all slides by default).
 
         Returns one ExtractionResult per slide handled. Overall progress is reported in thousandths of a
         slide. A slide that fails with an SlpdError does not stop the others: its result has status
         "error" and the message. ``on_slide(result)`` is called after each slide (from this thread).
+        ``overwrite`` (default: the settings' own) replaces features made with other settings; features
+        made with a checkpoint are never replaced by features of a randomly initialised encoder unless
+        ``replace_checkpoint_features`` says so explicitly.
         """
         from napari_slpd.features.engine import ExtractionResult
 
@@ -363,7 +577,8 @@ class Session:
                     progress(i * unit + min(unit, done * unit // total), n * unit)
 
             try:
-                result = self._extract_one(record, out, patch, region, slide_progress, cancel)
+                result = self._extract_one(record, out, patch, region, slide_progress, cancel,
+                                           replace_checkpoint_features, overwrite)
             except SlpdError as exc:
                 result = ExtractionResult(slide_id, record.path, out, "error", message=str(exc))
                 log.warning("%s: %s", slide_id, exc)
@@ -375,9 +590,12 @@ class Session:
                 progress((i + 1) * unit, n * unit)
             if result.status == "cancelled":
                 break
+        if any(r.status == "extracted" for r in results):
+            self._record_features_made_with()
         return results
 
-    def _extract_one(self, record: SlideRecord, out: Path, patch, region, progress, cancel):
+    def _extract_one(self, record: SlideRecord, out: Path, patch, region, progress, cancel,
+                     replace_checkpoint_features: bool = False, overwrite: bool | None = None):
         """One slide. ``overwrite`` here replaces only a file made with other settings: a file that is
         current stays cached (the engine's own overwrite would recompute it too)."""
         from napari_slpd.features.engine import extract_slide, extraction_settings
@@ -385,6 +603,8 @@ class Session:
         from napari_slpd.slides.slide import open_slide
 
         config = self.extraction_config(record.slide_id)
+        if overwrite is not None:
+            config.overwrite = bool(overwrite)
         slide = open_slide(record.path, mpp=config.mpp, mpp_fallback=config.mpp_fallback)
         try:
             if config.overwrite and out.exists():
@@ -392,6 +612,12 @@ class Session:
                     current = existing_store_is_current(out, extraction_settings(slide, config, patch, region))
                 except FeatureStoreError:  # other settings, incomplete or damaged: replace it
                     current = False
+                if not current and not replace_checkpoint_features and self.checkpoint_features_at_risk([record.slide_id]):
+                    raise FeatureStoreError(
+                        f"the features of {record.slide_id} were made with a checkpoint; the current settings "
+                        "use a randomly initialised encoder, and replacing them needs an explicit confirmation "
+                        "(the features were kept)"
+                    )
                 config.overwrite = not current
             return extract_slide(slide, out, patch, region, config, progress, cancel)
         finally:
@@ -443,6 +669,10 @@ class Session:
             attrs, features_key, k=int(ps.k), source="region_embeddings", seed=int(ps.seed), niter=int(ps.niter),
             nredo=int(ps.nredo), min_regions=-1 if ps.min_regions is None else int(ps.min_regions),
         )
+
+    def prototypes_current(self, slide_id: str) -> bool:
+        """Whether the cache holds the slide's prototypes for the current settings and features."""
+        return self._prototypes_current(slide_id)
 
     def _prototypes_current(self, slide_id: str, features_key: str | None = None) -> bool:
         if features_key is None:
@@ -543,6 +773,35 @@ class Session:
             for h in hits
         ]
 
+    def similar_to_prototype(self, slide_id: str, k: int, top_k: int | None = None) -> list[SlideMatch]:
+        """Cohort slides ranked by their best match to prototype ``k`` of ``slide_id``: distance = 1 - the
+        largest cosine between that prototype and one of the slide's prototypes (itself excluded). This
+        is what a click on a region asks in slide mode: where else is this tissue pattern?"""
+        top_k = int(top_k or self.settings.top_k)
+        query = self.prototypes(slide_id)
+        if not 0 <= int(k) < int(query.k):
+            raise SlpdError(f"{slide_id} has {query.k} prototypes; there is no prototype {k}")
+        q = np.asarray(query.centroids, dtype=np.float32)[int(k)]
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        matches = []
+        for other in self.slides_with_features():
+            if other == slide_id:
+                continue
+            try:
+                protos = self.prototypes(other, compute=False)
+            except SlpdError:
+                continue  # no prototypes for the current settings: not comparable
+            c = np.asarray(protos.centroids, dtype=np.float32)
+            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+            if c.shape[1] != q.shape[0] or not len(c):
+                continue
+            cos = c @ q
+            best = int(np.argmax(cos))
+            matches.append(SlideMatch(other, float(1.0 - cos[best]), float(cos[best]), [(int(k), best)],
+                                      [float(cos[best])]))
+        matches.sort(key=lambda m: (m.distance, m.slide_id))
+        return matches[:top_k]
+
     def similar_regions(self, slide_id: str, region: int, top_k: int | None = None,
                         include_same_slide: bool = False) -> list[RegionMatch]:
         """The regions across the cohort nearest (cosine) to region ``region`` of ``slide_id``."""
@@ -595,7 +854,143 @@ class Session:
             Image.fromarray(image).save(tmp, format="PNG")
         return image
 
-    # -- embedding maps --------------------------------------------------------------------------------
+    # -- names and colours of prototypes (one authority: the cohort's annotations + the palette) -------
+    def annotations(self):
+        """The cohort's prototype names and colours (PrototypeAnnotations), read again when the file
+        changed (the labeling panel, the CLI or propagation wrote it)."""
+        from napari_slpd.labeling import PrototypeAnnotations
+
+        with self._lock:
+            if self._annotations is None:
+                self._annotations = PrototypeAnnotations.load(self.cohort, self)
+            else:
+                try:
+                    self._annotations.reload_if_changed()
+                except SlpdError as exc:
+                    log.warning("prototype names: %s", exc)
+            return self._annotations
+
+    def prototype_styles(self, slide_id: str, protos=None) -> tuple[dict[int, str], dict[int, str]]:
+        """(names, '#rrggbb' colours) of every prototype of ``slide_id``: the stored ones, the palette's
+        elsewhere, colours unique within the slide. What the layer, legend, hover, similar-slides detail
+        and export all show."""
+        from napari_slpd.labeling.palette import default_name, slide_colors
+
+        if protos is None:
+            protos = self.prototypes(slide_id, compute=False)
+        try:
+            return self.annotations().styles(slide_id, protos)
+        except SlpdError as exc:  # a damaged names file: defaults, and say why in the log
+            log.warning("prototype names of %s: %s", slide_id, exc)
+            k = int(protos.k)
+            return {i: default_name(i) for i in range(k)}, slide_colors(k)
+
+    def neighbour_styles(self, query_slide: str, slide_id: str, pairs, protos=None, query_protos=None):
+        """(names, colours) of a neighbour's prototypes shown next to its query: its own names, the colour
+        of the query prototype each one is matched to (``pairs`` of (query k, own l))."""
+        from napari_slpd.labeling.palette import neighbour_colors
+
+        if protos is None:
+            protos = self.prototypes(slide_id, compute=False)
+        names, _ = self.prototype_styles(slide_id, protos)
+        _, query_colors = self.prototype_styles(query_slide, query_protos)
+        return names, neighbour_colors(query_colors, pairs, int(protos.k))
+
+    def prototype_pairs(self, query_slide: str, slide_id: str) -> list[tuple[int, int, float]]:
+        """(query k, neighbour l, cosine) of the optimal matching of two slides' prototypes."""
+        from napari_slpd.similarity import match_prototypes
+
+        a = self.prototypes(query_slide, compute=False)
+        b = self.prototypes(slide_id, compute=False)
+        return [(int(p.k), int(p.l), float(p.similarity)) for p in match_prototypes(a.centroids, b.centroids)]
+
+    # -- pixel sizes and region sizes -------------------------------------------------------------------
+    def file_pixel_size(self, slide_id: str):
+        """(PixelSize the file states, (width, height)) of a slide, cached while the file is unchanged."""
+        from napari_slpd.slides.slide import open_slide
+
+        record = self.record(slide_id)
+        try:
+            stamp = record.path.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        cached = self._pixel_sizes.get(slide_id)
+        if cached is not None and cached[0] == (str(record.path), stamp):
+            return cached[1]
+        slide = open_slide(record.path)
+        try:
+            info = (slide.pixel_size, tuple(int(v) for v in slide.dimensions))
+        finally:
+            slide.close()
+        self._pixel_sizes[slide_id] = ((str(record.path), stamp), info)
+        return info
+
+    def pixel_size_text(self, slide_id: str, file_pixel_size=None) -> tuple[str, str, bool]:
+        """(short text, explanation, usable) of a slide's pixel size as a person reads it: "0.499",
+        "0.5 (set)", "unknown" or "implausible (264.58)", with the fix named in GUI words."""
+        record = self.record(slide_id)
+        fix = ("select the slide and press 'Set pixel size' below (or choose 'Unknown pixel size: objective "
+               "/ level0' in the Features panel)")
+        if record.mpp is not None:
+            text = f"{record.mpp:.4g} (set)"
+            tip = f"pixel size set in this cohort: {record.mpp:g} µm/px ({record.mpp_source or 'user'})"
+            if file_pixel_size is not None and file_pixel_size.raw is not None:
+                tip += f"; the file states {file_pixel_size.raw:g} µm/px"
+            return text, tip, True
+        if file_pixel_size is None:
+            return "…", "reading the slide's pixel size", True
+        ps = file_pixel_size
+        if ps.mpp is not None:
+            return f"{ps.mpp:.4g}", f"{ps.mpp:g} µm/px as the slide file states it ({ps.source})", True
+        if ps.source == "implausible" and ps.raw is not None:
+            return (f"implausible ({ps.raw:g})",
+                    f"the file states {ps.raw:g} µm/px, which no scanner produces (a 96-dpi default?); {fix}", False)
+        return "unknown", f"the file states no pixel size; {fix}", False
+
+    def largest_region_px(self, slide_ids: Sequence[str] | None = None, min_regions: int | None = None) -> int | None:
+        """The largest region size (patch size x a power of two, at the settings' resolution) that fits
+        ``min_regions`` (K by default) regions on each of ``slide_ids``; None when not even one patch fits
+        or a pixel size is unknown."""
+        from napari_slpd.slides.slide import resolve_pixel_size
+
+        fs = self.settings.features
+        need = int(min_regions or self.settings.prototypes.k)
+        best = None
+        for slide_id in (slide_ids if slide_ids is not None else self.slide_ids()):
+            record = self.record(slide_id)
+            try:
+                ps, (w, h) = self.file_pixel_size(slide_id)
+            except SlpdError:
+                continue
+            mpp = record.mpp if record.mpp is not None else ps.mpp
+            if mpp is None and fs.mpp_fallback != "none":
+                try:
+                    mpp = resolve_pixel_size({}, mpp=None, mpp_fallback=fs.mpp_fallback).mpp
+                except SlpdError:
+                    mpp = None
+            if mpp is None:
+                return None
+            w_t, h_t = w * mpp / fs.target_mpp, h * mpp / fs.target_mpp
+            size = None
+            r = int(fs.patch_px)
+            while (w_t // r) * (h_t // r) >= need:
+                size = r
+                r *= 2
+            if size is None:
+                return None
+            best = size if best is None else min(best, size)
+        return best
+
+    def slide_size_text(self, slide_id: str) -> str:
+        """'2220 x 2967 px at 0.499 µm/px (1.1 x 1.5 mm)' for messages about region sizes."""
+        record = self.record(slide_id)
+        ps, (w, h) = self.file_pixel_size(slide_id)
+        mpp = record.mpp if record.mpp is not None else ps.mpp
+        if mpp is None:
+            return f"{w} x {h} px (pixel size unknown)"
+        return f"{w} x {h} px at {mpp:.3g} µm/px ({w * mpp / 1000:.1f} x {h * mpp / 1000:.1f} mm)"
+
+    # -- embedding maps ---------------------------------------------------------------------------------
     def embedding_map(self, slide_ids: Sequence[str] | None = None, name: str | None = None,
                       progress: ProgressFn | None = None, cancel=None):
         """(EmbeddingMap, from_cache) of the regions of ``slide_ids`` (all slides with features)."""

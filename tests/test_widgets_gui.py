@@ -147,7 +147,7 @@ def test_open_cohort_compute_features_and_prototypes_align_with_the_slide(make_n
 
     cohort_panel.open_cohort(tmp_path, slides=[slide_path])
     assert cohort_panel.slide_ids() == ["cmu_small_region"]
-    assert cohort_panel.table.item(0, 3).text() == "–"  # no features yet
+    assert cohort_panel.table.text(0, 3) == "–"  # no features yet
     cohort_panel.table.selectRow(0)
     _click(qtbot, cohort_panel.open_slide_button)
     _wait(qtbot, cohort_panel.task_bar)
@@ -203,8 +203,8 @@ def test_open_cohort_compute_features_and_prototypes_align_with_the_slide(make_n
     assert len(state.layer("selection").data) == len(state.selection.regions)
 
     # The cohort list shows the slide's new status; computing again loads from the cache.
-    qtbot.waitUntil(lambda: cohort_panel.table.item(0, 4).text() == "✓", timeout=10_000)
-    assert cohort_panel.table.item(0, 3).text() == "✓"
+    qtbot.waitUntil(lambda: cohort_panel.table.text(0, 4) == "✓", timeout=10_000)
+    assert cohort_panel.table.text(0, 3) == "✓"
     _click(qtbot, features.cohort_button)
     assert _wait(qtbot, features.task_bar) == "done"
     assert [r.status for r in features.last_results] == ["skipped"]
@@ -258,8 +258,12 @@ def test_click_a_region_lists_similar_slides_and_opens_a_neighbour(make_napari_v
     assert [r.distance for r in results] == sorted(r.distance for r in results)
     assert results[0].slide_id == "dicom-cmu-1-small-region-ybrfix"  # the same tissue, read through DICOM
     assert similar.table.rowCount() == len(results)
-    assert similar.table.item(0, 1).text() == results[0].slide_id
-    assert not similar.table.item(0, 0).icon().isNull()  # thumbnail
+    assert similar.table.text(0, 1) == results[0].slide_id
+    assert similar.table.model().cell(0, 0).icon is not None  # thumbnail
+    # The title says what was ranked: the clicked region's pattern (its prototype), not the whole slide.
+    assert f"best match to '{query.names[query.prototype]}'" in similar.title.text()
+    assert f"region {region}" in similar.title.text()
+    query_colors = {k: state.prototype_color(k) for k in range(protos.k)}
     assert state.selection.regions == (region,) and state.layer("selection") is not None
     _grab(similar, screenshots / "panel-similar-slides.png")
 
@@ -277,7 +281,7 @@ def test_click_a_region_lists_similar_slides_and_opens_a_neighbour(make_napari_v
     assert len(state.layer("matches").data) == len(expected)
     layer = state.layer("prototypes")
     for i in expected[:3]:  # matched regions carry the colour of the query prototype they match
-        assert np.allclose(layer.colormap.map(np.array([i + 1]))[0][:3], state.prototype_color(query.prototype)[:3],
+        assert np.allclose(layer.colormap.map(np.array([i + 1]))[0][:3], query_colors[query.prototype][:3],
                            atol=1e-3)
     viewer.screenshot(str(screenshots / "similar-neighbour-viewer.png"), canvas_only=False)
 
@@ -290,7 +294,7 @@ def test_click_a_region_lists_similar_slides_and_opens_a_neighbour(make_napari_v
     hits = similar.results()
     assert hits and all(h.slide_id != "cmu_small_region" for h in hits)
     assert hits[0].slide_id == "dicom-cmu-1-small-region-ybrfix"
-    assert similar.table.horizontalHeaderItem(2).text() == "Region"
+    assert similar.table.model().headers[2] == "Region"
     similar.open_result(0)
     assert state.current_slide_id == hits[0].slide_id
     assert [int(r) for r in state.layer("matches").features["region"]] == [hits[0].region]
@@ -434,7 +438,12 @@ def test_slide_without_pixel_size_is_shown_in_pixels_with_a_warning(make_napari_
     _click(qtbot, features.current_button)
     assert _wait(qtbot, features.task_bar) == "done"
     assert [r.status for r in features.last_results] == ["error"]
-    assert any("pixel size" in m and "fallback" in m for m in _last_notifications())
+    # ... and the panel itself says why, in GUI words that name the control to use (not CLI flags).
+    assert features.task_bar.end_state == "failed" and features.task_bar.progress_bar.format() == "failed"
+    reason = features.task_bar.status.text()
+    assert "pixel size" in reason and "'Set pixel size'" in reason and "--mpp" not in reason
+    assert any("'Set pixel size'" in m for m in _last_notifications())
+    assert cohort_panel.cell_text("tcga-cr-7395-01a-01-ts1", 2) == "unknown"
     # With a pixel size set by the user, the slide is shown in micrometres and gets regions.
     cohort_panel.table.selectRow(0)
     cohort_panel.mpp_spin.setValue(0.25)  # (a 40x scan: few regions at 1 um/px keep this test fast)

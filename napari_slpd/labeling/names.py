@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from napari_slpd.errors import PrototypeError, SlpdError
-from napari_slpd.labeling.palette import color_to_rgba, default_color, default_name, normalize_color  # noqa: F401
+from napari_slpd.labeling.palette import color_to_rgba, default_color, default_name, normalize_color, slide_colors  # noqa: F401
 from napari_slpd.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,8 @@ class PrototypeAnnotations:
         except StaleAnnotationsError:
             labels = {}
         names = {i: labels[i].name if i in labels else default_name(i) for i in range(k)}
-        colors = {i: labels[i].color if i in labels else default_color(i) for i in range(k)}
+        # Stored colours where given, palette colours elsewhere, never two alike on one slide.
+        colors = slide_colors(k, {i: labels[i].color for i in labels if i < k})
         return names, colors
 
     def class_styles(self, slide_id: str, protos=None) -> dict:

@@ -74,3 +74,52 @@ def color_to_rgba(color: str) -> tuple[float, float, float, float]:
 def default_prototype_rgba(k: int) -> tuple[float, float, float, float]:
     """:func:`default_color` as napari's RGBA floats."""
     return color_to_rgba(default_color(k))
+
+
+def slide_colors(k: int, stored: dict[int, str] | None = None) -> dict[int, str]:
+    """The colour of each of a slide's ``k`` prototypes: its stored colour where one was given, else the
+    default palette, so that no two prototypes of a slide share a colour (a default, or a later stored
+    colour, already taken moves on to the next free palette colour)."""
+    stored = stored or {}
+    out: dict[int, str] = {}
+    used: set[str] = set()
+    for i in sorted(j for j in stored if 0 <= j < int(k)):  # a person's choice first
+        color = normalize_color(stored[i])
+        if color not in used:
+            out[i] = color
+            used.add(color)
+    spare = _free_colors(used)
+    for i in range(int(k)):
+        if i in out:
+            continue
+        color = default_color(i)
+        if color in used:
+            color = next(c for c in spare if c not in used)
+        out[i] = color
+        used.add(color)
+    return dict(sorted(out.items()))
+
+
+def neighbour_colors(query_colors: dict[int, str], pairs, k: int) -> dict[int, str]:
+    """Colours of a neighbour slide's ``k`` prototypes next to its query: a prototype matched to query
+    prototype q (``pairs`` of (q, own)) takes q's colour; the others take palette colours that no query
+    prototype uses (so a colour always means one matched pair)."""
+    matched = {int(l): int(q) for q, l in pairs}
+    out: dict[int, str] = {}
+    used = {normalize_color(c) for c in query_colors.values()}
+    spare = _free_colors(used)
+    for i in range(int(k)):
+        if i in matched and matched[i] in query_colors:
+            out[i] = normalize_color(query_colors[matched[i]])
+        else:
+            out[i] = next(c for c in spare if c not in used)
+            used.add(out[i])
+    return out
+
+
+def _free_colors(used: set[str]):
+    """Palette colours in order, forever (callers skip those in ``used``)."""
+    i = 0
+    while True:
+        yield default_color(i)
+        i += 1

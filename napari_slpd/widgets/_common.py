@@ -14,8 +14,20 @@ import logging
 import threading
 from typing import Any, Callable
 
-from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QDockWidget,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_slpd.errors import SlpdError
 
@@ -227,8 +239,26 @@ class Task:
         self._call(self.on_finished)
 
 
+# How a finished task's bar reads (the bar's text) and whether it ends full. Set from the outcome, never
+# from the last progress report: a task whose slides were all cached ends full and says "cached", one
+# that failed says "failed" (the reason is in the status line below), a cancelled one "cancelled".
+END_STATES = {
+    "done": ("done", True),
+    "cached": ("cached", True),
+    "partial": ("done", True),  # finished, some items failed: the text says how many
+    "failed": ("failed", False),
+    "error": ("failed", False),
+    "cancelled": ("cancelled", False),
+}
+
+
 class TaskBar(QWidget):
-    """A panel's progress bar, status line and Cancel button; runs one :class:`Task` at a time."""
+    """A panel's progress bar, status line and Cancel button; runs one :class:`Task` at a time.
+
+    The end state comes from the outcome: ``on_result`` handlers call :meth:`finish` with "done",
+    "cached", "partial" (some items failed) or "failed" and the text for the status line; a task that
+    raised ends "failed" with its message, a cancelled one "cancelled".
+    """
 
     task_finished = Signal(str)  # the outcome: "done", "cancelled" or "error"
 
@@ -254,6 +284,8 @@ class TaskBar(QWidget):
         layout.addLayout(row)
         layout.addWidget(self.status)
         self.task: Task | None = None
+        self.end_state: str | None = None  # "done" | "cached" | "partial" | "failed" | "cancelled", once finished
+        self._final: tuple[str, str | None, str | None] | None = None
         # A panel closed while its task runs: stop the work (finished files stay, nothing half-written).
         self.destroyed.connect(lambda *_args, bar=self: bar.task.cancel() if bar.task is not None else None)
 
@@ -294,6 +326,9 @@ class TaskBar(QWidget):
             on_progress=self._progress,
         )
         self.task = task
+        self.end_state = None
+        self._final = None
+        self.progress_bar.setFormat("%v / %m")
         self.progress_bar.setRange(0, 0)  # busy until the first progress report gives a total
         self.cancel_button.setEnabled(True)
         self.status.setText(f"{description}…")
@@ -306,7 +341,19 @@ class TaskBar(QWidget):
             self.cancel_button.setEnabled(False)
             self.status.setText(f"{self.task.description}: cancelling…")
 
+    def finish(self, state: str, status: str | None = None, label: str | None = None) -> None:
+        """Say how the running task ended (from its ``on_result``): ``state`` "done", "cached", "partial"
+        or "failed"; ``status`` the line shown below the bar (e.g. the failure reasons); ``label`` the
+        bar's own text (default: the state's word)."""
+        if state not in END_STATES:
+            raise ValueError(f"unknown end state {state!r}")
+        self._final = (state, status, label)
+        if status is not None:
+            self.status.setText(status)
+
     def _progress(self, done: int, total: int) -> None:
+        if not self.busy:
+            return  # a report queued behind the end: the end state stays
         if total > 0:
             self.progress_bar.setRange(0, total)
             self.progress_bar.setValue(min(done, total))
@@ -315,11 +362,19 @@ class TaskBar(QWidget):
     def _finished(self) -> None:
         task = self.task
         self.cancel_button.setEnabled(False)
+        if task.outcome == "cancelled":
+            state, label = "cancelled", None
+        elif task.outcome == "error":
+            state, label = "failed", None
+        else:
+            state, _status, label = self._final or ("done", None, None)
+        word, full = END_STATES[state]
+        self.end_state = state
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1 if task.outcome == "done" else 0)
-        self.progress_bar.setFormat("done" if task.outcome == "done" else (task.outcome or ""))
-        if task.outcome == "done" and self.status.text().endswith("…"):
-            self.status.setText(f"{task.description}: done")
+        self.progress_bar.setValue(1 if full else 0)
+        self.progress_bar.setFormat(label or word)
+        if state in ("done", "cached") and self.status.text().endswith("…"):
+            self.status.setText(f"{task.description}: {word}")
         self.task_finished.emit(task.outcome or "done")
 
 
@@ -327,3 +382,264 @@ def wait_for(task_bar: TaskBar, qtbot, timeout_ms: int = 60_000) -> str:
     """Test helper: block (processing Qt events) until ``task_bar``'s task has finished; its outcome."""
     qtbot.waitUntil(lambda: task_bar.task is not None and not task_bar.busy, timeout=timeout_ms)
     return task_bar.task.outcome
+
+
+# -- panels that fit a 1,080-px screen in any combination ----------------------------------------------
+# Each panel's contents sit in a scroll area (the dock's minimum height is then small: it scrolls instead
+# of pushing napari's window past the screen), its tables keep room for MIN_TABLE_ROWS rows inside the
+# scroll area, and the first time a panel is shown docked it joins the other SLPD docks of its dock
+# area as a tab (as napari's layer controls and layer list share their side), so docking every panel
+# from the Plugins menu gives one tabbed dock, not a stack taller than the screen.
+
+PANEL_MIN_HEIGHT = 120
+MIN_TABLE_ROWS = 5
+COMFORT_HEIGHT = 460  # below this per stacked dock, a newly docked panel joins a tab instead
+SLPD_OBJECT_PREFIX = "slpd-"
+
+
+def panel_layout(panel: QWidget) -> QVBoxLayout:
+    """The layout a panel fills: inside a frameless, vertically scrolling area that is the panel's only
+    child. Returns the inner layout (use it as ``QVBoxLayout(panel)`` would have been used)."""
+    outer = QVBoxLayout(panel)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = QScrollArea(panel)
+    scroll.setObjectName(f"{panel.objectName() or 'slpd'}-scroll")
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    inner = QWidget()
+    inner.setObjectName(f"{panel.objectName() or 'slpd'}-contents")
+    scroll.setWidget(inner)
+    outer.addWidget(scroll)
+    panel.scroll_area = scroll
+    panel.setMinimumHeight(PANEL_MIN_HEIGHT)
+    return QVBoxLayout(inner)
+
+
+def table_min_height(table: QAbstractItemView, rows: int = MIN_TABLE_ROWS, row_height: int | None = None) -> int:
+    """Height that shows the header and ``rows`` rows of ``table``."""
+    vh = table.verticalHeader()
+    hh = table.horizontalHeader()
+    per_row = row_height or vh.defaultSectionSize()
+    header = hh.sizeHint().height() if hh is not None and not hh.isHidden() else 0
+    return int(header + rows * per_row + 2 * table.frameWidth() + 2)
+
+
+def keep_rows_visible(table: QAbstractItemView, rows: int = MIN_TABLE_ROWS, row_height: int | None = None) -> None:
+    """Never squeeze ``table`` below ``rows`` rows (the panel scrolls instead)."""
+    table.setMinimumHeight(table_min_height(table, rows, row_height))
+
+
+def visible_rows(table: QAbstractItemView) -> int:
+    """How many whole rows the table's viewport has room for (for tests and layout checks)."""
+    per_row = max(1, table.verticalHeader().defaultSectionSize())
+    return int(table.viewport().height() // per_row)
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def tabify_with_siblings(panel: QWidget, comfort_height: int | None = None) -> bool:
+    """Put ``panel``'s dock into a tab of the last SLPD dock of its dock area when stacking it there would
+    leave each stacked dock less than ``comfort_height`` px (room for a table of MIN_TABLE_ROWS rows and
+    the controls around it). Public Qt API only: the dock is found through the widget's parents, the
+    main window through the dock's. True if it was tabbed."""
+    comfort_height = COMFORT_HEIGHT if comfort_height is None else comfort_height
+    dock = _dock_of(panel)
+    if dock is None or dock.isFloating():
+        return False
+    main = dock.parentWidget()
+    if not isinstance(main, QMainWindow):
+        return False
+    area = main.dockWidgetArea(dock)
+    in_area = [d for d in main.findChildren(QDockWidget)
+               if not d.isFloating() and not d.isHidden() and main.dockWidgetArea(d) == area]
+    groups = {frozenset([d, *main.tabifiedDockWidgets(d)]) for d in in_area}
+    siblings = [d for d in in_area if d is not dock and d.widget() is not None
+                and d.widget().objectName().startswith(SLPD_OBJECT_PREFIX)
+                and dock not in main.tabifiedDockWidgets(d)]
+    if not siblings:
+        return False
+    central = main.centralWidget()
+    height = central.height() if central is not None else main.height()
+    if len(groups) > 1 and height / len(groups) >= comfort_height:
+        return False  # room to show it stacked
+    main.tabifyDockWidget(siblings[-1], dock)
+    dock.show()
+    dock.raise_()
+    return True
+
+
+class DockedPanel:
+    """Mixin for SLPD panels (QWidget subclasses whose objectName starts with "slpd-"): on first show in
+    a dock, join the other SLPD docks as a tab."""
+
+    _slpd_tabified = False
+
+    def showEvent(self, event):  # noqa: N802 (Qt name)
+        super().showEvent(event)
+        if not self._slpd_tabified:
+            self._slpd_tabified = True
+            # After napari finished adding the dock (it resizes its area right after showing it).
+            QTimer.singleShot(0, lambda panel=self: _tabify_quietly(panel))
+
+
+def _tabify_quietly(panel) -> None:
+    try:
+        tabify_with_siblings(panel)
+    except RuntimeError:  # the panel was closed at once
+        pass
+
+
+# -- tables: model/view, elided names with the full text in a tooltip, stretch columns -----------------
+
+
+class Cell:
+    """One table cell: text (elided by the view when too long; the tooltip then carries it whole),
+    tooltip, icon, alignment, sort/user data, text colour."""
+
+    __slots__ = ("text", "tooltip", "icon", "align", "data", "color", "background", "bold")
+
+    def __init__(self, text: str = "", tooltip: str | None = None, icon=None, align=None, data=None,
+                 color: str | None = None, background: str | None = None, bold: bool = False):
+        self.bold = bold
+        self.text = str(text)
+        self.tooltip = tooltip
+        self.icon = icon
+        self.align = align
+        self.data = data
+        self.color = color
+        self.background = background
+
+
+def make_row_model(headers: list[str], parent=None):
+    from qtpy.QtCore import QAbstractTableModel, QModelIndex
+    from qtpy.QtGui import QBrush, QColor
+
+    class _Model(QAbstractTableModel):
+        def __init__(self):
+            super().__init__(parent)
+            self.headers = list(headers)
+            self.rows: list[list[Cell]] = []
+
+        def rowCount(self, index=QModelIndex()):  # noqa: N802
+            return 0 if index.isValid() else len(self.rows)
+
+        def columnCount(self, index=QModelIndex()):  # noqa: N802
+            return 0 if index.isValid() else len(self.headers)
+
+        def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):  # noqa: N802
+            if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+                return self.headers[section] if 0 <= section < len(self.headers) else None
+            return None
+
+        def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+            if not index.isValid() or index.row() >= len(self.rows):
+                return None
+            row = self.rows[index.row()]
+            if index.column() >= len(row):
+                return None
+            cell = row[index.column()]
+            if role == Qt.ItemDataRole.DisplayRole:
+                return cell.text
+            if role == Qt.ItemDataRole.ToolTipRole:
+                return cell.tooltip if cell.tooltip is not None else (cell.text or None)
+            if role == Qt.ItemDataRole.DecorationRole:
+                return cell.icon
+            if role == Qt.ItemDataRole.TextAlignmentRole and cell.align is not None:
+                return int(cell.align)
+            if role == Qt.ItemDataRole.UserRole:
+                return cell.data
+            if role == Qt.ItemDataRole.ForegroundRole and cell.color:
+                return QBrush(QColor(cell.color))
+            if role == Qt.ItemDataRole.BackgroundRole and cell.background:
+                return QBrush(QColor(cell.background))
+            if role == Qt.ItemDataRole.FontRole and cell.bold:
+                from qtpy.QtGui import QFont
+
+                font = QFont()
+                font.setBold(True)
+                return font
+            return None
+
+        def set_headers(self, new_headers: list[str]) -> None:
+            self.beginResetModel()
+            self.headers = list(new_headers)
+            self.endResetModel()
+
+        def set_rows(self, rows: list[list[Cell]]) -> None:
+            self.beginResetModel()
+            self.rows = [list(r) for r in rows]
+            self.endResetModel()
+
+        def update_cell(self, row: int, column: int, **changes) -> None:
+            cell = self.rows[row][column]
+            for key, value in changes.items():
+                setattr(cell, key, value)
+            index = self.index(row, column)
+            self.dataChanged.emit(index, index)
+
+        def cell(self, row: int, column: int) -> Cell:
+            return self.rows[row][column]
+
+    return _Model()
+
+
+def make_table(headers: list[str], stretch: int, fit: tuple[int, ...] = (), icon_px: int | None = None,
+               row_px: int | None = None, elide=Qt.TextElideMode.ElideMiddle):
+    """A read-only, row-selecting table view over a :func:`make_row_model` model: column ``stretch``
+    takes the free width, the ``fit`` columns their contents' width, long texts are elided in the middle
+    (slide names keep their distinctive ends) with the whole text in the tooltip."""
+    from qtpy.QtCore import QSize
+    from qtpy.QtWidgets import QHeaderView, QTableView
+
+    class _Table(QTableView):
+        cellDoubleClicked = Signal(int, int)  # row, column (as QTableWidget's)
+
+        def __init__(self):
+            super().__init__()
+            self.doubleClicked.connect(lambda index: self.cellDoubleClicked.emit(index.row(), index.column()))
+
+        def rowCount(self) -> int:  # noqa: N802 (QTableWidget's name)
+            return self.model().rowCount()
+
+        def text(self, row: int, column: int) -> str:
+            return self.model().cell(row, column).text
+
+        def tooltip(self, row: int, column: int) -> str:
+            return self.model().data(self.model().index(row, column), Qt.ItemDataRole.ToolTipRole) or ""
+
+        def currentRow(self) -> int:  # noqa: N802
+            index = self.currentIndex()
+            return index.row() if index.isValid() else -1
+
+    table = _Table()
+    model = make_row_model(headers, table)
+    table.setModel(model)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.setTextElideMode(elide)
+    table.setWordWrap(False)
+    table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    table.verticalHeader().setVisible(False)
+    if icon_px:
+        table.setIconSize(QSize(icon_px, icon_px))
+    if row_px:
+        table.verticalHeader().setDefaultSectionSize(row_px)
+        table.verticalHeader().setMinimumSectionSize(min(row_px, 18))
+    header = table.horizontalHeader()
+    header.setMinimumSectionSize(24)
+    header.setStretchLastSection(False)
+    for column in range(len(headers)):
+        if column == stretch:
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Stretch)
+        elif column in fit:
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        else:
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+    return table

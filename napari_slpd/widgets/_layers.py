@@ -203,17 +203,41 @@ def show_region_grid(state: SlpdState):
 # -- prototypes ----------------------------------------------------------------------------------------
 
 
-def prototype_colors_for(state: SlpdState, k: int, color_of: dict[int, int] | None = None) -> list[tuple]:
-    """RGBA of each of ``k`` prototypes; ``color_of`` maps a prototype to the colour index of another
-    (to colour a neighbour slide's prototypes like the query's prototypes they were matched to)."""
-    colors = []
-    for p in range(k):
-        colors.append(state.prototype_color(color_of.get(p, p) if color_of else p))
-    return colors
+def apply_cohort_style(state: SlpdState, slide_id: str, protos, color_of: dict[int, int] | None = None,
+                       query_slide: str | None = None) -> None:
+    """Put the cohort's names and colours of ``slide_id``'s prototypes into the state (no signal).
+
+    ``color_of`` maps this slide's prototype to the query prototype it was matched to (a neighbour opened
+    from a query): it then takes that query prototype's colour (``query_slide``'s stored colour)."""
+    from napari_slpd.labeling.palette import default_name, neighbour_colors, slide_colors
+
+    k = int(np.asarray(protos.centroids).shape[0])
+    session = state.session
+    names, colors = {i: default_name(i) for i in range(k)}, slide_colors(k)
+    if session is not None:
+        try:
+            if color_of and query_slide:
+                names, colors = session.neighbour_styles(query_slide, slide_id,
+                                                         [(q, l) for l, q in color_of.items()], protos=protos)
+            else:
+                names, colors = session.prototype_styles(slide_id, protos)
+        except Exception as exc:  # names are decoration: the map is drawn with the palette then
+            log.warning("prototype names of %s: %s", slide_id, exc)
+    if color_of and not (session is not None and query_slide):
+        colors = neighbour_colors(slide_colors(max([k, *[q + 1 for q in color_of.values()]])),
+                                  [(q, l) for l, q in color_of.items()], k)
+    state.set_prototype_style(names=names, colors=colors, emit=False)
 
 
-def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = None, opacity: float = 0.45):
-    """The prototype assignment of the current slide as a Labels layer aligned with the slide.
+def prototype_colors_for(state: SlpdState, k: int) -> list[tuple]:
+    """RGBA of each of the current slide's ``k`` prototypes (as set by :func:`apply_cohort_style`)."""
+    return [state.prototype_color(p) for p in range(k)]
+
+
+def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = None, opacity: float = 0.45,
+                    query_slide: str | None = None):
+    """The prototype assignment of the current slide as a Labels layer aligned with the slide, drawn
+    with the cohort's names and colours of its prototypes (see :func:`apply_cohort_style`).
 
     ``protos`` has ``assignments`` [M], ``similarity`` [M] (cosine to the own prototype) and ``sizes``.
     """
@@ -235,7 +259,10 @@ def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = 
     raster, origin, step = regions.region_raster()
     scale, translate = opened.geometry.raster_transform(origin, step)
     k = int(np.asarray(protos.centroids).shape[0])
-    colors = prototype_colors_for(state, k, color_of)
+    if query_slide is None and color_of:
+        query_slide = opened.extras.get("query_slide")
+    apply_cohort_style(state, opened.slide_id, protos, color_of, query_slide)
+    colors = prototype_colors_for(state, k)
     similarity = np.asarray(getattr(protos, "similarity", np.full(len(regions), np.nan)), dtype=np.float64)
     color_dict = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
     for i, p in enumerate(assignments):
@@ -263,6 +290,7 @@ def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = 
     )
     opened.extras["prototypes"] = protos
     opened.extras["color_of"] = dict(color_of or {})
+    opened.extras["query_slide"] = query_slide if color_of else None
     if viewer is None:
         return None
     before = viewer.layers.selection.active
@@ -281,7 +309,8 @@ def recolor_prototypes(state: SlpdState) -> None:
     opened = state.current
     if opened is None or "prototypes" not in opened.extras:
         return
-    show_prototypes(state, opened.extras["prototypes"], opened.extras.get("color_of"))
+    show_prototypes(state, opened.extras["prototypes"], opened.extras.get("color_of"),
+                    query_slide=opened.extras.get("query_slide"))
 
 
 def _keep_on_top(state: SlpdState, roles: Sequence[str]) -> None:

@@ -1,4 +1,9 @@
-"""Cohort panel: choose a cohort folder, list its slides with thumbnails and status, open one."""
+"""Cohort panel: choose a cohort folder, list its slides with thumbnails, pixel size and status, open one.
+
+The cohort folder owns its settings (``cohort.json`` "settings"): opening it loads them into every panel
+(see :meth:`SlpdState.set_session`). Thumbnails and the pixel size each file states are read in a
+background worker as slides are listed or added, so the list appears at once and fills in.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,29 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import (
+    Cell,
+    DockedPanel,
+    TaskBar,
+    guarded,
+    keep_rows_visible,
+    make_table,
+    panel_layout,
+    show_info,
+    show_warning,
+)
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -37,7 +47,14 @@ STATUS_TEXT = {
     "damaged": "damaged",
     "stale": "stale",
 }
+STATUS_TIPS = {
+    "missing": "not computed yet",
+    "partial": "an unfinished computation; computing again resumes it",
+    "stale": "computed for other settings (K, or other features); computing again replaces them",
+}
 COLUMNS = ("", "Slide", "µm/px", "Features", "Protos")
+COL_THUMB, COL_SLIDE, COL_MPP, COL_FEATURES, COL_PROTOS = range(5)
+WARN_COLOR = "#f0a030"
 
 
 def array_to_pixmap(image: np.ndarray) -> QPixmap:
@@ -48,7 +65,7 @@ def array_to_pixmap(image: np.ndarray) -> QPixmap:
     return QPixmap.fromImage(qimage.copy())
 
 
-class CohortWidget(QWidget):
+class CohortWidget(DockedPanel, QWidget):
     """Open a cohort folder (slides + cache), see each slide's status, open a slide in the viewer."""
 
     def __init__(self, napari_viewer):
@@ -72,27 +89,19 @@ class CohortWidget(QWidget):
         self.add_button.setToolTip("Register slides from another folder; their cache goes to this cohort")
         self.add_button.clicked.connect(self._choose_slides)
         refresh = QPushButton("Refresh")
-        refresh.clicked.connect(guarded("Refresh")(self.refresh))
+        refresh.setToolTip("Read the slides' status again (and make missing thumbnails)")
+        refresh.clicked.connect(guarded("Refresh")(self._refresh_clicked))
         row2 = QHBoxLayout()
         row2.addWidget(self.add_button)
         row2.addWidget(refresh)
         row2.addStretch(1)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setIconSize(QSize(THUMB_PX, THUMB_PX))
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(THUMB_PX + 4)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Fixed)
-        self.table.setColumnWidth(0, THUMB_PX + 6)
-        for col in (2, 3, 4):
-            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.table = make_table(list(COLUMNS), stretch=COL_SLIDE, fit=(COL_MPP, COL_FEATURES, COL_PROTOS),
+                                icon_px=THUMB_PX, row_px=THUMB_PX + 4)
+        self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
+        keep_rows_visible(self.table)
         self.table.cellDoubleClicked.connect(lambda row, _col: self._open_row(row))
+        self.table.selectionModel().currentRowChanged.connect(lambda *_: self._update_pixel_note())
 
         self.open_slide_button = QPushButton("Open slide")
         self.open_slide_button.clicked.connect(lambda: self._open_row(self.table.currentRow()))
@@ -102,25 +111,39 @@ class CohortWidget(QWidget):
         self.mpp_spin.setSingleStep(0.05)
         self.mpp_spin.setValue(0.5)
         self.mpp_spin.setSuffix(" µm/px")
-        set_mpp = QPushButton("Set pixel size")
-        set_mpp.setToolTip("Record the pixel size of the selected slide (for slides whose file has none)")
-        set_mpp.clicked.connect(guarded("Set pixel size")(self._set_mpp_of_selected))
+        self.mpp_spin.setToolTip("20x is about 0.5 µm/px, 40x about 0.25")
+        self.set_mpp_button = QPushButton("Set pixel size")
+        self.set_mpp_button.setToolTip("Record this pixel size for the selected slide (for slides whose file has "
+                                       "none, or a wrong one); an open slide is redrawn in µm")
+        self.set_mpp_button.clicked.connect(guarded("Set pixel size")(self._set_mpp_of_selected))
         row3 = QHBoxLayout()
         row3.addWidget(self.open_slide_button)
         row3.addStretch(1)
         row3.addWidget(self.mpp_spin)
-        row3.addWidget(set_mpp)
+        row3.addWidget(self.set_mpp_button)
 
         self.summary = QLabel("No cohort open.")
         self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.TextFormat.PlainText)
+        self.pixel_note = QLabel("")
+        self.pixel_note.setWordWrap(True)
+        self.pixel_note.setTextFormat(Qt.TextFormat.PlainText)
+        self.pixel_note.setStyleSheet(f"color: {WARN_COLOR};")
+        self.pixel_note.setVisible(False)
         self.task_bar = TaskBar()
         self._thumb_worker = None
+        self._pending_thumbs: list[str] = []
+        self._info_tried: set[str] = set()
+        self._unusable: list[tuple[str, str]] = []
+        self.file_pixel_sizes: dict = {}  # slide_id -> PixelSize the file states
+        self.statuses: dict = {}
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)
         layout.addLayout(row)
         layout.addLayout(row2)
         layout.addWidget(self.summary)
         layout.addWidget(self.table, 1)
+        layout.addWidget(self.pixel_note)
         layout.addLayout(row3)
         layout.addWidget(self.task_bar)
 
@@ -128,6 +151,7 @@ class CohortWidget(QWidget):
         self.state.cohort_changed.connect(self._on_cohort_changed)
         self.state.features_updated.connect(self._on_cache_changed)
         self.state.prototypes_updated.connect(self._on_cache_changed)
+        self.state.settings_changed.connect(self._on_settings_changed)
         self.state.slide_opened.connect(self._on_slide_opened)
         if self.state.session is not None:
             self._on_cohort_changed(self.state.session)
@@ -145,15 +169,24 @@ class CohortWidget(QWidget):
             guarded("Add slides")(self.add_slides)(folder)
 
     def open_cohort(self, folder: str | Path, slides=None):
-        """Open (or create) the cohort folder and register the slides in it (or in ``slides``)."""
+        """Open (or create) the cohort folder and register the slides in it (or in ``slides``).
+
+        A cohort that saved its settings opens with them (every panel shows them); a new one takes the
+        panels' current settings and saves them."""
         from napari_slpd.errors import SlpdError
         from napari_slpd.session import Session
 
         if not str(folder).strip():
             raise SlpdError("choose a cohort folder first")
-        session = Session.open(folder, slides=slides, settings=self.state.settings)
+        session = Session.open(folder, slides=slides)
+        if session.saved_settings() is None:
+            session.settings = self.state.settings  # saved in the new cohort at once
         self.folder_edit.setText(str(session.root))
         self.state.set_session(session)
+        for problem in session.settings_problems[:3]:
+            show_warning(f"cohort settings: {problem}")
+        if session.settings_save_error:
+            show_warning(session.settings_save_error)
         if not session.slide_ids():
             show_warning(
                 f"{session.root} holds no slides yet; put slides in it or use 'Add slides…' "
@@ -161,45 +194,74 @@ class CohortWidget(QWidget):
             )
         return session
 
-    def add_slides(self, folder_or_paths) -> None:
+    def add_slides(self, folder_or_paths) -> list[str]:
+        """Register slides (a folder or paths); only slides new to the cohort are counted. Their
+        thumbnails and pixel sizes are read in the background. Returns the new slide ids."""
         from napari_slpd.slides.ids import find_slides
 
         session = self.state.require_session()
+        before = set(session.slide_ids())
         paths = find_slides(folder_or_paths) if isinstance(folder_or_paths, (str, Path)) else folder_or_paths
         added, problems = session.add_slides(paths)
+        new = [r.slide_id for r in added if r.slide_id not in before]
+        again = len(added) - len(new)
         for problem in problems[:5]:
             show_warning(problem)
-        show_info(f"added {len(added)} slide(s) to the cohort")
+        message = f"added {len(new)} new slide(s) to the cohort"
+        if again:
+            message += f" ({again} already in it)"
+        if problems:
+            message += f"; {len(problems)} file(s) are not slides"
+        show_info(message)
+        self.task_bar.status.setText(message)
         self.refresh()
+        return new
 
     def _set_mpp_of_selected(self) -> None:
         slide_id = self.selected_slide_id()
         if slide_id is None:
             show_warning("select a slide in the list first")
             return
-        self.state.require_session().set_slide_mpp(slide_id, self.mpp_spin.value())
-        show_info(f"{slide_id}: pixel size set to {self.mpp_spin.value():g} µm/px")
+        self.set_pixel_size(slide_id, self.mpp_spin.value())
+
+    def set_pixel_size(self, slide_id: str, mpp: float) -> None:
+        """Record ``mpp`` for ``slide_id``; when it is the open slide, draw it again in micrometres."""
+        self.state.require_session().set_slide_mpp(slide_id, mpp)
+        message = f"{slide_id}: pixel size set to {mpp:g} µm/px"
+        self.refresh()
+        if self.state.current_slide_id == slide_id:
+            self.open_slide(slide_id)  # every layer of the slide moves to the µm frame
+            message += "; the open slide is redrawn in µm"
+        show_info(message)
+        self.task_bar.status.setText(message)
+
+    def _refresh_clicked(self) -> None:
+        self._info_tried.clear()  # try unreadable thumbnails again
         self.refresh()
 
     def _on_cohort_changed(self, session) -> None:
-        self.table.setRowCount(0)
+        self.table.model().set_rows([])
+        self.file_pixel_sizes = {}
+        self._info_tried.clear()
         if session is None:
             self.summary.setText("No cohort open.")
             return
         self.folder_edit.setText(str(session.root))
         self.refresh()
-        self._load_thumbnails()
 
     def _on_cache_changed(self, _slide_id: str) -> None:
         if self.state.session is not None:
             self.refresh()
 
+    def _on_settings_changed(self, _settings) -> None:
+        # Other region sizes or encoders change every slide's status ("other" settings).
+        if self.state.session is not None:
+            self.refresh()
+
     def _on_slide_opened(self, slide_id: str) -> None:
-        for row in range(self.table.rowCount()):
-            item = self.table.item(row, 1)
-            font = item.font()
-            font.setBold(item.text() == slide_id)
-            item.setFont(font)
+        model = self.table.model()
+        for row in range(model.rowCount()):
+            model.update_cell(row, COL_SLIDE, bold=model.cell(row, COL_SLIDE).data == slide_id)
 
     # -- the list --------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -209,92 +271,154 @@ class CohortWidget(QWidget):
             return
         selected = self.selected_slide_id()
         statuses = session.statuses()
-        icons = {}
-        for row in range(self.table.rowCount()):
-            item = self.table.item(row, 0)
-            if item is not None and not item.icon().isNull():
-                icons[self.table.item(row, 1).text()] = item.icon()
-        self.table.setRowCount(len(statuses))
+        model = self.table.model()
+        icons = {model.cell(r, COL_SLIDE).data: model.cell(r, COL_THUMB).icon for r in range(model.rowCount())}
+        rows = []
         n_feat = n_proto = 0
-        for row, st in enumerate(statuses):
-            thumb = QTableWidgetItem()
-            if st.slide_id in icons:
-                thumb.setIcon(icons[st.slide_id])
-            self.table.setItem(row, 0, thumb)
-            name = QTableWidgetItem(st.slide_id)
-            name.setToolTip(str(st.path) + ("" if st.exists else "  (file missing)"))
-            name.setData(Qt.ItemDataRole.UserRole, st.slide_id)
-            self.table.setItem(row, 1, name)
-            mpp_item = QTableWidgetItem(f"{st.mpp:.3g}" if st.mpp is not None else "file")
-            mpp_item.setToolTip(
-                f"pixel size set to {st.mpp:g} um/px ({st.mpp_source or 'user'})" if st.mpp is not None
-                else "pixel size as the slide file states it"
-            )
-            self.table.setItem(row, 2, mpp_item)
-            feat = QTableWidgetItem(STATUS_TEXT.get(st.features, st.features))
-            feat.setToolTip(st.detail or st.features)
-            feat.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-            self.table.setItem(row, 3, feat)
-            proto = QTableWidgetItem(STATUS_TEXT.get(st.prototypes, st.prototypes))
-            proto.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-            self.table.setItem(row, 4, proto)
+        unusable = []
+        for st in statuses:
+            name = Cell(st.slide_id, tooltip=str(st.path) + ("" if st.exists else "  (file missing)"),
+                        data=st.slide_id, color=None if st.exists else WARN_COLOR)
+            mpp_text, mpp_tip, usable = session.pixel_size_text(st.slide_id, self.file_pixel_sizes.get(st.slide_id))
+            if not usable:
+                unusable.append((st.slide_id, mpp_text))
+            mpp = Cell(mpp_text, tooltip=mpp_tip, color=None if usable else WARN_COLOR)
+            feat_tip = st.detail or STATUS_TIPS.get(st.features, st.features)
+            if st.features == "done" and st.n_regions == 0:
+                feat_tip = "no region fits this slide with the current region size (see the Features panel)"
+            feat = Cell(STATUS_TEXT.get(st.features, st.features) + ("  0 regions" if st.n_regions == 0 else ""),
+                        tooltip=feat_tip, align=Qt.AlignmentFlag.AlignCenter,
+                        color=WARN_COLOR if st.features in ("other-settings", "damaged") or st.n_regions == 0 else None)
+            proto = Cell(STATUS_TEXT.get(st.prototypes, st.prototypes), tooltip=STATUS_TIPS.get(st.prototypes, ""),
+                         align=Qt.AlignmentFlag.AlignCenter)
+            rows.append([Cell("", icon=icons.get(st.slide_id)), name, mpp, feat, proto])
             n_feat += st.features_done
             n_proto += st.prototypes_done
+        model.set_rows(rows)
+        for row, st in enumerate(statuses):
             if st.slide_id == selected:
                 self.table.selectRow(row)
         self.statuses = {st.slide_id: st for st in statuses}
-        self.summary.setText(
-            f"{session.root}\n{len(statuses)} slides · features {n_feat}/{len(statuses)} · "
-            f"prototypes {n_proto}/{len(statuses)} (K={self.state.settings.prototypes.k})"
-        )
+        fs, k = self.state.settings.features, self.state.settings.prototypes.k
+        weights = "random-init encoders" if fs.random_init else "checkpoint encoders"
+        text = (f"{session.root}\n{len(statuses)} slides · features {n_feat}/{len(statuses)} · "
+                f"prototypes {n_proto}/{len(statuses)}\nsettings (saved in the cohort): {fs.region_px}-px regions "
+                f"of {fs.patch_px}-px patches at {fs.target_mpp:g} µm/px, {weights}, K={k}")
+        if session.settings_save_error:
+            text += "\n⚠ " + session.settings_save_error
+        self.summary.setText(text)
+        self._unusable = unusable
+        self._update_pixel_note()
         if self.state.current_slide_id:
             self._on_slide_opened(self.state.current_slide_id)
+        missing = [st.slide_id for st in statuses if icons.get(st.slide_id) is None and st.slide_id not in self._info_tried]
+        if missing:
+            self._load_slide_info(missing)
+
+    def _update_pixel_note(self) -> None:
+        unusable = self._unusable
+        if not unusable:
+            self.pixel_note.setVisible(False)
+            return
+        selected = self.selected_slide_id()
+        chosen = next((u for u in unusable if u[0] == selected), None)
+        if chosen is not None:
+            text = (f"⚠ {chosen[0]}: pixel size {chosen[1]}. Its regions cannot be placed: enter the pixel size "
+                    "(e.g. 0.25 for 40x, 0.5 for 20x) and press 'Set pixel size' below.")
+        else:
+            names = ", ".join(f"{sid} ({what})" for sid, what in unusable[:3]) + ("…" if len(unusable) > 3 else "")
+            text = (f"⚠ {len(unusable)} slide(s) without a usable pixel size: {names}. Select one and press "
+                    "'Set pixel size' below.")
+        self.pixel_note.setText(text)
+        self.pixel_note.setVisible(True)
 
     def selected_slide_id(self) -> str | None:
         row = self.table.currentRow()
-        if row < 0 or self.table.item(row, 1) is None:
+        model = self.table.model()
+        if row < 0 or row >= model.rowCount():
             return None
-        return self.table.item(row, 1).text()
+        return model.cell(row, COL_SLIDE).data
+
+    def select_slide(self, slide_id: str) -> None:
+        ids = self.slide_ids()
+        if slide_id in ids:
+            self.table.selectRow(ids.index(slide_id))
 
     def slide_ids(self) -> list[str]:
-        return [self.table.item(r, 1).text() for r in range(self.table.rowCount())]
+        model = self.table.model()
+        return [model.cell(r, COL_SLIDE).data for r in range(model.rowCount())]
 
-    def _load_thumbnails(self) -> None:
-        """Make the thumbnails in a worker (cached as PNG in the cohort) and show each as it comes."""
+    def cell_text(self, slide_id: str, column: int) -> str:
+        """What the list shows for ``slide_id`` in ``column`` (COL_MPP, COL_FEATURES, ...)."""
+        return self.table.text(self.slide_ids().index(slide_id), column)
+
+    def _load_slide_info(self, slide_ids) -> None:
+        """Read thumbnails (cached as PNG in the cohort) and the pixel size each file states in a worker;
+        each row fills in as its slide is read."""
         from napari.qt.threading import create_worker
 
         session = self.state.session
         if session is None:
             return
-        slide_ids = session.slide_ids()
+        for slide_id in slide_ids:
+            self._info_tried.add(slide_id)
+            if slide_id not in self._pending_thumbs:
+                self._pending_thumbs.append(slide_id)
+        if self._thumb_worker is not None:
+            return  # the running worker takes the new ones too
+
+        pending = self._pending_thumbs
 
         def work():
-            for slide_id in slide_ids:
+            while pending:
+                slide_id = pending.pop(0)
+                info = image = None
                 try:
-                    yield slide_id, session.thumbnail(slide_id)
-                except Exception as exc:  # one unreadable slide must not stop the other thumbnails
+                    info = session.file_pixel_size(slide_id)[0]
+                    image = session.thumbnail(slide_id)
+                except Exception as exc:  # one unreadable slide must not stop the others
                     log.warning("no thumbnail for %s: %s", slide_id, exc)
+                yield slide_id, image, info
 
-        if self._thumb_worker is not None:
-            self._thumb_worker.quit()
         worker = create_worker(work, _start_thread=False)
-        worker.yielded.connect(self._set_thumbnail)
+        worker.yielded.connect(self._set_slide_info)
         self._thumb_worker = worker
-        worker.finished.connect(lambda: setattr(self, "_thumb_worker", None) if self._thumb_worker is worker else None)
+        worker.finished.connect(lambda: self._info_finished(worker))
         worker.start()
 
-    def _set_thumbnail(self, item) -> None:
-        slide_id, image = item
-        for row in range(self.table.rowCount()):
-            if self.table.item(row, 1) is not None and self.table.item(row, 1).text() == slide_id:
-                self.table.item(row, 0).setIcon(QIcon(array_to_pixmap(image)))
+    def _info_finished(self, worker) -> None:
+        if self._thumb_worker is worker:
+            self._thumb_worker = None
+            if self._pending_thumbs and self.state.session is not None:  # added while it was finishing
+                self._load_slide_info([])
+
+    def _set_slide_info(self, item) -> None:
+        slide_id, image, info = item
+        session = self.state.session
+        if info is not None:
+            self.file_pixel_sizes[slide_id] = info
+        ids = self.slide_ids()
+        if slide_id not in ids or session is None:
+            return
+        row = ids.index(slide_id)
+        model = self.table.model()
+        if image is not None:
+            model.update_cell(row, COL_THUMB, icon=QIcon(array_to_pixmap(image)))
+        if info is not None:
+            text, tip, usable = session.pixel_size_text(slide_id, info)
+            model.update_cell(row, COL_MPP, text=text, tooltip=tip, color=None if usable else WARN_COLOR)
+            self._unusable = [u for u in self._unusable if u[0] != slide_id]
+            if not usable:
+                self._unusable.append((slide_id, text))
+            self._update_pixel_note()
 
     # -- opening a slide -------------------------------------------------------------------------------
     def _open_row(self, row: int) -> None:
-        if row < 0 or self.table.item(row, 1) is None:
+        model = self.table.model()
+        if row < 0 or row >= model.rowCount():
             show_warning("select a slide in the list first")
             return
-        guarded("Open slide")(self.open_slide)(self.table.item(row, 1).text())
+        guarded("Open slide")(self.open_slide)(model.cell(row, COL_SLIDE).data)
 
     def open_slide(self, slide_id: str, detect_tissue: bool = True):
         """Show ``slide_id`` (image, regions, prototypes when cached); the tissue mask follows from a worker."""

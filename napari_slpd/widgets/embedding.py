@@ -13,9 +13,9 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from matplotlib.path import Path as MplPath
 from matplotlib.widgets import LassoSelector, RectangleSelector
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
 
-from napari_slpd.widgets._common import TaskBar, guarded
+from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 SCOPE_SLIDE = "Current slide"
@@ -23,7 +23,7 @@ SCOPE_COHORT = "Whole cohort"
 OTHER_SLIDE_COLOR = (0.6, 0.6, 0.6, 0.35)
 
 
-class EmbeddingMapWidget(QWidget):
+class EmbeddingMapWidget(DockedPanel, QWidget):
     """2-D map of the region embeddings of the current slide (or the cohort)."""
 
     def __init__(self, napari_viewer):
@@ -49,14 +49,14 @@ class EmbeddingMapWidget(QWidget):
 
         self.figure = Figure(figsize=(4, 4), dpi=100, facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(260)
+        self.canvas.setMinimumHeight(240)
         self.ax = self.figure.add_subplot(111)
         self._style_axes()
         self.info = QLabel("Open a slide with features, then compute the map.")
         self.info.setWordWrap(True)
         self.task_bar = TaskBar()
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)
         layout.addLayout(row)
         layout.addWidget(self.canvas, 1)
         layout.addWidget(self.info)
@@ -116,11 +116,10 @@ class EmbeddingMapWidget(QWidget):
         colors = np.tile(np.asarray(OTHER_SLIDE_COLOR, np.float64), (len(emap), 1))
         opened = self.state.current
         protos = opened.extras.get("prototypes") if opened is not None else None
-        color_of = opened.extras.get("color_of") or {} if opened is not None else {}
         if opened is not None and len(self.rows):
             if protos is not None and len(np.asarray(protos.assignments)) == int(emap.region_index[self.rows].max()) + 1:
                 assignments = np.asarray(protos.assignments)[emap.region_index[self.rows]]
-                palette = {int(k): self.state.prototype_color(color_of.get(int(k), int(k))) for k in np.unique(assignments)}
+                palette = {int(k): self.state.prototype_color(int(k)) for k in np.unique(assignments)}
                 colors[self.rows] = [palette[int(k)] for k in assignments]
             else:
                 colors[self.rows] = (0.9, 0.9, 0.9, 0.9)
@@ -186,6 +185,7 @@ class EmbeddingMapWidget(QWidget):
             self.highlighted = emap.rows_of(slide_id, self.state.selection.regions)
         self.redraw()
         how = "from the cache" if cached else "computed"
+        self.task_bar.finish("cached" if cached else "done")
         self.info.setText(f"{emap.method.upper()} map {how}: {len(emap)} regions. Draw around points to select their regions.")
 
     def _on_slide_opened(self, slide_id: str) -> None:

@@ -7,8 +7,10 @@ same settings are skipped at once; a cancelled slide keeps its finished chunks i
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,13 +21,16 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QMessageBox,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, panel_layout, show_info, show_warning
 from napari_slpd.widgets.state import SlpdState
+
+log = logging.getLogger(__name__)
 
 PATCH_ENCODERS = ("hipt_vit256", "timm:vit_large_patch16_224", "open_clip:ViT-B-16")
 REGION_ENCODERS = ("hipt_vit4k", "mean")
@@ -55,7 +60,21 @@ def _path_row(edit: QLineEdit, title: str, parent: QWidget) -> QHBoxLayout:
     return row
 
 
-class FeaturesWidget(QWidget):
+def confirm_dialog(parent: QWidget, title: str, text: str, yes: str) -> bool:
+    """A question whose default answer is No; True when the person chose ``yes``."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle(title)
+    box.setText(text)
+    box.setTextFormat(Qt.TextFormat.PlainText)
+    accept = box.addButton(yes, QMessageBox.ButtonRole.AcceptRole)
+    cancel = box.addButton("Keep them", QMessageBox.ButtonRole.RejectRole)
+    box.setDefaultButton(cancel)
+    box.exec()
+    return box.clickedButton() is accept
+
+
+class FeaturesWidget(DockedPanel, QWidget):
     """Choose how regions are encoded and compute their features."""
 
     def __init__(self, napari_viewer):
@@ -122,6 +141,41 @@ class FeaturesWidget(QWidget):
 
         self.init_note = QLabel()
         self.init_note.setWordWrap(True)
+        # Features cached with other settings: a choice, never a trap.
+        self.choice_label = QLabel("")
+        self.choice_label.setWordWrap(True)
+        self.choice_label.setTextFormat(Qt.TextFormat.PlainText)
+        self.choice_label.setStyleSheet("color: #f0a030;")
+        self.use_made_button = QPushButton("Use the features' settings")
+        self.use_made_button.setToolTip("Put the settings the cached features were made with back into this form")
+        self.use_made_button.clicked.connect(guarded("Features")(lambda *_: self.use_features_settings()))
+        self.recompute_button = QPushButton("Recompute with these")
+        self.recompute_button.setToolTip("Compute the features of those slides again with the settings of this form")
+        self.recompute_button.clicked.connect(guarded("Features")(lambda *_: self.recompute_other()))
+        choice_buttons = QHBoxLayout()
+        choice_buttons.addWidget(self.use_made_button)
+        choice_buttons.addWidget(self.recompute_button)
+        self.choice_box = QWidget()
+        choice_layout = QVBoxLayout(self.choice_box)
+        choice_layout.setContentsMargins(0, 0, 0, 0)
+        choice_layout.addWidget(self.choice_label)
+        choice_layout.addLayout(choice_buttons)
+        self.choice_box.setVisible(False)
+        # No region fits some slides: say so with their size, offer the largest region size that fits.
+        self.fit_label = QLabel("")
+        self.fit_label.setWordWrap(True)
+        self.fit_label.setTextFormat(Qt.TextFormat.PlainText)
+        self.fit_label.setStyleSheet("color: #f0a030;")
+        self.fit_button = QPushButton("")
+        self.fit_button.clicked.connect(guarded("Features")(lambda *_: self.use_fitting_region_size()))
+        self.fit_box = QWidget()
+        fit_layout = QVBoxLayout(self.fit_box)
+        fit_layout.setContentsMargins(0, 0, 0, 0)
+        fit_layout.addWidget(self.fit_label)
+        fit_layout.addWidget(self.fit_button)
+        self.fit_box.setVisible(False)
+        self.fitting_region_px: int | None = None
+        self.confirm = lambda title, text, yes: confirm_dialog(self, title, text, yes)
         self.current_button = QPushButton("Compute for current slide")
         self.current_button.clicked.connect(guarded("Features")(lambda: self.compute("current")))
         self.cohort_button = QPushButton("Compute for whole cohort")
@@ -132,9 +186,11 @@ class FeaturesWidget(QWidget):
         self.task_bar = TaskBar()
         self.last_results: list = []
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.init_note)
+        layout.addWidget(self.choice_box)
+        layout.addWidget(self.fit_box)
         layout.addLayout(buttons)
         layout.addWidget(self.task_bar)
         layout.addStretch(1)
@@ -144,10 +200,43 @@ class FeaturesWidget(QWidget):
             edit.textChanged.connect(self._update_note)
         self.patch_encoder.currentTextChanged.connect(self._update_note)
         self.region_encoder.currentTextChanged.connect(self._update_note)
+        # Every edit becomes the cohort's setting (saved in its folder) a moment after the last keystroke.
+        self._apply_timer = QTimer(self)
+        self._apply_timer.setSingleShot(True)
+        self._apply_timer.setInterval(400)
+        self._apply_timer.timeout.connect(self._apply_quietly)
+        for spin in (self.input_px, self.region_px, self.patch_px, self.target_mpp, self.min_tissue, self.batch_size):
+            spin.valueChanged.connect(self._schedule_apply)
+        for combo in (self.patch_encoder, self.region_encoder, self.device, self.mpp_fallback):
+            combo.currentTextChanged.connect(self._schedule_apply)
+        for edit in (self.patch_checkpoint, self.region_checkpoint):
+            edit.editingFinished.connect(self._schedule_apply)
         self.state.settings_changed.connect(self._on_settings_changed)
+        self.state.cohort_changed.connect(lambda _s: self.update_choice())
+        self.state.features_updated.connect(lambda _s: self.update_choice())
 
     # -- settings <-> form -----------------------------------------------------------------------------
     def load_settings(self, fs) -> None:
+        self._loading = True
+        try:
+            self._load_settings(fs)
+        finally:
+            self._loading = False
+
+    def _schedule_apply(self, *_):
+        if not getattr(self, "_loading", False):
+            self._apply_timer.start()
+
+    def _apply_quietly(self) -> None:
+        """Apply the form when its values are valid (an unfinished edit waits for the next one)."""
+        from napari_slpd.errors import SlpdError
+
+        try:
+            self.apply()
+        except SlpdError:
+            return
+
+    def _load_settings(self, fs) -> None:
         self._shown = fs
         self.patch_encoder.setCurrentText(fs.patch_encoder)
         self.patch_checkpoint.setText(fs.patch_checkpoint or "")
@@ -165,10 +254,12 @@ class FeaturesWidget(QWidget):
         self._update_note()
 
     def _on_settings_changed(self, settings) -> None:
-        # Only a change of the feature settings made elsewhere (e.g. a fine-tuned checkpoint) reloads the
-        # form; other settings changing must not discard what the user is typing here.
+        # Only a change of the feature settings made elsewhere (a cohort opened with its own settings, a
+        # fine-tuned checkpoint) reloads the form; other settings must not discard what is being typed.
         if settings.features != self._shown:
+            self._apply_timer.stop()
             self.load_settings(settings.features)
+        self.update_choice()
 
     def form_settings(self, validate: bool = True):
         """The FeatureSettings the form shows (validated: bad values raise SlpdError with the reason)."""
@@ -197,12 +288,100 @@ class FeaturesWidget(QWidget):
         return replace(FeatureSettings(**values), num_workers=current.num_workers, token_dtype=current.token_dtype)
 
     def apply(self):
-        """Validate the form and make it the shared feature settings."""
+        """Validate the form and make it the shared feature settings (saved in the open cohort)."""
+        from dataclasses import replace
+
         settings = self.form_settings()
         self._shown = settings
-        if settings != self.state.settings.features:
+        current = self.state.settings.features
+        if replace(settings, overwrite=False) != replace(current, overwrite=False) or settings.overwrite != current.overwrite:
             self.state.update_settings(features=settings)
         return settings
+
+    # -- features made with other settings: a choice -------------------------------------------------
+    def other_settings_slides(self) -> list:
+        session = self.state.session
+        if session is None:
+            return []
+        return [st for st in session.statuses() if st.features == "other-settings"]
+
+    def update_choice(self) -> None:
+        """Show the choice when cached features were made with settings other than the form's."""
+        others = self.other_settings_slides()
+        if not others:
+            self.choice_box.setVisible(False)
+            return
+        detail = others[0].detail
+        n_all = len(self.state.session.slide_ids())
+        self.choice_label.setText(
+            f"The features of {len(others)} of {n_all} slides were made with other settings ({detail}). Use the "
+            "settings they were made with, or recompute them with the settings above."
+        )
+        self.use_made_button.setEnabled(self.state.session.features_made_with() is not None)
+        self.choice_box.setVisible(True)
+
+    def use_features_settings(self):
+        """Put the settings the cached features were made with into the form (and the cohort)."""
+        from dataclasses import replace
+
+        from napari_slpd.errors import SlpdError
+
+        session = self.state.require_session()
+        made = session.features_made_with()
+        if made is None:
+            raise SlpdError("the cohort has no features yet")
+        made = replace(made, device=self.state.settings.features.device, overwrite=False)
+        self.load_settings(made)
+        self.state.update_settings(features=made)
+        self.update_choice()
+        self.task_bar.status.setText("Features: using the settings the cached features were made with")
+        return made
+
+    def recompute_other(self):
+        """Compute the features made with other settings again, with the form's settings (asks first when
+        that would replace features made with a checkpoint by random-init ones)."""
+        return self.compute("cohort", replace_other=True)
+
+    # -- no region fits: offer the largest region size that fits ----------------------------------------
+    def use_fitting_region_size(self):
+        if not self.fitting_region_px:
+            return None
+        self.region_px.setValue(int(self.fitting_region_px))
+        self.apply()
+        self.fit_box.setVisible(False)
+        return self.compute("cohort")
+
+    @staticmethod
+    def _gui_words(result) -> str:
+        return _gui_words_of(result.message or result.status)
+
+    def _offer_fitting_size(self, empty: list) -> None:
+        """When no region fits some slides, say so with their size and offer the largest size that fits."""
+        session = self.state.session
+        if not empty or session is None:
+            self.fit_box.setVisible(False)
+            return
+        ids = [r.slide_id for r in empty]
+        fs = self.state.settings.features
+        try:
+            size = session.largest_region_px(ids)
+            sizes = "; ".join(f"{sid}: {session.slide_size_text(sid)}" for sid in ids[:3])
+        except Exception as exc:  # the offer is help, not a requirement
+            log.warning("no region size to offer: %s", exc)
+            return
+        k = self.state.settings.prototypes.k
+        text = (f"No {fs.region_px}-px region (at {fs.target_mpp:g} µm/px, {fs.region_px * fs.target_mpp / 1000:.2f} mm) "
+                f"fits {len(ids)} slide(s): {sizes}.")
+        self.fitting_region_px = size if size and size < fs.region_px else None
+        if self.fitting_region_px:
+            text += f" The largest region size that fits {k} regions (K) on each is {size} px."
+            self.fit_button.setText(f"Use {size}-px regions and compute")
+            self.fit_button.setVisible(True)
+        else:
+            text += " Even the smallest region does not fit (or a pixel size is unknown)."
+            self.fit_button.setVisible(False)
+        self.fit_label.setText(text)
+        self.fit_box.setVisible(True)
 
     def _update_note(self, *_):
         patch_random = not self.patch_checkpoint.text().strip() and self.patch_encoder.currentText() == "hipt_vit256"
@@ -217,11 +396,16 @@ class FeaturesWidget(QWidget):
             self.init_note.setText("")
 
     # -- computing -------------------------------------------------------------------------------------
-    def compute(self, scope: str = "current"):
-        """Extract features of the current slide (``"current"``) or of every slide (``"cohort"``)."""
+    def compute(self, scope: str = "current", replace_other: bool = False):
+        """Extract features of the current slide (``"current"``) or of every slide (``"cohort"``).
+
+        Slides whose features were made with other settings are left alone (the panel offers the choice)
+        unless ``replace_other`` or the 'Replace' box; replacing features made with a checkpoint by those
+        of a randomly initialised encoder needs a confirmation that says so."""
         from napari_slpd.errors import SlpdError
 
         session = self.state.require_session()
+        self._apply_timer.stop()
         self.apply()
         if scope == "current":
             slide_ids = [self.state.require_current().slide_id]
@@ -231,10 +415,43 @@ class FeaturesWidget(QWidget):
             raise SlpdError(f"scope must be 'current' or 'cohort', not {scope!r}")
         if not slide_ids:
             raise SlpdError("the cohort has no slides")
+        replace_other = replace_other or self.overwrite.isChecked()
+        kept = []
+        if not replace_other:
+            other = {st.slide_id for st in self.other_settings_slides()}
+            kept = [s for s in slide_ids if s in other]
+            slide_ids = [s for s in slide_ids if s not in other]
+        replace_checkpoint = False
+        if replace_other:
+            at_risk = session.checkpoint_features_at_risk(slide_ids)
+            if at_risk:
+                fs = self.state.settings.features
+                which = [n for n, random in (("patch", fs.patch_checkpoint is None and fs.patch_encoder == "hipt_vit256"),
+                                             ("region", fs.region_checkpoint is None and fs.region_encoder == "hipt_vit4k"))
+                         if random]
+                replace_checkpoint = self.confirm(
+                    "Replace checkpoint features?",
+                    f"The features of {len(at_risk)} slide(s) ({', '.join(at_risk[:3])}{'…' if len(at_risk) > 3 else ''}) "
+                    f"were made with a checkpoint (e.g. a fine-tuned encoder). These settings have no checkpoint "
+                    f"for the {' and '.join(which)} encoder: recomputing replaces them with features of a RANDOMLY "
+                    "INITIALISED encoder, which carry no learned morphology.\n\nReplace them with random-init "
+                    "features?",
+                    "Replace with random-init features",
+                )
+                if not replace_checkpoint:
+                    slide_ids = [s for s in slide_ids if s not in set(at_risk)]
+                    kept += at_risk
+        if not slide_ids:
+            self.task_bar.status.setText(
+                f"Features: nothing computed; {len(kept)} slide(s) keep their features (made with other settings)")
+            return None
+        overwrite = bool(replace_other)
 
         def work(progress, cancel):
-            return session.extract(slide_ids, progress=progress, cancel=cancel)
+            return session.extract(slide_ids, progress=progress, cancel=cancel, overwrite=overwrite,
+                                   replace_checkpoint_features=replace_checkpoint)
 
+        self._kept = kept
         what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
         return self.task_bar.run(
             work,
@@ -248,18 +465,33 @@ class FeaturesWidget(QWidget):
 
         self.last_results = list(results)
         counts = Counter(STATUS_WORDS.get(r.status, r.status) for r in results)
+        kept = getattr(self, "_kept", [])
+        if kept:
+            counts["kept (other settings: see above)"] += len(kept)
         parts = [f"{n} {status}" for status, n in sorted(counts.items())]
         summary = ", ".join(parts) if parts else "nothing done"
-        self.task_bar.status.setText(("Cancelled: " if cancelled else "Features: ") + summary)
-        for r in results:
-            if r.status in ("error", "empty"):
-                hint = ""
-                if "other settings" in r.message and not self.overwrite.isChecked():
-                    hint = " (in this panel: tick 'Replace features made with other settings')"
-                show_warning(f"{r.slide_id}: {r.message}{hint}")
+        problems = [f"{r.slide_id}: {self._gui_words(r)}" for r in results if r.status in ("error", "empty")]
+        status = ("Cancelled: " if cancelled else "Features: ") + summary
+        if problems:
+            status += "\n" + "\n".join(problems[:4]) + ("\n…" if len(problems) > 4 else "")
+        self.task_bar.status.setText(status)
         if not cancelled:
+            failed = sum(r.status == "error" for r in results)
+            done = [r for r in results if r.status not in ("error", "cancelled")]
+            if failed and not done:
+                self.task_bar.finish("failed", status)
+            elif failed:
+                self.task_bar.finish("partial", status, label=f"done · {failed} failed")
+            elif done and all(r.status == "skipped" for r in done):
+                self.task_bar.finish("cached", status)
+            else:
+                self.task_bar.finish("done", status)
+            for problem in problems[:3]:
+                show_warning(problem)
             show_info(f"features: {summary}")
-        changed = [r.slide_id for r in results if r.status in ("extracted", "skipped")]
+        self._offer_fitting_size([r for r in results if r.status == "empty"])
+        self.update_choice()
+        changed = [r.slide_id for r in results if r.status in ("extracted", "skipped", "empty")]
         current = self.state.current_slide_id
         if current in changed:
             refresh_regions(self.state)
@@ -277,3 +509,17 @@ def _valid(values: dict) -> bool:
     except SlpdError:
         return False
     return True
+
+
+_PIXEL_FIX = ("in the Cohort panel select it, enter its pixel size and press 'Set pixel size' (or choose 'objective' "
+              "or 'level0' for 'Unknown pixel size' in this panel)")
+
+
+def _gui_words_of(message: str) -> str:
+    """The core's message with command-line hints replaced by the controls of the panels."""
+    if "pixel size" in message and ("--mpp" in message or "mpp=" in message):
+        head = message.split("; give it")[0]
+        return f"{head}; {_PIXEL_FIX}"
+    if "smaller than one region" in message or "use a smaller region size" in message:
+        return message.replace("use a smaller region size", "use a smaller 'Region size' in this panel")
+    return message.replace("pass --overwrite (overwrite=True)", "use 'Recompute with these' in this panel")

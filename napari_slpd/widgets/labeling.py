@@ -33,7 +33,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import (
+    DockedPanel,
+    TaskBar,
+    guarded,
+    keep_rows_visible,
+    panel_layout,
+    show_info,
+    show_warning,
+)
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ log = logging.getLogger(__name__)
 COL_COLOR, COL_NAME, COL_REGIONS, COL_SOURCE, COL_SUGGESTION, COL_ACCEPT = range(6)
 
 
-class LabelingWidget(QWidget):
+class LabelingWidget(DockedPanel, QWidget):
     """Name, colour, propagate and export the prototypes of the open slide."""
 
     def __init__(self, napari_viewer):
@@ -176,7 +184,11 @@ class LabelingWidget(QWidget):
         export_box.setLayout(export_row)
 
         self.task_bar = TaskBar()
-        layout = QVBoxLayout(self)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.table.setWordWrap(False)
+        keep_rows_visible(self.table)
+        self.preview.setMinimumHeight(110)
+        layout = panel_layout(self)
         layout.addWidget(self.title)
         layout.addWidget(self.stale_box)
         layout.addWidget(self.table, 1)
@@ -249,10 +261,13 @@ class LabelingWidget(QWidget):
         self.stale_label.setText(state.message)
         self.suggestions = self._suggestions_for(session, slide_id, protos)
         self.rows = prototype_rows(self.annotations, slide_id, protos, self.suggestions)
+        # The colours every view draws (stored, else the palette, unique within the slide).
+        _, colors = self.annotations.styles(slide_id, protos)
+        for row in self.rows:
+            row.color = colors.get(row.proto_idx, row.color)
         named = sum(r.named for r in self.rows)
         self.title.setText(f"{slide_id}: {len(self.rows)} prototypes, {named} named")
         self._fill_table()
-        self._apply_style()
 
     def _suggestions_for(self, session, slide_id: str, protos) -> list:
         """ProAlign's names for the slide's prototypes, read again only when either file changed."""
@@ -275,15 +290,9 @@ class LabelingWidget(QWidget):
         return list(self._suggestions_cache)
 
     def _apply_style(self) -> None:
-        """Show the names and colours on the prototype layer (through the shared state)."""
-        from napari_slpd.labeling import color_to_rgba
-
-        opened = self.state.current
-        if opened is None or opened.extras.get("color_of"):
-            return  # a neighbour coloured after its query: leave its colours alone
-        names = {r.proto_idx: r.name for r in self.rows if r.named}
-        colors = {r.proto_idx: color_to_rgba(r.color) for r in self.rows}
-        self.state.set_prototype_style(names=names, colors=colors)
+        """Names or colours were stored: every view of the slide draws them again (the layer, the legend,
+        hover; a neighbour keeps the colours of the query prototypes it was matched to)."""
+        self.state.restyle_prototypes()
 
     def _fill_table(self) -> None:
         self._filling = True
@@ -364,11 +373,21 @@ class LabelingWidget(QWidget):
             return
         self.annotations.rename(slide_id, k, name)
         self.refresh()
+        self._apply_style()
 
     def set_color(self, k: int, color) -> None:
+        from napari_slpd.errors import SlpdError
+        from napari_slpd.labeling import normalize_color
+
         _, slide_id, _ = self._require()
+        wanted = normalize_color(color)
+        taken = [r for r in self.rows if r.proto_idx != k and normalize_color(r.color) == wanted]
+        if taken:
+            raise SlpdError(f"{wanted} is already the colour of '{taken[0].name}' on {slide_id}; choose another "
+                            "(each prototype of a slide keeps its own colour)")
         self.annotations.recolor(slide_id, k, color)
         self.refresh()
+        self._apply_style()
 
     def _on_double_click(self, row: int, col: int) -> None:
         if col != COL_COLOR or row >= len(self.rows):
@@ -391,11 +410,13 @@ class LabelingWidget(QWidget):
         show_info(f"{slide_id}: {report.get(slide_id, 'nothing to carry over')}"
                   + (f" ({'; '.join(dropped)})" if dropped else ""))
         self.refresh()
+        self._apply_style()
 
     def discard_stale(self) -> None:
         _, slide_id, _ = self._require()
         self.annotations.discard_stale(slide_id)
         self.refresh()
+        self._apply_style()
 
     # -- zero-shot names -------------------------------------------------------------------------------
     def _fill_descriptions(self) -> None:
@@ -438,7 +459,9 @@ class LabelingWidget(QWidget):
             if outcome.status == "failed":
                 show_warning(f"{slide_id}: {outcome.message}")
             self.refresh()
-            self.task_bar.status.setText(f"Zero-shot names of {slide_id}: {outcome.status} {outcome.message}")
+            status = f"Zero-shot names of {slide_id}: {outcome.status} {outcome.message}".strip()
+            self.task_bar.finish("failed" if outcome.status == "failed" else
+                                 ("cached" if outcome.status in ("skipped", "current", "cached") else "done"), status)
 
         return self.task_bar.run(work, f"Zero-shot names of {slide_id}", on_result=done)
 
@@ -453,6 +476,7 @@ class LabelingWidget(QWidget):
             raise SlpdError("no zero-shot name to accept; compute zero-shot names first")
         accepted = accept_suggestions(self.annotations, slide_id, chosen, keep_user_names=k is None)
         self.refresh()
+        self._apply_style()
         self.task_bar.status.setText(f"{len(accepted)} zero-shot name(s) accepted")
 
     # -- propagation -----------------------------------------------------------------------------------
@@ -521,6 +545,7 @@ class LabelingWidget(QWidget):
         show_info(f"name given to {len(applied)} prototype(s) of similar slides")
         self.plan = []
         self.refresh()
+        self._apply_style()
         self.task_bar.status.setText(f"propagated to {', '.join(c.slide_id for c in applied)}")
 
     # -- export ----------------------------------------------------------------------------------------

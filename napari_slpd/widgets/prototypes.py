@@ -20,15 +20,14 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_warning
+from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, keep_rows_visible, panel_layout, show_warning
 from napari_slpd.widgets.state import ROLE_PROTOTYPES, SlpdState
 
 
-class PrototypesWidget(QWidget):
+class PrototypesWidget(DockedPanel, QWidget):
     """Compute the intra-slide prototypes (K-means of region embeddings) and show them."""
 
     def __init__(self, napari_viewer):
@@ -74,13 +73,16 @@ class PrototypesWidget(QWidget):
         for col in (0, 2, 3):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.legend.itemSelectionChanged.connect(self._legend_selection)
+        self.legend.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.legend.setWordWrap(False)
+        keep_rows_visible(self.legend, 4)
         self.hover = QLabel("Hover a region to see its prototype.")
         self.hover.setWordWrap(True)
         self.title = QLabel("No slide open.")
         self.title.setWordWrap(True)
         self.task_bar = TaskBar()
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)
         layout.addLayout(row)
         layout.addLayout(row2)
         layout.addWidget(self.title)
@@ -166,15 +168,21 @@ class PrototypesWidget(QWidget):
             opened = self.state.require_current()
             if opened.regions is None:
                 raise SlpdError(f"{opened.slide_id} has no features yet; compute them in the Features panel first")
+            if not len(opened.regions):
+                fs = self.state.settings.features
+                raise SlpdError(
+                    f"no {fs.region_px}-px region fits {opened.slide_id} ({session.slide_size_text(opened.slide_id)}); "
+                    "choose a smaller region size in the Features panel (it offers the largest that fits)")
             slide_ids = [opened.slide_id]
         current = self.state.current_slide_id
 
         def work(progress, cancel):
+            cached = all(session.prototypes_current(s) for s in slide_ids)
             outcome = session.ensure_prototypes(slide_ids, progress=progress, cancel=cancel)
             protos = None
             if current in slide_ids and outcome.get(current) == "ok":
                 protos = session.prototypes(current, compute=False)
-            return outcome, protos
+            return outcome, protos, cached
 
         what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
         return self.task_bar.run(work, f"Prototypes of {what} (K={self.k_spin.value()})", on_result=self._on_computed)
@@ -182,7 +190,7 @@ class PrototypesWidget(QWidget):
     def _on_computed(self, result) -> None:
         from napari_slpd.widgets._layers import show_prototypes
 
-        outcome, protos = result
+        outcome, protos, cached = result
         failed = {sid: msg for sid, msg in outcome.items() if msg != "ok"}
         for sid, msg in list(failed.items())[:5]:
             show_warning(f"{sid}: {msg}")
@@ -194,7 +202,15 @@ class PrototypesWidget(QWidget):
                 self.viewer.layers.selection.active = layer  # so the status bar shows the hovered region
         self.update_legend()
         ok = len(outcome) - len(failed)
-        self.task_bar.status.setText(f"Prototypes: {ok} slide(s) done" + (f", {len(failed)} without" if failed else ""))
+        status = f"Prototypes: {ok} slide(s) " + ("from the cache" if cached and ok else "done")
+        if failed:
+            status += f", {len(failed)} without: " + "; ".join(f"{sid}: {msg}" for sid, msg in list(failed.items())[:3])
+        if failed and not ok:
+            self.task_bar.finish("failed", status)
+        elif failed:
+            self.task_bar.finish("partial", status, label=f"done · {len(failed)} failed")
+        else:
+            self.task_bar.finish("cached" if cached else "done", status)
         self.state.prototypes_updated.emit(opened.slide_id if opened is not None and opened.slide_id in outcome else "")
 
     # -- legend ----------------------------------------------------------------------------------------
@@ -208,16 +224,23 @@ class PrototypesWidget(QWidget):
         color_of = opened.extras.get("color_of") or {}
         total = max(1, int(sizes.sum()))
         self.legend.setRowCount(len(sizes))
+        query_names = self._query_names(opened) if color_of else {}
         for k, size in enumerate(sizes):
-            r, g, b, _ = self.state.prototype_color(color_of.get(k, k))
+            r, g, b, _ = self.state.prototype_color(k)
             swatch = QTableWidgetItem()
             swatch.setBackground(QColor.fromRgbF(r, g, b))
             swatch.setData(Qt.ItemDataRole.UserRole, k)
+            swatch.setToolTip(self.state.prototype_hex(k))
             self.legend.setItem(k, 0, swatch)
             label = self.state.prototype_name(k)
-            if k in color_of and color_of[k] != k:
-                label += f"  (≙ query {color_of[k]})"
-            self.legend.setItem(k, 1, QTableWidgetItem(label))
+            tip = f"prototype {k} of {opened.slide_id}: {label}"
+            if k in color_of:
+                q = color_of[k]
+                label += f"  (≙ {query_names.get(q, f'query {q}')})"
+                tip += f"; matched to '{query_names.get(q, q)}' of {opened.extras.get('query_slide') or 'the query'}"
+            item = QTableWidgetItem(label)
+            item.setToolTip(tip)
+            self.legend.setItem(k, 1, item)
             count = QTableWidgetItem(str(int(size)))
             count.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.legend.setItem(k, 2, count)
@@ -225,6 +248,16 @@ class PrototypesWidget(QWidget):
             share.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.legend.setItem(k, 3, share)
         self.title.setText(f"{opened.slide_id}: {len(sizes)} prototypes over {total} regions")
+
+    def _query_names(self, opened) -> dict[int, str]:
+        query = opened.extras.get("query_slide")
+        if not query or self.state.session is None:
+            return {}
+        try:
+            names, _ = self.state.session.prototype_styles(query)
+        except Exception:  # the query's prototypes are gone: the indices say enough
+            return {}
+        return names
 
     def legend_rows(self) -> list[tuple[str, int]]:
         """(name, size) of each legend row, for tests and scripts."""

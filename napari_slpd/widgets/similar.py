@@ -1,38 +1,48 @@
 """Similar slides panel: click a region (or ask for the whole slide) and list the nearest slides or regions.
 
-Slide mode ranks the cohort's slides by prototype set distance K - S (SPEC section 2) to the current
-slide and lists, per neighbour, the matched prototype pairs. With a clicked region the query prototype
-is that region's prototype, and opening a neighbour outlines its regions of the matched prototype (for a
-whole-slide query, those of the most similar matched pair).
-Region mode lists the regions across the cohort nearest (cosine) to the clicked region. Double-clicking a
-row opens that slide with its prototypes, coloured like the query's prototypes they were matched to,
-and outlines the matched regions.
+What is ranked is always said in the title:
+
+* **Whole slide** (the button): the cohort's slides by prototype set distance K - S (SPEC section 2) to
+  the current slide; each row sums up its matched prototype pairs (colour chips of the query's
+  prototypes, mean cosine), the pairs themselves are in the row's tooltip and in the detail line below.
+* **A clicked region, slide mode**: the slides by their best match to the clicked region's prototype
+  (1 - the largest cosine between that prototype and one of theirs): where else is this pattern?
+* **A clicked region, region mode**: the regions across the cohort nearest (cosine) to the clicked
+  region's own embedding.
+
+Double-clicking a row opens that slide with its prototypes coloured like the query prototypes they were
+matched to (its own names kept) and outlines the matched regions.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from qtpy.QtCore import QSize, Qt
-from qtpy.QtGui import QIcon
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPainter, QPixmap
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_warning
+from napari_slpd.widgets._common import (
+    Cell,
+    DockedPanel,
+    TaskBar,
+    guarded,
+    keep_rows_visible,
+    make_table,
+    panel_layout,
+    show_warning,
+)
 from napari_slpd.widgets.cohort import array_to_pixmap
 from napari_slpd.widgets.state import SlpdState
 
@@ -40,7 +50,11 @@ log = logging.getLogger(__name__)
 
 MODE_SLIDES = "Similar slides"
 MODE_REGIONS = "Similar regions"
-THUMB_PX = 72
+THUMB_PX = 48
+SLIDE_HEADERS = ["", "Slide", "Distance", "Matches"]
+REGION_HEADERS = ["", "Slide", "Region", "Distance"]
+COL_THUMB, COL_SLIDE = 0, 1
+INTRO = "Open a slide, then click a region (its pattern) or press 'Whole slide'."
 
 
 @dataclass
@@ -53,9 +67,39 @@ class Query:
     prototype: int | None = None  # the clicked region's prototype (slide mode)
     results: list = field(default_factory=list)
     thumbnails: dict = field(default_factory=dict)
+    names: dict = field(default_factory=dict)  # query prototype -> name
+    colors: dict = field(default_factory=dict)  # query prototype -> '#rrggbb'
+    neighbour_names: dict = field(default_factory=dict)  # slide_id -> {prototype: name}
+
+    @property
+    def ranks_prototype(self) -> bool:
+        return self.mode == MODE_SLIDES and self.region is not None
+
+    def describe(self) -> str:
+        """What was ranked, in words."""
+        if self.mode == MODE_REGIONS:
+            return (f"regions nearest to region {self.region} of {self.slide_id} "
+                    "(cosine distance of the region embeddings)")
+        if self.region is not None:
+            name = self.names.get(self.prototype, f"prototype {self.prototype}")
+            return (f"slides ranked by their best match to '{name}' (prototype {self.prototype}, the pattern of "
+                    f"region {self.region}) of {self.slide_id} (distance 1 − cosine)")
+        return f"slides nearest to the whole slide {self.slide_id} by prototype set distance (K − S)"
 
 
-class SimilarSlidesWidget(QWidget):
+def chips_icon(colors: list[str], size: int = 14) -> QIcon:
+    """A row of colour chips (the query prototypes a row matched)."""
+    colors = colors[:8]
+    pixmap = QPixmap(max(1, len(colors)) * (size + 2), size)
+    pixmap.fill(QColor(0, 0, 0, 0))
+    painter = QPainter(pixmap)
+    for i, color in enumerate(colors):
+        painter.fillRect(i * (size + 2), 0, size, size, QColor(color))
+    painter.end()
+    return QIcon(pixmap)
+
+
+class SimilarSlidesWidget(DockedPanel, QWidget):
     """Query the cohort with the current slide or a clicked region."""
 
     def __init__(self, napari_viewer):
@@ -66,6 +110,8 @@ class SimilarSlidesWidget(QWidget):
 
         self.mode = QComboBox()
         self.mode.addItems([MODE_SLIDES, MODE_REGIONS])
+        self.mode.setToolTip("A click on a region ranks slides by its pattern (prototype) or, in region mode, "
+                             "the nearest regions across the cohort")
         self.top_k = QSpinBox()
         self.top_k.setRange(1, 500)
         self.top_k.setValue(int(self.state.settings.top_k))
@@ -79,7 +125,7 @@ class SimilarSlidesWidget(QWidget):
         self.back_button.setEnabled(False)
         self.back_button.clicked.connect(guarded("Open slide")(self.back_to_query))
         row = QHBoxLayout()
-        row.addWidget(self.mode)
+        row.addWidget(self.mode, 1)
         row.addWidget(QLabel("top"))
         row.addWidget(self.top_k)
         row2 = QHBoxLayout()
@@ -87,31 +133,39 @@ class SimilarSlidesWidget(QWidget):
         row2.addStretch(1)
         row2.addWidget(self.whole_button)
 
-        self.title = QLabel("Open a slide, then click a region or press 'Whole slide'.")
+        self.title = QLabel(INTRO)
         self.title.setWordWrap(True)
-        self.table = QTableWidget(0, 4)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setIconSize(QSize(THUMB_PX, THUMB_PX))
-        self.table.verticalHeader().setDefaultSectionSize(THUMB_PX + 4)
+        self.title.setTextFormat(Qt.TextFormat.PlainText)
+        # The other way to ask the same region (region mode <-> its pattern's slides), offered after a query.
+        self.other_mode_button = QPushButton("")
+        self.other_mode_button.setVisible(False)
+        self.other_mode_button.clicked.connect(guarded("Similar slides")(self._ask_other_mode))
+        self.table = make_table(SLIDE_HEADERS, stretch=COL_SLIDE, fit=(2, 3), icon_px=THUMB_PX, row_px=THUMB_PX + 4)
+        self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
+        keep_rows_visible(self.table)
         self.table.cellDoubleClicked.connect(lambda row, _c: guarded("Open neighbour")(self.open_result)(row))
+        self.table.selectionModel().currentRowChanged.connect(lambda current, _prev: self._show_detail(current.row()))
+        self.detail = QLabel("")
+        self.detail.setWordWrap(True)
+        self.detail.setTextFormat(Qt.TextFormat.RichText)  # names are escaped (html.escape) before
         self.task_bar = TaskBar()
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)
         layout.addLayout(row)
         layout.addLayout(row2)
         layout.addWidget(self.title)
+        layout.addWidget(self.other_mode_button)
         layout.addWidget(self.table, 1)
+        layout.addWidget(self.detail)
         layout.addWidget(self.back_button)
         layout.addWidget(self.task_bar)
 
         self.query: Query | None = None
         self._opening_result = False
-        self.top_k.valueChanged.connect(lambda v: setattr(self.state.settings, "top_k", int(v)))
+        self.top_k.valueChanged.connect(self._top_k_changed)
         self.state.cohort_changed.connect(lambda _s: self._clear())
         self.state.slide_opened.connect(self._on_slide_opened)
+        self.state.settings_changed.connect(self._on_settings_changed)
         self._click_cb = self._on_mouse_drag
         napari_viewer.mouse_drag_callbacks.append(self._click_cb)
         self.destroyed.connect(lambda *_: self._disconnect_viewer())
@@ -122,11 +176,23 @@ class SimilarSlidesWidget(QWidget):
         except (ValueError, RuntimeError, AttributeError):
             pass
 
+    def _top_k_changed(self, value: int) -> None:
+        if int(self.state.settings.top_k) != int(value):
+            self.state.update_settings(top_k=int(value))
+
+    def _on_settings_changed(self, settings) -> None:
+        if self.top_k.value() != int(settings.top_k):
+            self.top_k.blockSignals(True)
+            self.top_k.setValue(int(settings.top_k))
+            self.top_k.blockSignals(False)
+
     def _clear(self) -> None:
         self.query = None
-        self.table.setRowCount(0)
+        self.table.model().set_rows([])
         self.back_button.setEnabled(False)
-        self.title.setText("Open a slide, then click a region or press 'Whole slide'.")
+        self.other_mode_button.setVisible(False)
+        self.detail.setText("")
+        self.title.setText(INTRO)
 
     def _on_slide_opened(self, slide_id: str) -> None:
         if self.query is not None and not self._opening_result and slide_id != self.query.slide_id:
@@ -165,13 +231,23 @@ class SimilarSlidesWidget(QWidget):
     # -- queries ---------------------------------------------------------------------------------------
     def query_whole_slide(self):
         opened = self.state.require_current()
-        self.mode.setCurrentText(MODE_SLIDES)
         return self._run(Query(opened.slide_id, MODE_SLIDES))
 
-    def query_region(self, region: int):
+    def query_region(self, region: int, mode: str | None = None):
         opened = self.state.require_current()
         self.state.select_regions(opened.slide_id, [region], source="canvas")
-        return self._run(Query(opened.slide_id, self.mode.currentText(), region=int(region)))
+        return self._run(Query(opened.slide_id, mode or self.mode.currentText(), region=int(region)))
+
+    def _ask_other_mode(self):
+        """Ask the last region again the other way (its pattern's slides <-> its nearest regions)."""
+        query = self.query
+        if query is None or query.region is None:
+            return None
+        other = MODE_REGIONS if query.mode == MODE_SLIDES else MODE_SLIDES
+        self.mode.setCurrentText(other)
+        if self.state.current_slide_id != query.slide_id:
+            self.back_to_query()
+        return self.query_region(query.region, other)
 
     def _run(self, query: Query):
         session = self.state.require_session()
@@ -179,11 +255,14 @@ class SimilarSlidesWidget(QWidget):
 
         def work(progress, cancel):
             progress(0, 2)
+            protos = session.prototypes(query.slide_id)
+            query.names, query.colors = session.prototype_styles(query.slide_id, protos)
             if query.mode == MODE_SLIDES:
                 if query.region is not None:
-                    protos = session.prototypes(query.slide_id)
                     query.prototype = int(np.asarray(protos.assignments)[query.region])
-                query.results = session.similar_slides(query.slide_id, top_k)
+                    query.results = session.similar_to_prototype(query.slide_id, query.prototype, top_k)
+                else:
+                    query.results = session.similar_slides(query.slide_id, top_k)
             else:
                 query.results = session.similar_regions(query.slide_id, query.region, top_k)
             progress(1, 2)
@@ -194,6 +273,10 @@ class SimilarSlidesWidget(QWidget):
                     query.thumbnails[sid] = session.thumbnail(sid)
                 except Exception as exc:  # a thumbnail is decoration; the result stands without it
                     log.warning("no thumbnail for %s: %s", sid, exc)
+                try:
+                    query.neighbour_names[sid] = session.prototype_styles(sid)[0]
+                except Exception:  # names are decoration too
+                    query.neighbour_names[sid] = {}
             progress(2, 2)
             return query
 
@@ -203,46 +286,78 @@ class SimilarSlidesWidget(QWidget):
     def _show(self, query: Query) -> None:
         self.query = query
         self.back_button.setEnabled(False)
-        table = self.table
-        table.setRowCount(0)
-        if query.mode == MODE_SLIDES:
-            headers = ["", "Slide", "Distance", "Matched prototypes"]
-        else:
-            headers = ["", "Slide", "Region", "Distance"]
-        table.setHorizontalHeaderLabels(headers)
-        header = table.horizontalHeader()
-        for col in range(4):
-            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        table.setRowCount(len(query.results))
-        for row, res in enumerate(query.results):
-            thumb = QTableWidgetItem()
-            if res.slide_id in query.thumbnails:
-                thumb.setIcon(QIcon(array_to_pixmap(query.thumbnails[res.slide_id])))
-            table.setItem(row, 0, thumb)
-            table.setItem(row, 1, QTableWidgetItem(res.slide_id))
+        model = self.table.model()
+        model.set_headers(SLIDE_HEADERS if query.mode == MODE_SLIDES else REGION_HEADERS)
+        rows = []
+        for res in query.results:
+            icon = QIcon(array_to_pixmap(query.thumbnails[res.slide_id])) if res.slide_id in query.thumbnails else None
+            name = Cell(res.slide_id, tooltip=res.slide_id, data=res.slide_id, icon=None)
+            thumb = Cell("", icon=icon, tooltip=res.slide_id)
             if query.mode == MODE_SLIDES:
-                table.setItem(row, 2, _number_item(res.distance))
-                pairs = ", ".join(f"{k}↔{l} ({s:.2f})" for (k, l), s in zip(res.pairs, res.pair_similarities))
-                item = QTableWidgetItem(pairs)
-                item.setToolTip("query prototype ↔ this slide's prototype (cosine similarity)")
-                table.setItem(row, 3, item)
+                chips = [query.colors.get(k, "#808080") for k, _l in res.pairs]
+                summary = self._match_summary(query, res)
+                matches = Cell(summary, tooltip=self._pairs_text(query, res, "\n"), icon=chips_icon(chips))
+                rows.append([thumb, name, _number(res.distance), matches])
             else:
-                table.setItem(row, 2, QTableWidgetItem(f"{res.region}" + (f" (p{res.prototype})" if res.prototype is not None else "")))
-                table.setItem(row, 3, _number_item(res.distance))
-        if query.mode == MODE_SLIDES:
-            about = f"region {query.region} (prototype {query.prototype}) of " if query.region is not None else ""
-            self.title.setText(
-                f"{len(query.results)} slides nearest to {about}{query.slide_id} by prototype set distance "
-                f"(K − S). Double-click to open."
-            )
-        else:
-            self.title.setText(
-                f"{len(query.results)} regions nearest to region {query.region} of {query.slide_id} "
-                "(cosine distance). Double-click to open."
-            )
+                own = query.neighbour_names.get(res.slide_id, {})
+                proto = "" if res.prototype is None else f" · {own.get(res.prototype, f'prototype {res.prototype}')}"
+                region = Cell(f"{res.region}{proto}", tooltip=f"region {res.region} of {res.slide_id}{proto}")
+                rows.append([thumb, name, region, _number(res.distance)])
+        model.set_rows(rows)
+        self.task_bar.finish("done", f"{len(query.results)} {'slides' if query.mode == MODE_SLIDES else 'regions'} "
+                                     "ranked")
+        title = f"{len(query.results)} {query.describe()}. Double-click a row to open it."
         if not query.results:
-            self.title.setText(self.title.text() + " No other slide has prototypes yet.")
+            title += " No other slide has prototypes for these settings yet."
+        self.title.setText(title)
+        if query.region is None:
+            self.other_mode_button.setVisible(False)
+        elif query.mode == MODE_SLIDES:
+            self.other_mode_button.setText(f"Nearest regions to region {query.region} instead")
+            self.other_mode_button.setVisible(True)
+        else:
+            self.other_mode_button.setText(f"Slides with the pattern of region {query.region} instead")
+            self.other_mode_button.setVisible(True)
+        if query.results:
+            self.table.selectRow(0)
+        self._show_detail(0 if query.results else -1)
+
+    def _match_summary(self, query: Query, res) -> str:
+        if not res.pairs:
+            return "no pairs"
+        if query.ranks_prototype:
+            k, l = res.pairs[0]
+            own = query.neighbour_names.get(res.slide_id, {}).get(l, f"prototype {l}")
+            return f"{own} · {res.pair_similarities[0]:.2f}"
+        sims = res.pair_similarities or [0.0]
+        return f"{len(res.pairs)} pairs · mean {float(np.mean(sims)):.2f}"
+
+    def _pairs_text(self, query: Query, res, sep: str, rich: bool = False) -> str:
+        own = query.neighbour_names.get(res.slide_id, {})
+        lines = []
+        for (k, l), sim in zip(res.pairs, res.pair_similarities or [float("nan")] * len(res.pairs)):
+            qname = query.names.get(k, f"prototype {k}")
+            nname = own.get(l, f"prototype {l}")
+            if rich:
+                chip = (f'<span style="background-color:{query.colors.get(k, "#808080")}">&nbsp;&nbsp;&nbsp;&nbsp;'
+                        "</span>")
+                lines.append(f"{chip} {html.escape(qname)} ↔ {html.escape(nname)} ({sim:.2f})")
+            else:
+                lines.append(f"{qname} (prototype {k}) ↔ {nname} (its prototype {l}): cosine {sim:.2f}")
+        return sep.join(lines)
+
+    def _show_detail(self, row: int) -> None:
+        query = self.query
+        if query is None or not 0 <= row < len(query.results):
+            self.detail.setText("")
+            return
+        res = query.results[row]
+        if query.mode == MODE_SLIDES:
+            head = f"<b>{html.escape(res.slide_id)}</b>, matched prototypes (query ↔ this slide, cosine):<br>"
+            self.detail.setText(head + self._pairs_text(query, res, "<br>", rich=True))
+        else:
+            self.detail.setText(f"<b>{html.escape(res.slide_id)}</b>: region {res.region}, cosine distance "
+                                f"{res.distance:.4f}")
 
     def results(self) -> list:
         return list(self.query.results) if self.query is not None else []
@@ -265,14 +380,19 @@ class SimilarSlidesWidget(QWidget):
             self._opening_result = False
         self.back_button.setEnabled(True)
         protos = session.prototypes(res.slide_id)
+        # Colour every prototype of the neighbour like the query prototype it is matched to (the optimal
+        # matching of the two slides), whatever was ranked.
+        if query.mode == MODE_SLIDES and not query.ranks_prototype:
+            pairs = [(int(k), int(l)) for k, l in res.pairs]
+        else:
+            pairs = [(k, l) for k, l, _s in session.prototype_pairs(query.slide_id, res.slide_id)]
+        color_of = {l: k for k, l in pairs}
+        show_prototypes(self.state, protos, color_of=color_of, query_slide=query.slide_id)
         matched: list[int] = []
         if query.mode == MODE_SLIDES:
-            # Colour each neighbour prototype like the query prototype it was matched to.
-            color_of = {int(l): int(k) for k, l in res.pairs}
-            show_prototypes(self.state, protos, color_of=color_of)
-            if query.prototype is not None:
-                # The regions of the prototype matched to the clicked region's prototype.
-                partner = next((l for k, l in res.pairs if k == query.prototype), None)
+            if query.ranks_prototype:
+                # The regions of the neighbour's prototype that best matches the clicked region's pattern.
+                partner = res.pairs[0][1] if res.pairs else None
             elif res.pairs:
                 # Whole slide: the regions of the most similar matched pair.
                 partner = res.pairs[int(np.argmax(res.pair_similarities))][1]
@@ -281,7 +401,6 @@ class SimilarSlidesWidget(QWidget):
             if partner is not None:
                 matched = np.flatnonzero(np.asarray(protos.assignments) == partner).tolist()
         else:
-            show_prototypes(self.state, protos)
             matched = [int(res.region)]
             center_on_regions(self.state, matched)
         show_matches(self.state, matched)
@@ -301,8 +420,5 @@ class SimilarSlidesWidget(QWidget):
         return opened
 
 
-def _number_item(value: float) -> QTableWidgetItem:
-    item = QTableWidgetItem(f"{value:.4f}")
-    item.setData(Qt.ItemDataRole.UserRole, float(value))
-    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-    return item
+def _number(value: float) -> Cell:
+    return Cell(f"{value:.4f}", data=float(value), align=Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)

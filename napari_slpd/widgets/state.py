@@ -177,6 +177,16 @@ class RegionSelection:
 # -- the state -----------------------------------------------------------------------------------------
 
 
+def _rgba(color) -> tuple[float, float, float, float]:
+    """napari RGBA floats from '#rrggbb' or an RGB(A) sequence of floats."""
+    if isinstance(color, str):
+        from napari_slpd.labeling.palette import color_to_rgba
+
+        return color_to_rgba(color)
+    values = tuple(float(c) for c in color)
+    return values if len(values) == 4 else (*values[:3], 1.0)
+
+
 @dataclass
 class OpenSlide:
     """The slide shown in the viewer: its id, the open Slide, and where it sits in world coordinates."""
@@ -254,13 +264,16 @@ class SlpdState:
 
     # -- cohort --------------------------------------------------------------------------------------
     def set_session(self, session: Session | None) -> None:
-        """Make ``session`` the open cohort (its settings become the shared settings)."""
+        """Make ``session`` the open cohort. Its settings (the cohort's own, saved in its folder) become
+        the shared settings, and every panel shows them (``settings_changed``)."""
         self.session = session
         if session is not None:
-            session.settings = self.settings
+            self.settings = session.settings
         self.current = None
         self.selection = None
+        self.prototype_names, self.prototype_colors = {}, {}
         self.cohort_changed.emit(session)
+        self.settings_changed.emit(self.settings)
 
     def require_session(self) -> Session:
         from napari_slpd.errors import SlpdError
@@ -270,12 +283,14 @@ class SlpdState:
         return self.session
 
     def update_settings(self, **changes) -> None:
-        """Change shared settings: ``features=FeatureSettings(...)``, ``prototypes=...``, top-level fields."""
+        """Change shared settings: ``features=FeatureSettings(...)``, ``prototypes=...``, top-level fields.
+        With a cohort open they are saved in it at once (``Session.save_settings``)."""
         for key, value in changes.items():
             if not hasattr(self.settings, key):
                 raise AttributeError(f"SessionSettings has no field {key!r}")
-            setattr(self.settings, key, value)
-        if self.session is not None:
+            if getattr(self.settings, key) != value:
+                setattr(self.settings, key, value)
+        if self.session is not None and self.session.settings is not self.settings:
             self.session.settings = self.settings
         self.settings_changed.emit(self.settings)
 
@@ -307,14 +322,23 @@ class SlpdState:
         self.selection = None
         self.selection_changed.emit(None)
 
-    # -- prototype styling (names and colours, e.g. from the labeling panel) --------------------------
+    # -- prototype styling: the names and colours the current slide's prototypes are drawn with --------
+    # They come from the cohort (Session.prototype_styles: stored names/colours + the palette), set by
+    # _layers.show_prototypes for the slide shown; a neighbour opened from a query carries the colours of
+    # the query prototypes it was matched to. No panel needs to be open for them.
     def set_prototype_style(
-        self, names: dict[int, str] | None = None, colors: dict[int, Sequence[float]] | None = None
+        self, names: dict[int, str] | None = None, colors: dict[int, Sequence[float]] | None = None,
+        emit: bool = True,
     ) -> None:
         if names is not None:
             self.prototype_names = {int(k): str(v) for k, v in names.items()}
         if colors is not None:
-            self.prototype_colors = {int(k): tuple(float(c) for c in v) for k, v in colors.items()}
+            self.prototype_colors = {int(k): _rgba(v) for k, v in colors.items()}
+        if emit:
+            self.prototype_style_changed.emit(self.current_slide_id or "")
+
+    def restyle_prototypes(self) -> None:
+        """Names or colours changed in the cohort (labeling panel, propagation): draw them again."""
         self.prototype_style_changed.emit(self.current_slide_id or "")
 
     def prototype_name(self, k: int) -> str:
@@ -322,9 +346,13 @@ class SlpdState:
 
     def prototype_color(self, k: int) -> tuple[float, float, float, float]:
         if int(k) in self.prototype_colors:
-            color = self.prototype_colors[int(k)]
-            return tuple(color) if len(color) == 4 else (*color[:3], 1.0)
+            return self.prototype_colors[int(k)]
         return default_prototype_color(k)
+
+    def prototype_hex(self, k: int) -> str:
+        from napari_slpd.labeling.palette import normalize_color
+
+        return normalize_color(self.prototype_color(k))
 
     # -- layers of the current slide -----------------------------------------------------------------
     @staticmethod
