@@ -39,6 +39,7 @@ class SyntheticCohortSpec:
     k: int = 4  # prototypes per slide
     seed: int = 0
     survival: bool = True
+    hazard_scale: float = 2.0  # log-hazard per unit of composition . risk weights (higher: survival follows composition)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def synthetic_slides(spec: SyntheticCohortSpec) -> list[SyntheticSlide]:
             emb = centres[types] + stain + rng.normal(0, spec.noise, (m, spec.embed_dim))
             patch_types = np.repeat(types, G2)
             patches = patch_centres[patch_types] + rng.normal(0, spec.noise, (m * G2, spec.token_dim))
-        hazard = float(np.exp(composition @ risk_weights * 2.0))
+        hazard = float(np.exp(composition @ risk_weights * spec.hazard_scale))
         time = float(rng.exponential(24.0 / hazard))
         censor = float(rng.exponential(48.0))
         slides.append(SyntheticSlide(
