@@ -24,6 +24,7 @@ import numpy as np
 from napari_slpd.cohort import Cohort, SlideRecord, find_slides
 from napari_slpd.viewer.embedding_map import UmapParams
 from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
+from napari_slpd.utils.device import DEVICE_CHOICES, check_device_name, kmeans_device
 from napari_slpd.utils.files import atomic_path
 from napari_slpd.utils.progress import is_cancelled
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 MPP_FALLBACKS = ("none", "objective", "level0")
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = DEVICE_CHOICES  # the one definition: napari_slpd.utils.device
 THUMBNAIL_PX = 256
 
 
@@ -59,8 +60,7 @@ class FeatureSettings:
     overwrite: bool = False  # replace feature files made with other settings (current ones stay cached)
 
     def __post_init__(self):
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise SlpdError(f"device must be one of {DEVICES}, not {self.device!r}")
+        check_device_name(self.device)
         if self.mpp_fallback not in MPP_FALLBACKS:
             raise SlpdError(f"mpp_fallback must be one of {MPP_FALLBACKS}, not {self.mpp_fallback!r}")
         self.grid_config()  # validates region/patch sizes with the grid's own messages
@@ -711,7 +711,7 @@ class Session:
         else:
             protos = compute_slide_prototypes(
                 self.cohort, slide_id, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
-                min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device), save=True,
+                min_regions=ps.min_regions, device=kmeans_device(self.settings.features.device), save=True,
             )
         if len(protos.assignments) != len(data):
             raise PrototypeError(
@@ -734,7 +734,7 @@ class Session:
         ps = self.settings.prototypes
         report = compute_cohort_prototypes(
             self.cohort, k=int(ps.k), seed=int(ps.seed), niter=int(ps.niter), nredo=int(ps.nredo),
-            min_regions=ps.min_regions, device=_kmeans_device(self.settings.features.device),
+            min_regions=ps.min_regions, device=kmeans_device(self.settings.features.device),
             slide_ids=slide_ids, progress=progress, cancel=cancel,
         )
         return {r.slide_id: ("ok" if r.status in ("computed", "current") else (r.message or r.status))
@@ -1035,7 +1035,3 @@ def _describe_features(attrs: dict) -> str:
         f"{attrs.get('n_regions', '?')} regions of {attrs.get('region_px', '?')} px at "
         f"{attrs.get('target_mpp', '?')} um/px; {attrs.get('patch_encoder', '?')} + {attrs.get('region_encoder', '?')}"
     )
-
-
-def _kmeans_device(device: str) -> str:
-    return "auto" if device == "auto" else ("cuda" if str(device).startswith("cuda") else "cpu")

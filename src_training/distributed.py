@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.utils.device import resolve_device
 
 
 @dataclass
@@ -31,20 +32,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SlpdError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-        return torch.device(f"cuda:{local_rank}")
-    if name.startswith("cuda:") or name == "cpu":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SlpdError(f"--device {name} was asked for but no CUDA device is available")
-        return torch.device(name)
-    raise SlpdError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistContext:

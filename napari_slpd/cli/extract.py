@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.utils.device import rank_device
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +183,6 @@ def _wait_for_ranks(folder: Path, info: RankInfo, poll_s: float = 0.5) -> list[d
 # -- the command --------------------------------------------------------------------------------------
 
 
-def _device_for(device: str, info: RankInfo) -> str:
-    import torch
-
-    if info.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
-    return device
-
-
 def build_encoders(args, device: str):
     from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
 
@@ -290,7 +283,7 @@ def run_extract(args) -> int:
     slides = expand_slides(args.slides)
     mine = info.share(slides)
     config = extraction_config(args)
-    device = _device_for(args.device, info)
+    device = rank_device(args.device, info.local_rank, info.world)
     patch_encoder, region_encoder = build_encoders(args, device)
     prefix = f"[rank {info.rank}/{info.world}] " if info.world > 1 else ""
     if info.rank == 0:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
+from napari_slpd.utils.device import resolve_device  # re-exported: napari_slpd.models.resolve_device
 from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import (check_state_dict, extract_state_dict, load_dino_checkpoint,
                                             read_checkpoint, strip_prefixes)
@@ -122,19 +123,6 @@ def _rgb_triple(value, what: str) -> tuple[float, float, float]:
     if len(triple) != 3:
         raise SlpdError(f"{what} needs one value per RGB channel, got {value!r}")
     return triple  # type: ignore[return-value]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device (and checked)."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SlpdError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SlpdError(f"device {device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
-    return dev
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

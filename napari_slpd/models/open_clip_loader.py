@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
+from napari_slpd.utils.device import resolve_device
 from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import check_state_dict, extract_state_dict, read_checkpoint, strip_prefixes
 
@@ -89,12 +90,6 @@ class OpenClipBundle:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             result = emb.cpu()
         return result.clone()
-
-
-def _resolve_device(device) -> torch.device:
-    from napari_slpd.models.encoders import resolve_device
-
-    return resolve_device(device)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -244,7 +239,7 @@ def load_open_clip(model_name: str, checkpoint: str | os.PathLike | None, device
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if model_name.startswith("hf-hub:"):
         raise SlpdError(f"{model_name!r} would download from the HuggingFace hub; download the model's folder "
                         f"once and use 'local-dir:<folder>' or the architecture name with a local checkpoint")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from napari_slpd.errors import PrototypeError, SlpdError
-from napari_slpd.models.encoders import resolve_device
+from napari_slpd.utils.device import resolve_device
 from napari_slpd.utils.progress import Cancelled, ProgressFn, is_cancelled  # noqa: F401  (re-exported)
 
 DEFAULT_TAU = 0.05

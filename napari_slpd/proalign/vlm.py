@@ -61,7 +61,7 @@ class VisionLanguageModel:
              model_cfg: dict | None = None, allow_pickle: bool = False) -> "VisionLanguageModel":
         """Load ``model_name`` (an open_clip architecture, e.g. ``coca_ViT-B-16`` style for CONCH or
         ``ViT-B-32`` for PLIP/QuiltNet; a leading ``open_clip:`` is accepted) from a local checkpoint."""
-        from napari_slpd.models.encoders import resolve_device
+        from napari_slpd.utils.device import resolve_device
         from napari_slpd.models.open_clip_loader import load_open_clip
 
         if model_name.startswith(SPEC_PREFIX):

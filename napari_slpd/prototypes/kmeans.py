@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_slpd.errors import PrototypeError
+from napari_slpd.utils.device import cuda_index
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_slpd.prototypes.label_map import LabelMap
@@ -162,13 +163,6 @@ def faiss_uses_gpu(device: str = "auto") -> bool:
     return False
 
 
-def _gpu_device_index(device: str) -> int:
-    device = str(device).lower()
-    if device.startswith("cuda:"):
-        return int(device.split(":", 1)[1])
-    return 0
-
-
 _GPU_RESOURCES: dict[int, object] = {}
 
 
@@ -193,7 +187,7 @@ def _flat_l2_index(dim: int, device: str):
 
     if not faiss_uses_gpu(device):
         return faiss.IndexFlatL2(dim)
-    gpu = _gpu_device_index(device)
+    gpu = cuda_index(device)
     if gpu not in _GPU_RESOURCES:
         _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
     config = faiss.GpuIndexFlatConfig()
