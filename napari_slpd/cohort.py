@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.slides.ids import SLIDE_SUFFIXES, find_slides, slide_id_for  # noqa: F401 (re-exported)
+from napari_slpd.slides.ids import SLIDE_SUFFIXES, find_slides, safe_slide_id, slide_id_for  # noqa: F401 (re-exported)
 from napari_slpd.utils.files import atomic_write_json
 
 REGISTRY_NAME = "cohort.json"
@@ -43,20 +43,54 @@ class SlideRecord:
 class Cohort:
     """Paths and slide registry of a cohort cache folder. Creating one creates the folder."""
 
-    def __init__(self, root: str | os.PathLike, create: bool = True):
+    def __init__(self, root: str | os.PathLike, create: bool = True, cache: str | os.PathLike | None = None):
+        """``cache``: the writable cache folder used when ``root`` is read-only (default: ``--cache`` /
+        ``$SLPD_CACHE_DIR`` / ``~/.cache/napari-slpd/cohorts``; see napari_slpd.utils.storage)."""
+        from napari_slpd.utils.storage import cache_folder_for, is_writable_dir, redirect, unredirect
+
         self.root = Path(root).expanduser().resolve()
         if not self.root.exists():
             if not create:
                 raise SlpdError(f"cohort folder {self.root} does not exist")
             # exist_ok: several processes (torchrun ranks) may create the same cohort at once.
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SlpdError(f"cannot create the cohort folder {self.root}: {exc.strerror or exc}; "
+                                "choose a folder you can write to") from exc
         if not self.root.is_dir():
             raise SlpdError(f"cohort path {self.root} is a file, not a folder")
+        # A read-only cohort (read-only share, someone else's files): read here, write to a cache folder.
+        self.cache_root: Path | None = None
+        if not is_writable_dir(self.root):
+            self.cache_root = cache_folder_for(self.root, cache)
+            redirect(self.root, self.cache_root)
+        else:
+            unredirect(self.root)
+
+    @property
+    def read_only(self) -> bool:
+        return self.cache_root is not None
+
+    def read_only_note(self) -> str:
+        """One line for the user when the cohort is read-only ("" otherwise)."""
+        if self.cache_root is None:
+            return ""
+        return (f"cohort folder {self.root} is read-only: it is read where it is, and everything written "
+                f"(prototypes, index, names, thumbnails, new features) goes to the cache folder {self.cache_root} "
+                "(choose another with --cache DIR, $SLPD_CACHE_DIR or the Cohort panel)")
+
+    def _file(self, path: Path) -> Path:
+        if self.cache_root is None:
+            return path
+        from napari_slpd.utils.storage import cohort_file
+
+        return cohort_file(path)
 
     # -- registry ------------------------------------------------------------------------------
     @property
     def registry_path(self) -> Path:
-        return self.root / REGISTRY_NAME
+        return self._file(self.root / REGISTRY_NAME)
 
     def _load_registry(self) -> dict:
         if not self.registry_path.exists():
@@ -135,25 +169,25 @@ class Cohort:
 
     # -- cache paths ---------------------------------------------------------------------------
     def features_path(self, slide_id: str) -> Path:
-        return self.root / "features" / f"{slide_id}.h5"
+        return self._file(self.root / "features" / f"{safe_slide_id(slide_id)}.h5")
 
     def prototypes_path(self, slide_id: str) -> Path:
-        return self.root / "prototypes" / f"{slide_id}.h5"
+        return self._file(self.root / "prototypes" / f"{safe_slide_id(slide_id)}.h5")
 
     def proalign_path(self, slide_id: str) -> Path:
-        return self.root / "proalign" / f"{slide_id}.h5"
+        return self._file(self.root / "proalign" / f"{safe_slide_id(slide_id)}.h5")
 
     def thumbnail_path(self, slide_id: str) -> Path:
-        return self.root / "thumbnails" / f"{slide_id}.png"
+        return self._file(self.root / "thumbnails" / f"{safe_slide_id(slide_id)}.png")
 
     @property
     def index_dir(self) -> Path:
-        return self.root / "index"
+        return self._file(self.root / "index")
 
     @property
     def annotations_path(self) -> Path:
-        return self.root / "annotations.json"
+        return self._file(self.root / "annotations.json")
 
     @property
     def training_dir(self) -> Path:
-        return self.root / "training"
+        return self._file(self.root / "training")

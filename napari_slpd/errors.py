@@ -31,3 +31,23 @@ class PrototypeError(SlpdError):
 
 class ExportError(SlpdError):
     """Regions cannot be exported (not on a lattice, mismatched lengths, nothing to write)."""
+
+
+class StorageError(SlpdError):
+    """A cache file cannot be written: the disk is full (kind "full") or the folder is read-only or someone
+    else's (kind "read-only"). The message names the folder, the space needed and what was kept."""
+
+    def __init__(self, message: str, folder=None, kind: str = "full", needed: int | None = None,
+                 free: int | None = None):
+        super().__init__(message)
+        self.folder = folder
+        self.kind = kind
+        self.needed = needed
+        self.free = free
+
+    def __reduce__(self):  # picklable across worker processes with its fields
+        return (type(self), (str(self), self.folder, self.kind, self.needed, self.free))
+
+
+class CacheDamagedError(SlpdError):
+    """A cache file is damaged (not readable, wrong format); the message names it and what happens next."""

@@ -12,14 +12,25 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, suffix: str = ".partial") -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, suffix: str = ".partial", size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success it is renamed onto ``final`` (atomic on POSIX).
 
-    On an exception the temporary file is removed and ``final`` is untouched.
+    On an exception the temporary file is removed and ``final`` is untouched. A full disk (or quota, or
+    file size limit) and a read-only folder raise :class:`napari_slpd.errors.StorageError` naming the folder
+    and the space needed (``size_hint``: the expected size, when the caller knows it). A ``final`` inside a
+    read-only cohort that has a cache folder is written there instead (napari_slpd.utils.storage).
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    from napari_slpd.utils.storage import storage_error, write_target
+
+    final = write_target(Path(final))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    except OSError as exc:
+        error = storage_error(exc, final, needed=size_hint)
+        if error is not None:
+            raise error from exc
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -28,9 +39,20 @@ def atomic_path(final: str | os.PathLike, suffix: str = ".partial") -> Iterator[
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = tmp_path.stat().st_size
+        free = None
+        if isinstance(exc, (OSError, RuntimeError)):
+            from napari_slpd.utils.storage import free_bytes
+
+            free = free_bytes(final.parent)  # before the temporary file gives its space back
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        error = storage_error(exc, final, written, size_hint, free) if isinstance(exc, (OSError, RuntimeError)) else None
+        if error is not None:
+            raise error from exc
         raise
 
 
