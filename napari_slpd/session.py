@@ -943,7 +943,7 @@ class Session:
         if ps.mpp is not None:
             return f"{ps.mpp:.4g}", f"{ps.mpp:g} µm/px as the slide file states it ({ps.source})", True
         if ps.source == "implausible" and ps.raw is not None:
-            return (f"implausible ({ps.raw:g})",
+            return (f"implausible ({ps.raw:.2f})",
                     f"the file states {ps.raw:g} µm/px, which no scanner produces (a 96-dpi default?); {fix}", False)
         return "unknown", f"the file states no pixel size; {fix}", False
 
