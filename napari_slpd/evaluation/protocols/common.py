@@ -63,3 +63,19 @@ def full_proba(partial: np.ndarray, classes_seen: np.ndarray, n_classes: int) ->
     out = np.zeros((partial.shape[0], n_classes), np.float64)
     out[:, np.asarray(classes_seen, np.int64)] = partial
     return out
+
+
+# Below this many numbers in a design matrix, BLAS thread wake-ups cost more than the work they share
+# (measured: a 72 x 12 logistic regression fit is 3x faster on one thread on a busy 2-core machine).
+SMALL_PROBLEM_VALUES = 4_000_000
+
+
+def blas_threads_for(X):
+    """A context that runs BLAS/OpenMP on one thread for small problems, unchanged for large ones."""
+    import contextlib
+
+    if np.asarray(X).size >= SMALL_PROBLEM_VALUES:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)

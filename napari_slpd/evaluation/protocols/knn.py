@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_slpd.evaluation.protocols.common import Predictions, TaskData, full_proba
+from napari_slpd.evaluation.protocols.common import Predictions, TaskData, blas_threads_for, full_proba
 from napari_slpd.utils.progress import raise_if_cancelled
 
 
@@ -21,7 +21,12 @@ class KnnConfig:
     k: int = 5
 
 
-def knn_vectors(data: TaskData, X: np.ndarray, config: KnnConfig, cancel=None) -> Predictions:
+def knn_vectors(data: TaskData, X: np.ndarray, config, cancel=None) -> Predictions:
+    with blas_threads_for(X):
+        return _knn_vectors(data, X, config, cancel)
+
+
+def _knn_vectors(data: TaskData, X: np.ndarray, config: KnnConfig, cancel=None) -> Predictions:
     from sklearn.neighbors import KNeighborsClassifier
 
     parts = []

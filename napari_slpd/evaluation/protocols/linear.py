@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_slpd.evaluation.protocols.common import Predictions, TaskData, full_proba
+from napari_slpd.evaluation.protocols.common import Predictions, TaskData, blas_threads_for, full_proba
 from napari_slpd.utils.progress import raise_if_cancelled
 
 
@@ -30,7 +30,12 @@ def linear_model(config: LinearConfig):
     return make_pipeline(StandardScaler(), LogisticRegression(C=config.C, max_iter=config.max_iter))
 
 
-def linear_probe(data: TaskData, X: np.ndarray, config: LinearConfig, cancel=None) -> Predictions:
+def linear_probe(data: TaskData, X: np.ndarray, config, cancel=None) -> Predictions:
+    with blas_threads_for(X):
+        return _linear_probe(data, X, config, cancel)
+
+
+def _linear_probe(data: TaskData, X: np.ndarray, config: LinearConfig, cancel=None) -> Predictions:
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_slpd.evaluation.protocols.common import Predictions, TaskData
+from napari_slpd.evaluation.protocols.common import Predictions, TaskData, blas_threads_for
 from napari_slpd.utils.progress import raise_if_cancelled
 
 
@@ -41,7 +41,12 @@ def structured(event: np.ndarray, time: np.ndarray) -> np.ndarray:
     return Surv.from_arrays(event=np.asarray(event, bool), time=np.asarray(time, np.float64))
 
 
-def cox(data: TaskData, X: np.ndarray, config: CoxConfig, cancel=None) -> Predictions:
+def cox(data: TaskData, X: np.ndarray, config, cancel=None) -> Predictions:
+    with blas_threads_for(X):
+        return _cox(data, X, config, cancel)
+
+
+def _cox(data: TaskData, X: np.ndarray, config: CoxConfig, cancel=None) -> Predictions:
     parts = []
     for fold in data.folds:
         raise_if_cancelled(cancel, "Cox model")
