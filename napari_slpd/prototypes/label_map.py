@@ -1,10 +1,10 @@
 """Prototype label maps: each region's (or patch's) prototype painted as an integer image that overlays
 the slide in napari.
 
-Placement follows the project's world frame (napari_slpd.viewer.layers): the slide's level-0 pixel j is centred
-at world ``j * u`` (u = um/px, or 1 when the pixel size is unknown), so a level-0 box [x0, x1) spans world
-``(x0 - 0.5) * u`` to ``(x1 - 0.5) * u``. A label pixel of ``scale`` level-0 px whose box starts at level-0
-``origin`` therefore needs ``translate = (origin + scale / 2 - 0.5) * u``.
+Placement follows the project's world frame (:mod:`napari_slpd.viewer.frame`): the slide's level-0 pixel j
+is centred at world ``j * u`` (u = um/px, or 1 when the pixel size is unknown), so a level-0 box [x0, x1)
+spans world ``(x0 - 0.5) * u`` to ``(x1 - 0.5) * u``. A label pixel of ``scale`` level-0 px whose box
+starts at level-0 ``origin`` therefore needs ``translate = (origin + scale / 2 - 0.5) * u``.
 
 Regions lie on a regular lattice (build_region_grid steps by the region size), so one label pixel per
 region reproduces every region box exactly. Tiles that overlap or are offset by a fraction of their size
@@ -58,11 +58,10 @@ class LabelMap:
     def to_layer_kwargs(self, mpp: float | None = None, name: str | None = None, opacity: float = 0.5) -> dict:
         """Keyword arguments for ``viewer.add_labels(lm.data, **kwargs)`` (scale/translate in um when
         ``mpp`` is given, level-0 px otherwise: the same frame as the slide layer)."""
-        unit = float(mpp) if mpp else 1.0
-        ty, tx = self.translate
+        from napari_slpd.viewer.frame import SlideFrame
+
         kwargs = {
-            "scale": (self.scale * unit, self.scale * unit),
-            "translate": (ty * unit, tx * unit),
+            **SlideFrame((0, 0), mpp).raster_kwargs(self.origin, self.scale),
             "opacity": opacity,
             "metadata": {
                 "slpd_label_map": True,
@@ -71,8 +70,6 @@ class LabelMap:
                 "exact_overlay": bool(self.exact),
             },
         }
-        if mpp:
-            kwargs["units"] = ("um", "um")
         if name is not None:
             kwargs["name"] = name
         return kwargs

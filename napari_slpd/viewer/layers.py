@@ -1,9 +1,8 @@
 """napari layer-data tuples for slides, tissue masks and region grids (Qt-free, napari-free).
 
-Every layer of one slide shares one world frame: micrometres when the pixel size is known, level-0
-pixels otherwise. A level-0 pixel j is centred at world ``j * mpp`` (napari's convention: data index at
-pixel centre), so a level-0 box [x0, x1) spans world ``(x0 - 0.5) * mpp`` to ``(x1 - 0.5) * mpp``; all
-helpers here place their layers by that rule so overlays line up with the image at every zoom.
+Every layer of one slide shares one world frame (:mod:`napari_slpd.viewer.frame`): micrometres when the
+pixel size is known, level-0 pixels otherwise, pixel centres on integer data coordinates; all helpers here
+take their scale and translate from it, so overlays line up with the image at every zoom.
 """
 
 from __future__ import annotations
@@ -13,23 +12,13 @@ import numpy as np
 from napari_slpd.slides.grid import RegionGrid
 from napari_slpd.slides.slide import Slide
 from napari_slpd.slides.tissue import TissueMask
-
-UNKNOWN_MPP_NOTE = "pixel size unknown: distances are in level-0 pixels, not micrometres"
+from napari_slpd.viewer.frame import UNKNOWN_MPP_NOTE, SlideFrame  # noqa: F401  (UNKNOWN_MPP_NOTE re-exported)
 
 
 def world_units(slide: Slide) -> tuple[tuple[float, float], tuple[str, str] | None]:
     """(scale, units) of level-0 pixels in the world frame: (mpp, mpp), ("um", "um") or (1, 1), None."""
-    if slide.mpp is None:
-        return (1.0, 1.0), None
-    return (float(slide.mpp), float(slide.mpp)), ("um", "um")
-
-
-def _frame_kwargs(slide: Slide, scale_factor: tuple[float, float] = (1.0, 1.0)) -> dict:
-    (sy, sx), units = world_units(slide)
-    kwargs = {"scale": (sy * scale_factor[0], sx * scale_factor[1])}
-    if units is not None:
-        kwargs["units"] = units
-    return kwargs
+    frame = SlideFrame.of(slide)
+    return frame.image_scale, frame.units
 
 
 def slide_metadata(slide: Slide) -> dict:
@@ -57,7 +46,7 @@ def slide_image_layer(slide: Slide, name: str | None = None) -> tuple:
         "multiscale": True,
         "contrast_limits": (0, 255),
         "metadata": slide_metadata(slide),
-        **_frame_kwargs(slide),
+        **SlideFrame.of(slide).image_kwargs(),
     }
     if slide.mpp is None:
         kwargs["name"] = f"{kwargs['name']} [pixels: pixel size unknown]"
@@ -105,12 +94,8 @@ TISSUE_COLOR = "#39ff14"  # a green that no H&E stain has, so the overlay reads 
 def tissue_mask_layer(slide: Slide, mask: TissueMask, name: str | None = None, opacity: float = 0.3,
                       color: str = TISSUE_COLOR) -> tuple:
     """The tissue mask as a labels layer (1 = tissue, drawn in ``color``) aligned with the slide image."""
-    sx, sy = mask.scale_xy  # level-0 px per mask px
-    kwargs = _frame_kwargs(slide, (sy, sx))
-    scale_y, scale_x = kwargs["scale"]
-    (py, px), _ = world_units(slide)
-    # Mask px i covers level-0 [i * s, (i + 1) * s): its centre is at level-0 (i + 0.5) * s - 0.5.
-    kwargs["translate"] = ((sy / 2 - 0.5) * py, (sx / 2 - 0.5) * px)
+    # Mask px (0, 0) covers level-0 [0, scale_xy): a raster in the slide's frame.
+    kwargs = SlideFrame.of(slide).raster_kwargs((0.0, 0.0), mask.scale_xy)
     kwargs.update(
         name=name or f"{slide.slide_id} tissue",
         opacity=opacity,
@@ -123,16 +108,15 @@ def tissue_mask_layer(slide: Slide, mask: TissueMask, name: str | None = None, o
 
 def region_rectangles(grid: RegionGrid) -> list[np.ndarray]:
     """One (4, 2) array of (row, col) corners per region, in level-0 pixel-centre coordinates."""
-    boxes = grid.region_boxes().astype(np.float64) - 0.5
-    return [np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]) for x0, y0, x1, y1 in boxes]
+    return list(SlideFrame.box_corners_data(grid.region_boxes()))
 
 
 def region_grid_layer(slide: Slide, grid: RegionGrid, name: str | None = None,
                       edge_color: str = "#00e5ff", edge_width_um: float | None = None) -> tuple:
     """The region grid as a shapes layer of rectangles with ``region`` and ``tissue_fraction`` features."""
-    kwargs = _frame_kwargs(slide)
-    (sy, _), _ = world_units(slide)
-    width_px = grid.region_size_level0 / 60 if edge_width_um is None else edge_width_um / sy
+    frame = SlideFrame.of(slide)
+    kwargs = frame.image_kwargs()  # data in level-0 pixel-centre coordinates, scaled like the image
+    width_px = grid.region_size_level0 / 60 if edge_width_um is None else edge_width_um / frame.s
     kwargs.update(
         name=name or f"{slide.slide_id} regions",
         shape_type="rectangle",
@@ -174,9 +158,6 @@ def region_labels_layer(slide: Slide, grid: RegionGrid, labels: np.ndarray, name
     """A labels layer with one label per region (e.g. its prototype, ``labels + offset`` so 0 stays
     background), aligned with the slide."""
     image, (xo, yo) = region_values_image(grid, np.asarray(labels, dtype=np.int64) + offset, fill=0)
-    size = grid.region_size_level0
-    kwargs = _frame_kwargs(slide, (size, size))
-    (py, px), _ = world_units(slide)
-    kwargs["translate"] = ((yo + size / 2 - 0.5) * py, (xo + size / 2 - 0.5) * px)
+    kwargs = SlideFrame.of(slide).raster_kwargs((xo, yo), grid.region_size_level0)
     kwargs.update(name=name, opacity=opacity, metadata={"slpd_slide_path": str(slide.path)})
     return (image.astype(np.int32), kwargs, "labels")

@@ -46,7 +46,7 @@ def _tag(kwargs: dict, slide_id: str, role: str) -> dict:
 
 
 def _units(geometry: SlideGeometry) -> dict:
-    return {"units": ("um", "um")} if geometry.mpp else {}
+    return geometry.units_kwargs()
 
 
 def _replace_layer(viewer, name: str, data, kwargs: dict, layer_type: str):

@@ -4,11 +4,9 @@ Panels never talk to each other directly: they change :class:`SlpdState` and lis
 signals, so any subset of panels can be docked in any order and stay in sync. Nothing here imports Qt,
 so the state can be tested without a display; the viewer is only used to look layers up by name.
 
-World coordinates: every layer of a slide is placed in micrometres (``scale = mpp`` per level-0 px) when
-the slide's pixel size is known, and in level-0 pixels (``scale = 1``) for every layer of the slide when it
-is not, so layers always align with each other. napari puts pixel *centres* on integer data coordinates,
-so level-0 pixel ``x`` covers world ``[(x - 0.5) * s, (x + 0.5) * s)``; a raster whose pixel covers
-``step`` level-0 px from ``origin`` gets ``translate = (origin - 0.5 + step / 2) * s``.
+World coordinates: every layer of a slide is placed by :class:`napari_slpd.viewer.frame.SlideFrame`
+(``SlideGeometry`` here): micrometres when the slide's pixel size is known, level-0 pixels otherwise, pixel
+centres on integer data coordinates.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import numpy as np
 from psygnal import Signal
 
 from napari_slpd.session import Session, SessionSettings
+from napari_slpd.viewer.frame import SlideFrame
 from napari_slpd.labeling.palette import default_prototype_rgba as default_prototype_color
 
 log = logging.getLogger(__name__)
@@ -47,53 +46,9 @@ LAYER_SUFFIX = {
 # -- geometry ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SlideGeometry:
-    """How a slide's level-0 pixels map to napari world coordinates (um, or px when mpp is unknown)."""
-
-    dimensions: tuple[int, int]  # (width, height) of level 0
-    mpp: float | None
-
-    @property
-    def unit(self) -> str:
-        return "um" if self.mpp else "px"
-
-    @property
-    def s(self) -> float:
-        """World units per level-0 px."""
-        return float(self.mpp) if self.mpp else 1.0
-
-    @property
-    def image_scale(self) -> tuple[float, float]:
-        return (self.s, self.s)
-
-    def raster_transform(
-        self, origin_xy: tuple[float, float], step_xy: float | tuple[float, float]
-    ) -> tuple[tuple[float, float], tuple[float, float]]:
-        """(scale, translate) in (y, x) of a raster whose pixel (0, 0) covers level-0
-        ``[origin, origin + step)`` and each pixel ``step`` level-0 px (one value or (step_x, step_y))."""
-        sx, sy = (step_xy, step_xy) if np.isscalar(step_xy) else step_xy
-        ox, oy = origin_xy
-        scale = (sy * self.s, sx * self.s)
-        translate = ((oy - 0.5 + sy / 2) * self.s, (ox - 0.5 + sx / 2) * self.s)
-        return scale, translate
-
-    def world_to_level0(self, world_yx: Sequence[float]) -> tuple[float, float]:
-        """Continuous level-0 (x, y) (openslide convention: pixel x spans [x, x + 1)) of a world point."""
-        wy, wx = float(world_yx[-2]), float(world_yx[-1])
-        return (wx / self.s + 0.5, wy / self.s + 0.5)
-
-    def level0_to_world(self, x: float, y: float) -> tuple[float, float]:
-        return ((y - 0.5) * self.s, (x - 0.5) * self.s)
-
-    def box_corners_world(self, boxes_xyxy: np.ndarray) -> np.ndarray:
-        """[M, 4, 2] world (y, x) corners of level-0 boxes (x0, y0, x1, y1), for a napari Shapes layer."""
-        b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-        y0, x0 = (b[:, 1] - 0.5) * self.s, (b[:, 0] - 0.5) * self.s
-        y1, x1 = (b[:, 3] - 0.5) * self.s, (b[:, 2] - 0.5) * self.s
-        return np.stack(
-            [np.stack([y0, x0], 1), np.stack([y0, x1], 1), np.stack([y1, x1], 1), np.stack([y1, x0], 1)], axis=1
-        )
+# The world frame of a slide (level-0 px <-> um or px, pixel centres, layer scale/translate) has one home:
+# napari_slpd.viewer.frame. SlideGeometry is its name here.
+SlideGeometry = SlideFrame
 
 
 @dataclass
