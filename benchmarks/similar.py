@@ -1,26 +1,28 @@
-"""Similar-slide search at cohort scale: build time, query latency, recall and speed-up over exact search.
+"""Similar-slide search at cohort scale, on several cohort regimes in one run.
 
-A synthetic cohort with structure, so that nearest neighbours mean something: prototypes are drawn around
-``--types`` tissue-type centres; subtypes shift a type's centre, cases (patients, ~6 slides each) shift it
-again, and every slide adds its own noise. A slide's K prototypes are K distinct tissue types of its
-case's repertoire. Its most similar slides are then the other slides of its case and the closest slides
-of its subtype: a top 10 that mixes near-duplicates with a tight crowd of runners-up.
+Regimes (synthetic prototype sets, L2-normalized, K prototypes of E dimensions per slide):
+- ``unique``: today's cohort: 512 tissue types, subtypes and cases (~6 slides) shift a type's centre, so a
+  query's true neighbours own near-duplicate prototypes (the easy case for a per-prototype shortlist);
+- ``shared-<noise>``: 40 tissue types, each present in 20-60 % of slides (as stroma, tumour, fat or
+  lymphocytes are); a slide's K prototypes are noisy members of its types (repeated when it has fewer
+  than K types); noise vectors of norm 0.2, 0.5 and 1.0 (small to large);
+- ``random``: uniformly random prototypes (no structure at all: the worst case for any pruning).
 
-Measured in one process:
-- ``build_s``: adding all slides to a CohortIndex with the IVF first stage (training included);
-- ``query_ms_median``: one query (slide id -> 10 most similar slides with distances and matched pairs);
-- ``recall_at_10``: overlap of those 10 with the exact top 10 (exact S over the whole cohort, bound-pruned);
-- ``speedup_vs_exact``: brute-force exact search (the Hungarian algorithm against every slide, then sort;
-  the official K!-permutation search is out of reach at K = 16) divided by the query time, on a sample of
-  queries; the brute-force top 10 is checked to equal the exact one. The pruned exact path is timed too.
+For each: ``build_s`` (adding all slides + the first stage), ``memory_mb`` (index arrays),
+``query_ms_median`` / ``query_ms_p90`` (slide id -> exact 10 most similar, with matched pairs),
+``recall_at_10`` and ``mean_distance_excess`` (returned top-10 mean distance / exact - 1) against the
+reference (``method="exact"``: float32 product against every prototype + exact solves) over the queries,
+the reference checked against brute force (Hungarian against every slide) on a few queries, whose time
+gives ``speedup_vs_exact_bruteforce``. A ``cuda_query_ms_median`` when CUDA is present (else null).
 
-Usage: python benchmarks/similar.py [--quick] [--n-slides N] [--k 16] [--dim 192]
-The last line printed is one JSON object.
+Usage: python benchmarks/similar.py [--quick] [--n-slides N] [--regimes unique,random] [--queries 100]
+The last line printed is one JSON object (worst regime first-class: query_ms_median, recall_at_10_min).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -30,19 +32,24 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from napari_slpd.similarity.index import CohortIndex, IndexConfig  # noqa: E402
+from napari_slpd.similarity.index import CohortIndex, IndexConfig
+
+REGIMES = ("unique", "shared-0.2", "shared-0.5", "shared-1.0", "random")
 
 
-def synthetic_cohort(n_slides: int, k: int = 16, dim: int = 192, n_types: int = 512, slides_per_case: int = 6,
-                     cases_per_subtype: int = 80, types_per_subtype: int = 32, types_per_case: int = 24,
-                     seed: int = 0, chunk: int = 8192) -> np.ndarray:
-    """[n_slides, k, dim] float32 L2-normalized prototypes with tissue-type / subtype / case structure."""
+def _unit(v: np.ndarray) -> np.ndarray:
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    return v
+
+
+def unique_types_cohort(n_slides: int, k: int = 16, dim: int = 192, n_types: int = 512, slides_per_case: int = 6,
+                        cases_per_subtype: int = 80, types_per_subtype: int = 32, types_per_case: int = 24,
+                        seed: int = 0, chunk: int = 8192) -> np.ndarray:
+    """[n_slides, k, dim] float32: tissue-type / subtype / case structure, near-duplicates within a case."""
     rng = np.random.default_rng(seed)
 
     def unit(shape):
-        v = rng.standard_normal(shape, dtype=np.float32)
-        v /= np.linalg.norm(v, axis=-1, keepdims=True)
-        return v
+        return _unit(rng.standard_normal(shape, dtype=np.float32))
 
     types_per_case = max(types_per_case, k)
     types_per_subtype = max(types_per_subtype, types_per_case)
@@ -56,127 +63,191 @@ def synthetic_cohort(n_slides: int, k: int = 16, dim: int = 192, n_types: int = 
     case_slots = np.stack([rng.choice(types_per_subtype, types_per_case, replace=False) for _ in range(n_cases)])
     case_shift = unit((n_cases, types_per_case, dim)) * 0.45
     slide_case = rng.integers(n_cases, size=n_slides)
-    # Type centre + subtype shift, per (subtype, type slot): the part of a prototype shared by a subtype.
     subtype_centres = centres[sub_types] + sub_shift
-    noise_scale = np.float32(0.35 / np.sqrt(dim))  # per-component std: noise vectors of norm ~0.35
+    noise_scale = np.float32(0.35 / np.sqrt(dim))
     out = np.empty((n_slides, k, dim), np.float32)
     for s0 in range(0, n_slides, chunk):
         s1 = min(n_slides, s0 + chunk)
         cases = slide_case[s0:s1]
-        pick = np.argsort(rng.random((s1 - s0, types_per_case)), axis=1)[:, :k]  # which of the case's types
-        slot = np.take_along_axis(case_slots[cases], pick, axis=1)  # index into the subtype's types
+        pick = np.argsort(rng.random((s1 - s0, types_per_case)), axis=1)[:, :k]
+        slot = np.take_along_axis(case_slots[cases], pick, axis=1)
         v = out[s0:s1]
         rng.standard_normal(v.shape, dtype=np.float32, out=v)
         v *= noise_scale
         v += subtype_centres[case_sub[cases][:, None], slot]
         v += case_shift[cases[:, None], pick]
-        v /= np.linalg.norm(v, axis=-1, keepdims=True)
+        _unit(v)
     return out
 
 
-def brute_force_top(index: CohortIndex, slide_id: str, n: int) -> list[str]:
-    """Exact top n by solving the assignment problem against every other slide (no pruning)."""
-    from scipy.optimize import linear_sum_assignment
+def shared_types_cohort(n_slides: int, k: int = 16, dim: int = 192, noise: float = 0.5, n_types: int = 40,
+                        prevalence=(0.2, 0.6), seed: int = 0, chunk: int = 8192) -> np.ndarray:
+    """[n_slides, k, dim] float32: ``n_types`` types each present in a fraction of slides drawn from
+    ``prevalence``; prototypes = type centre + a noise vector of norm ~``noise``, normalized."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((n_types, dim), dtype=np.float32))
+    p = rng.uniform(*prevalence, size=n_types)
+    out = np.empty((n_slides, k, dim), np.float32)
+    scale = np.float32(noise / np.sqrt(dim))
+    for s0 in range(0, n_slides, chunk):
+        s1 = min(n_slides, s0 + chunk)
+        c = s1 - s0
+        present = rng.random((c, n_types)) < p
+        present[np.arange(c), rng.integers(n_types, size=c)] = True  # at least one type
+        order = np.argsort(rng.random((c, n_types)) + (~present) * 2.0, axis=1)  # present types first, shuffled
+        m = present.sum(axis=1)
+        cols = np.arange(k)[None, :] % m[:, None]  # repeat types when a slide has fewer than k
+        types = np.take_along_axis(order, cols, axis=1)
+        v = out[s0:s1]
+        rng.standard_normal(v.shape, dtype=np.float32, out=v)
+        v *= scale
+        v += centres[types]
+        _unit(v)
+    return out
 
-    q = index.prototypes(slide_id)
-    ids = index.slide_ids
-    store = index._store
-    slots = np.array([store.key_to_slot[s] for s in ids])
-    K = int(store.slot_count[slots[0]])
-    sims = (store.vectors[: store.n_rows] @ q.T)[store.gather_rows(slots, K)].transpose(0, 2, 1)
-    scores = np.empty(len(ids))
-    for j in range(len(ids)):
-        r, c = linear_sum_assignment(sims[j], maximize=True)
-        scores[j] = sims[j][r, c].sum(dtype=np.float64)
-    scores[ids.index(slide_id)] = -np.inf
-    order = np.lexsort((slots, -scores))[:n]
-    return [ids[j] for j in order]
+
+def random_cohort(n_slides: int, k: int = 16, dim: int = 192, seed: int = 0, chunk: int = 8192) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_slides, k, dim), np.float32)
+    for s0 in range(0, n_slides, chunk):
+        v = out[s0 : s0 + chunk]
+        rng.standard_normal(v.shape, dtype=np.float32, out=v)
+        _unit(v)
+    return out
+
+
+def make_cohort(regime: str, n_slides: int, k: int, dim: int, seed: int) -> np.ndarray:
+    if regime == "unique":
+        return unique_types_cohort(n_slides, k, dim, seed=seed)
+    if regime.startswith("shared-"):
+        return shared_types_cohort(n_slides, k, dim, noise=float(regime.split("-", 1)[1]), seed=seed)
+    if regime == "random":
+        return random_cohort(n_slides, k, dim, seed=seed)
+    raise SystemExit(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
+
+
+def run_regime(regime: str, args, n_slides: int) -> dict:
+    t0 = time.perf_counter()
+    X = make_cohort(regime, n_slides, args.k, args.dim, args.seed)
+    gen_s = time.perf_counter() - t0
+    ids = [f"slide{i:06d}" for i in range(n_slides)]
+    t0 = time.perf_counter()
+    index = CohortIndex(config=IndexConfig(device="cpu"))
+    index.add_arrays(ids, X, source="synthetic")
+    del X
+    gc.collect()
+    index.stage()
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed + 1)
+    queries = [ids[i] for i in rng.choice(n_slides, args.queries, replace=False)]
+    for q in queries[:3]:  # warm-up (page faults, thread pools)
+        index.query(q, n=10)
+    times, got, rescored, solved = [], {}, [], []
+    for q in queries:
+        t = time.perf_counter()
+        got[q] = index.query(q, n=10)
+        times.append(time.perf_counter() - t)
+        rescored.append(index.last_stats.rescored)
+        solved.append(index.last_stats.solved)
+    exact_all = all(r.exact for rows in got.values() for r in rows)
+    query_ms = 1000 * float(np.median(times))
+    ref, ref_times = {}, []
+    for q in queries[: args.reference_queries]:
+        t = time.perf_counter()
+        ref[q] = index.query(q, n=10, method="exact", )
+        ref_times.append(time.perf_counter() - t)
+    recall = float(np.mean([len({r.slide_id for r in got[q]} & {r.slide_id for r in ref[q]}) / 10 for q in ref]))
+    excess = float(np.mean([np.mean([r.distance for r in got[q]]) / np.mean([r.distance for r in ref[q]]) - 1
+                            for q in ref]))
+    distances_equal = all(np.allclose([r.distance for r in got[q]], [r.distance for r in ref[q]], atol=1e-5)
+                          for q in ref)
+    brute_times = []
+    for q in queries[: args.brute_queries]:
+        t = time.perf_counter()
+        brute = index.query(q, n=10, method="bruteforce", )
+        brute_times.append(time.perf_counter() - t)
+        if [r.slide_id for r in brute] != [r.slide_id for r in ref[q]]:
+            raise SystemExit(f"{regime}: brute force and the reference disagree for {q}")
+    cuda_ms = None
+    if args.cuda:
+        cuda = CohortIndex(config=IndexConfig(device="cuda"))
+        cuda._store = index._store
+        cuda.stage()
+        for q in queries[:3]:
+            cuda.query(q, n=10)
+        ct = []
+        for q in queries:
+            t = time.perf_counter()
+            rows = cuda.query(q, n=10)
+            ct.append(time.perf_counter() - t)
+            if [r.slide_id for r in rows] != [r.slide_id for r in got[q]]:
+                raise SystemExit(f"{regime}: CUDA and CPU answers differ for {q}")
+        cuda_ms = round(1000 * float(np.median(ct)), 2)
+        del cuda
+    result = {
+        "regime": regime,
+        "generate_s": round(gen_s, 1),
+        "build_s": round(build_s, 2),
+        "memory_mb": round(index.nbytes / 2**20, 1),
+        "first_stage": f"{index.stage().precision}/{index.stage().device}",
+        "query_ms_median": round(query_ms, 2),
+        "query_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
+        "recall_at_10": round(recall, 4),
+        "mean_distance_excess": round(excess, 6),
+        "distances_equal_reference": distances_equal,
+        "exact_flag": exact_all,
+        "rescored_median": int(np.median(rescored)),
+        "solved_median": int(np.median(solved)),
+        "reference_ms_median": round(1000 * float(np.median(ref_times)), 1),
+        "bruteforce_ms_median": round(1000 * float(np.median(brute_times)), 1) if brute_times else None,
+        "cuda_query_ms_median": cuda_ms,
+        "n_queries": len(times),
+        "n_recall_queries": len(ref),
+    }
+    print(json.dumps(result), flush=True)
+    del index
+    gc.collect()
+    return result
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10,000 slides, fewer queries (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="10,000 slides")
     parser.add_argument("--n-slides", type=int, default=None)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--queries", type=int, default=None, help="timed approximate queries")
-    parser.add_argument("--exact-queries", type=int, default=None, help="queries whose exact top 10 is computed")
-    parser.add_argument("--brute-queries", type=int, default=None, help="queries also answered by brute force")
+    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--queries", type=int, default=100, help="timed queries per regime")
+    parser.add_argument("--reference-queries", type=int, default=None,
+                        help="queries also answered by the float32 reference (default: all)")
+    parser.add_argument("--brute-queries", type=int, default=2, help="queries also answered by brute force")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     n_slides = args.n_slides or (10_000 if args.quick else 100_000)
-    n_queries = args.queries or (100 if args.quick else 200)
-    n_exact = min(n_queries, args.exact_queries or (50 if args.quick else 30))
-    n_brute = min(n_exact, args.brute_queries or 3)
+    args.reference_queries = args.reference_queries or args.queries
+    import torch
 
-    t0 = time.perf_counter()
-    X = synthetic_cohort(n_slides, args.k, args.dim, seed=args.seed)
-    gen_s = time.perf_counter() - t0
-    ids = [f"slide{i:06d}" for i in range(n_slides)]
-    print(f"synthetic cohort: {n_slides} slides x {args.k} prototypes x {args.dim}-d in {gen_s:.1f} s", flush=True)
-
-    config = IndexConfig(method="ivf")  # the large-cohort path, also for --quick (auto would pick exact)
-    t0 = time.perf_counter()
-    index = CohortIndex(config=config)
-    index.add_arrays(ids, X, source="synthetic")
-    build_s = time.perf_counter() - t0
-    del X
-    print(f"index build: {build_s:.1f} s ({index!r})", flush=True)
-
-    rng = np.random.default_rng(args.seed + 1)
-    queries = [ids[i] for i in rng.choice(n_slides, n_queries, replace=False)]
-    for q in queries[:3]:  # warm-up (page faults, faiss thread pool)
-        index.query(q, n=10)
-    approx, times = {}, []
-    for q in queries:
-        t = time.perf_counter()
-        approx[q] = [r.slide_id for r in index.query(q, n=10)]
-        times.append(time.perf_counter() - t)
-    query_ms = 1000 * float(np.median(times))
-    print(f"IVF queries: median {query_ms:.1f} ms, p90 {1000 * np.percentile(times, 90):.1f} ms over {len(times)}",
-          flush=True)
-
-    exact, exact_times = {}, []
-    for q in queries[:n_exact]:
-        t = time.perf_counter()
-        exact[q] = [r.slide_id for r in index.query(q, n=10, method="exact")]
-        exact_times.append(time.perf_counter() - t)
-    recall = float(np.mean([len(set(approx[q]) & set(exact[q])) / 10 for q in exact]))
-    exact_ms = 1000 * float(np.median(exact_times))
-    print(f"exact (bound-pruned) queries: median {exact_ms:.1f} ms; recall@10 of IVF vs exact: {recall:.4f} "
-          f"over {len(exact)} queries", flush=True)
-
-    brute_times = []
-    for q in queries[:n_brute]:
-        t = time.perf_counter()
-        top = brute_force_top(index, q, 10)
-        brute_times.append(time.perf_counter() - t)
-        if top != exact[q]:
-            raise SystemExit(f"brute force and exact disagree for {q}: {top} vs {exact[q]}")
-    brute_ms = 1000 * float(np.median(brute_times))
-    speedup = brute_ms / query_ms
-    print(f"brute-force exact (Hungarian vs every slide): median {brute_ms:.0f} ms over {len(brute_times)} queries; "
-          f"same top 10 as the pruned exact path", flush=True)
-    print(f"speed-up of IVF query vs brute-force exact: {speedup:.1f}x; vs pruned exact: {exact_ms / query_ms:.1f}x",
-          flush=True)
+    args.cuda = torch.cuda.is_available()
+    regimes = [r for r in args.regimes.split(",") if r]
+    print(f"{n_slides} slides x {args.k} prototypes x {args.dim}-d; regimes: {', '.join(regimes)}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    rows = [run_regime(r, args, n_slides) for r in regimes]
+    worst = max(rows, key=lambda r: r["query_ms_median"])
+    brute = [r["bruteforce_ms_median"] for r in rows if r["bruteforce_ms_median"]]
+    cuda = [r["cuda_query_ms_median"] for r in rows if r["cuda_query_ms_median"] is not None]
     result = {
         "n_slides": n_slides,
         "k": args.k,
         "dim": args.dim,
-        "build_s": round(build_s, 2),
-        "query_ms_median": round(query_ms, 2),
-        "query_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
-        "recall_at_10": round(recall, 4),
-        "speedup_vs_exact": round(speedup, 1),
-        "speedup_vs_exact_pruned": round(exact_ms / query_ms, 1),
-        "exact_pruned_ms_median": round(exact_ms, 1),
-        "brute_force_ms_median": round(brute_ms, 1),
-        "n_queries": len(times),
-        "n_recall_queries": len(exact),
-        "n_brute_queries": len(brute_times),
-        "nlist": index._ivf.nlist,
-        "nprobe": config.nprobe,
-        "depth": config.depth,
+        "query_ms_median": worst["query_ms_median"],
+        "worst_regime": worst["regime"],
+        "recall_at_10_min": min(r["recall_at_10"] for r in rows),
+        "mean_distance_excess_max": max(r["mean_distance_excess"] for r in rows),
+        "speedup_vs_exact_bruteforce": round(float(np.median(brute)) / worst["query_ms_median"], 1) if brute else None,
+        "speedup_vs_float32_reference": round(worst["reference_ms_median"] / worst["query_ms_median"], 1),
+        "cuda_query_ms_median": max(cuda) if cuda else None,
+        "all_exact": all(r["exact_flag"] and r["distances_equal_reference"] for r in rows),
+        "regimes": {r["regime"]: {k: v for k, v in r.items() if k != "regime"} for r in rows},
         "cpu_threads": os.cpu_count(),
     }
     print(json.dumps(result))

@@ -1,4 +1,4 @@
-"""The cohort index (exact and IVF paths, add/remove, save/load, cohort sync) and region retrieval."""
+"""The cohort index (bounded and reference paths, add/remove, save/load, cohort sync) and region retrieval."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from test_prototypes import clustered_embeddings, make_cohort, write_feature_file
 
 from napari_slpd.errors import PrototypeError
 from napari_slpd.prototypes import compute_cohort_prototypes
-from napari_slpd.similarity import CohortIndex, IndexConfig, RegionIndex, prototype_set_similarity
-from napari_slpd.similarity.index import auto_nlist
-from test_prototypes import clustered_embeddings, make_cohort, write_feature_file
+from napari_slpd.similarity import (
+    CohortIndex,
+    IndexConfig,
+    RegionIndex,
+    prototype_set_similarity,
+)
 
 
 def unit(rng, *shape):
@@ -72,35 +76,12 @@ def test_exact_queries_rank_like_brute_force_and_explain_the_match():
     assert "s002" not in [r.slide_id for r in index.query("s007", n=159, exclude=["s002"])]
 
 
-def test_ivf_first_stage_recall_and_exact_distances():
-    rng = np.random.default_rng(1)
-    X = structured_cohort(rng, 2000)
-    ids = [f"slide{i}" for i in range(len(X))]
-    # Noisy 32-d prototypes need a deeper first stage than the benchmark's 192-d ones (depth 64 gives 0.9).
-    config = IndexConfig(method="ivf", nlist=64, nprobe=8, depth=256)
-    index = CohortIndex(config=config)
-    index.add_arrays(ids, X)
-    assert index.uses_ivf and index._ivf.nlist == 64
-    hits = 0
-    for q in ids[::100]:
-        approx = index.query(q, n=10)
-        exact = index.query(q, n=10, method="exact")
-        hits += len({r.slide_id for r in approx} & {r.slide_id for r in exact})
-        for r in approx:  # whatever the shortlist, the values returned are exact
-            S = prototype_set_similarity(X[ids.index(q)], X[ids.index(r.slide_id)])[0]
-            assert r.similarity == pytest.approx(S, abs=1e-5)
-        same_case = sum(int(r.slide_id[5:]) % 400 == int(q[5:]) % 400 for r in exact)
-        assert same_case == 4  # the other slides of the case come first
-    assert hits / (10 * 20) >= 0.98
-    assert auto_nlist(1_600_000) == 1024 and auto_nlist(10) == 16
-
-
-def test_add_remove_replace_and_the_ivf_stays_in_step():
+def test_add_remove_replace_and_the_first_stage_stays_in_step():
     rng = np.random.default_rng(2)
     X = structured_cohort(rng, 600, k=4, dim=16)
     ids = [f"s{i}" for i in range(600)]
-    for method in ("exact", "ivf"):
-        index = CohortIndex(config=IndexConfig(method=method, nlist=16))
+    for method in ("exact", "auto"):
+        index = CohortIndex(config=IndexConfig(method=method, device="cpu"))
         index.add_arrays(ids, X)
         top = index.query("s0", n=5)
         gone = top[0].slide_id
@@ -119,8 +100,8 @@ def test_add_remove_replace_and_the_ivf_stays_in_step():
         assert len(index) == 201 and index._store.dead_rows < 400 * 4
         assert [r.slide_id for r in index.query("s1", n=5)] == \
                [r.slide_id for r in index.query("s1", n=5, method="exact")]
-        if method == "ivf":
-            assert index._ivf.index.ntotal == index.n_prototypes
+        if method == "auto":
+            assert len(index.stage()) == len(index) and index.last_stats.exact
 
 
 def test_bad_queries_and_inputs_get_clear_messages():
@@ -146,6 +127,7 @@ def test_bad_queries_and_inputs_get_clear_messages():
         index.query("a", n=0)
     with pytest.raises(PrototypeError, match="method"):
         IndexConfig(method="hnsw")
+    assert IndexConfig.from_dict({"method": "ivf", "nprobe": 8}).method == "auto"  # format-1 settings
     assert [r.slide_id for r in index.query("a", n=10)] == ["b"]  # fewer slides than asked
 
 
@@ -153,14 +135,14 @@ def test_save_load_roundtrip_is_atomic(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     X = structured_cohort(rng, 400, k=4, dim=16)
     ids = [f"s{i}" for i in range(400)]
-    for method in ("exact", "ivf"):
+    for method in ("exact", "auto"):
         folder = tmp_path / method
-        index = CohortIndex(config=IndexConfig(method=method, nlist=16))
+        index = CohortIndex(config=IndexConfig(method=method, device="cpu"))
         index.add_arrays(ids, X)
         index.remove("s5")
         index.save(folder)
         loaded = CohortIndex.load(folder)
-        assert loaded.slide_ids == index.slide_ids and loaded.uses_ivf == (method == "ivf")
+        assert loaded.slide_ids == index.slide_ids and not loaded.uses_ivf
         for q in ("s0", "s17"):
             assert [(r.slide_id, round(r.distance, 6)) for r in loaded.query(q, n=8)] == \
                    [(r.slide_id, round(r.distance, 6)) for r in index.query(q, n=8)]
@@ -168,7 +150,7 @@ def test_save_load_roundtrip_is_atomic(tmp_path, monkeypatch):
         assert loaded.query("s0", n=1)[0].slide_id == "new"
         first = json.loads((folder / "cohort.json").read_text())
         # A save that fails half-way leaves the previous index readable and untouched.
-        import napari_slpd.similarity.index as index_module
+        import napari_slpd.similarity.persistence as index_module
 
         def broken_savez(*args, **kwargs):
             raise OSError("disk full")
@@ -182,7 +164,7 @@ def test_save_load_roundtrip_is_atomic(tmp_path, monkeypatch):
         assert not list(folder.glob("*.partial"))
         loaded.save(folder)  # the next save replaces the generation and removes the old files
         files = sorted(p.name for p in folder.iterdir())
-        assert len(files) == (3 if method == "ivf" else 2) and first["arrays"] not in files
+        assert len(files) == 2 and first["arrays"] not in files
         assert "new" in CohortIndex.load(folder)
 
 

@@ -14,14 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import PrototypeError
-from napari_slpd.utils.progress import is_cancelled
-from napari_slpd.similarity.index import (
-    IVFStage,
-    VectorStore,
-    load_store,
-    save_store,
-)
 from napari_slpd.prototypes.kmeans import check_embeddings, l2_normalize
+from napari_slpd.similarity.persistence import load_store, save_store
+from napari_slpd.similarity.store import IVFStage, VectorStore
+from napari_slpd.utils.progress import is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +195,7 @@ class RegionIndex:
 
     # -- cohorts and persistence ----------------------------------------------------------------------------
     @classmethod
-    def build(cls, cohort, source: str = "region_embeddings", progress=None, cancel=None, **kwargs) -> "RegionIndex":
+    def build(cls, cohort, source: str = "region_embeddings", progress=None, cancel=None, **kwargs) -> RegionIndex:
         index = cls(source=source, **kwargs)
         index.sync(cohort, progress=progress, cancel=cancel)
         return index
@@ -252,7 +248,7 @@ class RegionIndex:
         return save_store(Path(directory), self.name, self._store, self._ivf, meta)
 
     @classmethod
-    def load(cls, directory, source: str = "region_embeddings") -> "RegionIndex":
+    def load(cls, directory, source: str = "region_embeddings") -> RegionIndex:
         index = cls(source=source)
         store, ivf, manifest = load_store(Path(directory), index.name, {"coords": (2,)})
         index._store, index._ivf = store, ivf
@@ -263,7 +259,7 @@ class RegionIndex:
 
     @classmethod
     def open(cls, cohort, source: str = "region_embeddings", progress=None, cancel=None,
-             save: bool = True) -> "RegionIndex":
+             save: bool = True) -> RegionIndex:
         """The cohort's saved region index brought up to date (built when missing), saved when changed."""
         index = None
         if (cohort.index_dir / f"regions-{source}.json").exists():
