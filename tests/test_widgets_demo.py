@@ -21,9 +21,9 @@ def test_demo_viewer_lists_similar_slides_and_writes_screenshots(make_napari_vie
                                                                  artifacts_dir):
     from PIL import Image
 
-    from napari_slpd.cli.demo import (
+    from napari_slpd.samples.demo_cohort import name_prototypes_from_design
+    from napari_slpd.widgets.demo import (
         dock_panels,
-        name_prototypes_from_design,
         save_in_use_screenshots,
         save_neighbour_screenshot,
         save_screenshots,
@@ -93,7 +93,7 @@ def test_tissue_class_shares_count_the_painted_classes_of_each_prototype():
 
     import numpy as np
 
-    from napari_slpd.cli.demo import names_from_shares, tissue_class_shares
+    from napari_slpd.samples.demo_cohort import names_from_shares, tissue_class_shares
     from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     stroma, tumour, fat = (TISSUE_CLASSES.index(n) for n in ("stroma", "tumour", "fat"))
@@ -117,7 +117,7 @@ def test_tissue_class_shares_count_the_painted_classes_of_each_prototype():
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs the Xvfb binary")
 def test_virtual_display_starts_and_restores_display():
-    from napari_slpd.cli.demo import _XvfbProcess
+    from napari_slpd.testing.xvfb import XvfbProcess as _XvfbProcess
 
     before = os.environ.get("DISPLAY")
     display = _XvfbProcess.start()
