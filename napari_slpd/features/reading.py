@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from napari_slpd.utils.cpus import available_cores  # noqa: F401  (re-exported)
 from napari_slpd.utils.progress import CancelCheck, is_cancelled
 
 # Largest band of a region read at once, in read-level px (16 MiB of RGBA from openslide).
@@ -31,12 +31,6 @@ BAND_READ_PX = 4096 * 1024
 RESAMPLING = "pil-bilinear-gap3-bands-v1"
 REDUCING_GAP = 3.0
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. under a batch scheduler)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 # -- reading regions ----------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def decode_pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            from napari_slpd.features.engine import available_cores
+            from napari_slpd.utils.cpus import available_cores
 
             _POOL = ThreadPoolExecutor(max_workers=max(1, min(16, available_cores())),
                                        thread_name_prefix="slpd-decode")
