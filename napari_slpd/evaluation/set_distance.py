@@ -2,8 +2,9 @@
 
 KNN and retrieval on the ``prototype_set`` representation rank slides by the prototype set distance
 (SPEC section 2: max(K, L) - S, S the optimal one-to-one matching of cosines). They go through
-:class:`napari_slpd.similarity.CohortIndex` in its exact mode, built in memory over the evaluated slides
-only, so that an engine change (faster, or more exact) reaches evaluation through these two functions.
+:class:`napari_slpd.similarity.CohortIndex`, built in memory over the evaluated slides only, with its
+default (bounded, exact) search and batch queries (``query_many``), so that an engine change reaches
+evaluation through :func:`build_set_index` and :func:`nearest_sets_many` alone.
 :func:`exact_distance_matrix` is the reference: the Hungarian solution for every pair, one by one.
 
 Ties (equal distances) are broken by slide order in ``slide_ids`` in the reference; the index breaks
@@ -20,7 +21,7 @@ def build_set_index(slide_ids: list[str], sets: list[np.ndarray]):
     """A CohortIndex (exact queries) over the prototype sets [K_i, E] of ``slide_ids``."""
     from napari_slpd.similarity.index import CohortIndex, IndexConfig
 
-    index = CohortIndex(config=IndexConfig(method="exact"))
+    index = CohortIndex(config=IndexConfig())
     sizes = {s.shape[0] for s in sets}
     if len(sizes) == 1:
         index.add_arrays(slide_ids, np.stack(sets).astype(np.float32))
@@ -29,12 +30,21 @@ def build_set_index(slide_ids: list[str], sets: list[np.ndarray]):
     return index
 
 
-def nearest_sets(index, query_id: str, n: int, exclude) -> list[tuple[str, float]]:
-    """The ``n`` slides of ``index`` nearest to ``query_id`` by the prototype set distance, leaving out the
-    query itself and ``exclude``: [(slide_id, distance)], nearest first (fewer when fewer remain)."""
+def nearest_sets_many(index, query_ids: list[str], n: int, excludes: list) -> list[list[tuple[str, float]]]:
+    """For each query slide of ``index``, the ``n`` nearest other slides by the prototype set distance,
+    leaving out the query itself and its ``excludes[i]``: [[(slide_id, distance)], ...], nearest first
+    (fewer when fewer remain)."""
     n = max(1, min(int(n), len(index) - 1))
-    hits = index.query(query_id, n=n, exclude=exclude, method="exact")
-    return [(h.slide_id, float(h.distance)) for h in hits]
+    if hasattr(index, "query_many"):
+        answers = index.query_many(list(query_ids), n=n, exclude=[list(e) for e in excludes], with_pairs=False)
+    else:  # an engine without batch queries
+        answers = [index.query(q, n=n, exclude=e) for q, e in zip(query_ids, excludes)]
+    return [[(h.slide_id, float(h.distance)) for h in hits] for hits in answers]
+
+
+def nearest_sets(index, query_id: str, n: int, exclude) -> list[tuple[str, float]]:
+    """:func:`nearest_sets_many` for one query."""
+    return nearest_sets_many(index, [query_id], n, [exclude])[0]
 
 
 def exact_distance_matrix(sets: list[np.ndarray], progress=None) -> np.ndarray:

@@ -16,6 +16,9 @@ from napari_slpd.evaluation.protocols.common import Predictions, TaskData, blas_
 from napari_slpd.utils.progress import raise_if_cancelled
 
 
+QUERY_BATCH = 256  # prototype-set queries per engine call (cancel is checked between batches)
+
+
 @dataclass
 class KnnConfig:
     k: int = 5
@@ -41,7 +44,7 @@ def _knn_vectors(data: TaskData, X: np.ndarray, config: KnnConfig, cancel=None) 
 
 
 def knn_sets(data: TaskData, sets: list[np.ndarray], config: KnnConfig, cancel=None) -> Predictions:
-    from napari_slpd.evaluation.set_distance import build_set_index, nearest_sets
+    from napari_slpd.evaluation.set_distance import build_set_index, nearest_sets_many
 
     index = build_set_index(data.slide_ids, sets)
     position = {s: i for i, s in enumerate(data.slide_ids)}
@@ -51,9 +54,12 @@ def knn_sets(data: TaskData, sets: list[np.ndarray], config: KnnConfig, cancel=N
         exclude = [s for i, s in enumerate(data.slide_ids) if i not in train]
         k = min(config.k, fold.train.size)
         proba = np.zeros((fold.test.size, data.n_classes))
-        for row, i in enumerate(fold.test):
+        for start in range(0, fold.test.size, QUERY_BATCH):
             raise_if_cancelled(cancel, "KNN")
-            for slide_id, _ in nearest_sets(index, data.slide_ids[i], k, exclude):
-                proba[row, data.y[position[slide_id]]] += 1.0 / k
+            batch = fold.test[start : start + QUERY_BATCH]
+            answers = nearest_sets_many(index, [data.slide_ids[i] for i in batch], k, [exclude] * batch.size)
+            for row, hits in enumerate(answers, start=start):
+                for slide_id, _ in hits:
+                    proba[row, data.y[position[slide_id]]] += 1.0 / k
         parts.append(Predictions(np.full(fold.test.size, fold.index), fold.test, proba=proba))
     return Predictions.concat(parts)

@@ -52,7 +52,7 @@ def retrieval_vectors(data: TaskData, X: np.ndarray, config: RetrievalConfig, ca
 
 
 def retrieval_sets(data: TaskData, sets: list[np.ndarray], config: RetrievalConfig, cancel=None) -> Predictions:
-    from napari_slpd.evaluation.set_distance import build_set_index, nearest_sets
+    from napari_slpd.evaluation.set_distance import build_set_index, nearest_sets_many
 
     n, max_k = len(data.slide_ids), max(config.ks)
     index = build_set_index(data.slide_ids, sets)
@@ -60,13 +60,14 @@ def retrieval_sets(data: TaskData, sets: list[np.ndarray], config: RetrievalConf
     same = _same_case(data.cases)
     retrieved = np.full((n, max_k), -1, np.int64)
     distances = np.full((n, max_k), np.nan)
-    for i, slide_id in enumerate(data.slide_ids):
+    queries = [i for i in range(n) if n - same[i].size > 0]  # a query needs a slide of another case
+    for start in range(0, len(queries), 256):
         raise_if_cancelled(cancel, "retrieval")
-        exclude = [data.slide_ids[j] for j in same[i] if j != i]
-        if n - len(exclude) - 1 <= 0:
-            continue
-        hits = nearest_sets(index, slide_id, max_k, exclude)
-        for r, (hit, dist) in enumerate(hits[:max_k]):
-            retrieved[i, r] = position[hit]
-            distances[i, r] = dist
+        batch = queries[start : start + 256]
+        excludes = [[data.slide_ids[j] for j in same[i] if j != i] for i in batch]
+        answers = nearest_sets_many(index, [data.slide_ids[i] for i in batch], max_k, excludes)
+        for i, hits in zip(batch, answers):
+            for r, (hit, dist) in enumerate(hits[:max_k]):
+                retrieved[i, r] = position[hit]
+                distances[i, r] = dist
     return Predictions(fold_of_each_slide(data.folds, n), np.arange(n), retrieved=retrieved, distances=distances)
