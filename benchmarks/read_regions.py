@@ -73,20 +73,79 @@ def run_reads(read, boxes, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def own_resolution(path, size, boxes, threads, repeats):
-    """(fast s, openslide s) medians and the pixel differences of one pass."""
+def maintained_readers():
+    """Maintained readers measured beside ours when importable: {name: open(path) -> read(xy, size)}.
+
+    tiffslide (tifffile + imagecodecs under openslide's API) is installed for the benchmark only
+    (``pip install tiffslide``); cuCIM's CPU reader (``cucim.clara.CuImage``) from a cucim-cu12 wheel
+    installed without its CUDA dependencies, e.g. ``pip install --no-deps --target DIR cucim-cu12`` and
+    PYTHONPATH=DIR. Neither is a dependency of the package."""
+    readers = {}
+    try:
+        import tiffslide
+
+        def open_tiffslide(path):
+            slide = tiffslide.TiffSlide(str(path))
+            return (lambda xy, size: np.asarray(slide.read_region(xy, 0, (size, size), as_array=True))[..., :3],
+                    slide.close)
+
+        readers["tiffslide"] = open_tiffslide
+    except ImportError:
+        pass
+    try:
+        from cucim.clara import CuImage
+
+        def open_cucim(path):
+            image = CuImage(str(path))
+            return (lambda xy, size: np.asarray(image.read_region(tuple(xy), (size, size), 0))[..., :3],
+                    image.close)
+
+        readers["cucim"] = open_cucim
+    except ImportError:
+        pass
+    return readers
+
+
+def own_resolution(path, size, boxes, threads, repeats, others=None):
+    """(fast s, openslide s) medians, the pixel differences of one pass, our reader's name, and
+    {maintained reader: (median s, diffs against openslide) or the error it raised} for ``others``."""
     from napari_slpd.slides.slide import open_slide
 
+    others = others or {}
     fast_t, ref_t = [], []
+    other_t = {name: [] for name in others}
+    failed = {}
     for _ in range(repeats):
         for reader, store in (("auto", fast_t), ("openslide", ref_t)):
             with open_slide(path, reader=reader) as slide:
                 store.append(run_reads(lambda xy, s=slide: s.read_region(xy, 0, (size, size)), boxes, threads))
+        for name, opener in others.items():
+            if name in failed:
+                continue
+            try:
+                read, close = opener(path)
+                try:
+                    other_t[name].append(run_reads(lambda xy, r=read: r(xy, size), boxes, threads))
+                finally:
+                    close()
+            except Exception as exc:  # a format the maintained reader does not handle
+                failed[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
     with open_slide(path) as fast, open_slide(path, reader="openslide") as ref:
         name = fast.reader
-        diffs = [np.abs(fast.read_region(xy, 0, (size, size)).astype(np.int16)
-                        - ref.read_region(xy, 0, (size, size)).astype(np.int16)) for xy in boxes[:6]]
-    return statistics.median(fast_t), statistics.median(ref_t), diffs, name
+        refs = [ref.read_region(xy, 0, (size, size)).astype(np.int16) for xy in boxes[:6]]
+        diffs = [np.abs(fast.read_region(xy, 0, (size, size)).astype(np.int16) - r) for xy, r in zip(boxes, refs)]
+    measured = {}
+    for other, opener in others.items():
+        if other in failed:
+            measured[other] = failed[other]
+            continue
+        read, close = opener(path)
+        try:
+            d = [np.abs(read(xy, size).astype(np.int16) - r) for xy, r in zip(boxes, refs)]
+        finally:
+            close()
+        measured[other] = (statistics.median(other_t[other]), d)
+    return statistics.median(fast_t), statistics.median(ref_t), diffs, name, measured
 
 
 def at_half(path, size, boxes, threads, repeats):
@@ -168,13 +227,28 @@ def main(argv=None) -> int:
     boxes = regions(dims, args.region, n, args.seed)
     result = {}
     all_diffs = []
+    others = maintained_readers()
+    maintained = {}
     for threads, label in ((1, "1thread"), (ncores, "all_cores")):
-        f, o, diffs, name = own_resolution(path, args.region, boxes, threads, repeats)
+        f, o, diffs, name, measured = own_resolution(path, args.region, boxes, threads, repeats, others)
         all_diffs += diffs
         result[f"mosaic_{label}"] = {"fast_regions_per_s": round(n / f, 2), "openslide_regions_per_s": round(n / o, 2),
                                      "ratio": round(o / f, 3)}
-        print(f"mosaic {args.region}-px regions, {label}: {name} {n / f:.1f}/s, openslide {n / o:.1f}/s -> "
-              f"{o / f:.2f}x", flush=True)
+        line = f"mosaic {args.region}-px regions, {label}: {name} {n / f:.1f}/s, openslide {n / o:.1f}/s -> {o / f:.2f}x"
+        for other, got in measured.items():
+            if isinstance(got, str):
+                maintained.setdefault(other, {})[f"error_{label}"] = got
+                line += f"; {other}: {got}"
+                continue
+            t, d = got
+            entry = maintained.setdefault(other, {})
+            entry[f"regions_per_s_{label}"] = round(n / t, 2)
+            entry[f"fast_vs_{other}_{label}"] = round(t / f, 3)  # > 1: ours is faster
+            entry[f"{other}_vs_openslide_{label}"] = round(o / t, 3)
+            entry["max_abs_diff_vs_openslide"] = int(max(x.max() for x in d))
+            entry["mean_abs_diff_vs_openslide"] = round(float(np.mean([x.mean() for x in d])), 5)
+            line += f"; {other} {n / t:.1f}/s ({t / f:.2f}x slower than ours, max diff {entry['max_abs_diff_vs_openslide']})"
+        print(line, flush=True)
     half_diffs = []
     for threads, label in ((1, "1thread"), (ncores, "all_cores")):
         half_boxes = regions(dims, 2 * args.region, n, args.seed + 1)
@@ -191,11 +265,13 @@ def main(argv=None) -> int:
             continue
         with open_slide(p) as s:
             sboxes = regions(s.dimensions, 512, n, args.seed + 2)
-        f1, o1, d, reader = own_resolution(p, 512, sboxes, 1, repeats)
-        fa, oa, _, _ = own_resolution(p, 512, sboxes, ncores, repeats)
+        f1, o1, d, reader, _ = own_resolution(p, 512, sboxes, 1, repeats)
+        fa, oa, _, _, m = own_resolution(p, 512, sboxes, ncores, repeats, others)
         all_diffs += d
         real[name] = {"reader": reader, "ratio_1thread": round(o1 / f1, 3), "ratio_all_cores": round(oa / fa, 3),
                       "fast_regions_per_s_all_cores": round(n / fa, 2), "max_abs_diff": int(max(x.max() for x in d))}
+        for other, got in m.items():
+            real[name][f"fast_vs_{other}_all_cores"] = got if isinstance(got, str) else round(got[0] / fa, 3)
         print(f"{name}: {reader}, 512-px regions: {o1 / f1:.2f}x single thread, {oa / fa:.2f}x all cores; "
               f"max diff {real[name]['max_abs_diff']}", flush=True)
     cuda = cuda_rate(path, args.region, boxes, repeats) if args.device.startswith("cuda") else None
@@ -213,6 +289,11 @@ def main(argv=None) -> int:
         "reads_40x_at_20x_vs_openslide_1thread": result["mosaic_40x_at_20x_1thread"]["ratio"],
         "scaled_max_abs_diff": int(max(d.max() for d in half_diffs)),
         "scaled_mean_abs_diff": round(float(np.mean([d.mean() for d in half_diffs])), 4),
+        "tiffslide_regions_per_s": maintained.get("tiffslide", {}).get("regions_per_s_all_cores"),
+        "fast_vs_tiffslide": maintained.get("tiffslide", {}).get("fast_vs_tiffslide_all_cores"),
+        "cucim_regions_per_s": maintained.get("cucim", {}).get("regions_per_s_all_cores"),
+        "fast_vs_cucim": maintained.get("cucim", {}).get("fast_vs_cucim_all_cores"),
+        "maintained_readers": maintained,
         "fast_regions_per_s_all_cores": result["mosaic_all_cores"]["fast_regions_per_s"],
         "openslide_regions_per_s_all_cores": result["mosaic_all_cores"]["openslide_regions_per_s"],
         "real_slides": real,

@@ -72,15 +72,17 @@ class RegionReader:
         out = np.empty((G, G, p, p, 3), np.uint8)
         rows = self.band_rows()
         scale = self.scale
-        # A slide that hands out PIL images saves a full-size array round trip before resizing.
-        read_image = getattr(self.slide, "read_region_image", None) if scale == 1 else None
+        tiles = getattr(self.slide, "_tiles", None) is not None
+        # A slide that hands out PIL images saves a full-size array round trip before resizing (openslide).
+        read_image = getattr(self.slide, "read_region_image", None) if scale == 1 and not tiles else None
         for r0 in range(0, G, rows):
             r1 = min(G, r0 + rows)
             # Source rows of this band at the read level: patch-row boundaries rounded to whole px.
             sy0, sy1 = round(r0 * rs / G), round(r1 * rs / G)
             where, size = (x0, int(round(y0 + sy0 * ds))), (rs, sy1 - sy0)
-            if scale > 1:  # decoded at 1/scale by the tile reader (libjpeg's scaled IDCT)
-                band, _ = self.slide.read_region_reduced(where, level, size, max_scale=scale)
+            if tiles:  # the tile reader; at scale > 1 decoded at 1/scale (libjpeg's scaled IDCT)
+                # more_below: the next band starts with the tile row this one's bottom edge cuts.
+                band, _ = self.slide.read_region_reduced(where, level, size, max_scale=scale, more_below=r1 < G)
                 image = None
                 size = (band.shape[1], band.shape[0])
             else:

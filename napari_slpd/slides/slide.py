@@ -520,20 +520,23 @@ class Slide:
                 "(the file may be damaged)"
             ) from exc
 
-    def _read_tiles(self, location, level: int, size, scale: int = 1, parallel: bool = False) -> np.ndarray:
+    def _read_tiles(self, location, level: int, size, scale: int = 1, parallel: bool = False,
+                    more_below: bool = False) -> np.ndarray:
         from napari_slpd.slides.readers.tiles import TileDecodeError, tile_error
 
         try:
-            return self._tiles.read((int(location[0]), int(location[1])), level, size, scale, parallel)
+            return self._tiles.read((int(location[0]), int(location[1])), level, size, scale, parallel, more_below)
         except TileDecodeError as exc:
             raise tile_error(self.path, location, level, size, exc) from exc
 
     def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                            max_scale: int = 1, parallel: bool = False) -> tuple[np.ndarray, int]:
+                            max_scale: int = 1, parallel: bool = False,
+                            more_below: bool = False) -> tuple[np.ndarray, int]:
         """The region of :meth:`read_region` decoded at 1/s of ``level`` (s the largest of 1, 2, 4, 8 up
         to ``max_scale`` the tiles allow, through libjpeg's scaled IDCT): (RGB array of
         ceil(w/s) x ceil(h/s) px, s). s is 1 with openslide. ``parallel`` splits a large read over the
-        shared decode pool (for a caller that reads one region at a time)."""
+        shared decode pool (for a caller that reads one region at a time). ``more_below``: the caller
+        reads the rows just below next (a region in bands): the tile row the bottom edge cuts is cached."""
         self._check_readable(level)
         w, h = int(size[0]), int(size[1])
         scale = 1
@@ -545,7 +548,7 @@ class Slide:
         with self._count_lock:
             self._read_calls += 1
         out_size = (math.ceil(w / scale), math.ceil(h / scale))
-        return self._read_tiles(location, level, out_size, scale, parallel), scale
+        return self._read_tiles(location, level, out_size, scale, parallel, more_below), scale
 
     def _check_readable(self, level: int) -> None:
         if self._closed:
