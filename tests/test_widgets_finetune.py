@@ -161,3 +161,72 @@ def test_closing_napari_while_training_asks_to_stop_or_leave(make_napari_viewer,
     assert asked == ["cancel", "stop", "leave"]
     # With nothing running, closing asks nothing.
     assert panel.handle_close(QCloseEvent()) is False and asked == ["cancel", "stop", "leave"]
+
+
+def test_knn_monitor_before_after_table_and_switching_back(make_napari_viewer, qtbot, tmp_path, artifacts_dir):
+    """A labelled cohort: the panel defaults to tiny for its small token grids (and says why), a real tiny run
+    with the labels file plots the KNN AUC per epoch beside the loss curves (warm-up end marked), "Use
+    checkpoint" shows the before/after table, and switching back restores the earlier region embeddings."""
+    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+    from napari_slpd.features.store import load_region_embeddings
+    from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.finetune import FineTuneWidget
+    from napari_slpd.widgets.state import SlpdState
+
+    cohort, labels = write_embedding_cohort(
+        tmp_path / "cohort", SyntheticCohortSpec(n_slides=16, n_classes=2, regions=(6, 10), token_dim=8, grid=4,
+                                                 embed_dim=16, k=2, seed=1, separation=2.0))
+    viewer = make_napari_viewer()
+    state = SlpdState.for_viewer(viewer)
+    state.set_session(Session(cohort.root, SessionSettings(
+        features=FeatureSettings(region_encoder="synthetic", device="cpu"), prototypes=PrototypeSettings(k=2))))
+    widget = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="SLPD fine-tune", area="right")
+    assert widget.preset_combo.currentText() == "tiny"  # 4 x 4 grids cannot take the official 14 x 14 crops
+    widget.preset_combo.setCurrentText("nsclc")
+    assert "too small" in widget.preset_note.text()
+    widget.preset_combo.setCurrentText("tiny")
+    assert "quick check" in widget.preset_note.text()
+    assert widget.encoder_combo.count() == 1 and not widget.switch_button.isEnabled()
+    widget.labels_edit.setText(str(labels))
+    assert widget._load_tasks() == ["class"]
+    widget.epochs_spin.setValue(3)
+    widget.batch_spin.setValue(32)
+    widget.warm_spin.setValue(0)
+    widget.device_combo.setCurrentText("cpu")
+    widget.threads_spin.setValue(1)
+    assert widget.settings().extra_args == ["--labels", str(labels), "--task", "class"]
+
+    widget.start_button.click()
+    run = widget.run
+    qtbot.waitUntil(lambda: not run.is_running, timeout=240_000)
+    widget.poll()
+    assert run.state == "done", run.log_tail(30)
+    assert [m["epoch"] for m in run.progress.monitor] == [-1, 0, 1, 2]
+    assert widget.plot.monitor_points() == 4 and widget.plot.warmup_line.get_visible()
+    assert run.progress.warmup_end_step == run.progress.steps_per_epoch
+    assert "KNN AUC" in widget.log_view.toPlainText()
+
+    path = cohort.features_path(cohort.slide_ids()[0])
+    before = load_region_embeddings(path)
+    widget.use_button.click()
+    assert wait_for(widget.task_bar, qtbot, 120_000) == "done", widget.task_bar.status.text()
+    qtbot.waitUntil(lambda: widget.comparison_table.comparison is not None or widget.task_bar.status.text().startswith(
+        "Before / after evaluation:"), timeout=120_000)
+    assert widget.comparison_table.comparison is not None, (widget.task_bar.status.text(), widget.comparison_label.text())
+    assert not widget.comparison_table.isHidden()
+    table = widget.comparison_table
+    cells = [[table.cell_text(r, c) for c in range(table.columnCount())] for r in range(table.rowCount())]
+    assert ["knn", "auc"] == cells[0][:2] and any(row[0] == "linear" for row in cells)
+    comparison = table.comparison
+    assert comparison.before == "synthetic" and comparison.n_slides == 16
+    assert widget.encoder_combo.count() == 2 and widget.switch_button.isEnabled()
+    _screenshot(viewer, qtbot, artifacts_dir / "finetune_monitor.png")
+
+    widget.encoder_combo.setCurrentIndex([widget.encoder_combo.itemData(i) for i in range(2)].index("synthetic"))
+    widget.switch_button.click()
+    assert wait_for(widget.task_bar, qtbot, 60_000) == "done", widget.task_bar.status.text()
+    assert load_region_embeddings(path).tobytes() == before.tobytes()
+    assert state.session.settings.features.region_checkpoint is None
+    assert "synthetic" in widget.encoder_combo.currentText() and "[selected]" in widget.encoder_combo.currentText()

@@ -66,8 +66,12 @@ class CohortRegionEncoder:
 
     @property
     def kind(self) -> str:
-        """The FeatureSettings.region_encoder that builds it ("hipt_vit4k" or "mean")."""
-        return "mean" if self.region_encoder.startswith("mean") else "hipt_vit4k"
+        """The FeatureSettings.region_encoder that builds it ("hipt_vit4k", "mean", or the first word of the
+        model id of encoders this package does not build, e.g. imported embeddings)."""
+        for kind in ("hipt_vit4k", "mean"):
+            if self.region_encoder.startswith(kind):
+                return kind
+        return self.region_encoder.split(" ")[0] or "hipt_vit4k"
 
     def describe(self) -> str:
         where = "" if self.complete else f" ({self.n_slides} of {self.n_with_features} slides)"
@@ -376,3 +380,94 @@ def region_embedding_sources(cohort) -> list[tuple[str, Callable[[str], np.ndarr
     if len(encoders) > 1:
         sources += [(e.key, loader(e.key)) for e in encoders]
     return sources
+
+
+# -- before / after ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VersionComparison:
+    """The evaluation of two region-embedding versions side by side (what "Use checkpoint" shows)."""
+
+    before: str  # version keys
+    after: str
+    task: str
+    rows: list[dict]  # {protocol, metric, before, before_std, after, after_std, difference, ci_low, ci_high, p_value}
+    n_slides: int
+    n_folds: int
+    result: object = None  # napari_slpd.evaluation.engine.EvaluationResult
+
+    def table(self) -> str:
+        lines = [f"task {self.task}: {self.n_slides} slides, {self.n_folds} folds; before = {self.before}, "
+                 f"after = {self.after}",
+                 f"{'protocol':<10} {'metric':<18} {'before':>15} {'after':>15} {'diff':>8} {'p':>6}"]
+        for r in self.rows:
+            lines.append(
+                f"{r['protocol']:<10} {r['metric']:<18} {r['before']:>7.3f} +/- {r['before_std']:<5.3f} "
+                f"{r['after']:>7.3f} +/- {r['after_std']:<5.3f} {r['difference']:>+8.3f} "
+                f"{'' if r['p_value'] is None else format(r['p_value'], '.3f'):>6}")
+        return "\n".join(lines)
+
+
+def _representation_of(version: str, selected: str | None) -> str:
+    return f"region_mean@{version}"
+
+
+def install_evaluation_sources() -> None:
+    """Let :mod:`napari_slpd.evaluation` see every region-embedding version (``region_mean@KEY``)."""
+    from napari_slpd.evaluation.representations import set_region_embedding_sources
+
+    set_region_embedding_sources(region_embedding_sources)
+
+
+def evaluate_versions(cohort, labels, before: str, after: str, task: str | None = None,
+                      protocols: Sequence[str] = ("knn", "linear"), n_folds: int = 10, seed: int = 0,
+                      progress: ProgressFn | None = None, cancel=None) -> VersionComparison:
+    """Evaluate the mean region embeddings of versions ``before`` and ``after`` on the same slides and folds
+    with the evaluation engine (``protocols``: KNN and linear probe by default), with the engine's paired
+    bootstrap of each difference. Folds: ``n_folds``, fewer when a class has fewer cases."""
+    from napari_slpd.evaluation.engine import EvaluationConfig, evaluate
+    from napari_slpd.evaluation.errors import LabelsError
+
+    install_evaluation_sources()
+    before_key = find_region_encoder(cohort, before).key
+    after_key = find_region_encoder(cohort, after).key
+    names = [_representation_of(before_key, None), _representation_of(after_key, None)]
+    import re
+
+    folds = int(n_folds)
+    for _attempt in range(2):
+        config = EvaluationConfig(tasks=[task] if task else None, representations=names, protocols=list(protocols),
+                                  n_folds=folds, seed=seed)
+        try:
+            result = evaluate(cohort, labels, config, progress=progress, cancel=cancel)
+            break
+        except LabelsError as exc:  # too few cases of a class for this many folds: the most that work
+            suggested = re.search(r"--folds (\d+)", str(exc))
+            if suggested is None or int(suggested[1]) >= folds or _attempt:
+                raise
+            folds = int(suggested[1])
+    task_name = task or next(iter(result.tasks))
+    rows = []
+    for protocol in protocols:
+        try:
+            a = result.result(task_name, names[0], protocol)
+            b = result.result(task_name, names[1], protocol)
+        except KeyError:
+            continue
+        comparison = next((c for c in result.comparisons if c.task == task_name and c.protocol == protocol), None)
+        for metric in a.summary:
+            fa, fb = a.summary[metric], b.summary[metric]
+            row = {"protocol": protocol, "metric": metric, "before": fa.get("mean"), "before_std": fa.get("std"),
+                   "after": fb.get("mean"), "after_std": fb.get("std"),
+                   "difference": (fb.get("mean") or 0.0) - (fa.get("mean") or 0.0),
+                   "ci_low": None, "ci_high": None, "p_value": None}
+            if comparison is not None and comparison.metric == metric:
+                sign = 1.0 if comparison.a == names[1] else -1.0  # engine: difference = a - b
+                row.update(ci_low=sign * (comparison.ci_low if sign > 0 else comparison.ci_high),
+                           ci_high=sign * (comparison.ci_high if sign > 0 else comparison.ci_low),
+                           p_value=comparison.p_value)
+            rows.append(row)
+    info = result.tasks[task_name]
+    return VersionComparison(before_key, after_key, task_name, rows, len(info.data.slide_ids), len(info.data.folds),
+                             result)

@@ -1,5 +1,11 @@
 """SLPD fine-tune panel: train the region encoder on the open cohort in a background process, follow it
-(loss terms, log, ETA), stop / resume it, and make its checkpoint the cohort's region encoder.
+(loss terms with the end of the DINO-only warm-up marked, the KNN monitor when a labels file is given, log,
+ETA), stop / resume it, make its checkpoint the cohort's region encoder (with a before/after evaluation
+table when a labels file is given) and switch between the region encoders the cohort holds.
+
+The default preset is the official SLPD recipe (``nsclc``) when the cohort's token grids take the official
+crops (14 x 14 global, 6 x 6 local: grids of 14 x 14 or more, 16 x 16 for 4096-px regions of 256-px
+patches); ``tiny`` is for small grids and quick checks, and says so.
 
 The process, its events and its checkpoints are :mod:`napari_slpd.training.run`'s; "use this
 checkpoint" is :func:`napari_slpd.features.reencode.use_checkpoint` in a worker. Closing napari while a
@@ -12,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QApplication,
     QComboBox,
     QFileDialog,
@@ -26,6 +33,8 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -53,45 +62,130 @@ class _CloseFilter(QObject):
         return False
 
 
+def _style_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_facecolor("#1e1f24")
+    for spine in ax.spines.values():
+        spine.set_color("#888888")
+    ax.tick_params(colors="#cccccc", labelsize=8)
+    ax.set_xlabel(xlabel, color="#cccccc", fontsize=8)
+    ax.set_ylabel(ylabel, color="#cccccc", fontsize=8)
+    ax.grid(True, color="#444444", linewidth=0.5)
+
+
+def _legend(ax, **kw) -> None:
+    legend = ax.legend(fontsize=7, facecolor="#262930", edgecolor="#555555", **kw)
+    for text in legend.get_texts():
+        text.set_color("#dddddd")
+
+
 class LossPlot(QWidget):
-    """Each loss term against the training step (matplotlib, dark like napari)."""
+    """Each loss term against the training step, the end of the warm-up marked (prototype losses on from
+    there), and beside it the KNN monitor's AUC per epoch (matplotlib, dark like napari)."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(4, 2.4), dpi=90, facecolor="#262930", layout="constrained")
+        self.figure = Figure(figsize=(4, 3.4), dpi=90, facecolor="#262930", layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.axes = self.figure.add_subplot(111)
-        ax = self.axes
-        ax.set_facecolor("#1e1f24")
-        for spine in ax.spines.values():
-            spine.set_color("#888888")
-        ax.tick_params(colors="#cccccc", labelsize=8)
-        ax.set_xlabel("step", color="#cccccc", fontsize=8)
-        ax.set_ylabel("loss", color="#cccccc", fontsize=8)
-        ax.grid(True, color="#444444", linewidth=0.5)
-        self.lines = {term: ax.plot([], [], label=label, color=TERM_COLORS[term], linewidth=1.2)[0]
+        self.axes, self.monitor_axes = self.figure.subplots(2, 1, height_ratios=[3, 2])
+        _style_axes(self.axes, "step", "loss")
+        self.lines = {term: self.axes.plot([], [], label=label, color=TERM_COLORS[term], linewidth=1.2)[0]
                       for term, label in TERM_LABELS.items()}
-        legend = ax.legend(fontsize=7, loc="upper right", facecolor="#262930", edgecolor="#555555")
-        for text in legend.get_texts():
-            text.set_color("#dddddd")
+        self.warmup_line = self.axes.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0,
+                                             label="warm-up ends", visible=False)
+        _legend(self.axes, loc="upper left")
+        ax = self.monitor_axes
+        _style_axes(ax, "epoch (-1: before training)", "KNN AUC")
+        ax.set_ylim(0.0, 1.02)
+        self.auc_line = ax.plot([], [], "o-", color="#e377c2", linewidth=1.2, markersize=3, label="KNN AUC")[0]
+        self.bacc_line = ax.plot([], [], "s--", color="#17becf", linewidth=1.0, markersize=3,
+                                 label="balanced accuracy")[0]
+        self.monitor_warm_line = ax.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0, visible=False)
+        self.monitor_note = ax.text(0.5, 0.5, "KNN monitor off: give a labels file", transform=ax.transAxes,
+                                    ha="center", va="center", color="#999999", fontsize=8)
+        _legend(ax, loc="lower right")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
-        self.setMinimumHeight(180)
+        self.setMinimumHeight(260)
 
-    def update_curves(self, curves) -> None:
+    def update_curves(self, curves, warmup_end_step: int | None = None) -> None:
         for term, line in self.lines.items():
             steps, values = curves.get(term, ([], []))
             line.set_data(list(steps), list(values))
+        if warmup_end_step is not None:
+            self.warmup_line.set_xdata([warmup_end_step, warmup_end_step])
+        self.warmup_line.set_visible(warmup_end_step is not None)
         self.axes.relim()
         self.axes.autoscale_view()
         self.canvas.draw_idle()
 
+    def update_monitor(self, records: list[dict], warm_epoch: int | None = None, labelled: bool = False) -> None:
+        records = sorted(records, key=lambda r: r.get("epoch", -1))
+        epochs = [r.get("epoch", -1) for r in records]
+        self.auc_line.set_data(epochs, [_nan(r.get("knn_auc")) for r in records])
+        self.bacc_line.set_data(epochs, [_nan(r.get("balanced_accuracy")) for r in records])
+        if warm_epoch is not None and records:
+            # Prototype losses are on from epoch warm_epoch + 1: the boundary sits after epoch warm_epoch.
+            self.monitor_warm_line.set_xdata([warm_epoch + 0.5, warm_epoch + 0.5])
+        self.monitor_warm_line.set_visible(warm_epoch is not None and bool(records))
+        if records:
+            self.monitor_note.set_text("")
+            last = records[-1]
+            self.monitor_axes.set_title(
+                f"{last.get('task')}: {last.get('n_slides')} slides, {last.get('n_folds')} frozen folds, "
+                f"k={last.get('k')}", color="#cccccc", fontsize=8)
+        else:
+            self.monitor_note.set_text("KNN monitor: waiting for the first measurement" if labelled else
+                                       "KNN monitor off: give a labels file")
+            self.monitor_axes.set_title("")
+        self.monitor_axes.set_xlim(-1.5, max(epochs + [1]) + 0.5)
+        self.canvas.draw_idle()
+
     def points(self, term: str) -> int:
         return len(self.lines[term].get_xdata())
+
+    def monitor_points(self) -> int:
+        return len(self.auc_line.get_xdata())
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class BeforeAfterTable(QTableWidget):
+    """The evaluation of the previous and the new region embeddings side by side."""
+
+    HEADERS = ["protocol", "metric", "before", "after", "difference (95% CI)", "p"]
+
+    def __init__(self, parent=None):
+        super().__init__(0, len(self.HEADERS), parent)
+        self.setHorizontalHeaderLabels(self.HEADERS)
+        self.verticalHeader().setVisible(False)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.horizontalHeader().setStretchLastSection(True)
+        self.comparison = None
+
+    def show_comparison(self, comparison) -> None:
+        self.comparison = comparison
+        rows = [r for r in comparison.rows if r["metric"] in ("auc", "balanced_accuracy", "weighted_f1",
+                                                              "quadratic_kappa", "c_index")]
+        self.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            cells = [r["protocol"], r["metric"], f"{r['before']:.3f} ± {r['before_std']:.3f}",
+                     f"{r['after']:.3f} ± {r['after_std']:.3f}", f"{r['difference']:+.3f}{ci}",
+                     "" if r["p_value"] is None else f"{r['p_value']:.3f}"]
+            for j, text in enumerate(cells):
+                self.setItem(i, j, QTableWidgetItem(text))
+        self.resizeColumnsToContents()
+        self.setToolTip(comparison.table())
+
+    def cell_text(self, row: int, column: int) -> str:
+        item = self.item(row, column)
+        return item.text() if item is not None else ""
 
 
 class FineTuneWidget(QWidget):
@@ -105,9 +199,20 @@ class FineTuneWidget(QWidget):
         self.run = None  # napari_slpd.training.run.TrainingRun
         self.stop_timeout = 300.0  # s a stop may take before SIGTERM/SIGKILL (checkpoint of a big model)
 
+        from src_training.config import PRESET_LABELS
+
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems(["tiny", "nsclc", "brca"])
-        self.preset_combo.setToolTip("tiny: a quick run on a CPU; nsclc (K=4) / brca (K=2): the official settings")
+        self.preset_combo.addItems(["nsclc", "brca", "tiny"])
+        for i in range(self.preset_combo.count()):
+            self.preset_combo.setItemData(i, PRESET_LABELS[self.preset_combo.itemText(i)], Qt.ItemDataRole.ToolTipRole)
+        self.preset_combo.setToolTip("nsclc (K=4) / brca (K=2): the official SLPD recipe (needs token grids of at "
+                                     "least 14 x 14); tiny: small grids and quick checks, not the official recipe")
+        self.preset_note = QLabel()
+        self.preset_note.setWordWrap(True)
+        self.preset_note.setStyleSheet("color: #aaaaaa;")
+        self._preset_chosen = False  # the user picked a preset: opening a cohort no longer changes it
+        self.preset_combo.currentTextChanged.connect(self._on_preset_changed)
+        self.preset_combo.activated.connect(lambda *_: setattr(self, "_preset_chosen", True))
         self.epochs_spin = _spin(0, 10000, "preset", "Epochs (official: 100)")
         self.k_spin = _spin(0, 32, "preset", "Prototypes per slide K (official: 4 NSCLC, 2 BRCA)")
         self.batch_spin = _spin(0, 4096, "preset", "Regions per GPU and step (official: 128)")
@@ -129,8 +234,36 @@ class FineTuneWidget(QWidget):
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_edit, 1)
         run_row.addWidget(browse)
+        self.labels_edit = QLineEdit()
+        self.labels_edit.setPlaceholderText("optional: labels CSV for the KNN monitor")
+        self.labels_edit.setToolTip("CSV/TSV with slide_id, a class column and optionally case_id (the format of "
+                                    "`slpd evaluate`): after every epoch the KNN AUC of the teacher's slide "
+                                    "embeddings on frozen folds; 'Use checkpoint' then evaluates before vs after")
+        self.labels_edit.editingFinished.connect(lambda: self._load_tasks(quiet=True))
+        labels_browse = QPushButton("…")
+        labels_browse.setMaximumWidth(32)
+        labels_browse.clicked.connect(guarded("Labels")(lambda *_: self._choose_labels()))
+        self.task_combo = QComboBox()
+        self.task_combo.setEditable(True)
+        self.task_combo.setToolTip("the class column of the labels file")
+        labels_row = QHBoxLayout()
+        labels_row.addWidget(self.labels_edit, 1)
+        labels_row.addWidget(labels_browse)
+        labels_row.addWidget(self.task_combo)
+
+        self.encoder_combo = QComboBox()
+        self.encoder_combo.setToolTip("Region embeddings the cohort holds, one set per region encoder; switching "
+                                      "is instant (nothing is recomputed) and prototypes and similar slides follow")
+        self.switch_button = QPushButton("Switch")
+        self.switch_button.setToolTip("Make these region embeddings the cohort's (prototypes and index follow)")
+        self.switch_button.clicked.connect(guarded("Switch region encoder")(lambda *_: self.switch_encoder()))
+        encoder_row = QHBoxLayout()
+        encoder_row.addWidget(self.encoder_combo, 1)
+        encoder_row.addWidget(self.switch_button)
+
         form = QFormLayout()
         form.addRow("Preset", self.preset_combo)
+        form.addRow("", self.preset_note)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("K", self.k_spin)
         form.addRow("Batch", self.batch_spin)
@@ -143,6 +276,7 @@ class FineTuneWidget(QWidget):
         device_row.addWidget(self.threads_spin)
         form.addRow("Device", device_row)
         form.addRow("Run folder", run_row)
+        form.addRow("Labels", labels_row)
 
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(guarded("Fine-tune")(lambda *_: self.start()))
@@ -166,23 +300,36 @@ class FineTuneWidget(QWidget):
         self.status = QLabel("No training run.")
         self.status.setWordWrap(True)
         self.plot = LossPlot()
+        self.comparison_label = QLabel("")
+        self.comparison_label.setWordWrap(True)
+        self.comparison_table = BeforeAfterTable()
+        self.comparison_table.setVisible(False)
+        self.comparison_table.setMinimumHeight(120)
+        encoders_form = QFormLayout()
+        encoders_form.addRow("Region encoder", encoder_row)
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
         self.log_view.setMinimumHeight(80)
         self.task_bar = TaskBar()
+        self.task_bar.task_finished.connect(lambda *_: self._update_buttons())
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
-        layout.addWidget(self.plot, 2)
+        layout.addWidget(self.plot, 3)
+        layout.addLayout(encoders_form)
+        layout.addWidget(self.comparison_label)
+        layout.addWidget(self.comparison_table, 1)
         layout.addWidget(self.log_view, 1)
         layout.addWidget(self.task_bar)
 
         self._log_shown = 0
         self._points_shown = -1
+        self._monitor_shown = -1
+        self._on_preset_changed(self.preset_combo.currentText())
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -205,10 +352,18 @@ class FineTuneWidget(QWidget):
         session = self.state.require_session()
         preset = self.preset_combo.currentText()
         run_dir = self.run_edit.text().strip() or str(default_run_dir(session.root, preset))
+        extra = []
+        labels = self.labels_edit.text().strip()
+        if labels:
+            extra += ["--labels", labels]
+            task = self.task_combo.currentText().strip()
+            if task:
+                extra += ["--task", task]
         return TrainingSettings(
             cohort=str(session.root),
             run_dir=run_dir,
             preset=preset,
+            extra_args=extra,
             epochs=self.epochs_spin.value() or None,
             num_clusters=self.k_spin.value() or None,
             batch_size=self.batch_spin.value() or None,
@@ -222,6 +377,11 @@ class FineTuneWidget(QWidget):
     def _on_cohort_changed(self, session) -> None:
         from napari_slpd.training.run import TrainingRun, find_runs, running_runs
 
+        self.refresh_encoders()
+        if session is not None and not self._preset_chosen:
+            from src_training.config import default_preset
+
+            self.preset_combo.setCurrentText(default_preset(_cohort_grid(session)))
         if self.run is not None and self.run.is_running:
             return  # keep following the run we started
         self._follow(None)
@@ -250,8 +410,10 @@ class FineTuneWidget(QWidget):
         self.run = run
         self._log_shown = 0
         self._points_shown = -1
+        self._monitor_shown = -1
         self.log_view.clear()
         self.plot.update_curves({})
+        self.plot.update_monitor([], labelled=bool(self.labels_edit.text().strip()))
         if run is not None:
             self.run_edit.setText(str(run.run_dir))
             self.poll()
@@ -273,8 +435,12 @@ class FineTuneWidget(QWidget):
         progress = run.progress
         n_points = len(progress.curves["loss"][0])
         if n_points != self._points_shown:
-            self.plot.update_curves(progress.curves)
+            self.plot.update_curves(progress.curves, progress.warmup_end_step)
             self._points_shown = n_points
+        if len(progress.monitor) != self._monitor_shown:
+            labelled = bool(self.labels_edit.text().strip())
+            self.plot.update_monitor(progress.monitor, progress.warm_epoch, labelled=labelled)
+            self._monitor_shown = len(progress.monitor)
         for line in progress.log[self._log_shown:]:
             self.log_view.appendPlainText(line)
         self._log_shown = len(progress.log)
@@ -296,8 +462,9 @@ class FineTuneWidget(QWidget):
         self.use_button.setEnabled(run is not None and not running and run.exported_checkpoint() is not None
                                    and not busy)
         for w in (self.preset_combo, self.epochs_spin, self.k_spin, self.batch_spin, self.warm_spin,
-                  self.device_combo, self.threads_spin, self.run_edit):
+                  self.device_combo, self.threads_spin, self.run_edit, self.labels_edit, self.task_combo):
             w.setEnabled(not running)
+        self.switch_button.setEnabled(not busy and self.encoder_combo.count() > 1)
         self.gpus_spin.setEnabled(not running and _cuda_count() > 1)
 
     # -- actions ---------------------------------------------------------------------------------------
@@ -367,7 +534,155 @@ class FineTuneWidget(QWidget):
         self.task_bar.status.setText(report.summary())
         self.log_view.appendPlainText(f"{time.strftime('%H:%M:%S')}  {report.summary()}")
         show_info(report.summary())
+        self.refresh_encoders()
         self._update_buttons()
+        labels = self.labels_edit.text().strip()
+        if labels and not report.cancelled and report.previous_version and report.previous_version != report.version:
+            # The task bar runs one task at a time: start the evaluation once this task has finished.
+            self._after_task(lambda: self.compare_versions(report.previous_version, report.version))
+        elif not labels:
+            self.comparison_label.setText("Give a labels file to see the previous and the new region embeddings "
+                                          "evaluated side by side.")
+
+    def _after_task(self, fn) -> None:
+        def once(*_):
+            self.task_bar.task_finished.disconnect(once)
+            guarded("Fine-tune")(fn)()
+
+        self.task_bar.task_finished.connect(once)
+
+    # -- before / after and region encoders ------------------------------------------------------------
+    def compare_versions(self, before: str, after: str):
+        """Evaluate two region-embedding versions on the labels file (KNN and linear probe, same folds)."""
+        from napari_slpd.errors import SlpdError
+        from napari_slpd.features.versions import evaluate_versions
+
+        session = self.state.require_session()
+        labels = self.labels_edit.text().strip()
+        if not labels:
+            raise SlpdError("give a labels file to compare region encoders")
+        task = self.task_combo.currentText().strip() or None
+
+        def work(progress, cancel):
+            return evaluate_versions(session.cohort, labels, before, after, task=task, progress=progress,
+                                     cancel=cancel)
+
+        self.comparison_label.setText(f"evaluating {before} (before) and {after} (after)…")
+        task_handle = self.task_bar.run(work, "Before / after evaluation", on_result=self._on_compared)
+        self._update_buttons()
+        return task_handle
+
+    def _on_compared(self, comparison) -> None:
+        self.comparison_table.show_comparison(comparison)
+        self.comparison_table.setVisible(True)
+        self.comparison_label.setText(
+            f"Before ({comparison.before}) / after ({comparison.after}), task {comparison.task}: "
+            f"{comparison.n_slides} slides, {comparison.n_folds} folds (mean ± std over folds)")
+        self.log_view.appendPlainText(f"{time.strftime('%H:%M:%S')}  before/after evaluation:\n{comparison.table()}")
+        self._update_buttons()
+
+    def refresh_encoders(self) -> None:
+        """List the region encoders the cohort holds embeddings of (the selected one first chosen)."""
+        from napari_slpd.features.versions import cohort_region_encoders
+
+        self.encoder_combo.clear()
+        session = self.state.session
+        if session is None:
+            self._update_switch()
+            return
+        try:
+            encoders = cohort_region_encoders(session.cohort)
+        except Exception as exc:  # an unreadable cohort must not block the panel
+            log.warning("cannot list the region encoders: %s", exc)
+            encoders = []
+        for e in encoders:
+            self.encoder_combo.addItem(e.describe(), e.key)
+            if e.selected:
+                self.encoder_combo.setCurrentIndex(self.encoder_combo.count() - 1)
+        self._update_switch()
+
+    def _update_switch(self) -> None:
+        self.switch_button.setEnabled(self.encoder_combo.count() > 1 and not self.task_bar.busy)
+
+    def switch_encoder(self, key: str | None = None):
+        """Make the chosen region encoder's embeddings the cohort's (instant; prototypes and index follow)."""
+        from napari_slpd.features.versions import use_region_encoder
+
+        session = self.state.require_session()
+        key = key or self.encoder_combo.currentData()
+        if not key:
+            return None
+
+        def work(progress, cancel):
+            return use_region_encoder(session, key, progress=progress, cancel=cancel)
+
+        task = self.task_bar.run(work, f"Region encoder {key}", on_result=self._on_switched)
+        self._update_buttons()
+        return task
+
+    def _on_switched(self, report) -> None:
+        from napari_slpd.widgets._layers import refresh_regions, show_prototypes
+
+        self.state.update_settings(features=self.state.session.settings.features)
+        opened = self.state.current
+        if opened is not None and not report.cancelled:
+            refresh_regions(self.state)
+            try:
+                show_prototypes(self.state, self.state.session.prototypes(opened.slide_id, compute=False))
+            except Exception as exc:  # this slide may have too few regions for K
+                show_warning(f"{opened.slide_id}: {exc}")
+        self.state.features_updated.emit("")
+        self.state.prototypes_updated.emit("")
+        self.task_bar.status.setText(report.summary())
+        self.log_view.appendPlainText(f"{time.strftime('%H:%M:%S')}  {report.summary()}")
+        self.refresh_encoders()
+        self._update_buttons()
+
+    # -- presets and labels ----------------------------------------------------------------------------
+    def set_preset(self, name: str) -> None:
+        self.preset_combo.setCurrentText(name)
+        self._preset_chosen = True
+
+    def _on_preset_changed(self, name: str) -> None:
+        from src_training.config import PRESET_LABELS
+
+        note = PRESET_LABELS.get(name, "")
+        session = self.state.session if hasattr(self, "state") else None
+        grid = _cohort_grid(session) if session is not None else None
+        if grid and name != "tiny":
+            from src_training.config import official_preset_fits
+
+            if not official_preset_fits(grid):
+                note += f" — the cohort's {grid} x {grid} token grids are too small for it: use tiny"
+        self.preset_note.setText(note)
+
+    def _choose_labels(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Labels file", "", "Labels (*.csv *.tsv *.txt);;All files (*)")
+        if path:
+            self.labels_edit.setText(path)
+            self._load_tasks()
+
+    def _load_tasks(self, quiet: bool = False) -> list[str]:
+        """Fill the task list with the labels file's class columns."""
+        from napari_slpd.evaluation.labels import read_labels
+
+        path = self.labels_edit.text().strip()
+        current = self.task_combo.currentText()
+        self.task_combo.clear()
+        if not path:
+            return []
+        try:
+            table = read_labels(path)
+        except Exception as exc:
+            if not quiet:
+                raise
+            show_warning(f"labels: {exc}")
+            return []
+        tasks = [name for name, t in table.tasks.items() if t.kind == "classification"]
+        self.task_combo.addItems(tasks)
+        if current in tasks:
+            self.task_combo.setCurrentText(current)
+        return tasks
 
     # -- closing napari --------------------------------------------------------------------------------
     def ask_on_close(self) -> str:
@@ -419,6 +734,23 @@ class FineTuneWidget(QWidget):
         run = self.run
         if run is not None and run.is_running:
             run.detach()
+
+
+def _cohort_grid(session) -> int | None:
+    """The token grid side of the cohort's feature files (the first readable one), None without features."""
+    from napari_slpd.features.store import FeatureStore
+
+    if session is None:
+        return None
+    for sid in session.cohort.slide_ids():
+        path = session.cohort.features_path(sid)
+        if path.exists():
+            try:
+                with FeatureStore.open(path) as store:
+                    return int(store.grid_size)
+            except Exception:  # noqa: BLE001 - a damaged file: try the next
+                continue
+    return None
 
 
 def _spin(lo: int, hi: int, special: str, tip: str) -> QSpinBox:
