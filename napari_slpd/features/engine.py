@@ -39,6 +39,8 @@ from napari_slpd.features.reading import (  # noqa: F401  (RegionReader, RegionS
     RegionStream,
     _ThreadPolicy,
     available_cores,
+    gpu_decode_applies,
+    gpu_region_reader,
     grid_decode_scale,
     resampling_id,
 )
@@ -88,6 +90,9 @@ class ExtractionConfig:
     # keeps the faster; an int fixes it (then CPU runs repeat bit for bit); None leaves torch's setting.
     torch_threads: int | str | None = "auto"
     overwrite: bool = False  # replace a complete file made with other settings
+    # On CUDA, decode JPEG tiles of tile-reader slides with nvJPEG and feed the ViT without a host round
+    # trip (named in the run settings, so a resumed file never mixes decoders); False: decode on the CPU.
+    gpu_decode: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1 or self.region_batch_size < 1:
@@ -184,18 +189,23 @@ def maybe_compile(patch_encoder, enabled: bool) -> None:
 class _PatchBatcher:
     """Collects patches of consecutive regions into one fixed buffer and runs the encoder on it when full.
 
-    The buffer is allocated once ([batch_size, p, p, 3] uint8, pinned on CUDA): memory is set by
-    batch_size, not by the slide or the region size.
+    The buffer is allocated once ([batch_size, p, p, 3] uint8, pinned on CUDA, or on the GPU itself when
+    the patches were decoded there): memory is set by batch_size, not by the slide or the region size.
     """
 
-    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, threads: "_ThreadPolicy | None" = None):
+    def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, threads: "_ThreadPolicy | None" = None,
+                 device=None):
         import torch
 
         self.encoder = encoder
         self.threads = threads
         self.batch_size = batch_size
         shape = (batch_size, patch_px, patch_px, 3)
-        if pin:
+        self.device = device
+        if device is not None:  # patches arrive decoded on the GPU (CUDA tensors): the batch stays there
+            self._tensor = torch.empty(shape, dtype=torch.uint8, device=device)
+            self.buffer = None
+        elif pin:
             self._tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
             self.buffer = self._tensor.numpy()
         else:
@@ -209,9 +219,16 @@ class _PatchBatcher:
         """Queue one region's ``patches`` [n, p, p, 3]; their features land in ``out`` [n, D] once encoded."""
         start = 0
         n = patches.shape[0]
+        if self.device is not None and isinstance(patches, np.ndarray):
+            import torch
+
+            patches = torch.from_numpy(patches).to(self.device, non_blocking=True)
         while start < n:
             take = min(self.batch_size - self.fill, n - start)
-            self.buffer[self.fill : self.fill + take] = patches[start : start + take]
+            if self.buffer is None:
+                self._tensor[self.fill : self.fill + take].copy_(patches[start : start + take])
+            else:
+                self.buffer[self.fill : self.fill + take] = patches[start : start + take]
             self.targets.append((out, start, take, start + take == n))
             self.fill += take
             start += take
@@ -291,14 +308,27 @@ def extraction_settings(slide, config: ExtractionConfig, patch_encoder, region_e
         "tissue": _config_dict(config.tissue),
         "token_dtype": config.token_dtype,
         "store_patch_features": bool(config.store_patch_features),
-        "resampling": resampling_id(grid_decode_scale(slide, grid, encoder_input_px(patch_encoder, grid.patch_px))),
+        # GPU decoding makes the full-decode patches (see reading.GpuRegionReader): named as such.
+        "resampling": resampling_id(1 if _gpu_decode(slide, config, patch_encoder) else
+                                    grid_decode_scale(slide, grid, encoder_input_px(patch_encoder, grid.patch_px))),
     }
 
 
-def run_settings(patch_encoder) -> dict:
+# How a GPU-decoding run makes patches (nvJPEG, then torch's antialiased bilinear): in its run settings.
+GPU_DECODE = "nvjpeg+torch-bilinear-aa"
+
+
+def _gpu_decode(slide, config, patch_encoder) -> bool:
+    return bool(config.gpu_decode) and gpu_decode_applies(slide, config.grid, _encoder_device(patch_encoder))
+
+
+def run_settings(patch_encoder, region_decode: str | None = None) -> dict:
     from napari_slpd import __version__
 
-    return {"precision": _precision(patch_encoder), "code_version": __version__}
+    out = {"precision": _precision(patch_encoder), "code_version": __version__}
+    if region_decode:  # only GPU decoding is named: CPU runs keep the run key they always had
+        out["region_decode"] = region_decode
+    return out
 
 
 # -- the engine ---------------------------------------------------------------------------------------
@@ -343,6 +373,7 @@ def extract_slide(
             result.seconds = time.perf_counter() - t0
             return result
 
+        stamp = _file_stamp(slide.path)
         mask = detect_tissue(slide, config.tissue)
         grid = build_region_grid(slide, mask, config.grid)
         result.n_regions = len(grid)
@@ -352,16 +383,28 @@ def extract_slide(
             result.seconds = time.perf_counter() - t0
             return result
 
-        with _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder) as writer:
-            result.resumed_from = writer.n_done
-            maybe_compile(patch_encoder, config.compile)
-            done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel)
-            result.n_computed = done - writer.resumed_from
-            if done < len(grid):
-                result.status = "cancelled"
-                result.message = f"cancelled after {done} of {len(grid)} regions; run again to resume"
-            else:
-                writer.finish()
+        gpu = (gpu_region_reader(slide, grid, encoder_input_px(patch_encoder, grid.config.patch_px),
+                                 _encoder_device(patch_encoder)) if _gpu_decode(slide, config, patch_encoder) else None)
+        try:
+            with _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder,
+                              GPU_DECODE if gpu is not None else None) as writer:
+                result.resumed_from = writer.n_done
+                maybe_compile(patch_encoder, config.compile)
+                done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel,
+                                   gpu)
+                result.n_computed = done - writer.resumed_from
+                if done < len(grid):
+                    result.status = "cancelled"
+                    result.message = f"cancelled after {done} of {len(grid)} regions; run again to resume"
+                else:
+                    writer.finish()
+        except (OSError, RuntimeError) as exc:
+            _raise_storage_error(exc, out_path, grid, patch_encoder, region_encoder, config)
+            _raise_if_slide_changed(exc, slide, stamp, out_path)
+            raise
+        except SlpdError as exc:
+            _raise_if_slide_changed(exc, slide, stamp, out_path)
+            raise
         result.seconds = time.perf_counter() - t0
         return result
     finally:
@@ -369,7 +412,87 @@ def extract_slide(
             slide.close()
 
 
-def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder) -> FeatureStoreWriter:
+def _file_stamp(path) -> tuple | None:
+    """(size, mtime, inode) of a slide file (of every file of a DICOM folder), None when it is gone."""
+    path = Path(path)
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        return tuple((f.name, *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))(f.stat())) for f in files)
+    except OSError:
+        return None
+
+
+def _raise_if_slide_changed(exc, slide, stamp, out_path: Path) -> None:
+    """A read that failed because the slide file went away or changed under the extraction (a share that
+    dropped out, a file copied over): say so, and that the finished regions are kept for the next run."""
+    from napari_slpd.errors import SlideError, StorageError
+    from napari_slpd.features.store import partial_path_for
+
+    if isinstance(exc, StorageError):
+        return
+    now = _file_stamp(slide.path)
+    if now == stamp:
+        return
+    what = "disappeared" if now is None else "changed (replaced, cut short or rewritten)"
+    partial = partial_path_for(out_path)
+    kept = (f"the regions finished before are kept in {partial.name} and the next run resumes from them once "
+            "the file is back as it was" if partial.exists() else "nothing was written for it")
+    raise SlideError(f"slide file {slide.path} {what} during extraction ({exc}); {kept}") from exc
+
+
+_SPACE_MARGIN = 256 << 10
+
+
+def _check_space(writer, tokens, embeddings, feats, remaining: int) -> None:
+    """Refuse a chunk the disk cannot hold before HDF5 starts writing it: a write that fails half-way leaves
+    the HDF5 library with a file it can neither flush nor close (and, reopened, may crash the process)."""
+    from napari_slpd.errors import StorageError
+    from napari_slpd.utils.storage import free_bytes, human_bytes
+
+    chunk = tokens.size * np.dtype(writer.layout.token_dtype).itemsize + embeddings.nbytes + len(tokens) * 24
+    if feats is not None:
+        chunk += feats.nbytes + feats.shape[0] * 16
+    free = free_bytes(writer.partial_path.parent)
+    if free is None or free >= 2 * chunk + _SPACE_MARGIN:
+        return
+    folder = writer.partial_path.parent
+    size = writer.partial_path.stat().st_size if writer.partial_path.exists() else 0
+    needed = chunk * max(1, -(-remaining // max(1, len(tokens)))) + _SPACE_MARGIN
+    raise StorageError(
+        f"not enough space in {folder} to write {writer.final_path.name}: the rest of this slide needs about "
+        f"{human_bytes(needed)}, {human_bytes(free)} free (disk full or quota reached). {writer.final_path.name} "
+        f"was not written; the {writer.n_done} regions finished so far are kept in {writer.partial_path.name} "
+        f"({human_bytes(size)}) and resumed by the next run. Free some space there (or choose a cache folder on "
+        "another disk: --cache DIR, $SLPD_CACHE_DIR, or the Cohort panel's cache folder) and run again: finished "
+        "work is kept and resumed.", folder=folder, kind="full", needed=needed, free=free)
+
+
+def _raise_storage_error(exc, out_path: Path, grid, patch_encoder, region_encoder, config) -> None:
+    """A full disk (or a read-only folder) while writing: a StorageError naming the folder, the size of the
+    slide's file and what is kept (the verified chunks in the .partial file, resumed by the next run)."""
+    from napari_slpd.features.store import partial_path_for
+    from napari_slpd.utils.storage import human_bytes, storage_error
+
+    G2 = int(grid.patches_per_side) ** 2
+    D = int(patch_encoder.dim)
+    per_region = G2 * D * (2 if config.token_dtype == "float16" else 4) + int(region_encoder.dim) * 4 + 24
+    if config.store_patch_features:
+        per_region += G2 * (D * 4 + 16)
+    partial = partial_path_for(out_path)
+    size = partial.stat().st_size if partial.exists() else 0
+    kept = (f"{out_path.name} was not written; the regions finished so far are kept in {partial.name} "
+            f"({human_bytes(size)}), checked and resumed by the next run (delete it to give its space back)"
+            if size else f"{out_path.name} was not written and no partial file was left")
+    error = storage_error(exc, out_path, written=size, needed=len(grid) * per_region, kept=kept)
+    if error is not None:
+        import gc
+
+        gc.collect()  # h5py handles of the failed write are closed now, not later in another thread
+        raise error from exc
+
+
+def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder,
+                 region_decode: str | None = None) -> FeatureStoreWriter:
     from napari_slpd import __version__
 
     G = int(grid.patches_per_side)
@@ -402,7 +525,8 @@ def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_
         "target_mpp": float(grid.config.target_mpp),
         "read_level": int(grid.read_level),
     }
-    return FeatureStoreWriter(out_path, layout, settings, run_settings(patch_encoder), attrs, coords_attrs)
+    return FeatureStoreWriter(out_path, layout, settings, run_settings(patch_encoder, region_decode), attrs,
+                              coords_attrs)
 
 
 def _chunk_patch_coords(grid, sl: slice) -> np.ndarray:
@@ -413,8 +537,9 @@ def _chunk_patch_coords(grid, sl: slice) -> np.ndarray:
     return np.asarray(part.patch_coords(), np.int64)
 
 
-def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel) -> int:
-    """Extract regions writer.n_done.. in chunks; returns how many regions are finished."""
+def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel, gpu=None) -> int:
+    """Extract regions writer.n_done.. in chunks; returns how many regions are finished. ``gpu``: a
+    GpuRegionReader (reader threads read tile bytes, this thread decodes them on the GPU)."""
     G = int(grid.patches_per_side)
     G2 = G * G
     M = len(grid)
@@ -425,11 +550,12 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
     done = first = writer.n_done
     if progress is not None:
         progress(done, M)
-    stream = RegionStream(reader, range(done, M), config.workers, config.window, cancel)
+    stream = RegionStream(gpu if gpu is not None else reader, range(done, M), config.workers, config.window, cancel)
     batch_size = min(config.batch_size, config.regions_per_chunk * G2)
     threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size,
                             readers=stream, patches_per_region=G2)
-    batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda, threads=threads)
+    batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda and gpu is None, threads=threads,
+                            device=gpu.device if gpu is not None else None)
     try:
         while done < M:
             c = min(config.regions_per_chunk, M - done)
@@ -441,6 +567,8 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 if item is None:  # cancelled
                     return done
                 index, patches = item
+                if gpu is not None:
+                    patches = gpu.finish(patches)  # decoded on the GPU: a CUDA tensor
                 if index != done + k:
                     raise RuntimeError(f"region {index} arrived where {done + k} was expected")
                 before = batcher.regions_encoded
@@ -456,6 +584,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
             threads.take_idle_cores()
             embeddings = encode_regions(region_encoder, tokens, config.region_batch_size)
             sl = slice(done, done + c)
+            _check_space(writer, tokens, embeddings, feats if config.store_patch_features else None, M - done)
             writer.append(
                 RegionChunk(
                     tokens=tokens,

@@ -151,22 +151,25 @@ def test_training_checkpoint_on_a_full_disk(small_disk):
     assert load_checkpoint(path)["step"] == 2
 
 
+@pytest.mark.qt_no_exception_capture  # h5py reports its own failed closes while unwinding
 def test_extraction_on_a_full_disk_stops_with_the_folder_and_resumes(small_disk, tmp_path):
     from napari_slpd.features.engine import extract_slide
     from napari_slpd.features.store import FeatureStore, partial_path_for
     from napari_slpd.samples.synthetic import write_synthetic_slide
+    from napari_slpd.slides.grid import GridConfig
 
     from faults_support import extraction_config, tiny_encoders
 
     slide = tmp_path / "slide.svs"
     write_synthetic_slide(slide, 3072, 2048, seed=1)
     patch, region = tiny_encoders()
-    disk = small_disk(3 << 20)
+    config = extraction_config(grid=GridConfig(region_px=256, patch_px=32, target_mpp=1.0, min_tissue=0.25))
+    disk = small_disk(4 << 20)
     out = disk.path / "cohort" / "features" / "slide.h5"
     out.parent.mkdir(parents=True)
-    filler = disk.fill(leave=160 << 10)  # room for a few chunks, not the whole slide
+    filler = disk.fill(leave=1536 << 10)  # room for a few chunks (~360 KB each), not the whole slide
     with pytest.raises(StorageError) as info:
-        extract_slide(slide, out, patch, region, extraction_config())
+        extract_slide(slide, out, patch, region, config)
     _assert_partial = partial_path_for(out)
     text = str(info.value)
     assert info.value.kind == "full" and str(out.parent) in text and "needs" in text, text
@@ -174,8 +177,8 @@ def test_extraction_on_a_full_disk_stops_with_the_folder_and_resumes(small_disk,
     # Finished chunks are kept in the slide's verified .partial file (the resume point) and said so.
     assert _assert_partial.name in text
     filler.unlink()
-    result = extract_slide(slide, out, patch, region, extraction_config())
-    assert result.status == "extracted"
+    result = extract_slide(slide, out, patch, region, config)
+    assert result.status == "extracted" and result.resumed_from > 0  # resumed, not restarted
     with FeatureStore.open(out) as store:
         assert store.n_regions == result.n_regions and np.isfinite(store.region_embeddings).all()
     assert leftovers(disk.path) == []
