@@ -295,6 +295,9 @@ def run_extract(args) -> int:
     try:
         for path in mine:
             rows.append(_extract_one(path, cohort, patch_encoder, region_encoder, config, args, prefix))
+            if rows[-1].pop("stop", False):
+                print(f"{prefix}stopped: {rows[-1]['message']}", file=sys.stderr)
+                break
     except BaseException as exc:
         if info.world > 1 and info.rank != 0:
             # Rank 0 waits for this report: say what failed rather than leave it waiting (a launcher
@@ -350,6 +353,8 @@ def _extract_one(path: Path, cohort, patch_encoder, region_encoder, config, args
         # One bad slide (damaged file, unknown pixel size, other settings) does not stop the cohort.
         row = _result_row(path=path, error=str(exc))
         bar.set_postfix_str("error")
+        if getattr(exc, "kind", None) == "full":  # a full disk stops the run: the next slides cannot be written
+            row["stop"] = True
     finally:
         bar.close()
     row["path"] = str(_registry_path(path))
