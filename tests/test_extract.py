@@ -372,7 +372,8 @@ def test_cuda_extraction_matches_cpu_and_never_mixes_precisions(tmp_path, encode
                             progress=lambda d, t: d >= 2 and stop.set(), cancel=stop)
     assert partial.status == "cancelled"
     # a CPU (float32) partial file is not continued in bf16: the GPU run starts the slide over
-    result = extract_slide(path, gpu_out, patch, region, config(compile=True, batch_size=128))
+    # gpu_decode=False: this test isolates precision (GPU decoding: tests/test_tile_reader.py)
+    result = extract_slide(path, gpu_out, patch, region, config(compile=True, batch_size=128, gpu_decode=False))
     assert result.status == "extracted" and result.resumed_from == 0
     with FeatureStore.open(cpu_out) as a, FeatureStore.open(gpu_out) as b:
         assert json.loads(b.attrs["run_settings"])["precision"] == "bfloat16"

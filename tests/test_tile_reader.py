@@ -217,3 +217,111 @@ def test_cuda_reader_matches_cpu_reader():
             diff = np.abs(got - cpu)
             # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels.
             assert diff.mean() < 1.5 and diff.max() <= 16, (name, diff.mean(), diff.max())
+
+
+@pytest.mark.cuda
+def test_cuda_engine_feeds_gpu_decoded_tiles_within_tolerance_of_cpu_path(tmp_path):
+    """On CUDA the engine decodes a tile-reader slide's JPEG tiles with nvJPEG and hands the CUDA tensor
+    to the ViT. Patches: within nvJPEG's IDCT/upsampling rounding of the CPU path decoding in full
+    (mean |diff| < 2 levels, max <= 40). Engine, same CUDA encoders, GPU decoding on and off, on a grid
+    the CPU decodes in full too (so both name the same resampling and settings key): region tokens to
+    cosine > 0.99 (min) / 0.998 (mean); only the GPU run names its decoder in the run settings. On a grid
+    the CPU decodes at reduced scale, the GPU run names the full-decode resampling (another key)."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from napari_slpd.features.engine import GPU_DECODE, ExtractionConfig, extract_slide, extraction_settings
+    from napari_slpd.features.reading import RESAMPLING, GpuRegionReader, RegionReader, gpu_region_reader
+    from napari_slpd.features.store import FeatureStore
+    from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.slides.tissue import detect_tissue
+
+    patch = build_patch_encoder("hipt_vit256", device="cuda", input_size=32)
+    region = build_region_encoder("hipt_vit4k", device="cuda", in_dim=patch.dim)
+    path = _slide_path("cmu_svs")
+    scaled = GridConfig(region_px=512, patch_px=64, target_mpp=1.0, min_tissue=0.25)  # CPU: 1/4 decode
+    full = GridConfig(region_px=256, patch_px=32, target_mpp=0.5, min_tissue=0.25)  # CPU: full decode
+    with open_slide(path) as slide:
+        grid = build_region_grid(slide, detect_tissue(slide), scaled)
+        gpu = gpu_region_reader(slide, grid, 32, "cuda")
+        assert isinstance(gpu, GpuRegionReader)
+        cpu_full = RegionReader(slide, grid, 32, reduced_decode=False)
+        for i in range(min(4, len(grid))):
+            item = gpu(i)
+            assert item[0] == "gpu"  # level 0: whole-pixel positions, JPEG tiles
+            got = gpu.finish(item)
+            assert got.is_cuda and got.dtype == torch.uint8 and tuple(got.shape) == (64, 32, 32, 3)
+            diff = np.abs(got.cpu().numpy().astype(np.int16) - cpu_full(i).astype(np.int16))
+            assert diff.mean() < 2.0 and diff.max() <= 40, (i, diff.mean(), diff.max())
+        on = extraction_settings(slide, ExtractionConfig(grid=scaled), patch, region)
+        off = extraction_settings(slide, ExtractionConfig(grid=scaled, gpu_decode=False), patch, region)
+        assert on["resampling"] == RESAMPLING and off["resampling"] != RESAMPLING
+    outs = {}
+    for gpu_decode in (True, False):
+        out = tmp_path / f"gpu_decode_{gpu_decode}.h5"
+        cfg = ExtractionConfig(grid=full, batch_size=128, regions_per_chunk=4, gpu_decode=gpu_decode)
+        assert extract_slide(path, out, patch, region, cfg).status == "extracted"
+        outs[gpu_decode] = out
+    with FeatureStore.open(outs[True]) as a, FeatureStore.open(outs[False]) as b:
+        assert json.loads(a.attrs["run_settings"]).get("region_decode") == GPU_DECODE
+        assert "region_decode" not in json.loads(b.attrs["run_settings"])
+        assert a.settings_key == b.settings_key
+        np.testing.assert_array_equal(a.region_coords, b.region_coords)
+        ta, tb = a.tokens(), b.tokens()
+        cos = (ta * tb).sum(1) / (np.linalg.norm(ta, axis=1) * np.linalg.norm(tb, axis=1))
+        assert cos.min() > 0.99 and cos.mean() > 0.998, (cos.min(), cos.mean())
+
+
+def test_gpu_region_reader_geometry_on_cpu_with_a_stand_in_decoder():
+    """GpuRegionReader's bands, resize and patch order, run on the CPU: a stand-in for CudaRegionReader
+    'decodes' a prepared band with the CPU tile reader (torch CPU tensors). The patches match the CPU
+    path decoding in full (Pillow's bilinear) to within the resize's rounding (mean < 0.2, max <= 2), so
+    bands are cut, stacked and split into row-major patches the same way; the patch batcher's device
+    path takes them; a region the GPU path refuses is read on the CPU in full, never at reduced scale."""
+    torch = pytest.importorskip("torch")
+    from napari_slpd.features.engine import _PatchBatcher
+    from napari_slpd.features.reading import GpuRegionReader, RegionReader
+    from napari_slpd.slides.grid import GridConfig, build_region_grid
+    from napari_slpd.slides.readers.gpu import GpuUnsupported, PreparedRegion
+    from napari_slpd.slides.tissue import detect_tissue
+
+    class StandIn:
+        device = torch.device("cpu")
+
+        def __init__(self, slide, refuse=False):
+            self.slide, self.refuse = slide, refuse
+
+        def prepare(self, location, level, size):
+            if self.refuse:
+                raise GpuUnsupported("stand-in refuses")
+            return PreparedRegion(level, tuple(location), tuple(size), (0, 0, 0, 0), [], [])
+
+        def decode(self, prepared):
+            return torch.from_numpy(self.slide.read_region(prepared.origin, prepared.level, prepared.size))
+
+    grid_cfg = GridConfig(region_px=512, patch_px=64, target_mpp=1.0, min_tissue=0.25)
+    with open_slide(_slide_path("cmu_svs")) as slide:
+        grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
+        assert RegionReader(slide, grid, 32).scale > 1  # the engine's CPU path would decode at 1/4 here
+        cpu = RegionReader(slide, grid, 32, reduced_decode=False)
+        assert cpu.scale == 1
+        gpu = GpuRegionReader(RegionReader(slide, grid, 32), StandIn(slide))
+        batcher = _PatchBatcher(None, 96, 32, pin=False, device=torch.device("cpu"))
+        batcher.flush = lambda: None  # only the buffer's filling is checked here
+        for i in range(min(3, len(grid))):
+            got = gpu.finish(gpu(i))
+            assert tuple(got.shape) == (64, 32, 32, 3) and got.dtype == torch.uint8
+            want = cpu(i)
+            diff = np.abs(got.numpy().astype(np.int16) - want.astype(np.int16))
+            assert diff.mean() < 0.2 and diff.max() <= 2, (i, diff.mean(), diff.max())
+            batcher.fill = 0
+            batcher.add(got, np.empty((64, 8), np.float32))
+            np.testing.assert_array_equal(batcher._tensor[:64].numpy(), got.numpy())
+        # a region the GPU path does not take is read on the CPU and handed over as it is
+        fallback = GpuRegionReader(RegionReader(slide, grid, 32), StandIn(slide, refuse=True))
+        item = fallback(0)
+        assert item[0] == "cpu"
+        np.testing.assert_array_equal(fallback.finish(item).numpy(), cpu(0))
