@@ -2,6 +2,7 @@
 
 from napari_slpd.widgets.cohort import CohortWidget
 from napari_slpd.widgets.embedding import EmbeddingMapWidget
+from napari_slpd.widgets.evaluation import EvaluationWidget
 from napari_slpd.widgets.features import FeaturesWidget
 from napari_slpd.widgets.finetune import FineTuneWidget
 from napari_slpd.widgets.labeling import LabelingWidget
@@ -11,6 +12,7 @@ from napari_slpd.widgets.similar import SimilarSlidesWidget
 __all__ = [
     "CohortWidget",
     "EmbeddingMapWidget",
+    "EvaluationWidget",
     "FeaturesWidget",
     "FineTuneWidget",
     "LabelingWidget",

@@ -1,0 +1,124 @@
+"""The Evaluation panel in a real napari viewer (under Xvfb): on a labelled sample cohort it lists the
+representations (every region-embedding version among them), runs KNN, linear probe, Cox and retrieval in
+a worker, fills the results table with the engine's figures, draws ROC and Kaplan-Meier curves for the
+selected row, lists retrieval examples whose click opens the slide, writes the report folder, and leaves a
+screenshot (test-artifacts/evaluation.png; docs/screenshots/evaluation.png when missing or asked for with
+SLPD_DOCS_SCREENSHOTS=1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "evaluation.png"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+
+    return write_embedding_cohort(tmp_path_factory.mktemp("evaluation") / "cohort",
+                                  SyntheticCohortSpec(n_slides=36, n_classes=3, regions=(12, 20), k=3, seed=2))
+
+
+def test_evaluation_panel_runs_and_shows_results(make_napari_viewer, qtbot, sample, tmp_path, artifacts_dir):
+    from napari_slpd.evaluation import EvaluationConfig, evaluate
+    from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.evaluation import EvaluationWidget
+    from napari_slpd.widgets.state import SlpdState
+
+    cohort, labels = sample
+    viewer = make_napari_viewer(show=True)
+    state = SlpdState.for_viewer(viewer)
+    state.set_session(Session(cohort.root, SessionSettings(
+        features=FeatureSettings(region_encoder="synthetic", device="cpu"), prototypes=PrototypeSettings(k=3))))
+    panel = EvaluationWidget(viewer)
+    dock = viewer.window.add_dock_widget(panel, name="Evaluation", area="right")
+    names = panel.refresh_representations()
+    assert "region_mean" in names and "prototype_set" in names and "panther" in names
+    assert set(panel.selected_representations()) == {"region_mean", "prototype_set"}
+    panel.labels_edit.setText(str(labels))
+    assert panel.load_tasks() == ["class", "survival"]
+    panel.task_combo.setCurrentText("(all tasks)")
+    panel.folds_spin.setValue(5)
+    assert panel.selected_protocols() == ["knn", "linear", "cox", "retrieval"]
+
+    panel.run_button.click()
+    assert wait_for(panel.task_bar, qtbot, 180_000) == "done", panel.task_bar.status.text()
+    result = panel.result
+    cells = panel.result_cells()
+    combos = {(c[0], c[1], c[2]) for c in cells}
+    assert ("class", "region_mean", "knn") in combos and ("class", "prototype_set", "retrieval") in combos
+    assert ("survival", "region_mean", "cox") in combos and ("class", "region_mean", "linear") in combos
+    # The table shows the engine's figures, which equal a direct run of the engine with the same settings.
+    direct = evaluate(cohort, labels, EvaluationConfig(representations=["region_mean", "prototype_set"],
+                                                       protocols=["knn", "linear", "cox", "retrieval"], n_folds=5))
+    row = next(c for c in cells if c[:3] == ["class", "region_mean", "knn"])
+    auc = direct.result("class", "region_mean", "knn").summary["auc"]
+    assert row[3] == "auc" and row[4] == f"{auc['mean']:.3f} ± {auc['std']:.3f}"
+    assert auc["mean"] > 0.8  # the sample cohort's classes follow tissue composition
+
+    def select(task, rep, protocol):
+        i = next(i for i, c in enumerate(cells) if c[:3] == [task, rep, protocol])
+        panel.table.selectRow(i)
+        return panel.plot.kind
+
+    assert select("survival", "region_mean", "cox") == "km"
+    assert select("class", "region_mean", "linear") == "roc"
+    head = panel.examples.topLevelItem(0)
+    assert head is not None and head.childCount() >= 3  # queries of every class
+    opened = []
+    panel.open_slide = opened.append  # the sample cohort's slides are placeholders without an image
+    query = head.child(0)
+    panel.examples.itemClicked.emit(query.child(0), 0)
+    assert opened == [query.child(0).text(0)]
+
+    out = tmp_path / "report"
+    panel.save_report(str(out))
+    assert wait_for(panel.task_bar, qtbot, 120_000) == "done", panel.task_bar.status.text()
+    assert (out / "results.json").exists() and (out / "report.html").exists()
+    assert result is panel.result
+
+    select("class", "region_mean", "knn")
+    from qtpy.QtCore import Qt
+
+    window = viewer.window._qt_window
+    window.resize(1700, 1150)
+    window.resizeDocks([dock], [820], Qt.Orientation.Horizontal)
+    qtbot.wait(300)
+    panel.table.resizeColumnsToContents()
+    assert window.grab().toImage().save(str(artifacts_dir / "evaluation_window.png"))
+    image = panel.scroll_area.widget().grab().toImage()  # the whole panel, also what is scrolled away
+    assert image.save(str(artifacts_dir / "evaluation.png"))
+    if os.environ.get("SLPD_DOCS_SCREENSHOTS") or not DOCS_SCREENSHOT.exists():
+        assert image.scaledToWidth(min(image.width(), 760)).save(str(DOCS_SCREENSHOT))
+
+
+def test_evaluation_panel_says_what_is_missing(make_napari_viewer, qtbot, sample):
+    from napari_slpd.session import Session
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.evaluation import EvaluationWidget
+    from napari_slpd.widgets.state import SlpdState
+
+    cohort, labels = sample
+    viewer = make_napari_viewer()
+    state = SlpdState.for_viewer(viewer)
+    state.set_session(Session(cohort.root))
+    panel = EvaluationWidget(viewer)
+    qtbot.addWidget(panel)
+    assert not panel.save_button.isEnabled()
+    panel.run_button.click()  # no labels file: a notification, nothing runs
+    assert panel.task_bar.task is None
+    panel.labels_edit.setText(str(labels))
+    panel.load_tasks()
+    panel.set_representations(["proalign_mean"])  # never computed: the engine says which command computes it
+    panel.protocol_boxes["retrieval"].setChecked(False)
+    with qtbot.capture_exceptions():  # superqt re-raises the worker's error in the event loop too
+        panel.run_button.click()
+        assert wait_for(panel.task_bar, qtbot, 60_000) == "error"
+    assert "proalign" in panel.task_bar.status.text().lower()
