@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     model.add_argument("--input-size", type=int, default=None, metavar="PX",
                        help="px the patch encoder sees (default: its own, 256 for hipt_vit256)")
     model.add_argument("--normalize", default=None, metavar="PRESET",
-                       help="patch normalisation preset: hipt (0.5/0.5, HIPT default) | imagenet | openai_clip")
+                       help="patch normalisation preset: hipt (0.5/0.5, HIPT default) | imagenet (ImageNet mean/std: "
+                       "what SLPD's own extraction used) | openai_clip")
     model.add_argument("--region-encoder", default="hipt_vit4k", choices=("hipt_vit4k", "mean"),
                        help="region encoder (default hipt_vit4k)")
     model.add_argument("--region-checkpoint", default=None, metavar="PATH", help="ViT-4K weights")

@@ -52,6 +52,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Patch normalisation presets. "hipt" (0.5/0.5) is HIPT's evaluation transform and the hipt_vit256 default;
+# "imagenet" (ImageNet mean/std) is what SLPD's own feature extraction used (Carboxy/SLPD, SPEC section 1):
+# choose it (`slpd extract --normalize imagenet`) to reproduce SLPD's token grids with the HIPT ViT-256.
 NORMALIZATION_PRESETS: dict[str, tuple[float, float, float]] = {
     "hipt_mean": (0.5, 0.5, 0.5),
     "hipt_std": (0.5, 0.5, 0.5),
