@@ -15,7 +15,8 @@ time per epoch is reported separately (``*_cluster_s``). Step times exclude each
 Token grids are synthetic (``src_training.synthetic``: Gaussian "tissue types"), written as real
 FeatureStore files under a temporary folder; the numbers do not depend on their content.
 
-Usage: python benchmarks/train.py [--quick] [--threads N] [--cuda-regions N] [--cpu-regions N]
+Usage: python benchmarks/train.py [--quick] [--device auto|cpu|cuda] [--threads N] [--cuda-regions N] [--cpu-regions N]
+(``--device cuda`` fails without a CUDA device instead of printing null; ``cpu`` skips (b).)
 """
 
 from __future__ import annotations
@@ -114,12 +115,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-regions", type=int, default=128)
     parser.add_argument("--cuda-regions", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=3, help="epoch 0 is DINO-only, the rest SLPD")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: (b) when CUDA is present; cuda: require it; cpu: (a) only")
     args = parser.parse_args(argv)
     import logging
 
     import torch
 
     logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
+        return 3
     cpu_regions = 64 if args.quick else args.cpu_regions
     epochs = 2 if args.quick else args.epochs
     out: dict = {"faiss": faiss_available(), "torch": torch.__version__}
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
                   f"re-clustering {cpu['cluster_s']:.2f} s per epoch")
         out.update({f"cpu_tiny_{k}": v for k, v in cpu.items()})
         cuda = None
-        if torch.cuda.is_available():
+        if args.device != "cpu" and torch.cuda.is_available():
             cuda = bench_cuda_official(tmp, 512 if args.quick else args.cuda_regions, epochs)
             print(f"CUDA official (batch 128, bf16, {torch.cuda.get_device_name(0)}): {cuda['steps_per_s']:.2f} "
                   f"steps/s, {cuda['regions_per_s']:.0f} regions/s")
