@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"napari-slpd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--cache", metavar="DIR", default=None,
+        help="writable cache folder for cohorts you cannot write to (a read-only share, someone else's "
+             "files): they are read where they are, and what is written goes to DIR "
+             "(default: $SLPD_CACHE_DIR, else ~/.cache/napari-slpd/cohorts)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -49,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if args.cache:
+        import os
+
+        from napari_slpd.utils.storage import CACHE_ENV
+
+        os.environ[CACHE_ENV] = str(args.cache)  # every Cohort opened by this command uses it
     try:
         return int(args.func(args) or 0)
     except SlpdError as exc:
