@@ -392,6 +392,7 @@ def wait_for(task_bar: TaskBar, qtbot, timeout_ms: int = 60_000) -> str:
 # from the Plugins menu gives one tabbed dock, not a stack taller than the screen.
 
 PANEL_MIN_HEIGHT = 120
+PANEL_MIN_WIDTH = 440
 MIN_TABLE_ROWS = 5
 COMFORT_HEIGHT = 460  # below this per stacked dock, a newly docked panel joins a tab instead
 SLPD_OBJECT_PREFIX = "slpd-"
@@ -413,6 +414,7 @@ def panel_layout(panel: QWidget) -> QVBoxLayout:
     outer.addWidget(scroll)
     panel.scroll_area = scroll
     panel.setMinimumHeight(PANEL_MIN_HEIGHT)
+    panel.setMinimumWidth(PANEL_MIN_WIDTH)  # slide names need room; napari's canvas has plenty on 1920 px
     return QVBoxLayout(inner)
 
 
@@ -422,7 +424,7 @@ def table_min_height(table: QAbstractItemView, rows: int = MIN_TABLE_ROWS, row_h
     hh = table.horizontalHeader()
     per_row = row_height or vh.defaultSectionSize()
     header = hh.sizeHint().height() if hh is not None and not hh.isHidden() else 0
-    return int(header + rows * per_row + 2 * table.frameWidth() + 2)
+    return int(header + rows * per_row + 2 * table.frameWidth() + 8)  # 8: the header's real height varies by style
 
 
 def keep_rows_visible(table: QAbstractItemView, rows: int = MIN_TABLE_ROWS, row_height: int | None = None) -> None:
@@ -466,6 +468,9 @@ def tabify_with_siblings(panel: QWidget, comfort_height: int | None = None) -> b
         return False
     central = main.centralWidget()
     height = central.height() if central is not None else main.height()
+    screen = main.screen() if hasattr(main, "screen") else None
+    if screen is not None:  # a window taller than its screen is no measure: the screen is
+        height = min(height, screen.availableGeometry().height() - 140)
     if len(groups) > 1 and height / len(groups) >= comfort_height:
         return False  # room to show it stacked
     main.tabifyDockWidget(siblings[-1], dock)
@@ -476,7 +481,8 @@ def tabify_with_siblings(panel: QWidget, comfort_height: int | None = None) -> b
 
 class DockedPanel:
     """Mixin for SLPD panels (QWidget subclasses whose objectName starts with "slpd-"): on first show in
-    a dock, join the other SLPD docks as a tab."""
+    a dock, join the other SLPD docks as a tab, and from then on arrange any SLPD panel docked later the
+    same way (also panels without this mixin)."""
 
     _slpd_tabified = False
 
@@ -486,6 +492,7 @@ class DockedPanel:
             self._slpd_tabified = True
             # After napari finished adding the dock (it resizes its area right after showing it).
             QTimer.singleShot(0, lambda panel=self: _tabify_quietly(panel))
+            _DockArranger.install(self)
 
 
 def _tabify_quietly(panel) -> None:
@@ -493,6 +500,42 @@ def _tabify_quietly(panel) -> None:
         tabify_with_siblings(panel)
     except RuntimeError:  # the panel was closed at once
         pass
+
+
+class _DockArranger(QObject):
+    """One per main window: a dock widget holding an SLPD panel that is added later is arranged like
+    the panels that use :class:`DockedPanel` (an event filter on the window: public Qt API)."""
+
+    NAME = "slpd-dock-arranger"
+
+    @classmethod
+    def install(cls, panel: QWidget) -> None:
+        main = panel.window()
+        if not isinstance(main, QMainWindow) or main.findChild(QObject, cls.NAME) is not None:
+            return
+        arranger = cls(main)
+        arranger.setObjectName(cls.NAME)
+        main.installEventFilter(arranger)
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt name)
+        from qtpy.QtCore import QEvent
+
+        if event.type() == QEvent.Type.ChildAdded and isinstance(event.child(), QDockWidget):
+            dock = event.child()
+            QTimer.singleShot(0, lambda dock=dock: self._arrange(dock))
+        return False
+
+    @staticmethod
+    def _arrange(dock) -> None:
+        try:
+            widget = dock.widget()
+            if widget is None or isinstance(widget, DockedPanel):
+                return  # not ours, or it arranges itself
+            if widget.objectName().startswith(SLPD_OBJECT_PREFIX) and not getattr(widget, "_slpd_tabified", False):
+                widget._slpd_tabified = True
+                tabify_with_siblings(widget)
+        except RuntimeError:  # closed at once
+            pass
 
 
 # -- tables: model/view, elided names with the full text in a tooltip, stretch columns -----------------

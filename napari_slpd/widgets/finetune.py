@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, panel_layout, show_info, show_warning
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class BeforeAfterTable(QTableWidget):
         return item.text() if item is not None else ""
 
 
-class FineTuneWidget(QWidget):
+class FineTuneWidget(DockedPanel, QWidget):
     """Configure, launch and follow SLPD fine-tuning of the region encoder on the open cohort."""
 
     def __init__(self, napari_viewer):
@@ -314,7 +314,7 @@ class FineTuneWidget(QWidget):
         self.task_bar = TaskBar()
         self.task_bar.task_finished.connect(lambda *_: self._update_buttons())
 
-        layout = QVBoxLayout(self)
+        layout = panel_layout(self)  # scrolls instead of pushing napari's window past the screen
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MODE_SLIDES = "Similar slides"
 MODE_REGIONS = "Similar regions"
 THUMB_PX = 48
+MATCH_COLUMN_PX = 128
 SLIDE_HEADERS = ["", "Slide", "Distance", "Matches"]
 REGION_HEADERS = ["", "Slide", "Region", "Distance"]
 COL_THUMB, COL_SLIDE = 0, 1
@@ -140,8 +141,9 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         self.other_mode_button = QPushButton("")
         self.other_mode_button.setVisible(False)
         self.other_mode_button.clicked.connect(guarded("Similar slides")(self._ask_other_mode))
-        self.table = make_table(SLIDE_HEADERS, stretch=COL_SLIDE, fit=(2, 3), icon_px=THUMB_PX, row_px=THUMB_PX + 4)
+        self.table = make_table(SLIDE_HEADERS, stretch=COL_SLIDE, fit=(2,), icon_px=THUMB_PX, row_px=THUMB_PX + 4)
         self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
+        self.table.setColumnWidth(3, MATCH_COLUMN_PX)  # chips + mean cosine; the pairs are in the tooltip
         keep_rows_visible(self.table)
         self.table.cellDoubleClicked.connect(lambda row, _c: guarded("Open neighbour")(self.open_result)(row))
         self.table.selectionModel().currentRowChanged.connect(lambda current, _prev: self._show_detail(current.row()))
@@ -288,6 +290,8 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         self.back_button.setEnabled(False)
         model = self.table.model()
         model.set_headers(SLIDE_HEADERS if query.mode == MODE_SLIDES else REGION_HEADERS)
+        self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
+        self.table.setColumnWidth(3, MATCH_COLUMN_PX)
         rows = []
         for res in query.results:
             icon = QIcon(array_to_pixmap(query.thumbnails[res.slide_id])) if res.slide_id in query.thumbnails else None
@@ -330,7 +334,7 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
             own = query.neighbour_names.get(res.slide_id, {}).get(l, f"prototype {l}")
             return f"{own} · {res.pair_similarities[0]:.2f}"
         sims = res.pair_similarities or [0.0]
-        return f"{len(res.pairs)} pairs · mean {float(np.mean(sims)):.2f}"
+        return f"mean {float(np.mean(sims)):.2f}"
 
     def _pairs_text(self, query: Query, res, sep: str, rich: bool = False) -> str:
         own = query.neighbour_names.get(res.slide_id, {})
