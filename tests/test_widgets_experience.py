@@ -288,8 +288,6 @@ def test_names_and_colours_without_the_labeling_panel_and_neighbours_in_query_co
     protos = cohort.prototypes(query, compute=False)
     annotations.rename(query, 0, "tumour")
     annotations.recolor(query, 0, "#ff0000")
-    # A neighbour whose stored colour equals the query's default colour of another prototype must still
-    # get unique colours; give it one clash on purpose.
     try:
         viewer = make_napari_viewer(show=True)
         panels = _dock_from_plugin_menu(viewer, ("Cohort", "Prototypes", "Similar slides"))
@@ -301,6 +299,7 @@ def test_names_and_colours_without_the_labeling_panel_and_neighbours_in_query_co
         region0 = int(np.flatnonzero(protos.assignments == 0)[0])
         assert np.allclose(layer.colormap.map(np.array([region0 + 1]))[0][:3], (1.0, 0.0, 0.0), atol=1e-3)
         assert layer.features["name"][region0] == "tumour"  # napari's status bar on hover
+        qtbot.waitUntil(lambda: panels["Prototypes"].legend.rowCount() == protos.k, timeout=10_000)
         assert panels["Prototypes"].legend_rows()[0][0] == "tumour"
         world = opened.geometry.level0_to_world(*(opened.regions.coords[region0] + opened.regions.size / 2))
         assert "tumour" in panels["Prototypes"].describe_position(world)
