@@ -20,6 +20,7 @@ so that a cohort folder that holds its slides can be moved as a whole.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,21 @@ from napari_slpd.errors import SlpdError
 from napari_slpd.slides.ids import SLIDE_SUFFIXES, find_slides, safe_slide_id, slide_id_for  # noqa: F401 (re-exported)
 from napari_slpd.utils.files import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 REGISTRY_NAME = "cohort.json"
 SETTINGS_KEY = "settings"
+
+
+def _parse_registry(text: str) -> dict:
+    """The registry in ``text``; ValueError saying what is wrong when it is not a cohort file."""
+    try:
+        registry = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from exc
+    if not isinstance(registry, dict) or not isinstance(registry.setdefault("slides", {}), dict):
+        raise ValueError("not a napari-slpd cohort file")
+    return registry
 
 
 @dataclass
@@ -42,6 +56,8 @@ class SlideRecord:
 
 class Cohort:
     """Paths and slide registry of a cohort cache folder. Creating one creates the folder."""
+
+    notice: str | None = None  # set when cohort.json was damaged and recovered (what happened)
 
     def __init__(self, root: str | os.PathLike, create: bool = True, cache: str | os.PathLike | None = None):
         """``cache``: the writable cache folder used when ``root`` is read-only (default: ``--cache`` /
@@ -96,12 +112,74 @@ class Cohort:
         if not self.registry_path.exists():
             return {"slides": {}}
         try:
-            registry = json.loads(self.registry_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise SlpdError(f"cohort registry {self.registry_path} is not valid JSON: {exc}") from exc
-        if not isinstance(registry, dict):
-            raise SlpdError(f"cohort registry {self.registry_path} is not a napari-slpd cohort file")
-        registry.setdefault("slides", {})
+            registry = _parse_registry(self.registry_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            recovered = getattr(self, "_recovered", None)  # a damaged file that could not be replaced
+            if recovered is not None:
+                return json.loads(json.dumps(recovered))
+            return self._recover_registry(str(exc))
+        return registry
+
+    def _write_registry(self, registry: dict) -> None:
+        """Atomically, after keeping the previous good file as cohort.json.bak (see _recover_registry)."""
+        from napari_slpd.utils.storage import keep_backup
+
+        def valid(text: str) -> bool:
+            try:
+                _parse_registry(text)
+            except ValueError:
+                return False
+            return True
+
+        keep_backup(self.registry_path, valid)
+        atomic_write_json(self.registry_path, registry)
+
+    def _recover_registry(self, problem: str) -> dict:
+        """A damaged cohort.json: set it aside, take the slides from its backup and from the feature files
+        (each records its slide's path), write the result back, and say so in ``notice``."""
+        from napari_slpd.utils.storage import backup_path, set_aside
+
+        path = self.registry_path
+        registry = {"slides": {}}
+        sources = []
+        backup = backup_path(path)
+        if backup.exists():
+            try:
+                registry = _parse_registry(backup.read_text(encoding="utf-8"))
+                sources.append(f"its backup {backup.name}")
+            except (OSError, UnicodeDecodeError, ValueError):
+                pass
+        found = no_path = 0
+        for h5 in sorted((self.root / "features").glob("*.h5")):
+            if h5.stem in registry["slides"]:
+                continue
+            try:
+                from napari_slpd.features.store import read_store_attrs
+
+                attrs = read_store_attrs(h5)
+            except SlpdError:
+                continue
+            registry["slides"][h5.stem] = {"path": str(attrs.get("slide_path") or "")}
+            found += 1
+            no_path += not attrs.get("slide_path")
+        if found:
+            sources.append(f"{found} feature file(s)" + (f" ({no_path} without a recorded slide path: features "
+                                                          "only until their slide is added again)" if no_path else ""))
+        aside = set_aside(path)
+        kept = f"kept as {aside.name}" if aside is not None else "left as it is"
+        self.notice = (f"cohort file {path} is damaged ({problem}; {kept}): its {len(registry['slides'])} slide(s) "
+                       f"were recovered from {' and '.join(sources) or 'nothing (no backup, no feature files)'}; "
+                       "pixel sizes set by hand and the cohort settings may need to be set again")
+        log.warning(self.notice)
+        written = False
+        if aside is not None:
+            try:
+                atomic_write_json(path, registry)
+                written = True
+            except SlpdError:
+                pass
+        if not written:
+            self._recovered = json.loads(json.dumps(registry))
         return registry
 
     def slides(self) -> list[SlideRecord]:
@@ -146,7 +224,7 @@ class Cohort:
             entry["mpp"] = float(mpp)
             entry["mpp_source"] = mpp_source or "user"
         registry["slides"][slide_id] = entry
-        atomic_write_json(self.registry_path, registry)
+        self._write_registry(registry)
         return self.slide(slide_id)
 
     # -- settings ------------------------------------------------------------------------------
@@ -160,12 +238,12 @@ class Cohort:
         registry = self._load_registry()
         registry.setdefault("slides", {})
         registry[SETTINGS_KEY] = settings
-        atomic_write_json(self.registry_path, registry)
+        self._write_registry(registry)
 
     def remove_slide(self, slide_id: str) -> None:
         registry = self._load_registry()
         registry["slides"].pop(slide_id, None)
-        atomic_write_json(self.registry_path, registry)
+        self._write_registry(registry)
 
     # -- cache paths ---------------------------------------------------------------------------
     def features_path(self, slide_id: str) -> Path:

@@ -174,12 +174,40 @@ class Change:
 # The store
 
 
+def _read_names_text(text: str) -> tuple[dict | None, str | None]:
+    """(data, None) for a good names file's text, (None, what is wrong) otherwise."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("slides"), dict):
+        return None, "not a napari-slpd prototype names file"
+    if int(data.get("version", 1)) > FORMAT_VERSION:
+        raise SlpdError("the prototype names file was written by a newer napari-slpd; update napari-slpd to read it")
+    return data, None
+
+
+def _read_names_file(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not text: {exc}"
+    except OSError as exc:
+        raise SlpdError(f"prototype names file {path} cannot be read ({exc.strerror or exc})") from exc
+    try:
+        return _read_names_text(text)
+    except SlpdError as exc:
+        raise SlpdError(f"{path}: {exc}") from exc
+
+
 class PrototypeAnnotations:
     """Names and colours of the cohort's prototypes. ``load`` reads them; changes are saved at once.
 
     ``provider`` says where the current prototypes are read from (a Session, a Cohort, or a function
     slide_id -> SlidePrototypes); it decides which names are current and which stale.
     """
+
+    notice: str | None = None  # set by load() when the file was damaged and what was done about it
 
     def __init__(self, cohort, data: dict | None = None, provider=None):
         self.cohort = _cohort_of(cohort)
@@ -195,24 +223,40 @@ class PrototypeAnnotations:
 
     @classmethod
     def load(cls, cohort, provider=None) -> "PrototypeAnnotations":
+        """The cohort's names. A damaged file is set aside (``annotations.json.damaged-<time>``, never
+        deleted) and the names come back from the backup kept before every rewrite (``annotations.json.bak``);
+        ``notice`` then says so (None when all was well)."""
+        from napari_slpd.utils.storage import backup_path, set_aside
+
         c = _cohort_of(cohort)
         path = Path(c.annotations_path)
         data = None
+        notice = None
         if path.exists():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise SlpdError(
-                    f"prototype names file {path} cannot be read ({exc}); fix or delete it (names are lost then)"
-                ) from exc
-            if not isinstance(data, dict) or not isinstance(data.get("slides"), dict):
-                raise SlpdError(f"{path} is not a napari-slpd prototype names file")
-            if int(data.get("version", 1)) > FORMAT_VERSION:
-                raise SlpdError(f"{path} was written by a newer napari-slpd; update napari-slpd to read it")
-        return cls(cohort, data, provider if provider is not None else cohort)
+            data, problem = _read_names_file(path)
+            if problem is not None:
+                backup = backup_path(path)
+                restored, _ = _read_names_file(backup) if backup.exists() else (None, "none")
+                aside = set_aside(path)
+                kept = f"kept as {aside.name}" if aside is not None else "left as it is"
+                if restored is not None:
+                    data = restored
+                    notice = (f"prototype names file {path} is damaged ({problem}; {kept}): the names were restored "
+                              f"from its backup {backup.name}; names given after that backup are missing")
+                else:
+                    notice = (f"prototype names file {path} is damaged ({problem}; {kept}) and has no usable backup: "
+                              "starting without names (the damaged file holds what could be recovered by hand)")
+                log.warning(notice)
+        names = cls(cohort, data, provider if provider is not None else cohort)
+        names.notice = notice
+        return names
 
     def save(self) -> None:
+        """Write the names atomically, after copying the previous good file to ``annotations.json.bak``."""
+        from napari_slpd.utils.storage import keep_backup
+
         with self._lock:
+            keep_backup(self.path, lambda text: _read_names_text(text)[1] is None)
             atomic_write_json(self.path, self._data)
             self._stamp = self._file_stamp()
 

@@ -145,8 +145,15 @@ class TrainingRun:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as exc:
-            raise TrainingRunError(f"{path} is not valid JSON ({exc}); delete it to use the run folder") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Damaged (a full disk, a crash of the file system): set aside, and the run is followed from its
+            # events file and checkpoint, which are what resuming needs.
+            from napari_slpd.utils.storage import set_aside
+
+            aside = set_aside(path)
+            log.warning("training run file %s is damaged (%s; %s); the run is followed from its events file and "
+                        "checkpoint instead", path, exc, f"kept as {aside.name}" if aside else "left as it is")
+            return None
 
     # -- starting ------------------------------------------------------------------------------------
     @classmethod

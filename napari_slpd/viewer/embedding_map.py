@@ -80,8 +80,10 @@ def map_key(parts: Sequence[tuple[str, str, int]], params: UmapParams) -> str:
 
 
 def cache_path(cohort_root: str | Path, name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    return Path(cohort_root) / "embedding" / f"{safe}_umap.npz"
+    from napari_slpd.utils.storage import cohort_file
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
+    return cohort_file(Path(cohort_root) / "embedding" / f"{safe}_umap.npz")  # a read-only cohort's: its cache
 
 
 def project_2d(
@@ -155,7 +157,7 @@ def load_cached(path: Path, key: str) -> EmbeddingMap | None:
                 method=str(data["method"]),
                 key=key,
             )
-    except (OSError, KeyError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged npz fails in many ways (BadZipFile, EOFError, ...)
         log.warning("ignoring unreadable embedding cache %s (%s); recomputing", path, exc)
         return None
 
