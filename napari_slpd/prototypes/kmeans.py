@@ -241,6 +241,18 @@ def compute_prototypes(
         k_used = M
         note = f"K capped from {k} to {M}: the slide has only {M} regions"
         log.warning("%s", note)
+    if k_used > 1:
+        # Regions that are all alike (constant embeddings, e.g. imported from a tool that failed) cannot make
+        # K different prototypes: K-means would return copies of one centroid. Say so and use fewer.
+        distinct = len(np.unique(np.round(l2_normalize(x), 5), axis=0))
+        if distinct < k_used:
+            if not cap_k:
+                raise PrototypeError(f"the slide's {M} regions have only {distinct} distinct embedding(s), fewer "
+                                     f"than K = {k_used}; its features may be degenerate")
+            note = (f"K capped from {k} to {distinct}: the slide's {M} regions have only {distinct} distinct "
+                    "embedding(s) (constant or duplicated features: check how they were made)")
+            log.warning("%s", note)
+            k_used = distinct
     w = None
     if weights is not None:
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
