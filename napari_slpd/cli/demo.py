@@ -1,7 +1,7 @@
 """``slpd demo [--out DIR] [--screenshots-only]``: a processed sample cohort, opened in napari.
 
-Builds a small cohort of synthetic H&E slides (different seeds draw different tissue compositions) plus the
-real test slides when ``../shared/data/slides`` is there, extracts region features with small CPU-friendly
+Builds a small labelled cohort of synthetic H&E slides (two tissue-composition classes, several slides per
+case, a survival time; ``slpd sample-cohort``) plus the real test slides when ``../shared/data/slides`` is there, extracts region features with small CPU-friendly
 settings, computes the prototypes and the cohort index, then opens napari with the slide, its tissue
 outline, region grid and prototypes, every SLPD panel docked, the most similar slides listed and the
 embedding map drawn. On a synthetic slide the labeling panel names the prototypes after the tissue classes
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.samples.demo_cohort import (SYNTHETIC_SEEDS, build_demo_cohort, demo_settings, pick_query_slide,
-                                             process_cohort)
+from napari_slpd.samples.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_settings, evaluate_demo,
+                                             pick_query_slide, process_cohort)
 from napari_slpd.testing.xvfb import has_display, start_virtual_display
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def register(subparsers) -> None:
                         help="HIPT ViT-256 DINO checkpoint (without it the patch encoder is randomly initialised)")
     parser.add_argument("--region-checkpoint", default=None, metavar="PATH",
                         help="ViT-4K checkpoint (without it the region encoder is randomly initialised)")
-    parser.add_argument("--slides", type=int, default=len(SYNTHETIC_SEEDS), metavar="N",
-                        help=f"number of synthetic slides (default {len(SYNTHETIC_SEEDS)})")
+    parser.add_argument("--slides", type=int, default=DEMO_SLIDES, metavar="N",
+                        help=f"number of labelled synthetic slides (default {DEMO_SLIDES})")
     parser.add_argument("--no-real", action="store_true", help="leave out the real test slides")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where models run")
     parser.add_argument("-k", type=int, default=4, help="prototypes per slide (default 4)")
@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"Processing {len(session.slide_ids())} slides (regions of {fs.region_px} px cut into {fs.patch_px}-px patches "
         f"at {fs.target_mpp:g} um/px, K={args.k})")
     process_cohort(session, say)
+    say("Evaluating the slide representations on the sample labels (class)")
+    evaluation = evaluate_demo(session, cohort_root, say)
     slide_id = pick_query_slide(session)
     for match in session.similar_slides(slide_id, top_k=3):
         say(f"  similar to {slide_id}: {match.slide_id} (distance {match.distance:.3f})")

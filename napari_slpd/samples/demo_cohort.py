@@ -1,8 +1,9 @@
-"""The demo cohort, Qt-free: a few synthetic H&E slides (different seeds draw different tissue
-compositions) plus the real test slides when ``../shared/data/slides`` is there, the small CPU-friendly
-settings ``slpd demo`` processes them with, the processing itself (features, prototypes, cohort index), and
-names for the prototypes of a synthetic slide taken from the tissue classes it was painted with (its ground
-truth, not a model's guess). The GUI side of the demo is :mod:`napari_slpd.widgets.demo`, the command
+"""The demo cohort, Qt-free: a labelled sample cohort of synthetic H&E slides (two tissue-composition
+classes with subtypes, several slides per case, a survival time; :mod:`napari_slpd.samples.sample_cohort`)
+plus the real test slides when ``../shared/data/slides`` is there, the small CPU-friendly settings
+``slpd demo`` processes them with, the processing itself (features, prototypes, cohort index, then the
+slide-level evaluation of every representation on the labels), and names for the prototypes of a synthetic
+slide taken from the tissue classes it was painted with (its ground truth, not a model's guess). The GUI side of the demo is :mod:`napari_slpd.widgets.demo`, the command
 :mod:`napari_slpd.cli.demo`.
 """
 
@@ -15,9 +16,12 @@ from pathlib import Path
 
 from napari_slpd.errors import SlpdError
 
-# Synthetic slides: small enough that the whole demo runs in 2-3 minutes on 2 CPU cores.
-SYNTHETIC_SIZE = (3072, 2304)
-SYNTHETIC_SEEDS = (11, 12, 13, 14, 15)
+# Synthetic slides: small enough that the whole demo runs in a few minutes on 2 CPU cores, enough of them
+# (two classes, about four cases each) for a cross-validated evaluation.
+SYNTHETIC_SIZE = (2048, 1536)
+DEMO_SLIDES = 20
+DEMO_CLASSES = 2
+LABELS_FILE = "labels.csv"  # in COHORT/slides, written by the sample-cohort generator
 REAL_SLIDES = ("cmu_small_region.svs",)  # real slides with a trustworthy pixel size
 # Prototype colours by painted tissue class (tab10 hues that read on H&E; grey would read as background).
 CLASS_COLORS = {"stroma": "#2ca02c", "tumour": "#d62728", "lymphocytes": "#1f77b4", "necrosis": "#8c564b",
@@ -49,22 +53,17 @@ def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None =
     return SessionSettings(features=features, prototypes=PrototypeSettings(k=k), top_k=10)
 
 
-def build_demo_cohort(root: Path, n_synthetic: int = len(SYNTHETIC_SEEDS), include_real: bool = True,
+def build_demo_cohort(root: Path, n_synthetic: int = DEMO_SLIDES, include_real: bool = True,
                       say: Callable[[str], None] = print) -> list[Path]:
-    """Write the synthetic slides into ``root/slides`` (once) and return every slide path of the demo."""
-    from napari_slpd.samples.synthetic import real_slides_dir, write_synthetic_slide
+    """Write the labelled sample slides into ``root/slides`` (once; ``root/slides/labels.csv`` holds their
+    class, case and survival) and return every slide path of the demo (the real slides are unlabelled)."""
+    from napari_slpd.samples.sample_cohort import SampleCohortSpec, write_sample_cohort
+    from napari_slpd.samples.synthetic import real_slides_dir
 
-    slides_dir = root / "slides"
-    slides_dir.mkdir(parents=True, exist_ok=True)
-    seeds = [SYNTHETIC_SEEDS[i % len(SYNTHETIC_SEEDS)] + 10 * (i // len(SYNTHETIC_SEEDS)) for i in range(n_synthetic)]
-    paths = []
-    for seed in seeds:
-        path = slides_dir / f"synthetic-{seed}.svs"
-        if not path.exists():
-            t0 = time.perf_counter()
-            write_synthetic_slide(path, width=SYNTHETIC_SIZE[0], height=SYNTHETIC_SIZE[1], seed=seed)
-            say(f"  wrote {path.name} ({time.perf_counter() - t0:.1f} s)")
-        paths.append(path)
+    spec = SampleCohortSpec(n_slides=n_synthetic, n_classes=DEMO_CLASSES, seed=0, width=SYNTHETIC_SIZE[0],
+                            height=SYNTHETIC_SIZE[1])
+    sample = write_sample_cohort(root / "slides", spec, say=say)
+    paths = [s.path for s in sample.slides]
     if include_real:
         real = real_slides_dir()
         for name in REAL_SLIDES:
@@ -73,6 +72,49 @@ def build_demo_cohort(root: Path, n_synthetic: int = len(SYNTHETIC_SEEDS), inclu
             else:
                 say(f"  (real slide {real / name} not found; the demo uses synthetic slides only)")
     return paths
+
+
+def demo_labels(root: Path) -> Path | None:
+    """The labels file of the demo cohort in ``root`` (None before :func:`build_demo_cohort`)."""
+    path = Path(root) / "slides" / LABELS_FILE
+    return path if path.exists() else None
+
+
+def demo_evaluation_config(labels: Path):
+    """Evaluation settings that fit the demo's few cases: as many folds as the rarest class has cases
+    (at most 5), KNN, linear probe, Cox survival and retrieval (ABMIL is left to the panel: it trains)."""
+    import csv
+
+    from napari_slpd.evaluation import EvaluationConfig
+
+    with open(labels, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    cases: dict[str, set] = {}
+    for row in rows:
+        cases.setdefault(row["class"], set()).add(row["case_id"])
+    n_folds = max(2, min(5, min(len(c) for c in cases.values())))
+    return EvaluationConfig(tasks=["class"], protocols=["knn", "linear", "retrieval"], n_folds=n_folds,
+                            n_bootstrap=200, seed=0)
+
+
+def evaluate_demo(session, root: Path, say: Callable[[str], None] = print):
+    """Evaluate the demo cohort's representations on its labels; the report goes to ``root/evaluation``.
+    Returns the EvaluationResult (None without labels)."""
+    from napari_slpd.evaluation import evaluate, write_report
+
+    labels = demo_labels(root)
+    if labels is None:
+        return None
+    config = demo_evaluation_config(labels)
+    result = evaluate(session.cohort, labels, config)
+    write_report(result, Path(root) / "evaluation", cohort=session.cohort)
+    for r in result.results:
+        summary = r.summary.get(r.primary) or {}
+        if summary.get("mean") is not None:
+            say(f"  {r.task} / {r.representation} / {r.protocol}: {r.primary} {summary['mean']:.3f} "
+                f"+/- {summary.get('std') or 0:.3f} ({config.n_folds} folds)")
+    say(f"  evaluation report: {Path(root) / 'evaluation' / 'report.html'}")
+    return result
 
 
 def process_cohort(session, say: Callable[[str], None] = print) -> dict:
@@ -135,11 +177,14 @@ def synthetic_design_of(path: str | os.PathLike):
             return None
         seed, mpp = int(props["aperio.Seed"]), float(props["aperio.MPP"])
         width, height = slide.dimensions
+        composition = None
+        if props.get("aperio.Composition"):  # a sample-cohort slide: painted with a given composition
+            composition = {k: float(v) for k, v in (item.split(":") for item in props["aperio.Composition"].split(";"))}
     except (KeyError, ValueError):  # a synthetic slide of an older version without its seed
         return None
     finally:
         slide.close()
-    return design_slide(width, height, seed, mpp)
+    return design_slide(width, height, seed, mpp, composition)
 
 
 def tissue_class_shares(design, coords, tile_px: float, assignments, k: int):

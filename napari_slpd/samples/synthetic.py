@@ -407,6 +407,8 @@ def write_synthetic_slide(
         f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {objective:g}|MPP = {mpp:.6f}"
         f"|Filename = synthetic-seed{seed}|Seed = {seed}"
     )
+    if composition is not None:  # recorded so that the painted design (the slide's ground truth) can be redrawn
+        description += "|Composition = " + ";".join(f"{k}:{float(v):.6f}" for k, v in sorted(composition.items()))
 
     def level0_tiles():
         for row in range(n_rows):
