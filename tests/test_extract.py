@@ -382,3 +382,35 @@ def test_cuda_extraction_matches_cpu_and_never_mixes_precisions(tmp_path, encode
         ta, tb = a.tokens(), b.tokens()
         cos = (ta * tb).sum(1) / (np.linalg.norm(ta, axis=1) * np.linalg.norm(tb, axis=1))
         assert cos.min() > 0.98  # bf16 autocast vs float32
+
+
+def test_cpu_lanes_encode_concurrent_batches_in_order(tmp_path, encoders):
+    """torch_threads="auto" on CPU: concurrent patch-encoder batches on one intra-op thread each (lanes).
+    Every patch's features land in its own row, the same as one synchronous lane's to float rounding."""
+    from napari_slpd.features.engine import _PatchBatcher, cpu_lanes
+
+    patch, _ = encoders
+    assert cpu_lanes("auto", on_cuda=True, batch_size=256) == 1 and cpu_lanes(1, False, 256) == 1
+    assert 1 <= cpu_lanes("auto", False, 256) <= 8
+    rng = np.random.default_rng(0)
+    regions = [rng.integers(0, 255, (n, INPUT_PX, INPUT_PX, 3), dtype=np.uint8) for n in (40, 7, 64, 33)]
+    outs = {}
+    for lanes in (1, 3):
+        batcher = _PatchBatcher(patch, 50, INPUT_PX, pin=False, lanes=lanes)
+        assert batcher.batch_size == (50 if lanes == 1 else 17)
+        got = [np.full((len(r), patch.dim), np.nan, np.float32) for r in regions]
+        for r, out in zip(regions, got):
+            batcher.add(r, out)
+        batcher.drain()
+        assert batcher.regions_encoded == len(regions)
+        batcher.close()
+        outs[lanes] = got
+    for a, b in zip(outs[1], outs[3]):
+        assert np.isfinite(b).all()
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the engine end to end with lanes: the same features as one fixed thread, to float rounding
+    path = real_slide("cmu_svs")
+    extract_slide(path, tmp_path / "lanes.h5", patch, encoders[1], config(torch_threads="auto"))
+    extract_slide(path, tmp_path / "one.h5", patch, encoders[1], config(torch_threads=1))
+    with FeatureStore.open(tmp_path / "lanes.h5") as a, FeatureStore.open(tmp_path / "one.h5") as b:
+        np.testing.assert_allclose(a.tokens(), b.tokens(), atol=2e-3)

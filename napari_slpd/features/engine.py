@@ -187,21 +187,31 @@ def maybe_compile(patch_encoder, enabled: bool) -> None:
 
 
 class _PatchBatcher:
-    """Collects patches of consecutive regions into one fixed buffer and runs the encoder on it when full.
+    """Collects patches of consecutive regions into fixed buffers and runs the encoder on each when full.
 
-    The buffer is allocated once ([batch_size, p, p, 3] uint8, pinned on CUDA, or on the GPU itself when
+    Buffers are allocated once ([batch_size, p, p, 3] uint8, pinned on CUDA, or on the GPU itself when
     the patches were decoded there): memory is set by batch_size, not by the slide or the region size.
+
+    ``lanes`` > 1 (CPU): the batch is cut into ``lanes`` batches of ceil(batch_size / lanes) patches, each
+    encoded on its own thread with one intra-op thread while the caller fills the next (``lanes + 1``
+    buffers of that size, at most ``lanes`` in flight: the patches in memory stay about one batch). A ViT's
+    small per-layer ops barely scale with OpenMP threads, and each op's barrier stalls whenever one thread
+    shares its core with a reader or another program; independent batches on independent threads have no
+    barrier at all. Batches are cut the same way on every run with the same lanes, so runs repeat.
     """
 
     def __init__(self, encoder, batch_size: int, patch_px: int, pin: bool, threads: "_ThreadPolicy | None" = None,
-                 device=None):
+                 device=None, lanes: int = 1):
         import torch
 
         self.encoder = encoder
         self.threads = threads
-        self.batch_size = batch_size
-        shape = (batch_size, patch_px, patch_px, 3)
+        self.lanes = max(1, int(lanes)) if device is None and not pin else 1
+        self.batch_size = -(-batch_size // self.lanes)  # patches per encoder call
+        shape = (self.batch_size, patch_px, patch_px, 3)
         self.device = device
+        self._pool = None
+        self._inflight: list = []  # (future, buffer index, targets), oldest first
         if device is not None:  # patches arrive decoded on the GPU (CUDA tensors): the batch stays there
             self._tensor = torch.empty(shape, dtype=torch.uint8, device=device)
             self.buffer = None
@@ -210,13 +220,20 @@ class _PatchBatcher:
             self.buffer = self._tensor.numpy()
         else:
             self._tensor = None
-            self.buffer = np.empty(shape, np.uint8)
+            self._buffers = [np.empty(shape, np.uint8) for _ in range(self.lanes + (self.lanes > 1))]
+            self._current = 0
+            self.buffer = self._buffers[0]
+            if self.lanes > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="slpd-encode")
         self.fill = 0
         self.targets: list[tuple[np.ndarray, int, int, bool]] = []  # (output rows, start, n, ends a region)
         self.regions_encoded = 0  # regions whose every patch has been encoded
 
     def add(self, patches: np.ndarray, out: np.ndarray) -> None:
-        """Queue one region's ``patches`` [n, p, p, 3]; their features land in ``out`` [n, D] once encoded."""
+        """Queue one region's ``patches`` [n, p, p, 3]; their features land in ``out`` [n, D] once encoded
+        (with lanes: by the time :meth:`drain` returns)."""
         start = 0
         n = patches.shape[0]
         if self.device is not None and isinstance(patches, np.ndarray):
@@ -235,27 +252,74 @@ class _PatchBatcher:
             if self.fill == self.batch_size:
                 self.flush()
 
+    def _encode(self, batch) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            feats = self.encoder.encode(batch)
+        return feats.detach().to("cpu", torch.float32).numpy()
+
+    def _scatter(self, feats: np.ndarray, targets) -> None:
+        pos = 0
+        for out, start, n, last in targets:
+            out[start : start + n] = feats[pos : pos + n]
+            pos += n
+            self.regions_encoded += int(last)
+
     def flush(self) -> None:
         if self.fill == 0:
             return
         import torch
 
+        if self._pool is not None:
+            self._reap(block=len(self._inflight) >= self.lanes)  # a free buffer for what comes next
+            batch = torch.from_numpy(self.buffer[: self.fill])
+            self._inflight.append((self._pool.submit(self._encode, batch), self._current, self.targets))
+            busy = {index for _, index, _ in self._inflight}
+            self._current = next(i for i in range(len(self._buffers)) if i not in busy)
+            self.buffer = self._buffers[self._current]
+            self.fill = 0
+            self.targets = []
+            return
         batch = self._tensor[: self.fill] if self._tensor is not None else torch.from_numpy(self.buffer[: self.fill])
         if self.threads is not None:
             self.threads.before_batch(self.fill)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            feats = self.encoder.encode(batch)
-        feats = feats.detach().to("cpu", torch.float32).numpy()
+        feats = self._encode(batch)
         if self.threads is not None:
             self.threads.after_batch(self.fill, time.perf_counter() - t0)
-        pos = 0
-        for out, start, n, last in self.targets:
-            out[start : start + n] = feats[pos : pos + n]
-            pos += n
-            self.regions_encoded += int(last)
+        self._scatter(feats, self.targets)
         self.fill = 0
         self.targets = []
+
+    def _reap(self, block: bool) -> None:
+        """Write out finished batches, oldest first (with ``block``, wait for the oldest at least)."""
+        while self._inflight and (block or self._inflight[0][0].done()):
+            future, _, targets = self._inflight.pop(0)
+            self._scatter(future.result(), targets)  # a lane's exception is raised here
+            block = False
+
+    def drain(self) -> None:
+        """Flush and wait until every queued patch is encoded and written to its ``out``."""
+        self.flush()
+        while self._inflight:
+            self._reap(block=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future, _, _ in self._inflight:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._inflight = []
+
+
+def cpu_lanes(torch_threads, on_cuda: bool, batch_size: int) -> int:
+    """Concurrent patch-encoder batches on CPU (see _PatchBatcher): one per available core (at least 32
+    patches each) under torch_threads="auto"; 1 on CUDA, or when the thread count is fixed or torch's."""
+    if on_cuda or torch_threads != "auto":
+        return 1
+    return max(1, min(available_cores(), batch_size // 32))
 
 
 def encode_regions(region_encoder, tokens: np.ndarray, batch_size: int) -> np.ndarray:
@@ -552,10 +616,12 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
         progress(done, M)
     stream = RegionStream(gpu if gpu is not None else reader, range(done, M), config.workers, config.window, cancel)
     batch_size = min(config.batch_size, config.regions_per_chunk * G2)
-    threads = _ThreadPolicy(config.torch_threads, on_cuda, full_batch=batch_size,
+    lanes = cpu_lanes(config.torch_threads, on_cuda, batch_size)
+    # With lanes each encoder call runs on one intra-op thread (the lanes are the parallelism).
+    threads = _ThreadPolicy(1 if lanes > 1 else config.torch_threads, on_cuda, full_batch=batch_size,
                             readers=stream, patches_per_region=G2)
     batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda and gpu is None, threads=threads,
-                            device=gpu.device if gpu is not None else None)
+                            device=gpu.device if gpu is not None else None, lanes=lanes)
     try:
         while done < M:
             c = min(config.regions_per_chunk, M - done)
@@ -577,7 +643,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 if progress is not None and batcher.regions_encoded != before:
                     progress(min(done + c - 1, first + batcher.regions_encoded), M)
             # A batch never straddles chunks: a resumed run then sees exactly the same batches.
-            batcher.flush()
+            batcher.drain()
             if is_cancelled(cancel):
                 return done
             tokens = feats.reshape(c, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
@@ -600,6 +666,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 progress(done, M)
     finally:
         stream.close()
+        batcher.close()
         threads.restore()
     return done
 
