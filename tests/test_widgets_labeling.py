@@ -119,8 +119,7 @@ def test_rename_recolour_and_find_them_after_reopening(make_napari_viewer, qtbot
 
     state.set_session(None)
     widget.close()
-    assert widget.rows == [] and state.prototype_name(1) == "tumour bed"  # nothing shown without a cohort
-    state.set_prototype_style(names={}, colors={})  # forget everything held in memory
+    assert widget.rows == [] and state.prototype_name(1) == "prototype 1"  # nothing held without a cohort
     state.set_session(Session(lab.cohort.root, state.settings))
     state2 = _open(viewer, lab.cohort.root, sid)
     widget2 = LabelingWidget(viewer)
