@@ -226,6 +226,7 @@ class Session:
     def __init__(self, root: str | os.PathLike, settings: SessionSettings | None = None, create: bool = True):
         self.cohort = Cohort(root, create=create)
         self._lock = threading.RLock()
+        self.notices: list[str] = []  # what opening found and settled (see _recover), for the user
         self._regions: dict[str, tuple[float, RegionData]] = {}
         self._prototypes: dict[str, tuple[tuple, Any]] = {}
         self._index = None  # CohortIndex
@@ -387,6 +388,7 @@ class Session:
         (or the given slide paths); with ``slides=None`` the slides lying in ``root`` itself. Without
         ``settings``, the settings saved in the cohort are used (defaults for a new cohort)."""
         session = cls(root, settings)
+        session.notices = session._recover()
         if settings is None:
             saved = session.saved_settings()
             if saved is not None:
@@ -400,6 +402,23 @@ class Session:
         else:
             session.add_slides(slides)
         return session
+
+    def _recover(self) -> list[str]:
+        """What opening found and settled (a read-only cohort and its cache folder, a damaged cohort file, a
+        region-encoder switch interrupted by a kill): one line each, for the GUI and the CLI to show."""
+        from napari_slpd.features.versions import recover_interrupted_switch
+
+        notes = [n for n in (self.cohort.read_only_note(), self.cohort.notice) if n]
+        try:
+            self.cohort.slide_ids()  # reads (and, when damaged, recovers) cohort.json now, not mid-task
+            if self.cohort.notice and self.cohort.notice not in notes:
+                notes.append(self.cohort.notice)
+            note = recover_interrupted_switch(self.cohort)
+        except SlpdError as exc:
+            note = str(exc)
+        if note:
+            notes.append(note)
+        return notes
 
     def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[str]]:
         """Register slides; returns (records added, messages for paths that are not slides)."""
@@ -582,13 +601,16 @@ class Session:
             except SlpdError as exc:
                 result = ExtractionResult(slide_id, record.path, out, "error", message=str(exc))
                 log.warning("%s: %s", slide_id, exc)
+                disk_full = getattr(exc, "kind", None) == "full"  # the next slides cannot be written either
+            else:
+                disk_full = False
             results.append(result)
             self._regions.pop(slide_id, None)
             if on_slide:
                 on_slide(result)
             if progress:
                 progress((i + 1) * unit, n * unit)
-            if result.status == "cancelled":
+            if result.status == "cancelled" or disk_full:
                 break
         if any(r.status == "extracted" for r in results):
             self._record_features_made_with()
@@ -764,7 +786,7 @@ class Session:
         current = set(self.slides_with_features())
         # Slides whose prototypes are left from other feature settings are not comparable: leave them out.
         exclude = [s for s in index.slide_ids if s not in current]
-        hits = index.query(slide_id, n=top_k, exclude=exclude, method="exact")
+        hits = index.query(slide_id, n=top_k, exclude=exclude)  # the default search is exact (bounded)
         return [
             SlideMatch(
                 h.slide_id, float(h.distance), float(h.similarity),

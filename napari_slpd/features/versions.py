@@ -317,8 +317,12 @@ def activate(session, key: str, progress: ProgressFn | None = None, cancel=None,
         from napari_slpd.labeling import PrototypeAnnotations
 
         names_before = PrototypeAnnotations.load(cohort, session)
+    _begin_switch(cohort, key)  # a process killed from here on is noticed and undone at the next open
     stash_prototypes(cohort)
     switched, already, missing = select_in_files(cohort, key, cancel=cancel)
+    if is_cancelled(cancel):  # cancelled half-way: every file goes back to what it had, never a mix
+        recover_interrupted_switch(cohort)
+        return [], already, missing, [], {}, 0, {}
     restored = restore_prototypes(cohort)
     encoder = next((e for e in cohort_region_encoders(cohort) if e.key == key), None)
     protos, n_index, names = {}, 0, {}
@@ -334,7 +338,77 @@ def activate(session, key: str, progress: ProgressFn | None = None, cancel=None,
         n_index = _index_size(index)
         if names_before is not None:
             names = names_before.carry_over(session)
+    _end_switch(cohort)
     return switched, already, missing, restored, protos, n_index, names
+
+
+# -- an interrupted switch (process killed, machine down) -----------------------------------------------------
+
+SWITCH_FILE = "region_encoder_switch.json"  # COHORT/: present only while a switch of region encoder runs
+
+
+def _switch_path(cohort) -> Path:
+    from napari_slpd.utils.storage import cohort_file
+
+    return cohort_file(cohort.root / SWITCH_FILE)
+
+
+def _begin_switch(cohort, key: str) -> None:
+    from napari_slpd.utils.files import atomic_write_json
+
+    previous = selected_region_encoder(cohort)
+    journal = _switch_path(cohort)
+    if journal.exists():  # an older interrupted switch: its "from" is the state to go back to
+        try:
+            import json
+
+            previous = json.loads(journal.read_text(encoding="utf-8")).get("from") or previous
+        except (OSError, ValueError):
+            pass
+    atomic_write_json(journal, {"from": previous, "to": key, "pid": os.getpid()})
+
+
+def _end_switch(cohort) -> None:
+    _switch_path(cohort).unlink(missing_ok=True)
+
+
+def recover_interrupted_switch(cohort) -> str | None:
+    """Finish off a switch of region encoder that was interrupted (a killed "Use checkpoint" or version
+    switch): when every feature file already selects the new version the cohort keeps it; otherwise every
+    file goes back to the version it had before. Returns what was done (None when nothing was pending), so
+    that the cohort is always on one encoder, the old or the new, and says which."""
+    import json
+
+    journal = _switch_path(cohort)
+    if not journal.exists():
+        return None
+    try:
+        record = json.loads(journal.read_text(encoding="utf-8"))
+        old, new = record.get("from"), record["to"]
+    except (OSError, ValueError, KeyError, TypeError):
+        old, new = None, None
+    encoders = {e.key: e for e in cohort_region_encoders(cohort)}
+    target = new if new in encoders and encoders[new].selected else old
+    if target is None or target not in encoders:
+        target = new if new in encoders else None
+    if target is None:
+        _end_switch(cohort)
+        return f"an interrupted switch of region encoder was found ({journal.name}) but no version to settle on"
+    switched, _, missing = select_in_files(cohort, target)
+    restore_prototypes(cohort)
+    _end_switch(cohort)
+    label = encoders[target].label or target
+    if target == new:
+        note = (f"an interrupted switch of region encoder had already selected {label} in every feature file: "
+                f"the cohort uses it (prototypes and the index are brought up to date when next used)")
+    else:
+        note = (f"an interrupted switch of region encoder to {encoders[new].label if new in encoders else new} was "
+                f"undone: every slide uses {label} again ({len(switched)} file(s) switched back); use the checkpoint "
+                "again to switch (its region embeddings are kept: no recomputation)")
+    if missing:
+        note += f"; {len(missing)} slide(s) could not be set: " + "; ".join(f"{k}: {v}" for k, v in list(missing.items())[:3])
+    log.warning("%s", note)
+    return note
 
 
 def use_region_encoder(session, version: str, progress: ProgressFn | None = None, cancel=None,

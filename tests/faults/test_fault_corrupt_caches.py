@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from faults_support import embedding_cohort
+from faults.faults_support import embedding_cohort
 
 pytestmark = pytest.mark.faults
 

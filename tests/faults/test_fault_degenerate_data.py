@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from faults_support import embedding_cohort
+from faults.faults_support import embedding_cohort
 
 pytestmark = pytest.mark.faults
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faults_support import embedding_cohort, leftovers
+from faults.faults_support import embedding_cohort, leftovers
 from napari_slpd.errors import StorageError
 
 pytestmark = pytest.mark.faults
@@ -158,7 +158,7 @@ def test_extraction_on_a_full_disk_stops_with_the_folder_and_resumes(small_disk,
     from napari_slpd.samples.synthetic import write_synthetic_slide
     from napari_slpd.slides.grid import GridConfig
 
-    from faults_support import extraction_config, tiny_encoders
+    from faults.faults_support import extraction_config, tiny_encoders
 
     slide = tmp_path / "slide.svs"
     write_synthetic_slide(slide, 3072, 2048, seed=1)

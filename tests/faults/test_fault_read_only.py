@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from faults_support import embedding_cohort, leftovers
+from faults.faults_support import embedding_cohort, leftovers
 from napari_slpd.errors import StorageError
 
 pytestmark = pytest.mark.faults

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from faults_support import INPUT_PX
+from faults.faults_support import INPUT_PX
 
 pytestmark = pytest.mark.faults
 

@@ -1,0 +1,1 @@
+"""Faults produced for real (issue 16); see conftest.py."""
