@@ -11,6 +11,7 @@ indexes load (their faiss file is ignored) and are rewritten as version 2 by ``C
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -30,13 +31,48 @@ def _new_generation() -> str:
 
 
 def save_store(directory: Path, name: str, store: VectorStore, ivf: IVFStage | None, meta: dict) -> Path:
-    """Write ``<name>.json`` (manifest) and its generation's data files into ``directory``, atomically."""
+    """Write ``<name>.json`` (manifest) and its generation's data files into ``directory``, atomically.
+
+    Savers hold a lock (flock) on ``directory`` for the whole save, so files of this index that are
+    not referenced by the manifest when the lock is held (a killed save's data or temporary files) belong to
+    no running save and are removed."""
+    import fcntl
+
     from napari_slpd.utils.storage import write_target
 
     directory = write_target(Path(directory))  # a read-only cohort's index is saved in its cache folder
     directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)  # flock on the folder itself: no lock file among the index's files
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = _save_store_locked(directory, name, store, ivf, meta)
+        _remove_orphans(directory, name, path)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _remove_orphans(directory: Path, name: str, manifest_path: Path) -> None:
+    try:
+        keep = {v for k, v in _read_manifest(manifest_path).items() if k in ("arrays", "ivf") and v}
+    except PrototypeError:
+        return
+    for entry in directory.iterdir():
+        data = entry.name.startswith(f"{name}-") and entry.suffix in (".npz", ".faiss")
+        temp = entry.name.startswith((f".{name}-", f".{name}.json.")) and entry.name.endswith(".partial")
+        if (data and entry.name not in keep) or temp:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _save_store_locked(directory: Path, name: str, store: VectorStore, ivf: IVFStage | None, meta: dict) -> Path:
     manifest_path = directory / f"{name}.json"
-    previous = _read_manifest(manifest_path) if manifest_path.exists() else None
+    try:
+        previous = _read_manifest(manifest_path) if manifest_path.exists() else None
+    except PrototypeError:  # a damaged manifest is replaced; its data files are not known, left alone
+        previous = None
     generation = _new_generation()
     arrays_name = f"{name}-{generation}.npz"
     ivf_name = f"{name}-{generation}.faiss" if ivf is not None else None
