@@ -65,6 +65,9 @@ class EventTail:
         return events
 
 
+ENTROPY_TERMS = ("dino_target_entropy", "intra_target_entropy")
+
+
 def _fmt_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -138,6 +141,10 @@ class RunProgress:
     curves: dict[str, tuple[list[int], list[float]]] = field(
         default_factory=lambda: {t: ([], []) for t in LOSS_TERMS})
     epoch_losses: list[dict] = field(default_factory=list)
+    # target entropy of the DINO / intra-slide loss -> ([global step], [nats]): a loss term is its targets'
+    # entropy plus KL(targets || student); the gap between the two curves is what the student learns
+    entropy_curves: dict[str, tuple[list[int], list[float]]] = field(
+        default_factory=lambda: {t: ([], []) for t in ENTROPY_TERMS})
     # KNN monitor: one record per measurement (epoch -1: before training), as the monitor events hold them
     monitor: list[dict] = field(default_factory=list)
     # First global step with the prototype losses on (the end of the DINO-only warm-up), when known
@@ -161,7 +168,7 @@ class RunProgress:
             start_step = int(event.get("start_step") or 0)
             self.global_step = start_step
             self.outcome, self.error = None, None
-            for steps, values in self.curves.values():
+            for steps, values in [*self.curves.values(), *self.entropy_curves.values()]:
                 keep = sum(1 for s in steps if s < start_step)
                 del steps[keep:], values[keep:]
             start_epoch = int(event.get("start_epoch") or 0)
@@ -178,6 +185,12 @@ class RunProgress:
                 value = event.get(term)
                 if value is not None:
                     steps, values = self.curves[term]
+                    steps.append(step)
+                    values.append(float(value))
+            for term in ENTROPY_TERMS:
+                value = event.get(term)
+                if value is not None and (term == "dino_target_entropy" or event.get("prototype_losses")):
+                    steps, values = self.entropy_curves[term]
                     steps.append(step)
                     values.append(float(value))
             self.global_step = step + 1

@@ -25,7 +25,10 @@ Kinds and their other keys:
 ``step``
     ``epoch``, ``step`` (index inside the epoch), ``global_step``, ``steps_per_epoch``, ``total_steps``,
     ``loss``, ``dino_loss``, ``intra_loss``, ``inter_loss`` (floats, averaged over processes), ``prototype_losses``
-    (bool: active this epoch), ``lr``, ``weight_decay``, ``momentum`` (teacher EMA), ``teacher_temp``,
+    (bool: active this epoch), ``dino_target_entropy``, ``intra_target_entropy``, ``inter_target_entropy``
+    (mean entropy in nats of each loss's sharpened targets, 0 when inactive: each loss term is this entropy
+    plus the KL divergence of the student from the targets, so a term can rise only because its targets
+    grow less peaked, e.g. as centering spreads the teacher's output), ``lr``, ``weight_decay``, ``momentum`` (teacher EMA), ``teacher_temp``,
     ``steps_per_s``, ``regions_per_s`` (global batch / step time, smoothed), ``eta_s`` (remaining seconds).
 ``epoch``
     End of an epoch: ``epoch``, ``loss``, ``dino_loss``, ``intra_loss``, ``inter_loss`` (means over the epoch's

@@ -70,7 +70,12 @@ class _CenteredTargetLoss(nn.Module):
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
     def _sharpen(self, teacher_logits: torch.Tensor, epoch: int) -> torch.Tensor:
-        return F.softmax((teacher_logits.float() - self.center) / self.teacher_temp(epoch), dim=-1).detach()
+        probs = F.softmax((teacher_logits.float() - self.center) / self.teacher_temp(epoch), dim=-1).detach()
+        # Mean entropy of the targets (nats), for the event stream: the cross-entropy this loss reports is this
+        # entropy plus KL(target || student), and only the KL part is what the student can lower.
+        self.target_entropy = (-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+                               if probs.numel() else probs.new_zeros(()))
+        return probs
 
     @torch.no_grad()
     def _global_sum_and_count(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -152,6 +157,7 @@ class PrototypeDistillLoss(_CenteredTargetLoss):
         if local_rows == 0 or global_rows == 0:
             # Keep the graph connected so that backward and DDP see the same parameters on every process.
             loss = student_logits.float().sum() * 0.0
+            self.target_entropy = student_logits.new_zeros((), dtype=torch.float32)
         else:
             student_chunks = student_logits.float().chunk(self.n_student_views)
             teacher_chunks = self._sharpen(target_logits, epoch).chunk(n_targets)

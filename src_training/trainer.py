@@ -528,6 +528,7 @@ class Trainer:
         intra = self.intra_loss(
             per_view[:, intra_rows].reshape(-1, per_view.shape[-1]), intra_targets, epoch, n_targets=1
         )
+        self._intra_entropy = self.intra_loss.target_entropy  # read now: a shared loss object is called again
         r = cfg.cluster.neighbours
         neighbours = clusters.neighbours[slides]  # [B, r]
         inter_rows = intra_rows & (neighbours >= 0).all(dim=1)
@@ -542,6 +543,7 @@ class Trainer:
         inter = self.inter_loss(
             per_view[:, inter_rows].reshape(-1, per_view.shape[-1]), inter_targets, epoch, n_targets=r
         )
+        self._inter_entropy = self.inter_loss.target_entropy
         return intra, inter
 
     def _train_one_epoch(self, epoch: int, progress) -> bool:
@@ -570,16 +572,20 @@ class Trainer:
                 loss_dino = self.dino_loss(student_logits, teacher_logits, epoch)
                 if prototype_losses:
                     loss_intra, loss_inter = self._prototype_losses(student_logits, slides, items, epoch)
+                    entropies = [self.dino_loss.target_entropy, self._intra_entropy, self._inter_entropy]
                 else:
                     loss_intra = loss_inter = torch.zeros((), device=device)
+                    entropies = [self.dino_loss.target_entropy, loss_intra, loss_inter]
                 loss = loss_dino + cfg.loss.intra_weight * loss_intra + cfg.loss.inter_weight * loss_inter
 
             # One all-reduce for the logged values and the stop flag; all processes decide together.
             report = torch.stack([loss.detach().float(), loss_dino.detach().float(), loss_intra.detach().float(),
-                                  loss_inter.detach().float(), torch.tensor(float(self._local_stop()), device=device)])
+                                  loss_inter.detach().float(), *(h.detach().float().reshape(()) for h in entropies),
+                                  torch.tensor(float(self._local_stop()), device=device)])
             distributed.all_reduce_sum(report)
             values = (report[:4] / self.ctx.world_size).tolist()
-            stop = report[4].item() > 0
+            self._entropies = (report[4:7] / self.ctx.world_size).tolist()
+            stop = report[7].item() > 0
             if not all(math.isfinite(v) for v in values):
                 self._diverged(epoch, step, values)
 
@@ -623,6 +629,8 @@ class Trainer:
             "epoch": epoch, "step": step, "global_step": it, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "loss": values[0], "dino_loss": values[1], "intra_loss": values[2],
             "inter_loss": values[3], "prototype_losses": prototype_losses,
+            "dino_target_entropy": self._entropies[0], "intra_target_entropy": self._entropies[1],
+            "inter_target_entropy": self._entropies[2],
             "lr": float(self.schedules.lr[it]), "weight_decay": float(self.schedules.weight_decay[it]),
             "momentum": float(self.schedules.momentum[it]), "teacher_temp": self.dino_loss.teacher_temp(epoch),
             "steps_per_s": rate, "regions_per_s": rate * self.global_batch if rate else None,

@@ -57,6 +57,14 @@ def test_monitor_events_before_and_after_each_epoch(labelled, tmp_path):
     m = monitor[-1]
     assert m["task"] == "kind" and m["classes"] == ["a", "b"] and m["n_slides"] == 8 and m["n_unknown"] == 1
     assert m["n_folds"] == 2 and m["k"] == 5 and 0 <= m["knn_auc"] <= 1 and 0 <= m["balanced_accuracy"] <= 1
+    # Each loss term is its targets' entropy plus a KL divergence: never below that entropy.
+    steps = [e for e in events if e["event"] == "step"]
+    for e in steps:
+        assert e["dino_loss"] >= e["dino_target_entropy"] - 1e-4 > 0
+        if e["prototype_losses"]:
+            assert e["intra_loss"] >= e["intra_target_entropy"] - 1e-4 and e["inter_loss"] >= e["inter_target_entropy"] - 1e-4
+        else:
+            assert e["intra_target_entropy"] == 0
     # Frozen folds, written once; no case in two folds.
     folds = json.loads((run_dir / "monitor_folds.json").read_text())["fold_of_slide"]
     assert len(folds) == 8
@@ -74,6 +82,8 @@ def test_monitor_events_before_and_after_each_epoch(labelled, tmp_path):
     progress = RunProgress()
     lines = [progress.update(e) for e in events]
     assert [r["epoch"] for r in progress.monitor] == [-1, 0, 1]
+    assert len(progress.entropy_curves["dino_target_entropy"][0]) == len(steps)
+    assert len(progress.entropy_curves["intra_target_entropy"][0]) == sum(e["prototype_losses"] for e in steps)
     start = next(e for e in events if e["event"] == "start")
     assert progress.warmup_end_step == start["steps_per_epoch"]  # warm_epoch 0: prototype losses from epoch 1
     assert any(line and "before training: KNN AUC" in line for line in lines)

@@ -80,7 +80,9 @@ def _legend(ax, **kw) -> None:
 
 class LossPlot(QWidget):
     """Each loss term against the training step, the end of the warm-up marked (prototype losses on from
-    there), and beside it the KNN monitor's AUC per epoch (matplotlib, dark like napari)."""
+    there), the entropy of the DINO and intra-slide targets dotted (a loss term is that entropy plus the KL
+    divergence the student can lower: a term that climbs with its targets' entropy is not the student
+    getting worse), and below it the KNN monitor's AUC per epoch (matplotlib, dark like napari)."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -93,6 +95,11 @@ class LossPlot(QWidget):
         _style_axes(self.axes, "step", "loss")
         self.lines = {term: self.axes.plot([], [], label=label, color=TERM_COLORS[term], linewidth=1.2)[0]
                       for term, label in TERM_LABELS.items()}
+        self.entropy_lines = {
+            term: self.axes.plot([], [], label=label, color=color, linewidth=1.0, linestyle=":")[0]
+            for term, label, color in (("dino_target_entropy", "DINO target entropy", TERM_COLORS["dino_loss"]),
+                                       ("intra_target_entropy", "intra target entropy", TERM_COLORS["intra_loss"]))
+        }
         self.warmup_line = self.axes.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0,
                                              label="warm-up ends", visible=False)
         _legend(self.axes, loc="upper left")
@@ -111,9 +118,12 @@ class LossPlot(QWidget):
         layout.addWidget(self.canvas)
         self.setMinimumHeight(260)
 
-    def update_curves(self, curves, warmup_end_step: int | None = None) -> None:
+    def update_curves(self, curves, warmup_end_step: int | None = None, entropy_curves=None) -> None:
         for term, line in self.lines.items():
             steps, values = curves.get(term, ([], []))
+            line.set_data(list(steps), list(values))
+        for term, line in self.entropy_lines.items():
+            steps, values = (entropy_curves or {}).get(term, ([], []))
             line.set_data(list(steps), list(values))
         if warmup_end_step is not None:
             self.warmup_line.set_xdata([warmup_end_step, warmup_end_step])
@@ -435,7 +445,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         progress = run.progress
         n_points = len(progress.curves["loss"][0])
         if n_points != self._points_shown:
-            self.plot.update_curves(progress.curves, progress.warmup_end_step)
+            self.plot.update_curves(progress.curves, progress.warmup_end_step, progress.entropy_curves)
             self._points_shown = n_points
         if len(progress.monitor) != self._monitor_shown:
             labelled = bool(self.labels_edit.text().strip())
