@@ -56,12 +56,13 @@ def _viewer(make_napari_viewer, *names):
     classes = {"cohort": CohortWidget, "features": FeaturesWidget, "prototypes": PrototypesWidget,
                "similar": SimilarSlidesWidget, "embedding": EmbeddingMapWidget}
     viewer = make_napari_viewer(show=SHOW)
-    viewer.window._qt_window.resize(1600, 1000)
     panels = {}
     for name in names:
         widget = classes[name](viewer)
         viewer.window.add_dock_widget(widget, name=name, area="left" if name in ("features", "embedding") else "right")
         panels[name] = widget
+    if panels:  # the main window, through a docked panel (public Qt API, not Window._qt_window)
+        next(iter(panels.values())).window().resize(1600, 1000)
     _OPEN_PANELS.extend(panels.values())
     return viewer, panels
 
