@@ -33,6 +33,7 @@ import numpy as np
 from napari_slpd.errors import FeatureStoreError, SlpdError
 from napari_slpd.utils.files import atomic_path
 from napari_slpd.utils.progress import ProgressFn, is_cancelled
+from napari_slpd.utils.storage import write_target
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,12 @@ def find_region_encoder(cohort, version: str) -> CohortRegionEncoder:
 
 
 def stash_path(cohort, key: str, slide_id: str) -> Path:
-    return cohort.root / "prototypes" / STASH_DIR / key / f"{slide_id}.h5"
+    """Where the kept prototypes of ``slide_id`` under version ``key`` are (in the cache folder of a
+    read-only cohort: see napari_slpd.utils.storage.cohort_file)."""
+    from napari_slpd.slides.ids import safe_slide_id
+    from napari_slpd.utils.storage import cohort_file
+
+    return cohort_file(cohort.root / "prototypes" / STASH_DIR / key / f"{safe_slide_id(slide_id)}.h5")
 
 
 def _prototype_key(path: Path) -> str | None:
@@ -182,7 +188,7 @@ def stash_prototypes(cohort, slide_ids: Sequence[str] | None = None) -> int:
                                                      attrs.get("region_encoder_sha256", ""))
         if _prototype_key(proto) != str(attrs.get("settings_key", "")):
             continue  # stale prototypes are not worth keeping
-        target = stash_path(cohort, str(key), sid)
+        target = write_target(stash_path(cohort, str(key), sid))
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(proto, tmp)
@@ -210,8 +216,9 @@ def restore_prototypes(cohort, slide_ids: Sequence[str] | None = None) -> list[s
             continue
         if proto.exists() and _prototype_key(proto) == features_key and _same_file(proto, kept):
             continue
-        proto.parent.mkdir(parents=True, exist_ok=True)
         before = proto.stat().st_mtime_ns if proto.exists() else 0
+        proto = write_target(proto)  # a read-only cohort: its cache folder
+        proto.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(proto) as tmp:
             shutil.copyfile(kept, tmp)
         _bump_mtime(proto, before)

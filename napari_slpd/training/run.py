@@ -405,10 +405,11 @@ class TrainingRun:
 
 def find_runs(cohort_root: str | os.PathLike) -> list[Path]:
     """Run folders under COHORT/training/, newest first."""
-    base = Path(cohort_root) / "training"
-    if not base.is_dir():
-        return []
-    runs = [p for p in base.iterdir() if p.is_dir() and ((p / RUN_FILE).exists() or (p / EVENTS_FILE).exists())]
+    from napari_slpd.training.settings import training_folder
+
+    bases = dict.fromkeys([Path(cohort_root) / "training", training_folder(cohort_root)])  # + a read-only cohort's cache
+    runs = [p for base in bases if base.is_dir() for p in base.iterdir()
+            if p.is_dir() and ((p / RUN_FILE).exists() or (p / EVENTS_FILE).exists())]
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

@@ -100,10 +100,20 @@ def build_command(settings: TrainingSettings, resume: bool = False, python: str 
     return cmd
 
 
+def training_folder(cohort_root: str | os.PathLike) -> Path:
+    """COHORT/training, or its place in the cache folder when the cohort is read-only
+    (napari_slpd.utils.storage: new runs are written there)."""
+    from napari_slpd.utils.storage import write_target
+
+    folder = Path(cohort_root) / "training"
+    moved = write_target(folder.resolve())
+    return folder if moved == folder.resolve() else moved
+
+
 def default_run_dir(cohort_root: str | os.PathLike, preset: str) -> Path:
     """A fresh run folder under COHORT/training/ named by preset and start time."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cohort_root) / "training" / f"slpd-{preset}-{stamp}"
+    base = training_folder(cohort_root) / f"slpd-{preset}-{stamp}"
     path, n = base, 1
     while path.exists():
         n += 1

@@ -104,3 +104,30 @@ def test_cli_prototypes_similar_and_evaluate_with_cache_option(read_only_cohort,
     assert json.loads((report / "results.json").read_text())
     after = {str(p.relative_to(disk.path)): p.read_bytes() for p in disk.path.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_kept_prototype_versions_and_training_runs_go_to_the_cache_folder(read_only_cohort):
+    from napari_slpd.cohort import Cohort
+    from napari_slpd.features.versions import restore_prototypes, stash_path, stash_prototypes
+    from napari_slpd.training.run import find_runs
+    from napari_slpd.training.settings import default_run_dir
+
+    disk, root, cache, before = read_only_cohort
+    cohort = Cohort(root)
+    first = cohort.slide_ids()[0]
+    # The synthetic prototypes match their features: each is kept under its version, in the cache folder.
+    assert stash_prototypes(cohort) == len(cohort.slide_ids())
+    kept = [p for p in cohort.cache_root.rglob("prototypes/versions/*/*.h5")]
+    assert len(kept) == len(cohort.slide_ids())
+    assert all(cohort.cache_root in p.parents for p in kept)
+    key = kept[0].parent.name
+    assert stash_path(cohort, key, kept[0].stem) == kept[0]
+    assert restore_prototypes(cohort) == []  # the current files are the kept ones
+    run_dir = default_run_dir(root, "tiny")
+    assert cohort.cache_root in run_dir.parents, run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    assert run_dir in find_runs(root)
+    assert first
+    after = {str(p.relative_to(disk.path)): p.read_bytes() for p in disk.path.rglob("*") if p.is_file()}
+    assert after == before
