@@ -73,7 +73,7 @@ def _style_axes(ax, xlabel: str, ylabel: str) -> None:
 
 
 def _legend(ax, **kw) -> None:
-    legend = ax.legend(fontsize=7, facecolor="#262930", edgecolor="#555555", **kw)
+    legend = ax.legend(fontsize=6, facecolor="#262930", edgecolor="#555555", framealpha=0.7, **kw)
     for text in legend.get_texts():
         text.set_color("#dddddd")
 
@@ -102,7 +102,7 @@ class LossPlot(QWidget):
         }
         self.warmup_line = self.axes.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0,
                                              label="warm-up ends", visible=False)
-        _legend(self.axes, loc="upper left")
+        _legend(self.axes, loc="upper left", ncol=2)
         ax = self.monitor_axes
         _style_axes(ax, "epoch (-1: before training)", "KNN AUC")
         ax.set_ylim(0.0, 1.02)
