@@ -200,3 +200,23 @@ def test_migrate_store_keeps_data(tmp_path):
     select_region_embedding_version(path, key0)
     assert [x.selected for x in region_embedding_versions(path)] == [True, False]
     assert SETTINGS  # the fixture's settings are what the file records
+
+
+def test_cli_lists_and_switches_region_encoders(lab, capsys):
+    import json
+
+    from napari_slpd.cli import main
+    from napari_slpd.features.versions import cohort_region_encoders, selected_region_encoder
+
+    encoders = cohort_region_encoders(lab.cohort)
+    assert len(encoders) >= 2  # the module's earlier tests used checkpoints
+    assert main(["region-encoders", str(lab.cohort.root)]) == 0
+    table = capsys.readouterr().out
+    assert all(e.key in table for e in encoders) and "yes" in table
+    first = encoders[0].key
+    assert main(["region-encoders", str(lab.cohort.root), "--use", first, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["switched"]["key"] == first and selected_region_encoder(lab.cohort) == first
+    assert [e["selected"] for e in out["region_encoders"]] == [e.key == first for e in encoders]
+    assert main(["region-encoders", str(lab.cohort.root), "--use", "nope"]) == 2
+    assert "has no region embeddings of 'nope'" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""``slpd region-encoders COHORT [--use VERSION] [--json]``: the region encoders a cohort holds region
+embeddings of (the extraction's and each SLPD fine-tune's), and switching between them.
+
+Each feature file keeps one set of region embeddings per region encoder beside its token grids
+(``napari_slpd.features.store``); switching only selects another set (nothing is recomputed) and brings
+the prototypes and the similar-slides index along (``napari_slpd.features.versions``). Compare versions
+with ``slpd evaluate COHORT --labels CSV --repr region_mean@KEY region_mean@OTHER``.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "region-encoders",
+        help="list the region encoders the cohort has embeddings of; switch between them (--use)",
+        description="List the region-embedding versions of a cohort (one per region encoder: the extraction's "
+        "and each fine-tune's 'Use checkpoint'), or make one the cohort's with --use (instant: nothing is "
+        "recomputed; prototypes and the similar-slides index follow).",
+    )
+    parser.add_argument("cohort", metavar="COHORT", help="cohort folder")
+    parser.add_argument("--use", metavar="VERSION", default=None,
+                        help="key, checkpoint sha256 prefix, model id or checkpoint path of the version to select")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from napari_slpd.cohort import Cohort
+    from napari_slpd.errors import SlpdError
+    from napari_slpd.features.versions import cohort_region_encoders, use_region_encoder
+
+    cohort = Cohort(args.cohort, create=False)
+    report = None
+    if args.use:
+        from napari_slpd.session import Session
+
+        report = use_region_encoder(Session(cohort.root), args.use)
+    encoders = cohort_region_encoders(cohort)
+    if not encoders:
+        raise SlpdError(f"no slide of {cohort.root} has features yet; run `slpd extract` first")
+    if args.json:
+        out = {"cohort": str(cohort.root), "region_encoders": [e.to_dict() for e in encoders]}
+        if report is not None:
+            out["switched"] = {"key": report.key, "slides": len(report.switched) + len(report.already),
+                               "missing": report.missing, "prototypes_restored": len(report.prototypes_restored)}
+        print(json.dumps(out, indent=1))
+        return 0
+    if report is not None:
+        print(report.summary())
+    width = max(len(e.key) for e in encoders)
+    print(f"{'key':<{width}}  {'selected':<8}  {'slides':>7}  {'dim':>4}  origin      label")
+    for e in encoders:
+        mark = "yes" if e.selected else ("some" if e.n_selected else "")
+        print(f"{e.key:<{width}}  {mark:<8}  {e.n_slides:>3}/{e.n_with_features:<3}  {e.dim:>4}  "
+              f"{e.origin:<10}  {e.label}")
+    return 0
