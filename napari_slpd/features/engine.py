@@ -86,8 +86,9 @@ class ExtractionConfig:
     token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
     mpp: float | None = None  # user pixel size (um/px) overriding the slide's metadata
     mpp_fallback: str = "none"  # "none" | "objective" | "level0": used only when metadata has none
-    # torch intra-op threads on CPU: "auto" times one thread against torch's setting on full batches and
-    # keeps the faster; an int fixes it (then CPU runs repeat bit for bit); None leaves torch's setting.
+    # torch threads on CPU: "auto" encodes batches in lanes, one per core with one intra-op thread each
+    # (see _PatchBatcher; runs repeat on the same machine); an int fixes torch's intra-op thread count
+    # with one lane (CPU runs then repeat bit for bit on any machine); None leaves torch's setting.
     torch_threads: int | str | None = "auto"
     overwrite: bool = False  # replace a complete file made with other settings
     # On CUDA, decode JPEG tiles of tile-reader slides with nvJPEG and feed the ViT without a host round
@@ -304,6 +305,15 @@ class _PatchBatcher:
         self.flush()
         while self._inflight:
             self._reap(block=True)
+
+    def encode_regions(self, region_encoder, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+        """:func:`encode_regions` of a chunk's token grids, split over the lanes (after :meth:`drain`)."""
+        parts = np.array_split(np.arange(tokens.shape[0]), min(self.lanes, tokens.shape[0])) if self._pool else []
+        if len(parts) < 2:
+            return encode_regions(region_encoder, tokens, batch_size)
+        futures = [self._pool.submit(encode_regions, region_encoder, tokens[part[0] : part[-1] + 1], batch_size)
+                   for part in parts]
+        return np.concatenate([f.result() for f in futures])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -648,7 +658,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 return done
             tokens = feats.reshape(c, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
             threads.take_idle_cores()
-            embeddings = encode_regions(region_encoder, tokens, config.region_batch_size)
+            embeddings = batcher.encode_regions(region_encoder, tokens, config.region_batch_size)
             sl = slice(done, done + c)
             _check_space(writer, tokens, embeddings, feats if config.store_patch_features else None, M - done)
             writer.append(

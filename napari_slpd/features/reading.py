@@ -10,7 +10,8 @@
 * :class:`GpuRegionReader` (CUDA, tile-reader slides with JPEG tiles): the reader threads only read the
   tiles' compressed bytes; the model's thread decodes them with nvJPEG, resizes on the GPU and hands the
   CUDA tensor to the patch encoder, with no host round trip.
-* :class:`_ThreadPolicy` sets torch's intra-op threads on CPU while readers decode beside the model.
+* :class:`_ThreadPolicy` sets torch's intra-op threads on CPU while readers decode beside the model
+  (with one lane; see engine._PatchBatcher for the lanes "auto" uses).
 """
 
 from __future__ import annotations
@@ -286,6 +287,12 @@ class RegionStream:
 
 class _ThreadPolicy:
     """Torch intra-op threads on CPU while readers decode beside the model.
+
+    Under "auto" the engine now encodes in lanes (engine._PatchBatcher, engine.cpu_lanes: one batch per
+    core, one intra-op thread each) and hands this policy a fixed 1; the "auto" mode below remains for a
+    single lane (one core, or batches under 64 patches). Measured on the busy 2-core machine (36
+    2048-px regions, ViT-256 at 16 px, medians of 3): this policy 6.09 s wall and 5.0 CPU-s, lanes 3.50 s
+    and 2.5 CPU-s, one fixed thread 2.72 s and 2.2 CPU-s; its timed 2-thread batches are what cost.
 
     More OpenMP threads are not always faster: a thread that shares its core with a busy reader, with
     another program, or with a container's CPU quota stalls every parallel op at its barrier (a ViT runs
