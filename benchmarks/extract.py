@@ -3,8 +3,11 @@
 (a) ``pipeline_vs_sequential``: the engine against HIPT's loop (find the regions, then read one region,
     encode its patches as one batch, encode its token grid, next region; nothing overlaps; save) on the
     same slide and model, end to end, in one process: sequential seconds / engine seconds. Both use the
-    same tissue detection, region reader and encoders, so the ratio is what the engine's parallel
+    same tissue detection, fast tile reader and encoders, so the ratio is what the engine's parallel
     readers, its overlap of decoding with inference, its batching and its thread policy buy.
+    ``pipeline_vs_sequential_openslide``: the engine (fast reader) against the same loop reading through
+    openslide, as HIPT's extraction did and this project's did before the tile reader: what the whole
+    change buys. The JSON names the reader of each side. Medians of ``--repeats`` alternated runs.
     The settings are decode-heavy (2048-px regions read at level 0, ViT-256 fed 16-px patches): the
     regime of a GPU, where the model outruns a reader many times over; on CPU a full-size ViT-256 is
     compute-bound and little can be overlapped. Best of ``--repeats`` alternated runs.
@@ -20,6 +23,10 @@
 Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
 ``cpu_bound_fraction``: CPU seconds of the engine run (readers + model + writing) / (wall seconds x cores).
+On a shared machine other programs take part of the cores: ``cpu_bound_fraction_of_available`` divides by
+what they left (wall x cores - their CPU seconds over the run, from /proc/stat), and ``effective_cores``
+is the speed-up 'cores' GIL-free hashing threads get over one, measured beside the runs (2.0 on an idle
+2-core machine): the raw fraction cannot exceed about effective_cores / cores.
 Usage: python benchmarks/extract.py [--quick] [--skip-rss] [--skip-compute-bound] [--repeats N]
 """
 
@@ -57,9 +64,42 @@ def build_models(input_px: int, device: str = "cpu"):
     return patch, region
 
 
-def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have been busy (/proc/stat), None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def effective_cores(n: int) -> float:
+    """Speed-up of ``n`` threads hashing (GIL-free, no memory traffic to speak of) over one: the cores
+    this process actually gets now. Median of 3."""
+    import hashlib
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = b"\0" * (16 << 20)
+    work = lambda _: hashlib.sha256(data).digest()  # noqa: E731
+    ratios = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for k in range(2 * n):
+            work(k)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(work, range(2 * n)))
+        ratios.append(one / (time.perf_counter() - t0))
+    return statistics.median(ratios)
+
+
+def time_sequential(path: Path, grid_cfg, patch, region, folder: Path, reader: str = "auto") -> float:
     """HIPT's way end to end: find the tissue regions, then for each region read it, encode its patches as
-    one batch and its token grid, nothing overlapping; save the slide's features at the end."""
+    one batch and its token grid, nothing overlapping; save the slide's features at the end. ``reader``:
+    "auto" (the fast tile reader) or "openslide"."""
     import h5py
 
     from napari_slpd.features.engine import sequential_extract
@@ -68,7 +108,7 @@ def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
     from napari_slpd.slides.tissue import detect_tissue
 
     t0 = time.perf_counter()
-    with open_slide(path) as slide:
+    with open_slide(path, reader=reader) as slide:
         grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
         tokens, embeddings = sequential_extract(slide, grid, patch, region)
     with h5py.File(folder / f"sequential_{time.monotonic_ns()}.h5", "w") as fh:
@@ -78,30 +118,38 @@ def time_sequential(path: Path, grid_cfg, patch, region, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
-def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float, int, float]:
+def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float, int, float, float | None]:
     """The engine end to end on the same slide: tissue, grid, reading, encoding, writing the store.
-    Returns (seconds, regions, CPU seconds of the whole process: readers + model + the rest)."""
+    Returns (seconds, regions, CPU seconds of the whole process: readers + model + the rest, CPU seconds
+    other processes used meanwhile or None)."""
     from napari_slpd.features.engine import extract_slide
 
     out = folder / f"engine_{time.monotonic_ns()}.h5"
+    busy0 = busy_cpu_seconds()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     result = extract_slide(path, out, patch, region, config)
-    return time.perf_counter() - t0, result.n_computed, time.process_time() - cpu0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    busy1 = busy_cpu_seconds()
+    others = max(0.0, busy1 - busy0 - cpu) if busy0 is not None and busy1 is not None else None
+    return seconds, result.n_computed, cpu, others
 
 
 def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int,
-                   one_thread_baseline: bool = True) -> dict:
-    """Sequential and engine alternated ``repeats`` times on one slide; the best time of each.
+                   one_thread_baseline: bool = True, openslide_baseline: bool = True) -> dict:
+    """Sequential loops and the engine alternated ``repeats`` times on one slide; medians of each.
 
-    The sequential loop runs with torch's default threads, as HIPT's did. With ``one_thread_baseline`` it
-    also runs once with one torch thread (the best a sequential loop can do on a small busy machine,
-    where OpenMP threads stall behind other work): ``ratio_vs_one_thread`` isolates what overlapping and
-    batching buy beyond the thread policy.
+    The sequential loop runs with torch's default threads, as HIPT's did, reading with the fast tile
+    reader (the engine's) and, with ``openslide_baseline``, through openslide. With
+    ``one_thread_baseline`` each loop also runs once with one torch thread (the best a sequential loop can
+    do on a small busy machine, where OpenMP threads stall behind other work): ``ratio_vs_one_thread``
+    isolates what overlapping and batching buy beyond the thread policy.
     """
+    import statistics
+
     import torch
 
-    from napari_slpd.features.engine import ExtractionConfig, RegionReader
+    from napari_slpd.features.engine import ExtractionConfig, RegionReader, cpu_lanes
     from napari_slpd.features.reading import available_cores
     from napari_slpd.slides.grid import GridConfig, build_region_grid
     from napari_slpd.slides.slide import open_slide
@@ -111,37 +159,61 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     config = ExtractionConfig(grid=grid_cfg, batch_size=256, regions_per_chunk=16)  # defaults otherwise
     patch, region = build_models(input_px)
     threads = torch.get_num_threads()
+    cores = available_cores()
     path = mosaic(side)
     with open_slide(path) as slide:
         reader_name = slide.reader
         grid = build_region_grid(slide, detect_tissue(slide), grid_cfg)
         # Warm-up: first-call costs (allocator, kernels) belong to neither method.
         patch.encode(RegionReader(slide, grid, input_px)(0))
+    readers = ["auto"] + (["openslide"] if openslide_baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
-        seq, eng, seq1, fractions = [], [], [], []
+        seq = {r: [] for r in readers}
+        seq1 = {r: [] for r in readers}
+        eng, fractions, of_available, probes = [], [], [], []
         for k in range(repeats):
-            seq.append(time_sequential(path, grid_cfg, patch, region, Path(tmp)))
-            seconds, n, cpu = time_engine(path, config, patch, region, Path(tmp))
+            for r in readers:
+                seq[r].append(time_sequential(path, grid_cfg, patch, region, Path(tmp), r))
+            probes.append(effective_cores(cores))
+            seconds, n, cpu, others = time_engine(path, config, patch, region, Path(tmp))
             eng.append(seconds)
             # How close the engine runs to what the cores can do: CPU seconds / (wall x cores).
-            fractions.append(cpu / (seconds * available_cores()))
+            fractions.append(cpu / (seconds * cores))
+            if others is not None:  # ... and to what other programs left of them
+                of_available.append(min(1.0, cpu / max(1e-9, seconds * cores - others)))
             assert n == len(grid)
             if one_thread_baseline and k == 0:
                 torch.set_num_threads(1)
                 try:
-                    seq1.append(time_sequential(path, grid_cfg, patch, region, Path(tmp)))
+                    for r in readers:
+                        seq1[r].append(time_sequential(path, grid_cfg, patch, region, Path(tmp), r))
                 finally:
                     torch.set_num_threads(threads)
-    best_seq, best_eng = min(seq), min(eng)
+    med = statistics.median
+    m_eng = med(eng)
+    m_seq = {r: med(v) for r, v in seq.items()}
+    m_seq1 = {r: med(v) if v else None for r, v in seq1.items()}
+    ratio = lambda a: round(a / m_eng, 3) if a else None  # noqa: E731
     return {
         "regions": len(grid),
         "reader": reader_name,
-        "sequential_s": round(best_seq, 3),
-        "sequential_1thread_s": round(min(seq1), 3) if seq1 else None,
-        "engine_s": round(best_eng, 3),
-        "ratio": round(best_seq / best_eng, 3),
-        "cpu_bound_fraction": round(fractions[eng.index(best_eng)], 3),
-        "ratio_vs_one_thread": round(min(seq1) / best_eng, 3) if seq1 else None,
+        "engine_reader": reader_name,
+        "sequential_reader": reader_name,
+        "engine_lanes": cpu_lanes(config.torch_threads, False, config.batch_size),
+        "sequential_s": round(m_seq["auto"], 3),
+        "sequential_1thread_s": round(m_seq1["auto"], 3) if m_seq1["auto"] else None,
+        "sequential_openslide_s": round(m_seq["openslide"], 3) if openslide_baseline else None,
+        "sequential_openslide_1thread_s": (round(m_seq1["openslide"], 3)
+                                           if openslide_baseline and m_seq1["openslide"] else None),
+        "engine_s": round(m_eng, 3),
+        "engine_runs_s": [round(v, 3) for v in eng],
+        "ratio": ratio(m_seq["auto"]),
+        "ratio_vs_one_thread": ratio(m_seq1["auto"]),
+        "ratio_vs_openslide": ratio(m_seq["openslide"]) if openslide_baseline else None,
+        "ratio_vs_openslide_one_thread": ratio(m_seq1["openslide"]) if openslide_baseline else None,
+        "cpu_bound_fraction": round(med(fractions), 3),
+        "cpu_bound_fraction_of_available": round(med(of_available), 3) if of_available else None,
+        "effective_cores": round(med(probes), 2),
         "settings": f"{side}x{side} px mosaic, {region_px}-px regions of {patch_px}-px patches at 0.5 um/px, "
                     f"ViT-256 at {input_px} px + ViT-4K, CPU, {os.cpu_count()} cores, torch threads {threads}",
     }
@@ -240,14 +312,18 @@ def main() -> int:
 
     a = pipeline_ratio(side=8192 if args.quick else 14336, region_px=2048, patch_px=256, input_px=16,
                        repeats=repeats)
-    print(f"(a) decode-heavy: {a['settings']}; reader {a['reader']}; {a['regions']} regions: sequential {a['sequential_s']} s "
-          f"(one torch thread: {a['sequential_1thread_s']} s), engine {a['engine_s']} s -> {a['ratio']}x "
-          f"({a['ratio_vs_one_thread']}x against the one-thread loop); load average {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(f"(a) decode-heavy: {a['settings']}; reader {a['reader']}; {a['regions']} regions (medians of {repeats}): "
+          f"sequential {a['sequential_s']} s (one torch thread: {a['sequential_1thread_s']} s), engine "
+          f"{a['engine_s']} s -> {a['ratio']}x ({a['ratio_vs_one_thread']}x against the one-thread loop); "
+          f"sequential through openslide {a['sequential_openslide_s']} s (one thread "
+          f"{a['sequential_openslide_1thread_s']} s) -> {a['ratio_vs_openslide']}x "
+          f"({a['ratio_vs_openslide_one_thread']}x); CPU-bound fraction {a['cpu_bound_fraction']} "
+          f"({a['cpu_bound_fraction_of_available']} of what other programs left; effective cores "
+          f"{a['effective_cores']}); load average {os.getloadavg()[0]:.1f}", flush=True)
     compute = None
     if not args.skip_compute_bound:
         compute = pipeline_ratio(side=4096, region_px=1024, patch_px=128, input_px=48, repeats=1,
-                                 one_thread_baseline=False)
+                                 one_thread_baseline=False, openslide_baseline=False)
         print(f"(a') compute-bound: {compute['settings']}; {compute['regions']} regions: sequential "
               f"{compute['sequential_s']} s, engine {compute['engine_s']} s -> {compute['ratio']}x", flush=True)
     b = None
@@ -267,6 +343,16 @@ def main() -> int:
         "rss_ratio_4x_area": b["ratio"] if b else None,
         "cuda_regions_per_s": c["regions_per_s"] if c else None,
         "pipeline_vs_sequential_1thread": a["ratio_vs_one_thread"],
+        "pipeline_vs_sequential_openslide": a["ratio_vs_openslide"],
+        "pipeline_vs_sequential_openslide_1thread": a["ratio_vs_openslide_one_thread"],
+        "cpu_bound_fraction_of_available": a["cpu_bound_fraction_of_available"],
+        "effective_cores": a["effective_cores"],
+        "engine_reader": a["engine_reader"],
+        "sequential_reader": a["sequential_reader"],
+        "sequential_openslide_reader": "openslide",
+        "engine_lanes": a["engine_lanes"],
+        "seconds": {k: a[k] for k in ("engine_s", "sequential_s", "sequential_1thread_s", "sequential_openslide_s",
+                                      "sequential_openslide_1thread_s")},
         "compute_bound_ratio": compute["ratio"] if compute else None,
         "loadavg_1min": round(os.getloadavg()[0], 2),
         "regions": a["regions"],
