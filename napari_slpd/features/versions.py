@@ -10,7 +10,11 @@ selected_region_encoder(cohort) -> key | None        # None: the slides disagree
 report = use_region_encoder(session, key, progress=None, cancel=None)   # select it in every file,
                                             # restore its prototypes, refresh the index, carry names over
 region_embedding_sources(cohort) -> [(version, loader(slide_id) -> [M, E])]   # for napari_slpd.evaluation
+install_evaluation_sources()      # evaluation sees every version as region_mean@KEY (the panels call it)
+cmp = evaluate_versions(cohort, "labels.csv", before_key, after_key, task=None, protocols=("knn", "linear"))
+cmp.rows, cmp.table()             # the before/after table "Use checkpoint" shows (paired bootstrap p-values)
 ```
+CLI: ``slpd region-encoders COHORT [--use VERSION] [--json]``.
 
 Prototypes follow the selected version: their cache is keyed by the feature file's ``settings_key``,
 which is the selected version's. So that switching back gives the very prototypes (and so the very cohort
