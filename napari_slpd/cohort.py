@@ -182,22 +182,36 @@ class Cohort:
             self._recovered = json.loads(json.dumps(registry))
         return registry
 
-    def slides(self) -> list[SlideRecord]:
-        records = []
+    def _records(self) -> dict[str, SlideRecord]:
+        """slide_id -> record, parsed once and reused while cohort.json is unchanged (same inode, time and
+        size): a 10,000-slide cohort asks for one record per row; each must not parse the whole file."""
+        try:
+            st = os.stat(self.registry_path)
+            stamp = (str(self.registry_path), st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        cached = self.__dict__.get("_records_cache")
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        records = {}
         for slide_id, entry in sorted(self._load_registry()["slides"].items()):
             path = Path(entry["path"])
             if not path.is_absolute():
                 path = self.root / path
-            records.append(SlideRecord(slide_id, path, entry.get("mpp"), entry.get("mpp_source")))
+            records[slide_id] = SlideRecord(slide_id, path, entry.get("mpp"), entry.get("mpp_source"))
+        self._records_cache = (stamp, records) if stamp is not None and self.notice is None else None
         return records
 
+    def slides(self) -> list[SlideRecord]:
+        return [SlideRecord(r.slide_id, r.path, r.mpp, r.mpp_source) for r in self._records().values()]
+
     def slide_ids(self) -> list[str]:
-        return [r.slide_id for r in self.slides()]
+        return list(self._records())
 
     def slide(self, slide_id: str) -> SlideRecord:
-        for record in self.slides():
-            if record.slide_id == slide_id:
-                return record
+        r = self._records().get(slide_id)
+        if r is not None:
+            return SlideRecord(r.slide_id, r.path, r.mpp, r.mpp_source)
         raise SlpdError(f"slide {slide_id!r} is not in cohort {self.root} (known: {', '.join(self.slide_ids()) or 'none'})")
 
     def add_slide(self, path: str | os.PathLike, mpp: float | None = None, mpp_source: str | None = None) -> SlideRecord:

@@ -233,6 +233,7 @@ class Session:
         self._rindex = None  # RegionIndex
         self._annotations = None  # PrototypeAnnotations, read again when the file changes
         self._pixel_sizes: dict[str, tuple[Any, Any]] = {}
+        self._status_cache: dict[str, tuple[tuple, SlideStatus]] = {}  # slide_id -> (files' stamp, status)
         self.settings_problems: list[str] = []  # saved settings that could not be used as they were
         self.settings_save_error: str | None = None  # why the settings could not be saved (read-only cohort)
         self._settings: SessionSettings | None = None
@@ -462,7 +463,46 @@ class Session:
     def statuses(self) -> list[SlideStatus]:
         return [self._status(record) for record in self.cohort.slides()]  # one registry read for all
 
+    def _status_stamp(self, record: SlideRecord) -> tuple:
+        """What a slide's status depends on, read with a few stat calls (no file opened): the feature,
+        partial and prototypes files (inode, time, size), the slide file's presence, the record and the
+        settings compared."""
+        from napari_slpd.features.store import partial_path_for
+
+        def stamp(path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_ino, st.st_mtime_ns, st.st_size
+
+        features = self.cohort.features_path(record.slide_id)
+        fs, ps = self.settings.features, self.settings.prototypes
+        have = stamp(features)
+        return (have, None if have is not None else stamp(partial_path_for(features)),
+                stamp(self.cohort.prototypes_path(record.slide_id)), str(record.path), os.path.exists(record.path),
+                record.mpp, record.mpp_source, fs.region_px, fs.patch_px, fs.target_mpp, fs.patch_encoder,
+                fs.region_encoder, fs.patch_checkpoint, fs.region_checkpoint, ps.k, ps.seed, ps.niter, ps.nredo,
+                ps.min_regions)
+
+    def known_status(self, record: SlideRecord) -> SlideStatus | None:
+        """The slide's status when it is known and its files did not change since (stat calls only), else
+        None: a 10,000-slide list shows at once and the unknown statuses are read off the GUI thread."""
+        cached = self._status_cache.get(record.slide_id)
+        if cached is not None and cached[0] == self._status_stamp(record):
+            return cached[1]
+        return None
+
     def _status(self, record: SlideRecord) -> SlideStatus:
+        stamp = self._status_stamp(record)
+        cached = self._status_cache.get(record.slide_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        status = self._read_status(record)
+        self._status_cache[record.slide_id] = (stamp, status)
+        return status
+
+    def _read_status(self, record: SlideRecord) -> SlideStatus:
         from napari_slpd.features.store import partial_path_for, read_store_attrs
 
         slide_id = record.slide_id
@@ -768,7 +808,11 @@ class Session:
         missing prototypes are computed first) and saved in ``COHORT/index``."""
         from napari_slpd.similarity import CohortIndex
 
-        self.ensure_prototypes(progress=progress, cancel=cancel)
+        # Only the slides whose prototypes are missing or stale (statuses: stat calls while unchanged),
+        # not a check of every prototypes file of a 10,000-slide cohort at each query.
+        todo = [s.slide_id for s in self.statuses() if s.features_done and s.prototypes != "done"]
+        if todo:
+            self.ensure_prototypes(todo, progress=progress, cancel=cancel)
         with self._lock:
             if self._index is None:
                 self._index = CohortIndex.open(self.cohort, cancel=cancel)

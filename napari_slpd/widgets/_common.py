@@ -58,6 +58,39 @@ def show_error(exc: BaseException | str, context: str = "") -> str:
     return message
 
 
+# -- untrusted text: slide ids (from file names), prototype names (typed, or returned by a language model) --
+# Qt guesses whether a label's or tooltip's text is HTML (Qt::mightBeRichText): "<b>x</b>" or "<img src=...>"
+# in a name would render (and load) as HTML. Labels that show such text are set to plain text; tooltips
+# (which have no text format) carry it escaped inside an explicit rich-text wrapper, so it shows literally.
+
+
+def plain_label(label_or_text: QLabel | str = "", word_wrap: bool = False) -> QLabel:
+    """A QLabel (new, or the one given) that shows its text literally, never as HTML."""
+    label = label_or_text if isinstance(label_or_text, QLabel) else QLabel(str(label_or_text))
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    if word_wrap:
+        label.setWordWrap(True)
+    return label
+
+
+def plain_tooltip(text: str | None) -> str | None:
+    """``text`` as a tooltip that shows literally: unchanged when Qt could not take it for HTML, else
+    escaped (html.escape) inside ``<qt>...</qt>`` with its line breaks kept."""
+    if text is None:
+        return None
+    text = str(text)
+    if "<" not in text and "&" not in text:
+        return text
+    import html
+
+    return "<qt>" + html.escape(text).replace("\n", "<br>") + "</qt>"
+
+
+def set_plain_tooltip(widget, text: str | None) -> None:
+    """``widget.setToolTip`` with :func:`plain_tooltip` (slide ids, prototype names, paths)."""
+    widget.setToolTip(plain_tooltip(text) or "")
+
+
 def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as napari_show_info
 
@@ -589,8 +622,8 @@ def make_row_model(headers: list[str], parent=None):
             cell = row[index.column()]
             if role == Qt.ItemDataRole.DisplayRole:
                 return cell.text
-            if role == Qt.ItemDataRole.ToolTipRole:
-                return cell.tooltip if cell.tooltip is not None else (cell.text or None)
+            if role == Qt.ItemDataRole.ToolTipRole:  # shown literally (names may look like HTML)
+                return plain_tooltip(cell.tooltip if cell.tooltip is not None else (cell.text or None))
             if role == Qt.ItemDataRole.DecorationRole:
                 return cell.icon
             if role == Qt.ItemDataRole.TextAlignmentRole and cell.align is not None:

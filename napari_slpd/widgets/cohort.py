@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
@@ -55,6 +55,12 @@ STATUS_TIPS = {
 COLUMNS = ("", "Slide", "µm/px", "Features", "Protos")
 COL_THUMB, COL_SLIDE, COL_MPP, COL_FEATURES, COL_PROTOS = range(5)
 WARN_COLOR = "#f0a030"
+# Up to this many slides, statuses are read before the list shows and every thumbnail is read in the
+# background; a larger cohort lists its rows at once (from the cohort file), reads unknown statuses off
+# the GUI thread (rows on screen first) and thumbnails only for the rows on screen.
+LAZY_ROWS = 300
+STATUS_BATCH = 200
+MAX_ICONS = 1000  # thumbnails kept in the list of a large cohort (the farthest from view are dropped)
 
 
 def array_to_pixmap(image: np.ndarray) -> QPixmap:
@@ -137,6 +143,14 @@ class CohortWidget(DockedPanel, QWidget):
         self._unusable: list[tuple[str, str]] = []
         self.file_pixel_sizes: dict = {}  # slide_id -> PixelSize the file states
         self.statuses: dict = {}
+        self._rows: dict[str, int] = {}  # slide_id -> row
+        self._bold: str | None = None
+        self._status_worker = None
+        self._icons: dict[str, None] = {}  # slide ids with a thumbnail shown, oldest first (large cohorts)
+        self._visible_timer = QTimer(self)
+        self._visible_timer.setSingleShot(True)
+        self._visible_timer.setInterval(60)
+        self._visible_timer.timeout.connect(self._load_visible_info)
 
         layout = panel_layout(self)
         layout.addLayout(row)
@@ -147,7 +161,8 @@ class CohortWidget(DockedPanel, QWidget):
         layout.addLayout(row3)
         layout.addWidget(self.task_bar)
 
-        self.destroyed.connect(lambda *_args, panel=self: panel._thumb_worker.quit() if panel._thumb_worker else None)
+        self.table.verticalScrollBar().valueChanged.connect(lambda *_: self._visible_timer.start())
+        self.destroyed.connect(lambda *_args, panel=self: panel._quit_workers())
         self.state.cohort_changed.connect(self._on_cohort_changed)
         self.state.features_updated.connect(self._on_cache_changed)
         self.state.prototypes_updated.connect(self._on_cache_changed)
@@ -239,8 +254,19 @@ class CohortWidget(DockedPanel, QWidget):
         self._info_tried.clear()  # try unreadable thumbnails again
         self.refresh()
 
+    def _quit_workers(self) -> None:
+        for worker in (self._thumb_worker, self._status_worker):
+            if worker is not None:
+                worker.quit()
+
     def _on_cohort_changed(self, session) -> None:
+        if self._status_worker is not None:
+            self._status_worker.quit()
+            self._status_worker = None
+        self._pending_thumbs.clear()
         self.table.model().set_rows([])
+        self._rows = {}
+        self._icons = {}
         self.file_pixel_sizes = {}
         self._info_tried.clear()
         if session is None:
@@ -260,8 +286,11 @@ class CohortWidget(DockedPanel, QWidget):
 
     def _on_slide_opened(self, slide_id: str) -> None:
         model = self.table.model()
-        for row in range(model.rowCount()):
-            model.update_cell(row, COL_SLIDE, bold=model.cell(row, COL_SLIDE).data == slide_id)
+        for sid, bold in ((self._bold, False), (slide_id, True)):  # two rows change, not the whole list
+            row = self._rows.get(sid) if sid is not None else None
+            if row is not None and row < model.rowCount() and model.cell(row, COL_SLIDE).data == sid:
+                model.update_cell(row, COL_SLIDE, bold=bold)
+        self._bold = slide_id
 
     # -- the list --------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -270,50 +299,149 @@ class CohortWidget(DockedPanel, QWidget):
         if session is None:
             return
         selected = self.selected_slide_id()
-        statuses = session.statuses()
+        records = session.cohort.slides()
+        large = len(records) > LAZY_ROWS
+        # Known statuses (files unchanged: stat calls only); a small cohort reads the others now, a large
+        # one lists its rows at once and reads them in a worker.
+        statuses = [session.known_status(r) if large else session.status(r.slide_id) for r in records]
         model = self.table.model()
         icons = {model.cell(r, COL_SLIDE).data: model.cell(r, COL_THUMB).icon for r in range(model.rowCount())}
         rows = []
-        n_feat = n_proto = 0
         unusable = []
-        for st in statuses:
-            name = Cell(st.slide_id, tooltip=str(st.path) + ("" if st.exists else "  (file missing)"),
-                        data=st.slide_id, color=None if st.exists else WARN_COLOR)
-            mpp_text, mpp_tip, usable = session.pixel_size_text(st.slide_id, self.file_pixel_sizes.get(st.slide_id))
+        for record, st in zip(records, statuses):
+            exists = st.exists if st is not None else True
+            name = Cell(record.slide_id, tooltip=str(record.path) + ("" if exists else "  (file missing)"),
+                        data=record.slide_id, color=None if exists else WARN_COLOR)
+            mpp_text, mpp_tip, usable = session.pixel_size_text(record.slide_id,
+                                                                self.file_pixel_sizes.get(record.slide_id))
             if not usable:
-                unusable.append((st.slide_id, mpp_text))
+                unusable.append((record.slide_id, mpp_text))
             mpp = Cell(mpp_text, tooltip=mpp_tip, color=None if usable else WARN_COLOR)
-            feat_tip = st.detail or STATUS_TIPS.get(st.features, st.features)
-            if st.features == "done" and st.n_regions == 0:
-                feat_tip = "no region fits this slide with the current region size (see the Features panel)"
-            feat = Cell(STATUS_TEXT.get(st.features, st.features) + ("  0 regions" if st.n_regions == 0 else ""),
-                        tooltip=feat_tip, align=Qt.AlignmentFlag.AlignCenter,
-                        color=WARN_COLOR if st.features in ("other-settings", "damaged") or st.n_regions == 0 else None)
-            proto = Cell(STATUS_TEXT.get(st.prototypes, st.prototypes), tooltip=STATUS_TIPS.get(st.prototypes, ""),
-                         align=Qt.AlignmentFlag.AlignCenter)
-            rows.append([Cell("", icon=icons.get(st.slide_id)), name, mpp, feat, proto])
-            n_feat += st.features_done
-            n_proto += st.prototypes_done
+            rows.append([Cell("", icon=icons.get(record.slide_id)), name, mpp, *self._status_cells(st)])
         model.set_rows(rows)
-        for row, st in enumerate(statuses):
-            if st.slide_id == selected:
-                self.table.selectRow(row)
-        self.statuses = {st.slide_id: st for st in statuses}
+        self._rows = {record.slide_id: row for row, record in enumerate(records)}
+        if selected in self._rows:
+            self.table.selectRow(self._rows[selected])
+        self.statuses = {st.slide_id: st for st in statuses if st is not None}
+        self._unusable = unusable
+        self._update_summary(len(records))
+        self._update_pixel_note()
+        self._bold = None
+        if self.state.current_slide_id:
+            self._on_slide_opened(self.state.current_slide_id)
+        unknown = [r for r, st in zip(records, statuses) if st is None]
+        if unknown:
+            self._read_statuses(unknown)
+        if large:
+            self._icons = {sid: None for sid in self._icons if icons.get(sid) is not None}
+            self._visible_timer.start()  # thumbnails and pixel sizes of the rows on screen
+            return
+        missing = [r.slide_id for r in records if icons.get(r.slide_id) is None and r.slide_id not in self._info_tried]
+        if missing:
+            self._load_slide_info(missing)
+
+    @staticmethod
+    def _status_cells(st) -> list:
+        """The Features and Protos cells of a status (None: not read yet)."""
+        if st is None:
+            waiting = "reading the slide's cache status"
+            return [Cell("…", tooltip=waiting, align=Qt.AlignmentFlag.AlignCenter),
+                    Cell("…", tooltip=waiting, align=Qt.AlignmentFlag.AlignCenter)]
+        feat_tip = st.detail or STATUS_TIPS.get(st.features, st.features)
+        if st.features == "done" and st.n_regions == 0:
+            feat_tip = "no region fits this slide with the current region size (see the Features panel)"
+        feat = Cell(STATUS_TEXT.get(st.features, st.features) + ("  0 regions" if st.n_regions == 0 else ""),
+                    tooltip=feat_tip, align=Qt.AlignmentFlag.AlignCenter,
+                    color=WARN_COLOR if st.features in ("other-settings", "damaged") or st.n_regions == 0 else None)
+        proto = Cell(STATUS_TEXT.get(st.prototypes, st.prototypes), tooltip=STATUS_TIPS.get(st.prototypes, ""),
+                     align=Qt.AlignmentFlag.AlignCenter)
+        return [feat, proto]
+
+    def _read_statuses(self, records) -> None:
+        """Read the statuses of ``records`` in a worker, the rows on screen first; rows fill in by batches."""
+        from napari.qt.threading import create_worker
+
+        session = self.state.session
+        if self._status_worker is not None:
+            self._status_worker.quit()
+        first = self.table.rowAt(0)
+        first = max(0, first)
+        order = sorted(records, key=lambda r: self._rows.get(r.slide_id, 0) < first)  # from the view down, then above
+
+        def work():
+            batch = []
+            for record in order:
+                batch.append(session.status(record.slide_id))
+                if len(batch) >= STATUS_BATCH:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        worker = create_worker(work, _start_thread=False)
+        worker.yielded.connect(lambda batch, s=session: self._set_statuses(s, batch))
+        worker.finished.connect(lambda w=worker: setattr(self, "_status_worker", None)
+                                if self._status_worker is w else None)
+        self._status_worker = worker
+        worker.start()
+
+    def _set_statuses(self, session, batch) -> None:
+        if session is not self.state.session:
+            return
+        model = self.table.model()
+        for st in batch:
+            row = self._rows.get(st.slide_id)
+            if row is None or row >= model.rowCount() or model.cell(row, COL_SLIDE).data != st.slide_id:
+                continue
+            self.statuses[st.slide_id] = st
+            for column, cell in zip((COL_FEATURES, COL_PROTOS), self._status_cells(st)):
+                model.update_cell(row, column, text=cell.text, tooltip=cell.tooltip, color=cell.color)
+        self._update_summary(model.rowCount())
+
+    def _update_summary(self, n: int) -> None:
+        session = self.state.session
+        if session is None:
+            return
+        statuses = self.statuses.values()
+        n_feat = sum(st.features_done for st in statuses)
+        n_proto = sum(st.prototypes_done for st in statuses)
+        pending = n - len(self.statuses)
         fs, k = self.state.settings.features, self.state.settings.prototypes.k
         weights = "random-init encoders" if fs.random_init else "checkpoint encoders"
-        text = (f"{session.root}\n{len(statuses)} slides · features {n_feat}/{len(statuses)} · "
-                f"prototypes {n_proto}/{len(statuses)}\nsettings (saved in the cohort): {fs.region_px}-px regions "
+        text = (f"{session.root}\n{n} slides · features {n_feat}/{n} · "
+                f"prototypes {n_proto}/{n}" + (f" (reading {pending} more)" if pending > 0 else "")
+                + f"\nsettings (saved in the cohort): {fs.region_px}-px regions "
                 f"of {fs.patch_px}-px patches at {fs.target_mpp:g} µm/px, {weights}, K={k}")
         if session.settings_save_error:
             text += "\n⚠ " + session.settings_save_error
         self.summary.setText(text)
-        self._unusable = unusable
-        self._update_pixel_note()
-        if self.state.current_slide_id:
-            self._on_slide_opened(self.state.current_slide_id)
-        missing = [st.slide_id for st in statuses if icons.get(st.slide_id) is None and st.slide_id not in self._info_tried]
+
+    def _load_visible_info(self) -> None:
+        """Thumbnails and pixel sizes of the rows on screen (and a screen's worth around them) of a large
+        cohort; thumbnails far from view are dropped beyond MAX_ICONS."""
+        if self.state.session is None or not self._rows:
+            return
+        model = self.table.model()
+        n = model.rowCount()
+        top = max(0, self.table.rowAt(0))
+        bottom = self.table.rowAt(self.table.viewport().height() - 1)
+        bottom = n - 1 if bottom < 0 else bottom
+        page = bottom - top + 1
+        lo, hi = max(0, top - page), min(n, bottom + page + 1)
+        wanted = [model.cell(r, COL_SLIDE).data for r in range(lo, hi)]
+        missing = [sid for sid in wanted if model.cell(self._rows[sid], COL_THUMB).icon is None
+                   and sid not in self._info_tried]
         if missing:
             self._load_slide_info(missing)
+        if len(self._icons) > MAX_ICONS:
+            keep = set(wanted)
+            for sid in list(self._icons)[: len(self._icons) - MAX_ICONS]:
+                row = self._rows.get(sid)
+                if sid in keep or row is None:
+                    continue
+                self._icons.pop(sid, None)
+                self._info_tried.discard(sid)
+                model.update_cell(row, COL_THUMB, icon=None)
 
     def _update_pixel_note(self) -> None:
         unusable = self._unusable
@@ -340,9 +468,10 @@ class CohortWidget(DockedPanel, QWidget):
         return model.cell(row, COL_SLIDE).data
 
     def select_slide(self, slide_id: str) -> None:
-        ids = self.slide_ids()
-        if slide_id in ids:
-            self.table.selectRow(ids.index(slide_id))
+        row = self._rows.get(slide_id)
+        if row is not None:
+            self.table.selectRow(row)
+            self.table.scrollTo(self.table.model().index(row, COL_SLIDE))
 
     def slide_ids(self) -> list[str]:
         model = self.table.model()
@@ -350,7 +479,7 @@ class CohortWidget(DockedPanel, QWidget):
 
     def cell_text(self, slide_id: str, column: int) -> str:
         """What the list shows for ``slide_id`` in ``column`` (COL_MPP, COL_FEATURES, ...)."""
-        return self.table.text(self.slide_ids().index(slide_id), column)
+        return self.table.text(self._rows[slide_id], column)
 
     def _load_slide_info(self, slide_ids) -> None:
         """Read thumbnails (cached as PNG in the cohort) and the pixel size each file states in a worker;
@@ -397,13 +526,13 @@ class CohortWidget(DockedPanel, QWidget):
         session = self.state.session
         if info is not None:
             self.file_pixel_sizes[slide_id] = info
-        ids = self.slide_ids()
-        if slide_id not in ids or session is None:
-            return
-        row = ids.index(slide_id)
+        row = self._rows.get(slide_id)
         model = self.table.model()
+        if row is None or session is None or row >= model.rowCount() or model.cell(row, COL_SLIDE).data != slide_id:
+            return
         if image is not None:
             model.update_cell(row, COL_THUMB, icon=QIcon(array_to_pixmap(image)))
+            self._icons[slide_id] = None
         if info is not None:
             text, tip, usable = session.pixel_size_text(slide_id, info)
             model.update_cell(row, COL_MPP, text=text, tooltip=tip, color=None if usable else WARN_COLOR)
