@@ -100,6 +100,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for name in sorted(set(a) | set(b)):
                 key = f"{group}.{name}"
+                if name not in a and name in b:
+                    continue  # a setting newer than the checkpoint: the run continues with its value
                 if key not in RESUMABLE_CHANGES and a.get(name) != b.get(name):
                     changed.append(f"{key}: {a.get(name)!r} -> {b.get(name)!r}")
         elif a != b and group != "preset":
