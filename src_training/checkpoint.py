@@ -104,6 +104,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
                     continue  # a setting newer than the checkpoint: the run continues with its value
                 if key not in RESUMABLE_CHANGES and a.get(name) != b.get(name):
                     changed.append(f"{key}: {a.get(name)!r} -> {b.get(name)!r}")
+        elif a is None and isinstance(b, dict):
+            continue  # a settings group newer than the checkpoint (e.g. monitor)
         elif a != b and group != "preset":
             changed.append(f"{group}: {a!r} -> {b!r}")
     return changed
