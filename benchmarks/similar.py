@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 
@@ -126,6 +127,18 @@ def make_cohort(regime: str, n_slides: int, k: int, dim: int, seed: int) -> np.n
     raise SystemExit(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
 
 
+def _process_cpu() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _workers() -> int:
+    from napari_slpd.similarity.bounds import _n_workers
+
+    return _n_workers()
+
+
 def run_regime(regime: str, args, n_slides: int) -> dict:
     t0 = time.perf_counter()
     X = make_cohort(regime, n_slides, args.k, args.dim, args.seed)
@@ -142,13 +155,22 @@ def run_regime(regime: str, args, n_slides: int) -> dict:
     queries = [ids[i] for i in rng.choice(n_slides, args.queries, replace=False)]
     for q in queries[:3]:  # warm-up (page faults, thread pools)
         index.query(q, n=10)
-    times, got, rescored, solved = [], {}, [], []
+    times, cpu, main_cpu, got, rescored, solved = [], [], [], {}, [], []
+    load_before = os.getloadavg()
     for q in queries:
-        t = time.perf_counter()
+        c0, m0, t = _process_cpu(), time.thread_time(), time.perf_counter()
         got[q] = index.query(q, n=10)
         times.append(time.perf_counter() - t)
+        main_cpu.append(time.thread_time() - m0)
+        cpu.append(_process_cpu() - c0)
         rescored.append(index.last_stats.rescored)
         solved.append(index.last_stats.solved)
+    load_after = os.getloadavg()
+    # CPU seconds of the query: all threads (process CPU time), of which the calling thread's (serial part);
+    # the rest ran on the first stage's workers, in parallel. An unloaded machine with ``workers`` cores
+    # would answer in about serial + rest / workers: the figure a loaded machine's wall time cannot show.
+    workers = _workers()
+    idle_estimate = [m + (c - m) / workers for c, m in zip(cpu, main_cpu)]
     exact_all = all(r.exact for rows in got.values() for r in rows)
     query_ms = 1000 * float(np.median(times))
     ref, ref_times = {}, []
@@ -192,6 +214,11 @@ def run_regime(regime: str, args, n_slides: int) -> dict:
         "first_stage": f"{index.stage().precision}/{index.stage().device}",
         "query_ms_median": round(query_ms, 2),
         "query_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
+        "query_cpu_ms_median": round(1000 * float(np.median(cpu)), 2),
+        "query_main_thread_cpu_ms_median": round(1000 * float(np.median(main_cpu)), 2),
+        "query_ms_unloaded_estimate_median": round(1000 * float(np.median(idle_estimate)), 2),
+        "workers": workers,
+        "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "recall_at_10": round(recall, 4),
         "mean_distance_excess": round(excess, 6),
         "distances_equal_reference": distances_equal,
@@ -233,6 +260,7 @@ def main(argv=None) -> dict:
           f"torch threads {torch.get_num_threads()}", flush=True)
     rows = [run_regime(r, args, n_slides) for r in regimes]
     worst = max(rows, key=lambda r: r["query_ms_median"])
+    worst_cpu = max(rows, key=lambda r: r["query_cpu_ms_median"])
     brute = [r["bruteforce_ms_median"] for r in rows if r["bruteforce_ms_median"]]
     cuda = [r["cuda_query_ms_median"] for r in rows if r["cuda_query_ms_median"] is not None]
     result = {
@@ -241,6 +269,12 @@ def main(argv=None) -> dict:
         "dim": args.dim,
         "query_ms_median": worst["query_ms_median"],
         "worst_regime": worst["regime"],
+        "query_cpu_ms_median": worst_cpu["query_cpu_ms_median"],
+        "query_ms_unloaded_estimate_median": max(r["query_ms_unloaded_estimate_median"] for r in rows),
+        "worst_cpu_regime": worst_cpu["regime"],
+        "load_average_1min": [min(r["load_average_1min"][0] for r in rows),
+                              max(r["load_average_1min"][1] for r in rows)],
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "recall_at_10_min": min(r["recall_at_10"] for r in rows),
         "mean_distance_excess_max": max(r["mean_distance_excess"] for r in rows),
         "speedup_vs_exact_bruteforce": round(float(np.median(brute)) / worst["query_ms_median"], 1) if brute else None,

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
 MAX_BLOCK = 2048  # slides per block: a block's product [16 * 2048, 16] bfloat16 (1 MB) stays in L2
 _MAX_RESULT_ELEMENTS = 1 << 24  # per batch of queries: [slides, queries * K] maxima held at once
+_CHUNK_BYTES = 1 << 20  # a work item's products [L, lanes, Q * K] (reduced precision) stay in L2
+_KEEP_BYTES = 256 << 20  # products kept for the tighter bounds of the candidates (100,000 x 16 x 16: 51 MB)
 _checked: dict[tuple[str, str], bool] = {}
 _check_lock = threading.Lock()
 
@@ -171,6 +173,14 @@ class _Group:
         self.err = np.empty(0, np.float32)
         self.used = 0  # lanes handed out so far (high-water mark)
         self.free: list[int] = []
+        self._kept = None  # a reused buffer for the last query batch's products (no page faults per query)
+
+    def kept_buffer(self, shape: tuple, dtype):
+        torch = _torch()
+        if self._kept is None or tuple(self._kept.shape) != tuple(shape) or self._kept.dtype != dtype:
+            self._kept = None
+            self._kept = torch.empty(shape, dtype=dtype)
+        return self._kept
 
     @property
     def capacity(self) -> int:
@@ -237,6 +247,8 @@ class BoundStage:
         self.acc_eps = 2.0 * self.dim * 2.0**-24  # float32 accumulation of dim products of norm <= ~1
         self.groups: dict[int, _Group] = {}
         self.where: dict[int, tuple[int, int]] = {}  # slot -> (L, lane)
+        self._slot_L = np.zeros(0, np.int64)  # the same as arrays indexed by slot (0: not stored)
+        self._slot_lane = np.zeros(0, np.int64)
         self._kept = None  # the last single query's products (see padded_similarities)
 
     @classmethod
@@ -271,28 +283,42 @@ class BoundStage:
             group = self.groups[L] = _Group(L, E, self.dtype, self.device)
         lanes = group.add(slots, low, err)
         self.where.update(zip(slots.tolist(), ((L, int(lane)) for lane in lanes)))
+        top = int(slots.max()) + 1
+        if top > self._slot_L.size:
+            size = max(top, 2 * self._slot_L.size, 1024)
+            self._slot_L = np.concatenate([self._slot_L, np.zeros(size - self._slot_L.size, np.int64)])
+            self._slot_lane = np.concatenate([self._slot_lane, np.zeros(size - self._slot_lane.size, np.int64)])
+        self._slot_L[slots] = L
+        self._slot_lane[slots] = lanes
 
     def remove(self, slot: int) -> None:
         self._kept = None
         where = self.where.pop(int(slot), None)
         if where is not None:
             self.groups[where[0]].remove(where[1])
+            self._slot_L[int(slot)] = 0
 
     # -- bounds ------------------------------------------------------------------------------------------
+    def slot_lanes(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([M] L, [M] lane) of stored ``slots`` (vectorized lookups: the search asks for hundreds)."""
+        slots = np.asarray(slots, np.int64)
+        return self._slot_L[slots], self._slot_lane[slots]
+
     def upper_bounds(self, queries: np.ndarray, n_slots: int) -> np.ndarray:
         """[Q, n_slots] float64: for queries [Q, K, E] (normalized float32), an upper bound on
-        -(distance) = S - max(K, L) for every stored slot (-inf for slots not stored). For a single
-        query the products are kept until the next call, for :meth:`padded_similarities`."""
+        -(distance) = S - max(K, L) for every stored slot (-inf for slots not stored). On CPU the
+        products are kept until the next call (when they fit in ``_KEEP_BYTES``), for
+        :meth:`padded_similarities`."""
         queries = np.ascontiguousarray(queries, np.float32)
         self._kept = None
         Q, K, _ = queries.shape
         out = np.full((Q, n_slots), -np.inf)
         per_batch = max(1, _MAX_RESULT_ELEMENTS // max(1, K * max(1, len(self.where))))
         for q0 in range(0, Q, per_batch):
-            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch])
+            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch], keep=per_batch >= Q)
         return out
 
-    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray) -> None:
+    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True) -> None:
         torch = _torch()
         Q, K, E = queries.shape
         qf = torch.from_numpy(queries.reshape(Q * K, E))
@@ -300,88 +326,126 @@ class BoundStage:
         eq = (qf - qlow.float()).norm(dim=1).numpy().astype(np.float64).reshape(Q, K)
         qn = qlow.float().norm(dim=1).numpy().astype(np.float64).reshape(Q, K)
         qT = qlow.T.contiguous().to(self.device)
-        keep = Q == 1 and self.device == "cpu"
+        keep = keep and self.device == "cpu" and self.n_rows_stored * Q * K * 2 <= _KEEP_BYTES
         kept = {}
         for L, group in self.groups.items():
             if group.used == 0:
                 continue
-            products = None
-            if keep:
-                products = kept[L] = torch.empty((group.n_blocks_used, L * group.B, K), dtype=self.dtype)
-            maxima = self._row_maxima(group, qT, products).reshape(group.used, Q, K)  # >= true row maxima
-            err = group.err[: group.used].astype(np.float64)[:, None]
-            if K > L:  # only L pairs are matched: the L largest row maxima
-                maxima = -np.partition(-maxima, L - 1, axis=2)[:, :, :L]
-            total = maxima.sum(axis=2, dtype=np.float64)  # [used, Q]
-            absolute = total if self.precision == "bfloat16" else np.abs(maxima).sum(axis=2, dtype=np.float64)
-            # The margin per term (module docstring), summed over the p = min(K, L) terms; the query's
-            # terms are taken over all K (a superset when K > L: still an upper bound).
-            bound = total + self.u * 1.01 * absolute
-            bound += (eq.sum(axis=1) + min(K, L) * self.acc_eps - max(K, L))[None, :]
-            bound += err * qn.sum(axis=1)[None, :]
+            p = min(K, L)
+            if self.device == "cpu":
+                sums, maxima, kept_L = self._cpu_bounds(group, qT, Q, K, keep)
+                if kept_L is not None:
+                    kept[L] = kept_L
+            else:
+                sums, maxima = None, self._row_maxima(group, qT).reshape(group.used, Q, K)
+            if sums is None:  # K > L (or CUDA): only L pairs are matched: the L largest row maxima
+                np.maximum(maxima, 0, out=maxima)  # a negative maximum as 0: still an upper bound
+                if K > L:
+                    maxima = -np.partition(-maxima, L - 1, axis=2)[:, :, :L]
+                sums = maxima.sum(axis=2, dtype=np.float64)  # [used, Q]
+            total = np.asarray(sums, np.float64)
+            # Row maxima were clamped at 0, so |terms| sum to the total. The margin per term (module
+            # docstring), summed over the p = min(K, L) terms; the query's terms are taken over all K (a
+            # superset when K > L: still an upper bound); float32 summation of p terms <= 1 adds < p^2 2^-24.
+            bound = total * (1.0 + self.u * 1.01) + 2.0 * p * p * 2.0**-24
+            bound += (eq.sum(axis=1) + p * self.acc_eps - max(K, L))[None, :]
+            bound += group.err[: group.used].astype(np.float64)[:, None] * qn.sum(axis=1)[None, :]
             alive = group.slots[: group.used] >= 0
             out[:, group.slots[: group.used][alive]] = bound[alive].T
-        if keep:
-            self._kept = (kept, eq[0], qn[0])
+        if keep and kept:
+            self._kept = (kept, eq, qn, K)
 
-    def padded_similarities(self, slots: np.ndarray) -> np.ndarray | None:
+    @property
+    def n_rows_stored(self) -> int:
+        return sum(g.capacity * g.L for g in self.groups.values())
+
+    def padded_similarities(self, slots: np.ndarray, row: int = 0) -> np.ndarray | None:
         """[M, K, L] float32 upper bounds on the similarity matrices of ``slots`` (all with L prototypes)
-        against the last single query, from its kept reduced-precision products plus each entry's
-        rounding margin; None when nothing is kept. Any bound on S computed from them bounds the true S
-        (set_search.py uses them to skip most float32 re-scoring: 512 bytes per slide instead of 12 KB)."""
+        against query ``row`` of the last call, from its kept reduced-precision products plus each
+        entry's rounding margin; None when nothing is kept. Any bound on S computed from them bounds the
+        true S (set_search.py uses them to skip most float32 re-scoring: 512 bytes per slide instead of
+        12 KB)."""
         if self._kept is None or len(slots) == 0:
             return None
-        torch = _torch()
-        # (numpy gathers: torch's advanced indexing with a slice between the indices is ~20x slower here)
-        kept, eq, qn = self._kept
-        L, _ = self.where[int(slots[0])]
-        group = self.groups[L]
+        kept, eq, qn, K = self._kept
+        Ls, lanes = self.slot_lanes(slots)
+        L = int(Ls[0])
         if L not in kept:
             return None
-        lanes = np.array([self.where[int(s)][1] for s in slots], np.int64)
-        raw = kept[L]
-        K = raw.shape[2]
-        if raw.dtype == torch.bfloat16:
-            products = raw.view(torch.int16).numpy().reshape(-1, L, group.B, K)
-            sims = products[lanes // group.B, :, lanes % group.B, :]  # [M, L, K] bfloat16 patterns
+        group = self.groups[L]
+        raw, sub = kept[L]  # [chunks, L, sub, Q*K] (numpy view of the products), lanes per chunk
+        # (numpy gathers: torch's advanced indexing with a slice between the indices is ~20x slower here)
+        sims = raw[lanes // sub, :, lanes % sub, row * K : (row + 1) * K]  # [M, L, K]
+        if self.dtype == _torch().bfloat16:  # raw bfloat16 patterns as int16 -> float32
             sims = (sims.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
-            sims = raw.numpy().reshape(-1, L, group.B, K)[lanes // group.B, :, lanes % group.B, :]
             sims = sims.astype(np.float32, copy=False)
         sims = sims.transpose(0, 2, 1)  # [M, K, L]
-        margin = (eq + self.acc_eps)[None, :, None] + group.err[lanes][:, None, None] * qn[None, :, None]
+        margin = (eq[row] + self.acc_eps)[None, :, None] + group.err[lanes][:, None, None] * qn[row][None, :, None]
         return sims + self.u * 1.01 * np.abs(sims) + margin.astype(np.float32) + np.float32(1e-6)
 
-    def _row_maxima(self, group: _Group, qT, products=None) -> np.ndarray:
-        """[used lanes, QK] float32 row maxima (max over the L prototypes of each lane's slide)."""
+    def _cpu_bounds(self, group: _Group, qT, Q: int, K: int, keep: bool):
+        """Row maxima of every lane of ``group`` against the reduced queries ``qT`` [E, Q*K], fused with the
+        products: the worker that multiplies a chunk of lanes also takes its maxima over the L prototypes
+        (element-wise maxima of L contiguous slabs, in cache) and, when K <= L, their sums per query.
+        Returns ([used, Q] float32 sums or None, [used, Q, K] float32 maxima or None, kept products)."""
+        torch = _torch()
+        L, B = group.L, group.B
+        QK = Q * K
+        nb = group.n_blocks_used
+        # Lanes per work item: a chunk's products [L, sub, QK] stay within ~1 MB (L2), and there are at
+        # least a few items per worker when the group is small (evaluation: 10,000 slides, 16 queries).
+        sub = B
+        while sub > 64 and (L * sub * QK * 2 > _CHUNK_BYTES or nb * (B // sub) < 4 * _n_workers()):
+            sub //= 2
+        per_block = B // sub
+        n_chunks = -(-group.used // sub)
+        reduce_sums = K <= L
+        result = np.empty((n_chunks * sub, Q if reduce_sums else QK), np.float32)
+        products = None
+        if keep:
+            products = group.kept_buffer((nb * per_block, L, sub, QK), self.dtype)
+        result_t = torch.from_numpy(result)
+
+        def chunk(c: int) -> None:
+            b, j0 = divmod(c, per_block)
+            j0 *= sub
+            x = group.data[b, :, j0 : j0 + sub, :]  # [L, sub, E]
+            if products is not None:
+                out = products[c]
+            else:
+                out = _thread_buffer((L, sub, QK), self.dtype)
+            if sub == B:
+                torch.mm(x.reshape(L * sub, self.dim), qT, out=out.view(L * sub, QK))
+            else:
+                torch.matmul(x, qT, out=out)
+            m = out.amax(dim=0)  # [sub, QK], >= the true row maxima up to the margin
+            m.clamp_min_(0)
+            dest = result_t[c * sub : (c + 1) * sub]
+            if reduce_sums:
+                torch.sum(m.view(sub, Q, K).float(), dim=2, out=dest)
+            else:
+                dest.copy_(m)
+
+        list(_pool().map(chunk, range(n_chunks)))
+        kept = None
+        if products is not None:
+            raw = products.view(torch.int16) if self.dtype == torch.bfloat16 else products
+            kept = (raw.numpy(), sub)
+        if reduce_sums:
+            return result[: group.used], None, kept
+        return None, result[: group.used].reshape(group.used, Q, K), kept
+
+    def _row_maxima(self, group: _Group, qT) -> np.ndarray:
+        """[used lanes, QK] float32 row maxima (max over the L prototypes of each lane's slide), on CUDA."""
         torch = _torch()
         L, B = group.L, group.B
         QK = qT.shape[1]
         nb = group.n_blocks_used
-        if self.device != "cpu":
-            with _no_tf32():
-                prod = torch.matmul(group.data[:nb].reshape(nb, L * B, self.dim), qT)  # [nb, L*B, QK]
-                m = prod.view(nb, L, B, QK).amax(dim=1).reshape(nb * B, QK)
-            return m[: group.used].float().cpu().numpy()
-        bf16 = self.dtype == torch.bfloat16
-        acc = np.empty((nb, B * QK), np.int16 if bf16 else torch.empty(0, dtype=self.dtype).numpy().dtype)
-
-        def block(b: int) -> None:
-            out = _thread_buffer((L * B, QK), self.dtype) if products is None else products[b]
-            torch.mm(group.data[b].view(L * B, self.dim), qT, out=out)
-            # Maxima of the raw bfloat16 patterns as int16, see the module docstring; negatives clamp to +0.
-            raw = (out.view(torch.int16) if bf16 else out).numpy().reshape(L, B * QK)
-            a = acc[b]
-            np.copyto(a, raw[0])
-            for l in range(1, L):
-                np.maximum(a, raw[l], out=a)
-
-        list(_pool().map(block, range(nb)))
-        acc = acc.reshape(nb * B, QK)[: group.used]
-        if bf16:
-            np.maximum(acc, 0, out=acc)
-            return (acc.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return acc.astype(np.float32, copy=False)
+        with _no_tf32():
+            prod = torch.matmul(group.data[:nb].reshape(nb, L * B, self.dim), qT)  # [nb, L*B, QK]
+            m = prod.view(nb, L, B, QK).amax(dim=1).reshape(nb * B, QK)
+        return m[: group.used].float().cpu().numpy()
 
 
 # Blocks are spread over one worker per core, each running single-threaded products: measured on 2 shared
@@ -403,6 +467,10 @@ def _pool():
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="slpd-bounds",
                                        initializer=lambda: _torch().set_num_threads(1))
         return _POOL
+
+
+def _n_workers() -> int:
+    return _pool()._max_workers
 
 
 def _thread_buffer(shape: tuple, dtype):

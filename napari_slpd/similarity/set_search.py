@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_slpd.similarity.bounds import BoundStage
+from napari_slpd.similarity.bounds import BoundStage, _n_workers, _pool
 from napari_slpd.similarity.matching import (
     _DUAL_SLACK,
     TopMatch,
@@ -41,6 +41,9 @@ from napari_slpd.similarity.store import VectorStore
 # First-stage bounds are compared with exact values computed in float32: leave room for that rounding.
 FIRST_STAGE_SLACK = 1e-4
 _QUERY_BATCH = 16  # queries sharing one first-stage product in search_many
+# Tight bounds of fewer slots than this run in the calling thread: handing ~1 ms of work to the workers
+# cost more than it saved on a busy 2-core machine (each hand-off waits for a time slice).
+_PARALLEL_TIGHT = 1024
 
 
 @dataclass
@@ -66,6 +69,8 @@ class SearchStats:
 
 def offer_slots(top: TopN, store: VectorStore, q: np.ndarray, slots: np.ndarray) -> int:
     """Score ``slots`` exactly (grouped by their number of prototypes) into ``top``; returns how many."""
+    if slots.size == 0:
+        return 0
     counts = store.slot_count[slots]
     for count in np.unique(counts):
         group = slots[counts == count]
@@ -73,48 +78,82 @@ def offer_slots(top: TopN, store: VectorStore, q: np.ndarray, slots: np.ndarray)
     return int(slots.size)
 
 
-def prefilter(stage: BoundStage | None, top: TopN, slots: np.ndarray, q_size: int) -> np.ndarray:
-    """The ``slots`` whose tighter bound (row/column maxima, dual round) on the kept reduced-precision
-    similarities, with their rounding margins, can still beat the current n-th best."""
-    if stage is None or not top.full or slots.size == 0:
-        return slots
-    keep = []
-    counts = np.array([stage.where[int(s)][0] for s in slots])
-    for L in np.unique(counts):
-        group = slots[counts == L]
-        padded = stage.padded_similarities(group)
+def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: int = 0,
+                 threshold: float = -np.inf) -> np.ndarray | None:
+    """[M] float64 upper bounds on -(distance) of ``slots``, tighter than the first stage's: row/column
+    maxima and (square sets, where that bound still reaches ``threshold``) one dual round, on the kept
+    reduced-precision similarities with their rounding margins (bounds.BoundStage.padded_similarities);
+    None when the stage kept no products. Thousands of slots are split over the bounds' worker threads
+    (numpy releases the GIL inside each operation)."""
+    if stage is None or slots.size == 0:
+        return None
+    out = np.empty(slots.size, np.float64)
+    Ls, _ = stage.slot_lanes(slots)
+    parts = []
+    for L in np.unique(Ls):
+        where = np.flatnonzero(Ls == L)
+        step = max(_PARALLEL_TIGHT, -(-where.size // _n_workers()))
+        parts += [(int(L), where[s0 : s0 + step]) for s0 in range(0, where.size, step)]
+
+    def part(item) -> bool:
+        L, where = item
+        padded = stage.padded_similarities(slots[where], row)
         if padded is None:
-            return slots
-        bound = matching_upper_bounds(padded)
+            return False
+        size = max(q_size, L)
+        bound = matching_upper_bounds(padded) - size
         if q_size == L:
-            bound = np.minimum(bound, dual_bounds(padded) + _DUAL_SLACK)
-        keep.append(group[bound - max(q_size, int(L)) >= top.threshold - FIRST_STAGE_SLACK])
-    return np.concatenate(keep) if keep else slots[:0]
+            live = np.flatnonzero(bound >= threshold - FIRST_STAGE_SLACK)
+            if live.size:
+                bound[live] = np.minimum(bound[live], dual_bounds(padded[live]) + _DUAL_SLACK - size)
+        out[where] = bound
+        return True
+
+    done = list(_pool().map(part, parts)) if len(parts) > 1 else [part(parts[0])]
+    return out if all(done) else None
+
+
+def prefilter(stage: BoundStage | None, top: TopN, slots: np.ndarray, q_size: int, row: int = 0) -> np.ndarray:
+    """The ``slots`` whose tighter bound (:func:`tight_bounds`) can still beat the current n-th best."""
+    if not top.full or slots.size == 0:
+        return slots
+    tight = tight_bounds(stage, slots, q_size, row, top.threshold)
+    return slots if tight is None else slots[tight >= top.threshold - FIRST_STAGE_SLACK]
 
 
 def rerank(store: VectorStore, q: np.ndarray, n: int, bounds: np.ndarray, stats: SearchStats,
-           first_batch: int = 256, stage: BoundStage | None = None) -> list[TopMatch]:
+           first_batch: int = 256, stage: BoundStage | None = None, row: int = 0) -> list[TopMatch]:
     """The exact top n given first-stage ``bounds`` [n_slots] on -(distance) (-inf: not a candidate).
-    ``bounds`` is consumed (scored slots are set to -inf)."""
+    ``bounds`` is consumed (scored slots are set to -inf). With a ``stage`` that kept the products of
+    this query (``row`` of its last batch), candidates are ordered and pruned by their tighter bounds
+    before any float32 re-scoring."""
     top = TopN(n)
     batch = max(first_batch, 8 * n)
     remaining = int(np.isfinite(bounds).sum())
+    step = max(2 * n, 32)  # exact re-scoring in small steps, so that the threshold rises between them
     while remaining > 0:
-        m = min(remaining, 4 * batch)
+        m = min(remaining, batch)
         idx = np.argpartition(-bounds, m - 1)[:m] if m < bounds.size else np.arange(bounds.size)
-        idx = idx[np.argsort(-bounds[idx], kind="stable")]
         idx = idx[np.isfinite(bounds[idx])]
-        for start in range(0, idx.size, batch):
-            chunk = idx[start : start + batch]
-            if top.full and bounds[chunk[0]] < top.threshold - FIRST_STAGE_SLACK:
-                stats.solved += top.solved
-                return top.results()
-            if top.full:  # slides of this chunk whose bound cannot beat the threshold need no re-scoring
-                chunk = chunk[bounds[chunk] >= top.threshold - FIRST_STAGE_SLACK]
-                chunk = prefilter(stage, top, chunk, q.shape[0])
+        first = bounds[idx]
+        if top.full and first.max() < top.threshold - FIRST_STAGE_SLACK:
+            break  # every slide left is bounded below the n-th best
+        bounds[idx] = -np.inf
+        remaining -= idx.size
+        if top.full:
+            keep = first >= top.threshold - FIRST_STAGE_SLACK
+            idx, first = idx[keep], first[keep]
+        tight = tight_bounds(stage, idx, q.shape[0], row, top.threshold)
+        order_by = first if tight is None else np.minimum(first, tight)
+        order = np.lexsort((idx, -order_by))
+        idx, order_by = idx[order], order_by[order]
+        for start in range(0, idx.size, step):
+            if top.full and order_by[start] < top.threshold - FIRST_STAGE_SLACK:
+                break  # sorted: the rest of this batch cannot beat the n-th best either
+            chunk = idx[start : start + step]
+            if top.full:
+                chunk = chunk[order_by[start : start + step] >= top.threshold - FIRST_STAGE_SLACK]
             stats.rescored += offer_slots(top, store, q, chunk)
-            bounds[idx[start : start + batch]] = -np.inf
-            remaining -= min(batch, idx.size - start)
         batch *= 4
     stats.solved += top.solved
     return top.results()
@@ -148,7 +187,7 @@ def search_many(store: VectorStore, stage: BoundStage, queries: list[np.ndarray]
                 b = bounds[row]
                 if excluded[i] is not None and len(excluded[i]):
                     b[np.asarray(excluded[i], np.int64)] = -np.inf
-                matches = rerank(store, queries[i], n, b, stats, stage=stage if len(batch) == 1 else None)
+                matches = rerank(store, queries[i], n, b, stats, stage=stage, row=row)
                 stats.total_ms = bound_ms + 1000 * (time.perf_counter() - t1)
                 results[i] = (matches, stats)
     return results
