@@ -325,3 +325,27 @@ def test_gpu_region_reader_geometry_on_cpu_with_a_stand_in_decoder():
         item = fallback(0)
         assert item[0] == "cpu"
         np.testing.assert_array_equal(fallback.finish(item).numpy(), cpu(0))
+
+
+def test_cpu_extraction_never_imports_the_gpu_module(tmp_path):
+    """A CPU run (settings, reading, encoding) leaves napari_slpd.slides.readers.gpu unimported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+torch.set_num_threads(1)
+from napari_slpd.features.engine import ExtractionConfig, extract_slide
+from napari_slpd.models.encoders import build_patch_encoder, build_region_encoder
+from napari_slpd.slides.grid import GridConfig
+patch = build_patch_encoder("hipt_vit256", device="cpu", input_size=16)
+region = build_region_encoder("hipt_vit4k", device="cpu", in_dim=patch.dim)
+cfg = ExtractionConfig(grid=GridConfig(region_px=512, patch_px=64, target_mpp=1.0, min_tissue=0.25),
+                       num_workers=1, regions_per_chunk=2)
+r = extract_slide({str(_slide_path("cmu_svs"))!r}, {str(tmp_path / "f.h5")!r}, patch, region, cfg)
+assert r.status == "extracted", r
+print("gpu imported:", "napari_slpd.slides.readers.gpu" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gpu imported: False" in out.stdout

@@ -182,8 +182,8 @@ class GpuRegionReader:
 
 def gpu_decode_applies(slide, grid_config, device) -> bool:
     """True when extraction on ``device`` decodes this slide on the GPU: CUDA, the tile reader, and JPEG
-    tiles at the level the grid of ``grid_config`` reads (the level :func:`grid_decode_scale` finds).
-    Imports nothing GPU-related off CUDA."""
+    tiles at the level the grid of ``grid_config`` reads (the level :func:`grid_decode_scale` finds), and
+    a torchvision that decodes JPEG on that device (probed once). Imports nothing GPU-related off CUDA."""
     tiles = getattr(slide, "_tiles", None)
     if not str(device).startswith("cuda") or tiles is None:
         return False
@@ -194,9 +194,9 @@ def gpu_decode_applies(slide, grid_config, device) -> bool:
         level = slide.best_level_for_downsample(size0 / grid_config.region_px)
     if tiles.levels[level].codec != "jpeg":
         return False
-    from napari_slpd.slides.readers.gpu import cuda_available
+    from napari_slpd.slides.readers.gpu import nvjpeg_works
 
-    return cuda_available()
+    return nvjpeg_works(str(device))
 
 
 def gpu_region_reader(slide, grid, patch_px: int, device) -> "GpuRegionReader | None":

@@ -50,6 +50,34 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+_NVJPEG_OK: dict = {}
+
+
+def nvjpeg_works(device: str = "cuda") -> bool:
+    """True when torchvision decodes a JPEG on ``device`` (CUDA present and torchvision built with
+    nvJPEG): a 16-px image decoded once per process and device."""
+    if device not in _NVJPEG_OK:
+        ok = False
+        if cuda_available():
+            try:
+                import io
+
+                import numpy as np
+                import torch
+                from PIL import Image
+                from torchvision.io import decode_jpeg
+
+                buf = io.BytesIO()
+                Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(buf, format="JPEG")
+                data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+                out = decode_jpeg([data], device=device)[0]
+                ok = tuple(out.shape) == (3, 16, 16) and out.is_cuda
+            except Exception:  # no nvJPEG in this torchvision, a driver problem: the CPU decodes
+                ok = False
+        _NVJPEG_OK[device] = ok
+    return _NVJPEG_OK[device]
+
+
 class CudaRegionReader:
     """read(location, level, size) -> torch.uint8 tensor (h, w, 3) on ``device``, from a CPU TileReader's
     tile bytes decoded in one nvJPEG batch per region."""
@@ -183,4 +211,5 @@ def _jpeg_meta(slide) -> list[tuple[bytes | None, bool]]:
                  int(pages[(lv.width, lv.height)].photometric) == 2) for lv in tiles.levels]
 
 
-__all__ = ["CudaRegionReader", "GpuUnsupported", "PreparedRegion", "cuda_available", "cuda_reader_for"]
+__all__ = ["CudaRegionReader", "GpuUnsupported", "PreparedRegion", "cuda_available", "cuda_reader_for",
+           "nvjpeg_works"]
