@@ -19,6 +19,8 @@
     bounded by batch, window and chunk, not by the slide).
 (c) ``cuda_regions_per_s``: with CUDA, regions/s of the full HIPT configuration (4096-px regions of
     256-px patches at 0.5 um/px, ViT-256 at 256 px in bf16, ViT-4K) on a large mosaic; null otherwise.
+    Tiles decoded on the GPU (nvJPEG, no host round trip); ``cuda_regions_per_s_cpu_decode``: the same
+    with the CPU reader threads decoding (ExtractionConfig.gpu_decode=False).
 
 Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
@@ -273,6 +275,8 @@ def rss_ratio(side: int) -> dict:
 
 
 def cuda_throughput(side: int, compile_model: bool) -> dict | None:
+    """Regions/s of the full HIPT configuration on CUDA, JPEG tiles decoded on the GPU (nvJPEG, fed to
+    the ViT without a host round trip) and, for comparison, on the CPU reader threads."""
     import torch
 
     if not torch.cuda.is_available():
@@ -281,18 +285,22 @@ def cuda_throughput(side: int, compile_model: bool) -> dict | None:
     from napari_slpd.slides.grid import GridConfig
 
     patch, region = build_models(256, device="cuda")
-    config = ExtractionConfig(grid=GridConfig(region_px=4096, patch_px=256, target_mpp=0.5, min_tissue=0.25),
-                              batch_size=1024, regions_per_chunk=16, compile=compile_model)
     path = mosaic(side)
+    out = {"device": torch.cuda.get_device_name(0)}
     with tempfile.TemporaryDirectory() as tmp:
-        # Warm-up on a small mosaic (kernel selection, compile), then the timed run on the large one.
-        extract_slide(mosaic(16384), Path(tmp) / "warm.h5", patch, region, config)
-        t0 = time.perf_counter()
-        result = extract_slide(path, Path(tmp) / "timed.h5", patch, region, config)
-        seconds = time.perf_counter() - t0
-    return {"regions": result.n_computed, "seconds": round(seconds, 2),
-            "regions_per_s": round(result.n_computed / seconds, 2), "device": torch.cuda.get_device_name(0),
-            "workers": config.workers}
+        for gpu_decode in (True, False):
+            config = ExtractionConfig(grid=GridConfig(region_px=4096, patch_px=256, target_mpp=0.5, min_tissue=0.25),
+                                      batch_size=1024, regions_per_chunk=16, compile=compile_model,
+                                      gpu_decode=gpu_decode)
+            # Warm-up on a small mosaic (kernel selection, compile), then the timed run on the large one.
+            extract_slide(mosaic(16384), Path(tmp) / f"warm{gpu_decode}.h5", patch, region, config)
+            t0 = time.perf_counter()
+            result = extract_slide(path, Path(tmp) / f"timed{gpu_decode}.h5", patch, region, config)
+            seconds = time.perf_counter() - t0
+            key = "" if gpu_decode else "_cpu_decode"
+            out.update({f"regions{key}": result.n_computed, f"seconds{key}": round(seconds, 2),
+                        f"regions_per_s{key}": round(result.n_computed / seconds, 2), "workers": config.workers})
+    return out
 
 
 def main() -> int:
@@ -342,6 +350,7 @@ def main() -> int:
         "cpu_bound_fraction": a["cpu_bound_fraction"],
         "rss_ratio_4x_area": b["ratio"] if b else None,
         "cuda_regions_per_s": c["regions_per_s"] if c else None,
+        "cuda_regions_per_s_cpu_decode": c["regions_per_s_cpu_decode"] if c else None,
         "pipeline_vs_sequential_1thread": a["ratio_vs_one_thread"],
         "pipeline_vs_sequential_openslide": a["ratio_vs_openslide"],
         "pipeline_vs_sequential_openslide_1thread": a["ratio_vs_openslide_one_thread"],
