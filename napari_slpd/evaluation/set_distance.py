@@ -36,7 +36,11 @@ def nearest_sets_many(index, query_ids: list[str], n: int, excludes: list) -> li
     (fewer when fewer remain)."""
     n = max(1, min(int(n), len(index) - 1))
     if hasattr(index, "query_many"):
-        answers = index.query_many(list(query_ids), n=n, exclude=[list(e) for e in excludes], with_pairs=False)
+        # One list object per distinct exclude (a KNN fold passes the same one for all its queries): the
+        # index looks each up once.
+        same: dict[int, list] = {}
+        lists = [same.setdefault(id(e), list(e)) for e in excludes]
+        answers = index.query_many(list(query_ids), n=n, exclude=lists, with_pairs=False)
     else:  # an engine without batch queries
         answers = [index.query(q, n=n, exclude=e) for q, e in zip(query_ids, excludes)]
     return [[(h.slide_id, float(h.distance)) for h in hits] for hits in answers]

@@ -319,13 +319,14 @@ class BoundStage:
         return out
 
     def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True) -> None:
-        torch = _torch()
         Q, K, E = queries.shape
-        qf = torch.from_numpy(queries.reshape(Q * K, E))
-        qlow = qf.to(self.dtype)
-        eq = (qf - qlow.float()).norm(dim=1).numpy().astype(np.float64).reshape(Q, K)
-        qn = qlow.float().norm(dim=1).numpy().astype(np.float64).reshape(Q, K)
-        qT = qlow.T.contiguous().to(self.device)
+        # The queries' rounding in numpy: torch's element-wise ops on these few hundred rows fork its
+        # intra-op threads, and on a busy 2-core machine each fork waited ~10 ms for a descheduled thread.
+        qf = queries.reshape(Q * K, E)
+        qround = _round_to(qf, self.precision)
+        eq = np.linalg.norm((qf - qround).astype(np.float64), axis=1).reshape(Q, K)
+        qn = np.linalg.norm(qround.astype(np.float64), axis=1).reshape(Q, K)
+        qT = _as_torch(np.ascontiguousarray(qround.T), self.precision).to(self.device)
         keep = keep and self.device == "cpu" and self.n_rows_stored * Q * K * 2 <= _KEEP_BYTES
         kept = {}
         for L, group in self.groups.items():
@@ -467,6 +468,30 @@ def _pool():
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="slpd-bounds",
                                        initializer=lambda: _torch().set_num_threads(1))
         return _POOL
+
+
+def _round_to(x: np.ndarray, precision: str) -> np.ndarray:
+    """float32 ``x`` rounded to ``precision`` (round to nearest even, as torch's conversion), as float32."""
+    x = np.ascontiguousarray(x, np.float32)
+    if precision == "bfloat16":
+        bits = x.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return rounded.view(np.float32)
+    if precision == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    return x
+
+
+def _as_torch(x: np.ndarray, precision: str):
+    """A float32 array already rounded to ``precision`` as a torch tensor of that type (exact)."""
+    torch = _torch()
+    x = np.ascontiguousarray(x, np.float32)
+    if precision == "bfloat16":
+        return torch.from_numpy((x.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(np.int16)).view(
+            torch.bfloat16)
+    if precision == "float16":
+        return torch.from_numpy(x.astype(np.float16))
+    return torch.from_numpy(x)
 
 
 def _n_workers() -> int:

@@ -294,17 +294,24 @@ class CohortIndex:
             return l2_normalize(protos), query.slide_id
         return l2_normalize(as_prototype_set(query, "query prototypes").astype(np.float32)), None
 
-    def _prepare(self, query, exclude, include_self) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare(self, query, exclude, include_self, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         q, self_id = self._resolve_query(query)
         if q.shape[1] != self.dim:
             raise PrototypeError(
                 f"the query has {q.shape[1]}-d prototypes but the cohort's are {self.dim}-d: it was computed with "
                 "another encoder"
             )
-        excluded = set(exclude or ())
-        if self_id is not None and not include_self:
-            excluded.add(self_id)
-        slots = np.array([self._store.key_to_slot[s] for s in excluded if s in self], np.int64)
+        # Queries of a batch often share one exclude list (a KNN fold's test slides): its slots are looked
+        # up once per list object, not once per query.
+        key = id(exclude) if exclude is not None else None
+        if memo is not None and key in memo:
+            slots = memo[key][1]
+        else:
+            slots = np.array(sorted({self._store.key_to_slot[s] for s in (exclude or ()) if s in self}), np.int64)
+            if memo is not None:
+                memo[key] = (exclude, slots)  # the list is held, so that its id stays unique meanwhile
+        if self_id is not None and not include_self and self_id in self:
+            slots = np.append(slots, self._store.key_to_slot[self_id])
         return q, slots
 
     def _check(self, n: int, method: str | None) -> str:
@@ -349,7 +356,8 @@ class CohortIndex:
         list of slide ids per query (or None). ``with_pairs=False`` skips the matched pairs (one
         assignment solve per result less: for KNN over thousands of slides)."""
         method = self._check(n, method)
-        prepared = [self._prepare(q, (exclude or [None] * len(queries))[i], include_self)
+        memo: dict = {}
+        prepared = [self._prepare(q, (exclude or [None] * len(queries))[i], include_self, memo)
                     for i, q in enumerate(queries)]
         qs = [p[0] for p in prepared]
         ex = [p[1] for p in prepared]
