@@ -15,6 +15,7 @@ reference the fast reader is checked against (a probe on open falls back to open
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -353,9 +354,13 @@ class Slide:
             raise SlideError(f"cannot open slide {self.path}: {exc}") from exc
 
         self._local = threading.local()
-        self._handles: list = [handle]
+        # One openslide handle per thread, each with a lock held while it reads: close() takes every lock
+        # before closing, so a handle is never closed under a read still running in another thread (the
+        # viewer's slicing threads, a tissue worker) - openslide would read freed memory.
+        lock = threading.Lock()
+        self._handles: list = [(handle, lock)]
         self._handles_lock = threading.Lock()
-        self._local.handle = handle
+        self._local.handle, self._local.lock = handle, lock
         self._tile_cache = None
         self._share_cache(handle)
         self._closed = False
@@ -411,7 +416,8 @@ class Slide:
                 fast = tiles.read(where, level, size)
             except Exception as exc:  # damaged or unusual tiles: openslide's error path reports them
                 return f"probe read failed ({exc})"
-            ref = np.asarray(_read_rgb_image(self._handle(), where[0], where[1], level, *size))
+            with self._handle() as handle:
+                ref = np.asarray(_read_rgb_image(handle, where[0], where[1], level, *size))
             diff = int(np.abs(fast.astype(np.int16) - ref.astype(np.int16)).max()) if ref.size else 0
             if diff > PROBE_TOLERANCE:
                 return f"probe differs from openslide by up to {diff} levels at level {level}"
@@ -460,19 +466,24 @@ class Slide:
                 f"reader={self.reader})")
 
     # -- reading -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _handle(self):
+        """This thread's openslide handle, locked for the duration of a read (see ``__init__``)."""
         handle = getattr(self._local, "handle", None)
         if handle is None:
             if self._closed:
                 raise SlideError(f"slide {self.path} is closed")
             import openslide
 
-            handle = openslide.OpenSlide(str(self.file))
+            handle, lock = openslide.OpenSlide(str(self.file)), threading.Lock()
             self._share_cache(handle)
-            self._local.handle = handle
+            self._local.handle, self._local.lock = handle, lock
             with self._handles_lock:
-                self._handles.append(handle)
-        return handle
+                self._handles.append((handle, lock))
+        with self._local.lock:
+            if self._closed:
+                raise SlideError(f"slide {self.path} is closed")
+            yield handle
 
     def _share_cache(self, handle) -> None:
         """Give ``handle`` the slide's shared tile cache (openslide >= 4: OpenSlideCache)."""
@@ -513,7 +524,8 @@ class Slide:
         if self._tiles is not None:
             return Image.fromarray(self._read_tiles(location, level, (w, h)))
         try:
-            return _read_rgb_image(self._handle(), int(location[0]), int(location[1]), level, w, h)
+            with self._handle() as handle:
+                return _read_rgb_image(handle, int(location[0]), int(location[1]), level, w, h)
         except Exception as exc:
             raise SlideError(
                 f"cannot read {w}x{h} px at level {level}, {tuple(location)} of {self.path}: {exc} "
@@ -569,7 +581,8 @@ class Slide:
             raise SlideError(
                 f"{self.path} has no associated image {name!r}; it has {self.associated_image_names or 'none'}"
             )
-        image = self._handle().associated_images[name]
+        with self._handle() as handle:
+            image = handle.associated_images[name]
         return _rgba_to_rgb_on_white(np.asarray(image.convert("RGBA")))
 
     def read_downsampled(self, downsample: float, block_px: int = 2048) -> np.ndarray:
@@ -656,11 +669,12 @@ class Slide:
             tiles.close()
         with self._handles_lock:
             handles, self._handles = self._handles, []
-        for handle in handles:
-            try:
-                handle.close()
-            except Exception:  # closing twice or at interpreter exit
-                pass
+        for handle, lock in handles:
+            with lock:  # waits for a read still running in another thread
+                try:
+                    handle.close()
+                except Exception:  # closing twice or at interpreter exit
+                    pass
         self._local = threading.local()
 
     def __enter__(self) -> "Slide":
