@@ -9,6 +9,9 @@ One step (SPEC section 2):
 - L_inter: the matched prototype c(m, l*) of the nearest slide m as the target;
 - L = L_dino + w_intra L_intra + w_inter L_inter; AdamW with the lr/wd schedules, per-parameter gradient
   clipping at 3.0 (DINO's clip_gradients), last layer frozen during epoch 0, then the EMA teacher update.
+
+Over 600 lines, but one idea: the training loop, kept in one file so that it reads top to bottom as
+DINO's does; losses, heads, data, clustering, schedules and checkpoints are their own modules.
 """
 
 from __future__ import annotations

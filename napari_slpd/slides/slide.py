@@ -10,6 +10,9 @@ Region pixels come from the fast tile reader (``napari_slpd.slides.readers``: ti
 JPEG 2000, generic and Philips TIFF, DICOM WSI) when it handles the slide, which decodes the compressed
 tiles straight into the region with GIL-free decoders; openslide reads everything else, and is the
 reference the fast reader is checked against (a probe on open falls back to openslide on any mismatch).
+
+Over 600 lines, but one idea: the ``Slide`` object (opening, pixel size, reads, pyramid, closing) and the
+small helpers only it uses; the readers it delegates to live in ``slides/readers``.
 ``SLPD_READER=openslide`` (or ``reader="openslide"``) forces openslide. ``slide.reader`` names the reader.
 """
 

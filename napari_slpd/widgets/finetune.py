@@ -2,6 +2,7 @@
 (loss terms with the end of the DINO-only warm-up marked, the KNN monitor when a labels file is given, log,
 ETA), stop / resume it, make its checkpoint the cohort's region encoder (with a before/after evaluation
 table when a labels file is given) and switch between the region encoders the cohort holds.
+Over 600 lines, but one idea: one panel and its plots; the run itself is napari_slpd.training's.
 
 The default preset is the official SLPD recipe (``nsclc``) when the cohort's token grids take the official
 crops (14 x 14 global, 6 x 6 local: grids of 14 x 14 or more, 16 x 16 for 4096-px regions of 256-px
