@@ -991,10 +991,12 @@ class Session:
         self._pixel_sizes[slide_id] = ((str(record.path), stamp), info)
         return info
 
-    def pixel_size_text(self, slide_id: str, file_pixel_size=None) -> tuple[str, str, bool]:
+    def pixel_size_text(self, slide_id: str, file_pixel_size=None, record: SlideRecord | None = None
+                        ) -> tuple[str, str, bool]:
         """(short text, explanation, usable) of a slide's pixel size as a person reads it: "0.499",
-        "0.5 (set)", "unknown" or "implausible (264.58)", with the fix named in GUI words."""
-        record = self.record(slide_id)
+        "0.5 (set)", "unknown" or "implausible (264.58)", with the fix named in GUI words (``record``:
+        the slide's record when the caller has it, e.g. for every row of a list)."""
+        record = record if record is not None else self.record(slide_id)
         fix = ("select the slide and press 'Set pixel size' below (or choose 'Unknown pixel size: objective "
                "/ level0' in the Features panel)")
         if record.mpp is not None:

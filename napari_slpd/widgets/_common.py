@@ -305,8 +305,7 @@ class TaskBar(QWidget):
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip("Stop the running work; finished slides stay cached")
         self.cancel_button.clicked.connect(self.cancel)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = plain_label("", word_wrap=True)  # shows slide ids and prototype names
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)

@@ -106,6 +106,8 @@ class CohortWidget(DockedPanel, QWidget):
                                 icon_px=THUMB_PX, row_px=THUMB_PX + 4)
         self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
         keep_rows_visible(self.table)
+        # Fitted columns are measured on the rows on screen and this many more, not on 10,000 rows.
+        self.table.horizontalHeader().setResizeContentsPrecision(LAZY_ROWS)
         self.table.cellDoubleClicked.connect(lambda row, _col: self._open_row(row))
         self.table.selectionModel().currentRowChanged.connect(lambda *_: self._update_pixel_note())
 
@@ -313,7 +315,7 @@ class CohortWidget(DockedPanel, QWidget):
             name = Cell(record.slide_id, tooltip=str(record.path) + ("" if exists else "  (file missing)"),
                         data=record.slide_id, color=None if exists else WARN_COLOR)
             mpp_text, mpp_tip, usable = session.pixel_size_text(record.slide_id,
-                                                                self.file_pixel_sizes.get(record.slide_id))
+                                                                self.file_pixel_sizes.get(record.slide_id), record)
             if not usable:
                 unusable.append((record.slide_id, mpp_text))
             mpp = Cell(mpp_text, tooltip=mpp_tip, color=None if usable else WARN_COLOR)
@@ -389,13 +391,16 @@ class CohortWidget(DockedPanel, QWidget):
         if session is not self.state.session:
             return
         model = self.table.model()
+        changed = []
         for st in batch:
             row = self._rows.get(st.slide_id)
             if row is None or row >= model.rowCount() or model.cell(row, COL_SLIDE).data != st.slide_id:
                 continue
             self.statuses[st.slide_id] = st
-            for column, cell in zip((COL_FEATURES, COL_PROTOS), self._status_cells(st)):
-                model.update_cell(row, column, text=cell.text, tooltip=cell.tooltip, color=cell.color)
+            model.rows[row][COL_FEATURES:COL_PROTOS + 1] = self._status_cells(st)
+            changed.append(row)
+        if changed:  # one change signal per batch (each signal re-measures the fitted columns)
+            model.dataChanged.emit(model.index(min(changed), COL_FEATURES), model.index(max(changed), COL_PROTOS))
         self._update_summary(model.rowCount())
 
     def _update_summary(self, n: int) -> None:

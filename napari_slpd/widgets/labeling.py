@@ -39,6 +39,8 @@ from napari_slpd.widgets._common import (
     guarded,
     keep_rows_visible,
     panel_layout,
+    plain_label,
+    plain_tooltip,
     show_info,
     show_warning,
 )
@@ -67,11 +69,9 @@ class LabelingWidget(DockedPanel, QWidget):
         self._suggestions_key = None
         self._suggestions_cache = []
 
-        self.title = QLabel("No slide open.")
-        self.title.setWordWrap(True)
+        self.title = plain_label("No slide open.", word_wrap=True)  # ids and names: never HTML
         # Names given to prototypes that were recomputed since: say so, offer both ways out.
-        self.stale_label = QLabel("")
-        self.stale_label.setWordWrap(True)
+        self.stale_label = plain_label("", word_wrap=True)
         self.stale_label.setStyleSheet("color: #f0a030;")
         self.carry_button = QPushButton("Carry names over")
         self.carry_button.setToolTip("Give each old name to the new prototype covering the same regions")
@@ -319,8 +319,8 @@ class LabelingWidget(DockedPanel, QWidget):
                 sug = QTableWidgetItem(row.suggestion_text)
                 sug.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
                 if row.suggestion is not None and row.suggestion.runner_up:
-                    sug.setToolTip(f"share {row.suggestion.share:.0%} of its patches, mean confidence "
-                                   f"{row.suggestion.mean_confidence:.2f}; next: {row.suggestion.runner_up}")
+                    sug.setToolTip(plain_tooltip(f"share {row.suggestion.share:.0%} of its patches, mean confidence "
+                                                 f"{row.suggestion.mean_confidence:.2f}; next: {row.suggestion.runner_up}"))
                 self.table.setItem(i, COL_SUGGESTION, sug)
                 if row.suggestion is not None and row.suggestion.name != row.name:
                     button = QPushButton("Accept")

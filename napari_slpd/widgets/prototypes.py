@@ -23,7 +23,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, keep_rows_visible, panel_layout, show_warning
+from napari_slpd.widgets._common import (
+    DockedPanel,
+    TaskBar,
+    guarded,
+    keep_rows_visible,
+    panel_layout,
+    plain_label,
+    show_warning,
+)
 from napari_slpd.widgets.state import ROLE_PROTOTYPES, SlpdState
 
 
@@ -76,10 +84,8 @@ class PrototypesWidget(DockedPanel, QWidget):
         self.legend.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.legend.setWordWrap(False)
         keep_rows_visible(self.legend, 4)
-        self.hover = QLabel("Hover a region to see its prototype.")
-        self.hover.setWordWrap(True)
-        self.title = QLabel("No slide open.")
-        self.title.setWordWrap(True)
+        self.hover = plain_label("Hover a region to see its prototype.", word_wrap=True)  # names: never HTML
+        self.title = plain_label("No slide open.", word_wrap=True)
         self.task_bar = TaskBar()
 
         layout = panel_layout(self)
