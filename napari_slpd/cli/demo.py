@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.samples.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_settings, evaluate_demo,
-                                             pick_query_slide, process_cohort)
+from napari_slpd.samples.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_labels, demo_settings,
+                                             evaluate_demo, pick_query_slide, process_cohort)
 from napari_slpd.testing.xvfb import has_display, start_virtual_display
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from napari_slpd.widgets.demo import open_demo_viewer, write_demo_screenshots
 
-        viewer, panels = open_demo_viewer(session, slide_id, say=say, device=args.device)
+        viewer, panels = open_demo_viewer(session, slide_id, say=say, device=args.device,
+                                          labels=demo_labels(cohort_root), evaluation=evaluation)
         say(f"Demo ready after {time.perf_counter() - t0:.0f} s")
         if screenshots_only:
             docs = Path(args.docs_screenshots) if args.docs_screenshots else None

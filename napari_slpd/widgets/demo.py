@@ -38,9 +38,10 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 300.0, what: st
 
 def dock_panels(viewer) -> dict:
     """Dock every SLPD panel: Cohort, Prototypes and Similar slides on the right; Features, Embedding map,
-    Prototype labeling and SLPD fine-tune as tabs on the left (the slide keeps the middle)."""
+    Prototype labeling, SLPD fine-tune and Evaluation as tabs on the left (the slide keeps the middle)."""
     from napari_slpd.widgets.cohort import CohortWidget
     from napari_slpd.widgets.embedding import EmbeddingMapWidget
+    from napari_slpd.widgets.evaluation import EvaluationWidget
     from napari_slpd.widgets.features import FeaturesWidget
     from napari_slpd.widgets.finetune import FineTuneWidget
     from napari_slpd.widgets.labeling import LabelingWidget
@@ -56,6 +57,7 @@ def dock_panels(viewer) -> dict:
         ("Embedding map", EmbeddingMapWidget, "left", True),
         ("Prototype labeling", LabelingWidget, "left", True),
         ("SLPD fine-tune", FineTuneWidget, "left", True),
+        ("Evaluation", EvaluationWidget, "left", True),
     )
     for name, cls, area, tabify in layout:
         widget = cls(viewer)
@@ -65,9 +67,12 @@ def dock_panels(viewer) -> dict:
 
 
 def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeout_s: float = 300.0,
-              say: Callable[[str], None] = print, device: str = "auto") -> dict:
+              say: Callable[[str], None] = print, device: str = "auto", labels: Path | None = None,
+              evaluation=None) -> dict:
     """Drive the panels: open the cohort and ``slide_id``, list similar slides, draw the embedding map, name
-    the prototypes of a synthetic slide after its painted tissue, set the fine-tune panel up."""
+    the prototypes of a synthetic slide after its painted tissue, set the fine-tune panel up (with the
+    sample labels for its KNN monitor) and show the evaluation of the cohort (``evaluation``, an
+    EvaluationResult computed by the demo, or run in the panel when only ``labels`` is given)."""
     panels = panels or dock_panels(viewer)
     cohort, protos = panels["Cohort"], panels["Prototypes"]
     similar, embedding = panels["Similar slides"], panels["Embedding map"]
@@ -101,14 +106,45 @@ def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeou
                 + ", ".join(names.values()))
         labeling.refresh()
     if "SLPD fine-tune" in panels:
-        setup_finetune(panels["SLPD fine-tune"], device)
+        setup_finetune(panels["SLPD fine-tune"], device, labels)
+    if "Evaluation" in panels and labels is not None:
+        show_evaluation(panels["Evaluation"], labels, evaluation, timeout_s)
     arrange_docks(viewer, panels)
     viewer.reset_view()
     return panels
 
 
-def setup_finetune(panel, device: str = "auto") -> None:
-    """Fill the fine-tune form for the demo's short run: the tiny preset with bigger batches, one thread."""
+def show_evaluation(panel, labels: Path, evaluation=None, timeout_s: float = 300.0) -> None:
+    """Fill the Evaluation panel with the demo's labels and settings and show ``evaluation`` (or run it)."""
+    from napari_slpd.samples.demo_cohort import demo_evaluation_config
+
+    config = demo_evaluation_config(labels)
+    panel.labels_edit.setText(str(labels))
+    panel.load_tasks()
+    panel.task_combo.setCurrentText(config.tasks[0])
+    panel.folds_spin.setValue(config.n_folds)
+    for name, box in panel.protocol_boxes.items():
+        box.setChecked(name in config.protocols)
+    panel.refresh_representations()
+    if evaluation is not None:
+        panel.show_result(evaluation)
+        bar = panel.task_bar  # the demo ran it before the window opened: the bar says so, full
+        bar.progress_bar.setRange(0, 1)
+        bar.progress_bar.setValue(1)
+        bar.progress_bar.setFormat("done")
+        bar.status.setText("evaluated by slpd demo; the report is in the cohort's evaluation folder")
+    else:
+        panel.run_evaluation()
+        wait_until(lambda: not panel.task_bar.busy, timeout_s, "the evaluation")
+
+
+def setup_finetune(panel, device: str = "auto", labels: Path | None = None) -> None:
+    """Fill the fine-tune form for the demo's short run: the tiny preset with bigger batches, one thread,
+    and the sample labels for the KNN monitor."""
+    if labels is not None:
+        panel.labels_edit.setText(str(labels))
+        panel._load_tasks(quiet=True)
+        panel.task_combo.setCurrentText("class")
     panel.preset_combo.setCurrentText("tiny")
     panel.epochs_spin.setValue(0)  # the preset's
     panel.batch_spin.setValue(FINETUNE_BATCH)
@@ -217,7 +253,8 @@ def _window_with_panel(viewer, panels: dict, name: str, path: Path, width: int =
 
 def save_in_use_screenshots(viewer, panels: dict, folder: Path, timeout_s: float = 120.0) -> list[Path]:
     """The window with the labeling panel in use (the largest prototype's name previewed on the similar
-    slides) as ``labeling.png`` and with the fine-tune panel as ``finetune.png``; the embedding map's
+    slides) as ``labeling.png``, with the fine-tune panel as ``finetune.png`` and with the evaluation
+    results as ``evaluation-demo.png``; the embedding map's
     selection is cleared and its tab shown again afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -233,6 +270,9 @@ def save_in_use_screenshots(viewer, panels: dict, folder: Path, timeout_s: float
         paths.append(_window_with_panel(viewer, panels, "Prototype labeling", folder / "labeling.png"))
     if "SLPD fine-tune" in panels:
         paths.append(_window_with_panel(viewer, panels, "SLPD fine-tune", folder / "finetune.png"))
+    evaluation = panels.get("Evaluation")
+    if evaluation is not None and evaluation.result is not None:
+        paths.append(_window_with_panel(viewer, panels, "Evaluation", folder / "evaluation-demo.png", width=900))
     arrange_docks(viewer, panels)
     return paths
 
@@ -267,7 +307,8 @@ def save_small_copies(paths: list[Path], folder: Path, max_width: int = 1200) ->
     return out
 
 
-def open_demo_viewer(session, slide_id: str, say: Callable[[str], None] = print, device: str = "auto"):
+def open_demo_viewer(session, slide_id: str, say: Callable[[str], None] = print, device: str = "auto",
+                     labels: Path | None = None, evaluation=None):
     """A napari window with every panel docked and driven on ``slide_id``; returns (viewer, panels)."""
     import napari
 
@@ -277,7 +318,7 @@ def open_demo_viewer(session, slide_id: str, say: Callable[[str], None] = print,
     viewer = napari.Viewer(title="napari-slpd demo", show=True)
     viewer.window._qt_window.resize(*WINDOW_SIZE)
     panels = dock_panels(viewer)
-    show_demo(viewer, session, slide_id, panels, say=say, device=device)
+    show_demo(viewer, session, slide_id, panels, say=say, device=device, labels=labels, evaluation=evaluation)
     return viewer, panels
 
 
