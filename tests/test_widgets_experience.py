@@ -87,7 +87,7 @@ def _raise(panel) -> None:
 def _shows_whole_rows(panel, table) -> int:
     """Rows of ``table`` a person sees: the table's viewport rows, if the table itself is fully inside the
     panel's visible scroll area (else the rows of the part that is visible)."""
-    from napari_slpd.widgets._common import visible_rows
+    from napari_slpd.widgets._panels import visible_rows
 
     per_row = max(1, table.verticalHeader().defaultSectionSize())
     visible = table.visibleRegion().boundingRect().height()

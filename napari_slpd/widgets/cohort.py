@@ -23,17 +23,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import (
-    Cell,
-    DockedPanel,
-    TaskBar,
-    guarded,
-    keep_rows_visible,
-    make_table,
-    panel_layout,
-    show_info,
-    show_warning,
-)
+from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
+from napari_slpd.widgets._tables import Cell, make_table
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from matplotlib.path import Path as MplPath
 from matplotlib.widgets import LassoSelector, RectangleSelector
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
 
-from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, panel_layout
+from napari_slpd.widgets._common import TaskBar, guarded
+from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 SCOPE_SLIDE = "Current slide"

@@ -27,7 +27,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import DockedPanel, TaskBar, guarded, panel_layout, show_info, show_warning
+from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)

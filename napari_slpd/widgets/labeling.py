@@ -33,17 +33,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import (
-    DockedPanel,
-    TaskBar,
-    guarded,
-    keep_rows_visible,
-    panel_layout,
-    plain_label,
-    plain_tooltip,
-    show_info,
-    show_warning,
-)
+from napari_slpd.widgets._common import TaskBar, guarded, plain_label, plain_tooltip, show_info, show_warning
+from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)

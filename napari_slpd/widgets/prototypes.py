@@ -23,15 +23,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import (
-    DockedPanel,
-    TaskBar,
-    guarded,
-    keep_rows_visible,
-    panel_layout,
-    plain_label,
-    show_warning,
-)
+from napari_slpd.widgets._common import TaskBar, guarded, plain_label, show_warning
+from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
 from napari_slpd.widgets.state import ROLE_PROTOTYPES, SlpdState
 
 
