@@ -219,6 +219,12 @@ class RegionMatch:
 # -- the session ---------------------------------------------------------------------------------------
 
 
+# A folder whose time is this recent is not trusted as a cohort stamp (see Session._cohort_stamp): file
+# system times move by clock ticks (a few ms locally, up to seconds on some shares), and two changes within
+# one tick leave one time.
+RACY_NS = 2_000_000_000
+
+
 class Session:
     """An open cohort and the settings used on it. Thread-safe for one writer at a time (the GUI runs
     one task per panel; heavy state is guarded by a lock)."""
@@ -234,6 +240,8 @@ class Session:
         self._annotations = None  # PrototypeAnnotations, read again when the file changes
         self._pixel_sizes: dict[str, tuple[Any, Any]] = {}
         self._status_cache: dict[str, tuple[tuple, SlideStatus]] = {}  # slide_id -> (files' stamp, status)
+        self._statuses_memo: tuple[tuple, list[SlideStatus]] | None = None  # (cohort stamp, statuses)
+        self._index_stamp: tuple | None = None  # the cohort stamp the index was last synced at
         self.settings_problems: list[str] = []  # saved settings that could not be used as they were
         self.settings_save_error: str | None = None  # why the settings could not be saved (read-only cohort)
         self._settings: SessionSettings | None = None
@@ -485,6 +493,54 @@ class Session:
                 fs.region_encoder, fs.patch_checkpoint, fs.region_checkpoint, ps.k, ps.seed, ps.niter, ps.nredo,
                 ps.min_regions)
 
+    def _settings_stamp(self) -> tuple:
+        fs, ps = self.settings.features, self.settings.prototypes
+        return (fs.region_px, fs.patch_px, fs.target_mpp, fs.patch_encoder, fs.region_encoder, fs.patch_checkpoint,
+                fs.region_checkpoint, ps.k, ps.seed, ps.niter, ps.nredo, ps.min_regions)
+
+    def _cohort_stamp(self) -> tuple | None:
+        """What the features and prototypes of *every* slide depend on, read with a handful of stat calls
+        (not two per slide): the cohort file, the features/ and prototypes/ folders (and their copies in the
+        cache folder of a read-only cohort), and the settings. A folder's time changes whenever a file in it
+        is created, replaced (atomic writes rename) or removed; the writers that update a feature file in
+        place (region-embedding versions) touch its folder too. None when a folder changed less than
+        RACY_NS ago: a change within the same clock tick would leave its time as it is, so the stamp is
+        not trusted yet (the per-slide checks run instead). The slide files' presence is not part of it."""
+        import time
+
+        root = self.cohort.root
+        folders = [root / "features", root / "prototypes"]
+        if self.cohort.cache_root is not None:
+            folders += [self.cohort.cache_root / "features", self.cohort.cache_root / "prototypes"]
+        now = time.time_ns()
+        parts: list = []
+        for folder in folders:
+            try:
+                st = os.stat(folder)
+            except OSError:
+                parts.append(None)
+                continue
+            if abs(now - st.st_mtime_ns) < RACY_NS:
+                return None
+            parts.append((st.st_ino, st.st_mtime_ns))
+        try:
+            st = os.stat(self.cohort.registry_path)  # replaced atomically: a new inode at each write
+            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            parts.append(None)
+        return tuple(parts), self._settings_stamp()
+
+    def _current_statuses(self) -> list[SlideStatus]:
+        """statuses() for the queries: the list of the last call while the cohort stamp is unchanged (O(1)
+        stat calls instead of a few per slide); its ``exists`` flags may be older than the slide files."""
+        stamp = self._cohort_stamp()  # taken before reading: a change meanwhile gives another stamp next time
+        memo = self._statuses_memo
+        if stamp is not None and memo is not None and memo[0] == stamp:
+            return memo[1]
+        statuses = self.statuses()
+        self._statuses_memo = (stamp, statuses) if stamp is not None else None
+        return statuses
+
     def known_status(self, record: SlideRecord) -> SlideStatus | None:
         """The slide's status when it is known and its files did not change since (stat calls only), else
         None: a 10,000-slide list shows at once and the unknown statuses are read off the GUI thread."""
@@ -712,7 +768,7 @@ class Session:
         return data
 
     def slides_with_features(self) -> list[str]:
-        return [s.slide_id for s in self.statuses() if s.features_done]
+        return [s.slide_id for s in self._current_statuses() if s.features_done]
 
     # -- prototypes ------------------------------------------------------------------------------------
     def _prototype_stale_reason(self, slide_id: str, features_key: str | None) -> str | None:
@@ -808,18 +864,27 @@ class Session:
         missing prototypes are computed first) and saved in ``COHORT/index``."""
         from napari_slpd.similarity import CohortIndex
 
+        # Nothing changed in the cohort since the last sync (a few stat calls): the index is current.
+        stamp = self._cohort_stamp()
+        with self._lock:
+            if stamp is not None and self._index is not None and self._index_stamp == stamp:
+                return self._index
         # Only the slides whose prototypes are missing or stale (statuses: stat calls while unchanged),
         # not a check of every prototypes file of a 10,000-slide cohort at each query.
-        todo = [s.slide_id for s in self.statuses() if s.features_done and s.prototypes != "done"]
+        todo = [s.slide_id for s in self._current_statuses() if s.features_done and s.prototypes != "done"]
         if todo:
             self.ensure_prototypes(todo, progress=progress, cancel=cancel)
+            stamp = self._cohort_stamp()  # the prototypes just written
         with self._lock:
+            self._index_stamp = None
             if self._index is None:
                 self._index = CohortIndex.open(self.cohort, cancel=cancel)
             else:
                 changes = self._index.sync(self.cohort, cancel=cancel)
                 if any(changes.values()) and not is_cancelled(cancel):
                     self._index.save(self.cohort.index_dir)
+            if not is_cancelled(cancel):
+                self._index_stamp = stamp
             return self._index
 
     def similar_slides(self, slide_id: str, top_k: int | None = None) -> list[SlideMatch]:

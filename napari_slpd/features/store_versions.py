@@ -207,6 +207,8 @@ def _touch(path: Path, before_ns: int) -> None:
     now = max(time.time_ns(), before_ns + 1_000_000)
     with contextlib.suppress(OSError):
         os.utime(path, ns=(now, now))
+    with contextlib.suppress(OSError):  # and its folder's: a session's cohort stamp (Session._cohort_stamp)
+        os.utime(path.parent)
 
 
 def _migrate_handle(h5) -> str:
