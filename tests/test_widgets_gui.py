@@ -457,6 +457,29 @@ def test_slide_without_pixel_size_is_shown_in_pixels_with_a_warning(make_napari_
     assert cohort_panel.state.current.regions is not None
 
 
+def test_removed_layers_free_their_gl_objects_in_the_canvas_context(make_napari_viewer, qtbot):
+    """napari deletes a removed layer's GL objects at once, in whatever GL context is current: after a panel
+    repainted itself that was Qt's compositing context, and llvmpipe crashed at the next draw (the slide
+    redrawn by 'Set pixel size', above). With SLPD panels docked, every removal runs in the canvas's context."""
+    from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+    from qtpy.QtOpenGLWidgets import QOpenGLWidget
+
+    viewer, panels = _viewer(make_napari_viewer, "cohort")
+    layer = viewer.add_image(np.zeros((64, 64), np.uint8))
+    qtbot.wait(50)  # drawn: the layer's texture exists
+    canvas = panels["cohort"].window().centralWidget().findChildren(QOpenGLWidget)[0]
+    if not canvas.isValid():
+        pytest.skip("the canvas has no GL context (viewer not shown)")
+    surface, other = QOffscreenSurface(), QOpenGLContext()
+    surface.create()
+    assert other.create() and other.makeCurrent(surface)  # as Qt's compositor leaves it after a repaint
+    assert QOpenGLContext.currentContext() == other
+    viewer.layers.remove(layer)
+    assert QOpenGLContext.currentContext() == canvas.context()
+    other.deleteLater()
+    qtbot.wait(50)  # and the canvas still draws
+
+
 def test_errors_become_notifications_not_crashes(make_napari_viewer, qtbot, tmp_path):
     viewer, panels = _viewer(make_napari_viewer, "cohort", "features", "prototypes", "similar", "embedding")
     _click(qtbot, panels["features"].current_button)

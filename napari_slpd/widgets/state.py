@@ -204,6 +204,12 @@ class SlpdState:
                 _STATES[viewer] = state
             except TypeError:
                 _STATES_BY_ID[id(viewer)] = state
+            if viewer is not None:
+                from napari_slpd.viewer.gl_compat import delete_layer_gl_in_canvas_context
+
+                # Panels replace layers right after repainting themselves: without this a removed layer's
+                # GL objects were deleted in Qt's compositing context (llvmpipe then crashed drawing).
+                delete_layer_gl_in_canvas_context(viewer)
         return state
 
     @classmethod
