@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "cohort.json"
 SETTINGS_KEY = "settings"
+# The cache folders a cohort folder holds (not looked into for slides when the cohort's own folder is scanned).
+CACHE_FOLDERS = ("features", "prototypes", "proalign", "thumbnails", "index", "training")
 
 
 def _parse_registry(text: str) -> dict:

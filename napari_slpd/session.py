@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from napari_slpd.cohort import Cohort, SlideRecord, find_slides
+from napari_slpd.cohort import CACHE_FOLDERS, Cohort, SlideRecord, find_slides
 from napari_slpd.viewer.embedding_map import UmapParams
 from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
 from napari_slpd.utils.device import DEVICE_CHOICES, check_device_name, kmeans_device
@@ -403,7 +403,7 @@ class Session:
             if saved is not None:
                 session._attach(saved)  # as saved: nothing to write back
         if slides is None:
-            session.add_slides(find_slides(session.root))
+            session.add_slides(find_slides(session.root, skip=CACHE_FOLDERS))
         elif isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir() and not _is_dicom_dir(Path(slides)):
             session.add_slides(find_slides(slides))
         elif isinstance(slides, (str, os.PathLike)):
@@ -493,7 +493,8 @@ class Session:
                 fs.region_encoder, fs.patch_checkpoint, fs.region_checkpoint, ps.k, ps.seed, ps.niter, ps.nredo,
                 ps.min_regions)
 
-    def _settings_stamp(self) -> tuple:
+    def status_settings(self) -> tuple:
+        """The settings a slide's status depends on (the Cohort panel reads statuses again when they change)."""
         fs, ps = self.settings.features, self.settings.prototypes
         return (fs.region_px, fs.patch_px, fs.target_mpp, fs.patch_encoder, fs.region_encoder, fs.patch_checkpoint,
                 fs.region_checkpoint, ps.k, ps.seed, ps.niter, ps.nredo, ps.min_regions)
@@ -528,7 +529,7 @@ class Session:
             parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
         except OSError:
             parts.append(None)
-        return tuple(parts), self._settings_stamp()
+        return tuple(parts), self.status_settings()
 
     def _current_statuses(self) -> list[SlideStatus]:
         """statuses() for the queries: the list of the last call while the cohort stamp is unchanged (O(1)

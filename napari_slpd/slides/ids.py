@@ -50,12 +50,13 @@ def safe_slide_id(slide_id: str) -> str:
     return slide_id
 
 
-def find_slides(folder: str | os.PathLike) -> list[Path]:
-    """Slide files (and DICOM folders) directly inside ``folder``, sorted by name."""
+def find_slides(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Slide files (and DICOM folders) directly inside ``folder``, sorted by name; subfolders named in
+    ``skip`` are not looked into (a cohort's own cache folders: thousands of files, never a slide)."""
     folder = Path(folder)
     found = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in skip:
             continue
         if entry.is_file() and entry.suffix.lower() in SLIDE_SUFFIXES:
             found.append(entry)

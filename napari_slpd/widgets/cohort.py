@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -53,6 +54,8 @@ WARN_COLOR = "#f0a030"
 LAZY_ROWS = 300
 STATUS_BATCH = 200
 MAX_ICONS = 1000  # thumbnails kept in the list of a large cohort (the farthest from view are dropped)
+FIT_COLUMNS = (COL_MPP, COL_FEATURES, COL_PROTOS)
+FIT_PAD_PX = 14  # a cell's text margins and grid line
 
 
 def array_to_pixmap(image: np.ndarray) -> QPixmap:
@@ -94,7 +97,7 @@ class CohortWidget(DockedPanel, QWidget):
         row2.addWidget(refresh)
         row2.addStretch(1)
 
-        self.table = make_table(list(COLUMNS), stretch=COL_SLIDE, fit=(COL_MPP, COL_FEATURES, COL_PROTOS),
+        self.table = make_table(list(COLUMNS), stretch=COL_SLIDE, fit=FIT_COLUMNS,
                                 icon_px=THUMB_PX, row_px=THUMB_PX + 4)
         self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
         keep_rows_visible(self.table)
@@ -138,6 +141,7 @@ class CohortWidget(DockedPanel, QWidget):
         self.file_pixel_sizes: dict = {}  # slide_id -> PixelSize the file states
         self.statuses: dict = {}
         self._rows: dict[str, int] = {}  # slide_id -> row
+        self._listed_with = None  # the session and status settings the list was read with
         self._bold: str | None = None
         self._status_worker = None
         self._icons: dict[str, None] = {}  # slide ids with a thumbnail shown, oldest first (large cohorts)
@@ -145,6 +149,13 @@ class CohortWidget(DockedPanel, QWidget):
         self._visible_timer.setSingleShot(True)
         self._visible_timer.setInterval(60)
         self._visible_timer.timeout.connect(self._load_visible_info)
+        # Unknown statuses are read once the list has painted (the reading worker and the first paint
+        # otherwise compete for the interpreter).
+        self._unknown: list = []
+        self._status_timer = QTimer(self)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.setInterval(0)
+        self._status_timer.timeout.connect(self._read_unknown_statuses)
 
         layout = panel_layout(self)
         layout.addLayout(row)
@@ -249,14 +260,19 @@ class CohortWidget(DockedPanel, QWidget):
         self.refresh()
 
     def _quit_workers(self) -> None:
+        self._unknown = []
         for worker in (self._thumb_worker, self._status_worker):
             if worker is not None:
                 worker.quit()
+        self._status_worker = None
 
     def _on_cohort_changed(self, session) -> None:
         if self._status_worker is not None:
             self._status_worker.quit()
             self._status_worker = None
+        self._status_timer.stop()
+        self._unknown = []
+        self._listed_with = None
         self._pending_thumbs.clear()
         self.table.model().set_rows([])
         self._rows = {}
@@ -274,9 +290,15 @@ class CohortWidget(DockedPanel, QWidget):
             self.refresh()
 
     def _on_settings_changed(self, _settings) -> None:
-        # Other region sizes or encoders change every slide's status ("other" settings).
-        if self.state.session is not None:
+        # Other region sizes or encoders change every slide's status ("other" settings); other settings
+        # (and a cohort just opened, listed with its own settings) change the summary only.
+        session = self.state.session
+        if session is None:
+            return
+        if self._listed_with != (session, session.status_settings()):
             self.refresh()
+        else:
+            self._update_summary(self.table.model().rowCount())
 
     def _on_slide_opened(self, slide_id: str) -> None:
         model = self.table.model()
@@ -293,6 +315,7 @@ class CohortWidget(DockedPanel, QWidget):
         if session is None:
             return
         selected = self.selected_slide_id()
+        self._listed_with = (session, session.status_settings())
         records = session.cohort.slides()
         large = len(records) > LAZY_ROWS
         # Known statuses (files unchanged: stat calls only); a small cohort reads the others now, a large
@@ -313,6 +336,7 @@ class CohortWidget(DockedPanel, QWidget):
             mpp = Cell(mpp_text, tooltip=mpp_tip, color=None if usable else WARN_COLOR)
             rows.append([Cell("", icon=icons.get(record.slide_id)), name, mpp, *self._status_cells(st)])
         model.set_rows(rows)
+        self._fit_columns(large)
         self._rows = {record.slide_id: row for row, record in enumerate(records)}
         if selected in self._rows:
             self.table.selectRow(self._rows[selected])
@@ -323,9 +347,9 @@ class CohortWidget(DockedPanel, QWidget):
         self._bold = None
         if self.state.current_slide_id:
             self._on_slide_opened(self.state.current_slide_id)
-        unknown = [r for r, st in zip(records, statuses) if st is None]
-        if unknown:
-            self._read_statuses(unknown)
+        self._unknown = [r for r, st in zip(records, statuses) if st is None]
+        if self._unknown:
+            self._status_timer.start()
         if large:
             self._icons = {sid: None for sid in self._icons if icons.get(sid) is not None}
             self._visible_timer.start()  # thumbnails and pixel sizes of the rows on screen
@@ -333,6 +357,41 @@ class CohortWidget(DockedPanel, QWidget):
         missing = [r.slide_id for r in records if icons.get(r.slide_id) is None and r.slide_id not in self._info_tried]
         if missing:
             self._load_slide_info(missing)
+
+    def _fit_columns(self, large: bool) -> None:
+        """Widths of the pixel size and status columns. Qt's ResizeToContents measures hundreds of rows
+        through the model at every layout pass (most of the time of listing 2,000 slides, and again as
+        statuses fill in); a large cohort's columns are measured here, once, from the texts they hold."""
+        header = self.table.horizontalHeader()
+        if not large:
+            for column in FIT_COLUMNS:
+                header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+            return
+        model = self.table.model()
+        status_texts = [*STATUS_TEXT.values(), "…", STATUS_TEXT["done"] + "  0 regions"]
+        texts = {
+            COL_MPP: {"…", "unknown"} | {row[COL_MPP].text for row in model.rows},
+            COL_FEATURES: status_texts,
+            COL_PROTOS: status_texts,
+        }
+        for column in FIT_COLUMNS:  # all first: a column left to fit would be measured at each resize
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+        for column in FIT_COLUMNS:
+            header.resizeSection(column, self._column_width(column, texts[column]))
+
+    def _column_width(self, column: int, texts) -> int:
+        fm, bold = self.table.fontMetrics(), self.table.horizontalHeader().fontMetrics()
+        widest = max((fm.horizontalAdvance(t) for t in texts), default=0)
+        return max(widest, bold.horizontalAdvance(COLUMNS[column]) + 6) + FIT_PAD_PX
+
+    def _widen(self, column: int, text: str) -> None:
+        """A large cohort's column made wide enough for ``text`` (filled in after the list was measured)."""
+        header = self.table.horizontalHeader()
+        if header.sectionResizeMode(column) == QHeaderView.ResizeMode.ResizeToContents:
+            return
+        width = self._column_width(column, [text])
+        if width > header.sectionSize(column):
+            header.resizeSection(column, width)
 
     @staticmethod
     def _status_cells(st) -> list:
@@ -350,6 +409,11 @@ class CohortWidget(DockedPanel, QWidget):
         proto = Cell(STATUS_TEXT.get(st.prototypes, st.prototypes), tooltip=STATUS_TIPS.get(st.prototypes, ""),
                      align=Qt.AlignmentFlag.AlignCenter)
         return [feat, proto]
+
+    def _read_unknown_statuses(self) -> None:
+        unknown, self._unknown = self._unknown, []
+        if unknown and self.state.session is not None:
+            self._read_statuses(unknown)
 
     def _read_statuses(self, records) -> None:
         """Read the statuses of ``records`` in a worker, the rows on screen first; rows fill in by batches."""
@@ -373,7 +437,9 @@ class CohortWidget(DockedPanel, QWidget):
                 yield batch
 
         worker = create_worker(work, _start_thread=False)
-        worker.yielded.connect(lambda batch, s=session: self._set_statuses(s, batch))
+        # Only while it is this panel's worker: a batch queued as the panel closes (_quit_workers) is dropped.
+        worker.yielded.connect(lambda batch, s=session, w=worker: self._set_statuses(s, batch)
+                               if self._status_worker is w else None)
         worker.finished.connect(lambda w=worker: setattr(self, "_status_worker", None)
                                 if self._status_worker is w else None)
         self._status_worker = worker
@@ -533,6 +599,7 @@ class CohortWidget(DockedPanel, QWidget):
         if info is not None:
             text, tip, usable = session.pixel_size_text(slide_id, info)
             model.update_cell(row, COL_MPP, text=text, tooltip=tip, color=None if usable else WARN_COLOR)
+            self._widen(COL_MPP, text)
             self._unusable = [u for u in self._unusable if u[0] != slide_id]
             if not usable:
                 self._unusable.append((slide_id, text))

@@ -112,10 +112,23 @@ def test_long_session_leaks_no_threads_handles_or_layers(make_napari_viewer, qtb
     similar = SimilarSlidesWidget(viewer)
     viewer.window.add_dock_widget(panel)
     viewer.window.add_dock_widget(similar)
+    refreshes = []
+    listing = panel.refresh
+    panel.refresh = lambda: (refreshes.append(1), listing())[1]
     panel.open_cohort(small_scale_cohort)
+    assert len(refreshes) == 1  # listed once: the cohort's own settings do not list it again
     assert panel.table.rowCount() == 320 > LAZY_ROWS
     qtbot.waitUntil(lambda: len(panel.statuses) == 320, timeout=60_000)
     assert "reading" not in panel.summary.text()
+    # The pixel size and status columns (measured by the panel, not by Qt at each layout) hold their texts.
+    from napari_slpd.widgets.cohort import COL_MPP, COL_PROTOS
+
+    metrics, header = panel.table.fontMetrics(), panel.table.horizontalHeader()
+    for column in range(COL_MPP, COL_PROTOS + 1):
+        widest = max(metrics.horizontalAdvance(panel.cell_text(sid, column)) for sid in panel.slide_ids())
+        assert widest < header.sectionSize(column), (column, widest, header.sectionSize(column))
+    panel.state.update_settings(top_k=7)  # a setting no status depends on: not listed again
+    assert len(refreshes) == 1
     real = [sid for sid in panel.slide_ids() if sid.startswith("scan_")]
     assert len(real) == 8
 
