@@ -106,6 +106,9 @@ class SessionSettings:
     prototypes: PrototypeSettings = field(default_factory=PrototypeSettings)
     top_k: int = 10  # neighbours listed for a query
     umap: UmapParams = field(default_factory=UmapParams)
+    # The writable cache folder for when this cohort is read-only ("" : --cache / $SLPD_CACHE_DIR, the user
+    # config, ~/.cache); see napari_slpd.utils.storage.default_cache_root.
+    cache_folder: str = ""
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
@@ -126,7 +129,7 @@ class SessionSettings:
         features = asdict(self.features)
         features.pop("overwrite", None)
         return {"features": features, "prototypes": asdict(self.prototypes), "top_k": int(self.top_k),
-                "umap": asdict(self.umap)}
+                "umap": asdict(self.umap), "cache_folder": str(self.cache_folder or "")}
 
     @classmethod
     def from_dict(cls, data: dict) -> tuple["SessionSettings", list[str]]:
@@ -157,6 +160,11 @@ class SessionSettings:
             settings.top_k = max(1, int(data.get("top_k", settings.top_k)))
         except (TypeError, ValueError):
             problems.append(f"top_k {data.get('top_k')!r} is not a number; {settings.top_k} used")
+        cache_folder = data.get("cache_folder", "")
+        if isinstance(cache_folder, str):
+            settings.cache_folder = cache_folder
+        else:
+            problems.append(f"cache_folder {cache_folder!r} is not a folder name; ignored")
         return settings, problems
 
 
@@ -428,6 +436,26 @@ class Session:
         if note:
             notes.append(note)
         return notes
+
+    def notes(self) -> list[str]:
+        """Everything the user should read about this cohort's files, one plain line each: what opening
+        settled (``notices``: read-only cohort and its cache folder, a recovered cohort file, a finished or
+        undone encoder switch), a damaged prototype names file, an index that could not be saved, settings
+        that could not be saved."""
+        notes = list(self.notices)
+        try:
+            names = self.annotations()  # read once (small), then only when the file changed
+        except SlpdError as exc:
+            names = None
+            notes.append(str(exc))
+        if names is not None and getattr(names, "notice", None):
+            notes.append(names.notice)
+        index = self._index
+        if index is not None and getattr(index, "save_error", None):
+            notes.append(f"the cohort index could not be saved ({index.save_error}); queries use it from memory")
+        if self.settings_save_error:
+            notes.append(self.settings_save_error)
+        return list(dict.fromkeys(notes))
 
     def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[str]]:
         """Register slides; returns (records added, messages for paths that are not slides)."""

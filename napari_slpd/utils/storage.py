@@ -152,10 +152,60 @@ def is_writable_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
-def default_cache_root() -> Path:
+CACHE_SETTING = "cache_folder"  # its key in cohort.json "settings" and in the user config
+
+
+def user_config_path() -> Path:
+    """The user's own settings file (settings that cannot live in a read-only cohort)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or (Path.home() / ".config")
+    return Path(base) / "napari-slpd" / "config.json"
+
+
+def user_config() -> dict:
+    import json
+
+    try:
+        data = json.loads(user_config_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_user_config(**changes) -> Path:
+    """Merge ``changes`` into the user config (atomically); returns its path. Raises StorageError."""
+    import json
+
+    from napari_slpd.utils.files import atomic_write_json
+
+    data = user_config()
+    data.update(changes)
+    path = user_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data)
+    return path
+
+
+def _cohort_cache_setting(root: Path) -> str | None:
+    """The cache folder a cohort's own settings name (``cohort.json`` "settings" / "cache_folder")."""
+    import json
+
+    try:
+        data = json.loads((Path(root) / "cohort.json").read_text(encoding="utf-8"))
+        value = data.get("settings", {}).get(CACHE_SETTING)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if isinstance(value, str) and value.strip() else None
+
+
+def default_cache_root(root: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``--cache`` / ``$SLPD_CACHE_DIR`` (the Cohort panel's setting sets it too), else
+    the one cohort ``root``'s own settings name, else the user config's, else ``$XDG_CACHE_HOME``'s."""
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
+    chosen = (_cohort_cache_setting(Path(root)) if root is not None else None) or user_config().get(CACHE_SETTING)
+    if isinstance(chosen, str) and chosen.strip():
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
     return Path(base) / "napari-slpd" / "cohorts"
 
@@ -163,7 +213,7 @@ def default_cache_root() -> Path:
 def cache_folder_for(root: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
     """The folder inside ``cache_root`` that stands in for cohort ``root``: one per cohort path."""
     root = Path(root).resolve()
-    cache_root = Path(cache_root).expanduser() if cache_root else default_cache_root()
+    cache_root = Path(cache_root).expanduser() if cache_root else default_cache_root(root)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name)[:60] or "cohort"
     digest = hashlib.sha1(str(root).encode("utf-8", "surrogateescape")).hexdigest()[:10]
     return cache_root.resolve() / f"{name}-{digest}"

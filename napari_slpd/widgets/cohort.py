@@ -8,6 +8,7 @@ background worker as slides are listed or added, so the list appears at once and
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,22 @@ class CohortWidget(DockedPanel, QWidget):
         row2.addWidget(refresh)
         row2.addStretch(1)
 
+        # The writable cache folder of read-only cohorts (as `slpd --cache DIR` / $SLPD_CACHE_DIR).
+        self.cache_edit = QLineEdit(self._initial_cache_folder())
+        self.cache_edit.setPlaceholderText("cache folder for read-only cohorts (default ~/.cache/napari-slpd/cohorts)")
+        self.cache_edit.setToolTip("Where results are written when a cohort folder is read-only (a share, someone "
+                                   "else's files): prototypes, index, names, thumbnails, new features. Saved in the "
+                                   "cohort when it is writable, else in your user config.")
+        self.cache_edit.editingFinished.connect(
+            guarded("Cache folder")(lambda: self.set_cache_folder(self.cache_edit.text())))
+        choose_cache = QPushButton("Choose…")
+        choose_cache.setToolTip("Choose the cache folder for read-only cohorts")
+        choose_cache.clicked.connect(self._choose_cache_folder)
+        row_cache = QHBoxLayout()
+        row_cache.addWidget(QLabel("Cache:"))
+        row_cache.addWidget(self.cache_edit, 1)
+        row_cache.addWidget(choose_cache)
+
         self.table = make_table(list(COLUMNS), stretch=COL_SLIDE, fit=FIT_COLUMNS,
                                 icon_px=THUMB_PX, row_px=THUMB_PX + 4)
         self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
@@ -128,6 +145,15 @@ class CohortWidget(DockedPanel, QWidget):
         self.summary = QLabel("No cohort open.")
         self.summary.setWordWrap(True)
         self.summary.setTextFormat(Qt.TextFormat.PlainText)
+        # What opening settled and what could not be written (read-only cohort and its cache folder, a
+        # recovered cohort or names file, an index not saved): plain text, never a traceback dialog.
+        self.notes = QLabel("")
+        self.notes.setObjectName("slpd-cohort-notes")
+        self.notes.setWordWrap(True)
+        self.notes.setTextFormat(Qt.TextFormat.PlainText)
+        self.notes.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.notes.setStyleSheet(f"color: {WARN_COLOR};")
+        self.notes.setVisible(False)
         self.pixel_note = QLabel("")
         self.pixel_note.setWordWrap(True)
         self.pixel_note.setTextFormat(Qt.TextFormat.PlainText)
@@ -141,6 +167,7 @@ class CohortWidget(DockedPanel, QWidget):
         self.file_pixel_sizes: dict = {}  # slide_id -> PixelSize the file states
         self.statuses: dict = {}
         self._rows: dict[str, int] = {}  # slide_id -> row
+        self._cache_applied = False
         self._listed_with = None  # the session and status settings the list was read with
         self._bold: str | None = None
         self._status_worker = None
@@ -160,7 +187,9 @@ class CohortWidget(DockedPanel, QWidget):
         layout = panel_layout(self)
         layout.addLayout(row)
         layout.addLayout(row2)
+        layout.addLayout(row_cache)
         layout.addWidget(self.summary)
+        layout.addWidget(self.notes)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.pixel_note)
         layout.addLayout(row3)
@@ -182,6 +211,62 @@ class CohortWidget(DockedPanel, QWidget):
         if folder:
             self.folder_edit.setText(folder)
             guarded("Open cohort")(self.open_cohort)(folder)
+
+    def _choose_cache_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Cache folder for read-only cohorts", self.cache_edit.text())
+        if folder:
+            self.cache_edit.setText(folder)
+            guarded("Cache folder")(self.set_cache_folder)(folder)
+
+    @staticmethod
+    def _initial_cache_folder() -> str:
+        from napari_slpd.utils.storage import CACHE_ENV, CACHE_SETTING, user_config
+
+        return os.environ.get(CACHE_ENV) or str(user_config().get(CACHE_SETTING) or "")
+
+    def set_cache_folder(self, folder: str | Path) -> str:
+        """Use ``folder`` as the cache folder of read-only cohorts ("": the default), as ``slpd --cache`` does
+        (``$SLPD_CACHE_DIR`` of this process); saved in the open cohort's settings when it is writable, else
+        in the user config. An open read-only cohort is opened again with it. Returns what was done."""
+        from napari_slpd.errors import SlpdError
+        from napari_slpd.utils.storage import CACHE_ENV, CACHE_SETTING, save_user_config
+
+        folder = str(folder).strip()
+        if folder:
+            path = Path(folder).expanduser()
+            if path.exists() and not path.is_dir():
+                raise SlpdError(f"cache folder {path} is a file, not a folder")
+            folder = str(path)
+        if folder == os.environ.get(CACHE_ENV, "") and self._cache_applied:
+            return ""
+        self._cache_applied = True
+        if folder:
+            os.environ[CACHE_ENV] = folder
+        else:
+            os.environ.pop(CACHE_ENV, None)
+        session = self.state.session
+        if session is not None and not session.cohort.read_only:
+            session.settings.cache_folder = folder  # saved in cohort.json "settings" at once
+            where = f"saved in {session.cohort.registry_path}"
+        else:
+            try:
+                where = f"saved in {save_user_config(**{CACHE_SETTING: folder})}"
+            except (OSError, SlpdError) as exc:
+                where = f"not saved ({exc})"
+        message = f"cache folder for read-only cohorts: {folder or 'the default'} ({where})"
+        if session is not None and session.cohort.read_only:
+            self.open_cohort(session.root)  # what is written from now on goes to the new folder
+            message += f"; {session.root} opened again with it"
+        self.task_bar.status.setText(message)
+        return message
+
+    def _update_notes(self) -> None:
+        session = self.state.session
+        notes = session.notes() if session is not None else []
+        self.notes.setText("\n".join(f"⚠ {note}" for note in notes))
+        self.notes.setVisible(bool(notes))
+        if session is not None and session.cohort.read_only and not self.cache_edit.hasFocus():
+            self.cache_edit.setText(str(session.cohort.cache_root.parent))
 
     def _choose_slides(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Folder of slides to add")
@@ -281,6 +366,7 @@ class CohortWidget(DockedPanel, QWidget):
         self._info_tried.clear()
         if session is None:
             self.summary.setText("No cohort open.")
+            self._update_notes()
             return
         self.folder_edit.setText(str(session.root))
         self.refresh()
@@ -343,6 +429,7 @@ class CohortWidget(DockedPanel, QWidget):
         self.statuses = {st.slide_id: st for st in statuses if st is not None}
         self._unusable = unusable
         self._update_summary(len(records))
+        self._update_notes()
         self._update_pixel_note()
         self._bold = None
         if self.state.current_slide_id:

@@ -153,3 +153,57 @@ def test_long_session_leaks_no_threads_handles_or_layers(make_napari_viewer, qtb
     assert after[1] <= fds + 1, ("file descriptors", before, after)
     assert after[2] <= max(open_files, 2), ("slide/cache files left open", before, after)
     assert len(viewer.layers) <= 5
+
+
+def test_read_only_cohort_in_the_cohort_panel(make_napari_viewer, qtbot, small_disk, tmp_path, monkeypatch,
+                                              scale_module):
+    """Fault 3, GUI side: a cohort on a read-only mount opens in the Cohort panel with a plain-text note that
+    names the cache folder; another cache folder chosen in the panel is applied (as --cache), kept in the
+    user config (the cohort cannot hold it) and used at once; prototypes are computed into it."""
+    import json
+    import os
+
+    from qtpy.QtCore import Qt
+
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.cohort import CohortWidget
+    from napari_slpd.widgets.prototypes import PrototypesWidget
+
+    disk = small_disk(16 << 20)
+    root = disk.path / "cohort"
+    scale_module.write_scale_cohort(root, n_slides=6, n_real=0)
+    before = {str(p): p.read_bytes() for p in disk.path.rglob("*") if p.is_file()}
+    disk.read_only()
+    first = tmp_path / "first-cache"
+    monkeypatch.setenv("SLPD_CACHE_DIR", str(first))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+    viewer = make_napari_viewer()
+    panel = CohortWidget(viewer)
+    protos = PrototypesWidget(viewer)
+    viewer.window.add_dock_widget(panel)
+    viewer.window.add_dock_widget(protos)
+    panel.open_cohort(root)
+    note = panel.notes.text()
+    assert not panel.notes.isHidden() and "read-only" in note and str(first.resolve()) in note, note
+    assert panel.notes.textFormat() == Qt.TextFormat.PlainText
+    assert panel.cache_edit.text().startswith(str(first.resolve()))
+
+    chosen = tmp_path / "chosen-cache"
+    panel.cache_edit.setText(str(chosen))
+    panel.set_cache_folder(panel.cache_edit.text())
+    assert os.environ["SLPD_CACHE_DIR"] == str(chosen)
+    config = json.loads((tmp_path / "config" / "napari-slpd" / "config.json").read_text())
+    assert config["cache_folder"] == str(chosen)
+    session = panel.state.session
+    assert session.cohort.read_only and session.cohort.cache_root.parent == chosen.resolve()
+    assert str(chosen.resolve()) in panel.notes.text() and str(first.resolve()) not in panel.notes.text()
+
+    protos.k_spin.setValue(3)
+    protos.compute_all_button.click()
+    assert wait_for(protos.task_bar, qtbot, 60_000) == "done", protos.task_bar.status.text()
+    written = sorted(p.name for p in (session.cohort.cache_root / "prototypes").glob("*.h5"))
+    assert len(written) == 6, written
+    assert all(session.prototypes_current(sid) for sid in session.slide_ids())
+    assert {str(p): p.read_bytes() for p in disk.path.rglob("*") if p.is_file()} == before  # the share untouched
+
