@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,7 @@ def test_reader_gives_physical_multiscale_layer(warnings_seen):
     meta = kwargs["metadata"]
     assert meta["mpp_source"] == "metadata" and meta["objective_power"] == 20.0
     assert meta["properties"]["aperio.AppMag"] == "20"
-    assert meta["slpd_slide_path"] == str(path)
+    assert meta["slpd_slide_path"] == str(Path(path).resolve())
     # Associated images come as hidden extra layers placed beside the slide.
     extra = {k["name"]: (d, k) for d, k, t in layers[1:]}
     assert set(extra) == {"cmu_small_region label", "cmu_small_region macro", "cmu_small_region thumbnail"}
