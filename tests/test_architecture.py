@@ -157,10 +157,6 @@ def test_no_private_napari_imports_outside_widgets(project):
     assert not bad, "private napari imports outside napari_slpd/widgets:\n" + "\n".join(bad)
 
 
-# Modules of other stages were still over the limit when this check landed (features/store.py, session.py,
-# slides/slide.py, widgets/_common.py, widgets/finetune.py, src_training/trainer.py): their owners split them
-# or say in the docstring why they are one idea, then this marker goes. Not strict: it passes once they do.
-@pytest.mark.xfail(reason="modules of other stages still over 600 lines (see the comment above)", strict=False)
 def test_modules_stay_small_or_say_they_are_one_idea(project):
     modules, _ = project
     big = []

@@ -18,6 +18,9 @@ each band resized to ``G * patch_px`` wide: a 40x region (8192 px at level 0) th
 memory at full size, only one band per worker does. Reading (region reader, read-ahead stream, torch
 thread policy) lives in :mod:`napari_slpd.features.reading`; with the fast tile reader a band shrunk 2x or
 more is decoded at reduced scale there (libjpeg's scaled IDCT).
+
+Over 600 lines, but one idea: the extraction pipeline of one slide (batches, lanes, CPU or GPU decode,
+models, writing); reading regions, read-ahead and the thread policy are napari_slpd.features.reading's.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from napari_slpd.utils.storage import storage_error, cache_folder_for, write_tar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -174,14 +175,25 @@ def user_config() -> dict:
 def save_user_config(**changes) -> Path:
     """Merge ``changes`` into the user config (atomically); returns its path. Raises StorageError."""
     import json
-
-    from napari_slpd.utils.files import atomic_write_json
+    import tempfile
 
     data = user_config()
     data.update(changes)
     path = user_config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, data)
+    # Written here rather than with utils.files.atomic_write_json, which imports this module (no cycle).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        error = storage_error(exc, path) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from exc
+        raise
     return path
 
 

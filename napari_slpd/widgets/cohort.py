@@ -3,6 +3,9 @@
 The cohort folder owns its settings (``cohort.json`` "settings"): opening it loads them into every panel
 (see :meth:`SlpdState.set_session`). Thumbnails and the pixel size each file states are read in a
 background worker as slides are listed or added, so the list appears at once and fills in.
+
+Over 600 lines, but one idea: the Cohort panel (its table model, background statuses and thumbnails,
+pixel sizes, cache folder); the tables and panel layout it shares are widgets._tables / _panels.
 """
 
 from __future__ import annotations
