@@ -52,7 +52,7 @@ from napari_slpd.evaluation.representations import (
     available_representations,
     load_representation,
 )
-from napari_slpd.evaluation.splits import DEFAULT_FOLDS, Fold, given_folds, make_folds
+from napari_slpd.evaluation.splits import DEFAULT_FOLDS, given_folds, make_folds
 from napari_slpd.utils.progress import raise_if_cancelled
 
 log = logging.getLogger(__name__)

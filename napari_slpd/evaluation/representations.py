@@ -292,7 +292,6 @@ def panther_embedding(features: np.ndarray, prototypes: np.ndarray, sigma: float
     initialised at ``prototypes`` [K, D] (pi = 1/K, Sigma = sigma * I) over ``features`` [N, D]."""
     feats = np.asarray(features, np.float64)
     m = np.asarray(prototypes, np.float64)
-    K = m.shape[0]
     # E-step: with equal pi and Sigma the responsibilities are a softmax of -||x - m_k||^2 / (2 sigma).
     sq = (feats ** 2).sum(1)[:, None] - 2.0 * feats @ m.T + (m ** 2).sum(1)[None, :]
     logits = -0.5 * sq / sigma

@@ -7,7 +7,6 @@ byte-for-byte intact, no partial/temporary file left, and the same call succeedi
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
