@@ -45,9 +45,12 @@ system-deps:
 
 benchmarks: venv
 	$(PY) benchmarks/open_slide.py
+	$(PY) benchmarks/read_regions.py --quick
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/similar.py --quick
+	$(PY) benchmarks/evaluate.py --quick
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/scale.py --quick
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache
