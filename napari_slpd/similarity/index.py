@@ -4,8 +4,9 @@ Slides are compared by the prototype set distance max(K, L) - S (matching.py). E
 search (set_search.py) bounds every slide's S from one reduced-precision product of the query against
 all stored prototypes (bounds.py), re-scores the slides whose bound could reach the top n in float32,
 and solves only those that still could exactly. benchmarks/similar.py measures it on five cohort regimes
-(recall 1.0 everywhere by construction; at 10,000 slides 14-37 ms median on 2 busy shared cores; at
-100,000 the bfloat16 product alone is ~26-32 ms on an idle Sapphire Rapids pair of cores); the earlier faiss IVF
+(recall 1.0 everywhere by construction; at 100,000 slides x 16 x 192-d on 2 quiet cores the median query
+took 44.8-47.3 ms on cohorts of shared or unique tissue types and 57.1 ms on uniformly random prototypes,
+bounded by the memory bandwidth of the bfloat16 product); the earlier faiss IVF
 shortlist reached recall@10 of 0.07-0.39 on cohorts whose tissue types are shared by many slides, and is
 gone (``method="ivf"`` in saved settings reads as "auto").
 
