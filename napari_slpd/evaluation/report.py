@@ -214,6 +214,18 @@ def _confusion_plot(path: Path, results, info) -> None:
     fig.savefig(path)
 
 
+def high_risk_groups(predictions, data) -> np.ndarray:
+    """[n] bool: test slides whose predicted risk is above the median risk of their fold's training slides
+    (the split of the Kaplan-Meier curves; the test median when a fold did not record its training median)."""
+    p = predictions
+    high = np.zeros(p.index.size, bool)
+    for fold in data.folds:
+        rows = p.rows_of_fold(fold.index)
+        median = p.extra.get(fold.name, {}).get("train_median_risk", np.median(p.risk[rows]) if rows.size else 0)
+        high[rows] = p.risk[rows] > median
+    return high
+
+
 def _km_plot(path: Path, results, info) -> None:
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
@@ -225,11 +237,7 @@ def _km_plot(path: Path, results, info) -> None:
     data = info.data
     for ax, r in zip(axes, results):
         p = r.predictions
-        high = np.zeros(p.index.size, bool)
-        for fold in data.folds:
-            rows = p.rows_of_fold(fold.index)
-            median = p.extra.get(fold.name, {}).get("train_median_risk", np.median(p.risk[rows]) if rows.size else 0)
-            high[rows] = p.risk[rows] > median
+        high = high_risk_groups(p, data)
         time, event = data.time[p.index], data.event[p.index]
         for group, label, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
             if group.sum() == 0:

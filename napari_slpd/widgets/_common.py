@@ -409,3 +409,44 @@ def wait_for(task_bar: TaskBar, qtbot, timeout_ms: int = 60_000) -> str:
     """Test helper: block (processing Qt events) until ``task_bar``'s task has finished; its outcome."""
     qtbot.waitUntil(lambda: task_bar.task is not None and not task_bar.busy, timeout=timeout_ms)
     return task_bar.task.outcome
+
+
+# -- labels files (the Evaluation and fine-tune panels) ----------------------------------------------------
+
+
+def choose_labels_file(parent: QWidget, line_edit) -> bool:
+    """Ask for a labels CSV/TSV and put its path into ``line_edit``; False when the user cancelled."""
+    from qtpy.QtWidgets import QFileDialog
+
+    path, _ = QFileDialog.getOpenFileName(parent, "Labels file", "", "Labels (*.csv *.tsv *.txt);;All files (*)")
+    if path:
+        line_edit.setText(path)
+    return bool(path)
+
+
+def fill_label_tasks(line_edit, combo, quiet: bool = False, keep: Callable[[Any], bool] | None = None,
+                     all_item: str | None = None) -> list[str]:
+    """Fill ``combo`` with the task columns of the labels file named in ``line_edit`` (those ``keep``
+    accepts; ``all_item`` first when given), keeping the current choice when it is still there. A file that
+    cannot be read raises, or with ``quiet`` warns and leaves the list empty."""
+    from napari_slpd.evaluation.labels import read_labels
+
+    path = line_edit.text().strip()
+    current = combo.currentText()
+    combo.clear()
+    if not path:
+        return []
+    try:
+        table = read_labels(path)
+    except Exception as exc:
+        if not quiet:
+            raise
+        show_warning(f"labels: {exc}")
+        return []
+    tasks = [name for name, task in table.tasks.items() if keep is None or keep(task)]
+    combo.addItems(([all_item] if all_item else []) + tasks)
+    if current in tasks:
+        combo.setCurrentText(current)
+    elif tasks and all_item:
+        combo.setCurrentIndex(1)  # the first task rather than all of them
+    return tasks

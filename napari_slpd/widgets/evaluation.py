@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import TaskBar, choose_labels_file, fill_label_tasks, guarded, show_info
 from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
@@ -117,12 +117,10 @@ class ResultPlot(QWidget):
         from sksurv.nonparametric import kaplan_meier_estimator
 
         self.axes.clear()
+        from napari_slpd.evaluation.report import high_risk_groups
+
         p, data = result.predictions, info.data
-        high = np.zeros(p.index.size, bool)
-        for fold in data.folds:
-            rows = p.rows_of_fold(fold.index)
-            median = p.extra.get(fold.name, {}).get("train_median_risk", np.median(p.risk[rows]) if rows.size else 0)
-            high[rows] = p.risk[rows] > median
+        high = high_risk_groups(p, data)
         time, event = data.time[p.index], data.event[p.index]
         for group, label, color in ((~high, "low risk", "#1f77b4"), (high, "high risk", "#d62728")):
             if group.sum():
@@ -236,33 +234,11 @@ class EvaluationWidget(DockedPanel, QWidget):
 
     # -- inputs -----------------------------------------------------------------------------------------
     def _choose_labels(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Labels file", "", "Labels (*.csv *.tsv *.txt);;All files (*)")
-        if path:
-            self.labels_edit.setText(path)
+        if choose_labels_file(self, self.labels_edit):
             self.load_tasks()
 
     def load_tasks(self, quiet: bool = False) -> list[str]:
-        from napari_slpd.evaluation import read_labels
-
-        path = self.labels_edit.text().strip()
-        current = self.task_combo.currentText()
-        self.task_combo.clear()
-        if not path:
-            return []
-        try:
-            table = read_labels(path)
-        except Exception as exc:
-            if not quiet:
-                raise
-            show_warning(f"labels: {exc}")
-            return []
-        tasks = list(table.tasks)
-        self.task_combo.addItems(["(all tasks)"] + tasks)
-        if current in tasks:
-            self.task_combo.setCurrentText(current)
-        elif tasks:
-            self.task_combo.setCurrentIndex(1)
-        return tasks
+        return fill_label_tasks(self.labels_edit, self.task_combo, quiet, all_item="(all tasks)")
 
     def refresh_representations(self) -> list[str]:
         """List the cohort's representations (every region-embedding version included)."""

@@ -40,7 +40,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
+from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, show_info,
+                                         show_warning)
 from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
@@ -669,32 +670,13 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.preset_note.setText(note)
 
     def _choose_labels(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Labels file", "", "Labels (*.csv *.tsv *.txt);;All files (*)")
-        if path:
-            self.labels_edit.setText(path)
+        if choose_labels_file(self, self.labels_edit):
             self._load_tasks()
 
     def _load_tasks(self, quiet: bool = False) -> list[str]:
-        """Fill the task list with the labels file's class columns."""
-        from napari_slpd.evaluation.labels import read_labels
-
-        path = self.labels_edit.text().strip()
-        current = self.task_combo.currentText()
-        self.task_combo.clear()
-        if not path:
-            return []
-        try:
-            table = read_labels(path)
-        except Exception as exc:
-            if not quiet:
-                raise
-            show_warning(f"labels: {exc}")
-            return []
-        tasks = [name for name, t in table.tasks.items() if t.kind == "classification"]
-        self.task_combo.addItems(tasks)
-        if current in tasks:
-            self.task_combo.setCurrentText(current)
-        return tasks
+        """Fill the task list with the labels file's class columns (the KNN monitor classifies)."""
+        return fill_label_tasks(self.labels_edit, self.task_combo, quiet,
+                                keep=lambda task: task.kind == "classification")
 
     # -- closing napari --------------------------------------------------------------------------------
     def ask_on_close(self) -> str:
