@@ -114,7 +114,9 @@ class Session(SessionStatusMixin, SessionViewsMixin):
 
     def _recover(self) -> list[str]:
         """What opening found and settled (a read-only cohort and its cache folder, a damaged cohort file, a
-        region-encoder switch interrupted by a kill): one line each, for the GUI and the CLI to show."""
+        region-encoder switch or a feature file update interrupted by a kill): one line each, for the GUI and
+        the CLI to show."""
+        from napari_slpd.features.store_versions import recover_interrupted_updates
         from napari_slpd.features.versions import recover_interrupted_switch
 
         notes = [n for n in (self.cohort.read_only_note(), self.cohort.notice) if n]
@@ -122,6 +124,9 @@ class Session(SessionStatusMixin, SessionViewsMixin):
             self.cohort.slide_ids()  # reads (and, when damaged, recovers) cohort.json now, not mid-task
             if self.cohort.notice and self.cohort.notice not in notes:
                 notes.append(self.cohort.notice)
+            # a feature file whose update (new region embeddings) was killed half-way: the old or the new state
+            for folder in dict.fromkeys([self.cohort.root / "features", self.cohort.features_path("_").parent]):
+                notes.extend(recover_interrupted_updates(folder))
             note = recover_interrupted_switch(self.cohort)
         except SlpdError as exc:
             note = str(exc)

@@ -22,6 +22,11 @@ Files written before versions existed (a plain ``region_embeddings`` dataset) ho
 the region encoder their attributes record; the first version added moves that dataset, unchanged, into
 the versions group (:func:`migrate_store`), so nothing is lost.
 
+Adding a version (or migrating) is crash-safe: it is written into a copy of the file that is then renamed
+over it, so a process killed at any moment leaves the old file or the new one, and the next update or
+opening the cohort says which (:func:`recover_interrupted_updates`). Selecting a version changes a link and
+a few attributes in place (instant; a cohort-wide switch is journalled by ``features.versions``).
+
 ```python
 from napari_slpd.features.store import (load_region_embeddings, region_embedding_versions,
     add_region_embedding_version, select_region_embedding_version, version_key)
@@ -187,6 +192,8 @@ def load_region_embeddings(store_or_path, version: str | None = None) -> np.ndar
 
 @contextlib.contextmanager
 def _open_for_update(path: Path):
+    """The file opened for an in-place change (r+): for instant changes of a few attributes and a link
+    (selecting a version). A change that writes data goes through :func:`_update_copy` instead."""
     import h5py
 
     try:
@@ -200,6 +207,164 @@ def _open_for_update(path: Path):
         yield fh
     finally:
         fh.close()
+
+
+# -- crash-safe updates: a copy is changed, then renamed over the file ------------------------------------
+# HDF5 rewrites its metadata (B-trees, the free-space list, object headers) in place: a process killed while
+# a dataset is added to a file opened "r+" can leave it unreadable. An update that writes data (a new version
+# of region embeddings, migrating an old file) is therefore made on a copy, ``<name>.updating``, which is
+# synced and renamed over the file (atomic on POSIX): the file holds the old state or the new one, never a
+# mix. ``<name>.updating.json`` (written first, removed last) says what was under way and carries a token
+# the new file records (root attribute ``update_token``), so that after a kill the next update (or opening the
+# cohort: :func:`recover_interrupted_updates`) settles it and says which state the file holds. Readers that
+# have the file open keep reading the old one until they reopen it. The copy needs the file's size free in
+# its folder (a full disk is reported before anything changes).
+
+UPDATE_SUFFIX = ".updating"
+UPDATE_TOKEN_ATTR = "update_token"
+
+
+def update_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(the copy being changed, the record of what is under way) beside feature file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + UPDATE_SUFFIX), path.with_name(path.name + UPDATE_SUFFIX + ".json")
+
+
+def _update_step(name: str) -> None:
+    """Named steps of an update (tests kill a process at each: tests/faults/test_fault_killed.py)."""
+
+
+def _settle_interrupted(path: Path) -> str | None:
+    """Remove what an update killed half-way left beside ``path`` and say which state the file holds (None
+    when no update was interrupted). The caller holds the file's lock (no update of it is running)."""
+    copy, record = update_paths(path)
+    if not record.exists() and not copy.exists():
+        return None
+    what, token = "an update", None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        info = json.loads(record.read_text(encoding="utf-8"))
+        what, token = str(info.get("what") or what), info.get("token")
+    new = False
+    if not copy.exists() and token:  # renamed over the file already, or killed before the copy existed
+        with contextlib.suppress(Exception):
+            import h5py
+
+            with h5py.File(path, "r") as fh:
+                new = str(fh.attrs.get(UPDATE_TOKEN_ATTR, "")) == str(token)
+    copy.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+    if new:
+        note = f"{path.name}: {what} was interrupted after it was saved; the file holds the new state"
+    else:
+        note = (f"{path.name}: {what} was interrupted (the process was stopped) before it was saved; the file "
+                "holds its earlier state, unchanged")
+    try:
+        note += f" (selected region embeddings: {_selected_label(path)})"
+    except FeatureStoreError as exc:
+        note += f"; but it cannot be read now: {exc}"
+    log.warning("%s", note)
+    return note
+
+
+def _selected_label(path: Path) -> str:
+    selected = next((v for v in region_embedding_versions(path) if v.selected), None)
+    return (selected.label or selected.key) if selected is not None else "none"
+
+
+def recover_interrupted_updates(features_dir: str | os.PathLike) -> list[str]:
+    """Settle every feature file of ``features_dir`` whose update was interrupted (one folder listing when
+    there are none); one note each. Files being updated right now (locked) and read-only folders are left."""
+    from napari_slpd.features.store_writer import _SlideLock
+
+    folder = Path(features_dir)
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.endswith(UPDATE_SUFFIX + ".json")
+                 or e.name.endswith(UPDATE_SUFFIX)]
+    except OSError:
+        return []
+    notes = []
+    for final in sorted({n[: n.index(UPDATE_SUFFIX)] for n in names}):
+        path = folder / final
+        try:
+            lock = _SlideLock(path)
+        except (FeatureStoreError, OSError):  # being updated now, or a folder we cannot write
+            continue
+        try:
+            note = _settle_interrupted(path)
+        except OSError as exc:
+            note = f"{final}: an interrupted update was found but could not be cleared ({exc})"
+        finally:
+            lock.release()
+        if note:
+            notes.append(note)
+    return notes
+
+
+@contextlib.contextmanager
+def _update_copy(path: Path, what: str):
+    """Yield a copy of feature file ``path`` opened "r+"; when the block ends without an error the copy
+    replaces the file (synced, then renamed); on an error or a kill the file is unchanged."""
+    import shutil
+    import uuid
+
+    import h5py
+
+    from napari_slpd.features.store_writer import _SlideLock, _fsync_dir, _fsync_path
+
+    if not path.exists():
+        raise FeatureStoreError(f"feature file {path} does not exist; run `slpd extract` for this slide first")
+    lock = _SlideLock(path)
+    copy, record = update_paths(path)
+    try:
+        _settle_interrupted(path)
+        token = uuid.uuid4().hex
+        _write_record(record, {"what": what, "token": token, "pid": os.getpid(),
+                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _update_step("recorded")
+        try:
+            shutil.copyfile(path, copy)
+            _update_step("copied")
+            try:
+                fh = h5py.File(copy, "r+")
+            except OSError as exc:
+                raise FeatureStoreError(f"cannot update {path} ({exc}); its copy {copy.name} is not readable") from exc
+            try:
+                yield fh
+                fh.attrs[UPDATE_TOKEN_ATTR] = token
+                _update_step("written")
+            finally:
+                fh.close()
+            _fsync_path(copy)
+            _update_step("synced")
+            os.replace(copy, path)
+            _update_step("renamed")
+            _fsync_dir(path.parent)
+        except BaseException as exc:
+            copy.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                from napari_slpd.utils.storage import storage_error
+
+                err = storage_error(exc, path, needed=path.stat().st_size if path.exists() else None,
+                                    kept=f"{path.name} is unchanged (the update is made on a copy) and no partial "
+                                         "file was left")
+                if err is not None:
+                    raise err from exc
+                raise FeatureStoreError(f"cannot update {path} ({exc}); the file is unchanged") from exc
+            raise
+        record.unlink(missing_ok=True)
+        _update_step("done")
+    finally:
+        lock.release()
+
+
+def _write_record(record: Path, info: dict) -> None:
+    tmp = record.with_name(record.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(info, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, record)
 
 
 def _touch(path: Path, before_ns: int) -> None:
@@ -237,7 +402,9 @@ def migrate_store(path: str | os.PathLike) -> bool:
     """Give an unversioned feature file its versions group (its embeddings become the version of the region
     encoder it records; no data changes). Returns True when the file was migrated, False when it already was."""
     path = Path(path)
-    with _open_for_update(path) as fh:
+    if _with_store(path, lambda fh: VERSIONS_GROUP in fh):
+        return False
+    with _update_copy(path, "migrating its region embeddings into the versions group") as fh:
         if VERSIONS_GROUP in fh:
             return False
         before = path.stat().st_mtime_ns
@@ -299,7 +466,9 @@ def add_region_embedding_version(
     settings with this encoder (default: the file's, with region_encoder / region_encoder_sha256 replaced)."""
     path = Path(path)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    with _open_for_update(path) as fh:
+    if not np.isfinite(emb).all():
+        raise FeatureStoreError(f"{path}: the new region embeddings are not finite; nothing was stored")
+    with _update_copy(path, f"adding the region embeddings of {region_encoder}") as fh:
         n = int(fh["region_tokens"].shape[0])
         if emb.ndim != 2 or emb.shape[0] != n:
             raise FeatureStoreError(f"{path}: {emb.shape} embeddings for {n} regions")
