@@ -25,6 +25,7 @@ models, writing); reading regions, read-ahead and the thread policy are napari_s
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -309,14 +310,33 @@ class _PatchBatcher:
         while self._inflight:
             self._reap(block=True)
 
+    def poll(self) -> None:
+        """Write out the batches that have finished, without waiting."""
+        self._reap(block=False)
+
+    def wait_for_regions(self, n: int) -> None:
+        """Wait until ``regions_encoded`` reaches ``n`` (batches are reaped oldest first, so every patch of
+        those regions is then in its ``out``); flush first when what is queued is all that is left."""
+        while self.regions_encoded < n:
+            if self._inflight:
+                self._reap(block=True)
+            elif self.fill:
+                self.flush()
+            else:
+                raise RuntimeError(f"{n - self.regions_encoded} regions were never queued for encoding")
+
     def encode_regions(self, region_encoder, tokens: np.ndarray, batch_size: int) -> np.ndarray:
         """:func:`encode_regions` of a chunk's token grids, split over the lanes (after :meth:`drain`)."""
+        return self.submit_regions(region_encoder, tokens, batch_size)()
+
+    def submit_regions(self, region_encoder, tokens: np.ndarray, batch_size: int) -> "_Pending":
+        """:func:`encode_regions` of a chunk's token grids, split over the lanes as the lanes' next work
+        (behind the patch batches queued already; the split depends on the lanes only, so runs repeat)."""
         parts = np.array_split(np.arange(tokens.shape[0]), min(self.lanes, tokens.shape[0])) if self._pool else []
         if len(parts) < 2:
-            return encode_regions(region_encoder, tokens, batch_size)
-        futures = [self._pool.submit(encode_regions, region_encoder, tokens[part[0] : part[-1] + 1], batch_size)
-                   for part in parts]
-        return np.concatenate([f.result() for f in futures])
+            return _Pending(result=encode_regions(region_encoder, tokens, batch_size))
+        return _Pending([self._pool.submit(encode_regions, region_encoder, tokens[part[0] : part[-1] + 1],
+                                           batch_size) for part in parts])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -325,6 +345,28 @@ class _PatchBatcher:
             self._pool.shutdown(wait=True)
             self._pool = None
             self._inflight = []
+
+
+class _Pending:
+    """Region embeddings being computed on the lanes (futures of consecutive parts) or already computed.
+    Calling it waits and returns them [M, E]."""
+
+    def __init__(self, futures=(), result: np.ndarray | None = None):
+        self.futures = list(futures)
+        self.result = result
+
+    def done(self) -> bool:
+        return self.result is not None or all(f.done() for f in self.futures)
+
+    def __call__(self) -> np.ndarray:
+        if self.result is None:
+            self.result = np.concatenate([f.result() for f in self.futures])  # a lane's exception is raised here
+            self.futures = []
+        return self.result
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
 
 
 def cpu_lanes(torch_threads, on_cuda: bool, batch_size: int) -> int:
@@ -614,9 +656,39 @@ def _chunk_patch_coords(grid, sl: slice) -> np.ndarray:
     return np.asarray(part.patch_coords(), np.int64)
 
 
+@dataclass(eq=False)
+class _Chunk:
+    """Regions [start, start + count) of a slide: their patches queued for encoding, their token grids
+    then encoded (``embeddings``), then written; chunks are written in order."""
+
+    start: int
+    count: int
+    feats: np.ndarray  # [count * G2, D] patch features, filled as the batches finish
+    embeddings: "_Pending | None" = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+# Event hook for tests (None: off): engine._TRACE = [] records (event, slide id, detail) in the order the
+# pipeline does things, so a test can check what overlaps what without timing anything.
+_TRACE: list | None = None
+
+
+def _trace(event: str, slide_id: str = "", detail: Any = None) -> None:
+    if _TRACE is not None:
+        _TRACE.append((event, slide_id, detail))
+
+
 def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel, gpu=None) -> int:
     """Extract regions writer.n_done.. in chunks; returns how many regions are finished. ``gpu``: a
-    GpuRegionReader (reader threads read tile bytes, this thread decodes them on the GPU)."""
+    GpuRegionReader (reader threads read tile bytes, this thread decodes them on the GPU).
+
+    Nothing waits at a chunk's end: the chunk's last (partial) batch is queued, its token grids are
+    encoded on the lanes once its batches are back, and it is written when that is done, while this
+    thread already feeds the next chunk's patches (at most one finished chunk waits to be written). A
+    batch still never straddles chunks, so a resumed run computes exactly the same batches."""
     G = int(grid.patches_per_side)
     G2 = G * G
     M = len(grid)
@@ -635,53 +707,97 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                             readers=stream, patches_per_region=G2)
     batcher = _PatchBatcher(patch_encoder, batch_size, px, on_cuda and gpu is None, threads=threads,
                             device=gpu.device if gpu is not None else None, lanes=lanes)
+    pending: collections.deque[_Chunk] = collections.deque()  # fed, not yet written; oldest first
+    reported = done
+    slide_id = slide.slide_id
+
+    def report(value: int) -> None:
+        nonlocal reported
+        if progress is not None and value > reported:
+            reported = value
+            progress(value, M)
+
+    def advance(block: bool) -> None:
+        """Encode the token grids of chunks whose patches are back and write finished chunks, in order;
+        with ``block``, finish the oldest chunk at least."""
+        nonlocal done
+        while pending:
+            chunk = pending[0]
+            if chunk.embeddings is None:
+                if first + batcher.regions_encoded < chunk.end:
+                    if not block:
+                        return
+                    batcher.wait_for_regions(chunk.end - first)
+                tokens = chunk.feats.reshape(chunk.count, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
+                threads.take_idle_cores()
+                chunk.embeddings = batcher.submit_regions(region_encoder, tokens, config.region_batch_size)
+                _trace("regions-submitted", slide_id, chunk.start)
+            if not block and not chunk.embeddings.done():
+                return
+            _write_chunk(writer, grid, chunk, chunk.embeddings(), config, M, G, D)
+            _trace("chunk-written", slide_id, chunk.start)
+            pending.popleft()
+            done = chunk.end
+            report(done)
+            block = False  # the oldest is finished: the rest only when ready
+
     try:
-        while done < M:
-            c = min(config.regions_per_chunk, M - done)
-            feats = np.empty((c * G2, D), np.float32)
+        start = done
+        while start < M:
+            c = min(config.regions_per_chunk, M - start)
+            chunk = _Chunk(start, c, np.empty((c * G2, D), np.float32))
             for k in range(c):
                 t0 = time.perf_counter()
                 item = next(stream, None)
                 threads.waited_for_region(time.perf_counter() - t0)
-                if item is None:  # cancelled
+                if item is None:  # cancelled: chunks not yet written are dropped, as after a batch
                     return done
                 index, patches = item
                 if gpu is not None:
                     patches = gpu.finish(patches)  # decoded on the GPU: a CUDA tensor
-                if index != done + k:
-                    raise RuntimeError(f"region {index} arrived where {done + k} was expected")
-                before = batcher.regions_encoded
-                batcher.add(patches, feats[k * G2 : (k + 1) * G2])
+                if index != start + k:
+                    raise RuntimeError(f"region {index} arrived where {start + k} was expected")
+                batcher.add(patches, chunk.feats[k * G2 : (k + 1) * G2])
                 del patches, item  # the window, not this loop, holds decoded regions
-                if progress is not None and batcher.regions_encoded != before:
-                    progress(min(done + c - 1, first + batcher.regions_encoded), M)
+                batcher.poll()
+                advance(block=False)
+                oldest_end = pending[0].end if pending else chunk.end
+                report(min(oldest_end - 1, first + batcher.regions_encoded))
             # A batch never straddles chunks: a resumed run then sees exactly the same batches.
-            batcher.drain()
+            batcher.flush()
+            _trace("chunk-fed", slide_id, start)
+            pending.append(chunk)
+            start += c
+            advance(block=len(pending) > 1)  # at most one fed chunk waits behind the one being written
             if is_cancelled(cancel):
                 return done
-            tokens = feats.reshape(c, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
-            threads.take_idle_cores()
-            embeddings = batcher.encode_regions(region_encoder, tokens, config.region_batch_size)
-            sl = slice(done, done + c)
-            _check_space(writer, tokens, embeddings, feats if config.store_patch_features else None, M - done)
-            writer.append(
-                RegionChunk(
-                    tokens=tokens,
-                    embeddings=embeddings,
-                    coords=np.asarray(grid.coords[sl], np.int64),
-                    coverage=np.asarray(grid.tissue_fraction[sl], np.float32),
-                    patch_features=feats if config.store_patch_features else None,
-                    patch_coords=_chunk_patch_coords(grid, sl) if config.store_patch_features else None,
-                )
-            )
-            done += c
-            if progress is not None:
-                progress(done, M)
+        while pending:
+            advance(block=True)
     finally:
+        for chunk in pending:
+            if chunk.embeddings is not None:
+                chunk.embeddings.cancel()
         stream.close()
         batcher.close()
         threads.restore()
     return done
+
+
+def _write_chunk(writer, grid, chunk: _Chunk, embeddings: np.ndarray, config, M: int, G: int, D: int) -> None:
+    sl = slice(chunk.start, chunk.end)
+    tokens = chunk.feats.reshape(chunk.count, G, G, D).transpose(0, 3, 1, 2)  # [c, D, G, G]
+    feats = chunk.feats if config.store_patch_features else None
+    _check_space(writer, tokens, embeddings, feats, M - chunk.start)
+    writer.append(
+        RegionChunk(
+            tokens=tokens,
+            embeddings=embeddings,
+            coords=np.asarray(grid.coords[sl], np.int64),
+            coverage=np.asarray(grid.tissue_fraction[sl], np.float32),
+            patch_features=feats,
+            patch_coords=_chunk_patch_coords(grid, sl) if config.store_patch_features else None,
+        )
+    )
 
 
 def sequential_extract(slide, grid, patch_encoder, region_encoder) -> tuple[np.ndarray, np.ndarray]:
