@@ -313,7 +313,12 @@ def _update_copy(path: Path, what: str):
 
     if not path.exists():
         raise FeatureStoreError(f"feature file {path} does not exist; run `slpd extract` for this slide first")
-    lock = _SlideLock(path)
+    try:
+        lock = _SlideLock(path)
+    except OSError as exc:  # a folder we cannot write in
+        from napari_slpd.utils.storage import storage_error
+
+        raise (storage_error(exc, path) or FeatureStoreError(f"cannot update {path} ({exc})")) from exc
     copy, record = update_paths(path)
     try:
         _settle_interrupted(path)
