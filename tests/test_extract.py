@@ -414,3 +414,30 @@ def test_cpu_lanes_encode_concurrent_batches_in_order(tmp_path, encoders):
     extract_slide(path, tmp_path / "one.h5", patch, encoders[1], config(torch_threads=1))
     with FeatureStore.open(tmp_path / "lanes.h5") as a, FeatureStore.open(tmp_path / "one.h5") as b:
         np.testing.assert_allclose(a.tokens(), b.tokens(), atol=2e-3)
+
+
+def test_fast_tissue_filters_equal_scipy():
+    """Tissue detection's median, closing and opening (shifted views) and saturation (uint8 max/min) give
+    scipy's and the float formula's results exactly: the masks, hence the grids, do not change."""
+    from scipy import ndimage
+
+    from napari_slpd.slides import tissue as T
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 5), (2, 2), (7, 3), (50, 61), (300, 257)]:
+        a = rng.random(shape, dtype=np.float32)
+        a[a < 0.3] = 0
+        np.testing.assert_array_equal(T._median3(a), ndimage.median_filter(a, size=3))
+    for r in (1, 2, 3):
+        structure = T._disk(r)
+        for shape in [(1, 1), (3, 4), (10, 10), (120, 97)]:
+            m = rng.random(shape) < 0.6
+            np.testing.assert_array_equal(T._closing(m, structure),
+                                          ndimage.binary_closing(m, structure=structure, border_value=0))
+            np.testing.assert_array_equal(T._opening(m, structure), ndimage.binary_opening(m, structure=structure))
+    img = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    f = img.astype(np.float32) / 255.0
+    cmax, cmin = f.max(-1), f.min(-1)
+    sat, value = T.saturation_value(img)
+    np.testing.assert_array_equal(sat, np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0).astype(np.float32))
+    np.testing.assert_array_equal(value, cmax)

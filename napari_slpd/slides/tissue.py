@@ -115,12 +115,74 @@ def mask_downsample_for(slide: Slide, params: TissueParams) -> float:
 
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV saturation and value in [0, 1] of an RGB uint8 image."""
-    rgb = rgb.astype(np.float32) / 255.0
-    cmax = rgb.max(axis=-1)
-    cmin = rgb.min(axis=-1)
+    """HSV saturation and value in [0, 1] of an RGB uint8 image.
+
+    Max and min are taken on the uint8 channels, then divided by 255 in float32: the same numbers as
+    dividing every channel first (a correctly rounded division keeps the order), in a fifth of the time."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8 and rgb.ndim >= 1 and rgb.shape[-1] == 3:
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        cmax = np.maximum(np.maximum(r, g), b).astype(np.float32) / np.float32(255.0)
+        cmin = np.minimum(np.minimum(r, g), b).astype(np.float32) / np.float32(255.0)
+    else:
+        rgb = rgb.astype(np.float32) / 255.0
+        cmax = rgb.max(axis=-1)
+        cmin = rgb.min(axis=-1)
     sat = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0)
     return sat.astype(np.float32), cmax
+
+
+def _median3(image: np.ndarray) -> np.ndarray:
+    """scipy.ndimage.median_filter(image, size=3) (mode "reflect") of a 2-D float image, exactly: the
+    median of the 9 neighbours by a 19-exchange sorting network (Devillard's opt_med9) on shifted views,
+    about 4x faster than scipy's generic rank filter."""
+    h, w = image.shape
+    padded = np.pad(image, 1, mode="symmetric")  # scipy's "reflect": d c b a | a b c d
+    p = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+
+    def sort(i: int, j: int) -> None:
+        p[i], p[j] = np.minimum(p[i], p[j]), np.maximum(p[i], p[j])
+
+    for i, j in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+                 (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2)):
+        sort(i, j)
+    return np.ascontiguousarray(p[4])
+
+
+def _binary(mask: np.ndarray, structure: np.ndarray, erode: bool) -> np.ndarray:
+    """scipy.ndimage.binary_erosion / binary_dilation of a 2-D mask by a symmetric ``structure`` with
+    border_value=0 (outside is background), exactly, as ANDs / ORs of shifted views."""
+    h, w = mask.shape
+    ry, rx = structure.shape[0] // 2, structure.shape[1] // 2
+    padded = np.pad(mask, ((ry, ry), (rx, rx)), constant_values=False)
+    out = np.ones((h, w), bool) if erode else np.zeros((h, w), bool)
+    combine = np.logical_and if erode else np.logical_or
+    for dy, dx in zip(*np.nonzero(structure)):
+        combine(out, padded[dy : dy + h, dx : dx + w], out=out)
+    return out
+
+
+def _closing(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """ndimage.binary_closing(mask, structure, border_value=0)."""
+    from scipy import ndimage
+
+    if mask.ndim != 2 or not mask.size or not _symmetric(structure):
+        return ndimage.binary_closing(mask, structure=structure, border_value=0)
+    return _binary(_binary(mask, structure, erode=False), structure, erode=True)
+
+
+def _opening(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """ndimage.binary_opening(mask, structure)."""
+    from scipy import ndimage
+
+    if mask.ndim != 2 or not mask.size or not _symmetric(structure):
+        return ndimage.binary_opening(mask, structure=structure)
+    return _binary(_binary(mask, structure, erode=True), structure, erode=False)
+
+
+def _symmetric(structure: np.ndarray) -> bool:
+    return structure.ndim == 2 and all(n % 2 for n in structure.shape) and bool(
+        (structure == structure[::-1, ::-1]).all())
 
 
 def tissue_from_rgb(rgb: np.ndarray, mask_um_per_px: float, params: TissueParams | None = None):
@@ -131,7 +193,9 @@ def tissue_from_rgb(rgb: np.ndarray, mask_um_per_px: float, params: TissueParams
 
     params = params or TissueParams()
     sat, value = saturation_value(rgb)
-    if params.median_px > 1:
+    if params.median_px == 3 and sat.ndim == 2 and sat.size:
+        sat = _median3(sat)
+    elif params.median_px > 1:
         sat = ndimage.median_filter(sat, size=params.median_px)
     if sat.size and float(sat.max() - sat.min()) > 1e-6:
         threshold = float(threshold_otsu(sat, nbins=256))
@@ -144,9 +208,9 @@ def tissue_from_rgb(rgb: np.ndarray, mask_um_per_px: float, params: TissueParams
         return int(round(um / mask_um_per_px / 2))
 
     if radius(params.closing_um) > 0:
-        mask = ndimage.binary_closing(mask, structure=_disk(radius(params.closing_um)), border_value=0)
+        mask = _closing(mask, _disk(radius(params.closing_um)))
     if radius(params.opening_um) > 0:
-        mask = ndimage.binary_opening(mask, structure=_disk(radius(params.opening_um)))
+        mask = _opening(mask, _disk(radius(params.opening_um)))
     px_area = mask_um_per_px**2
     mask = remove_small_objects(mask, max_size=_smaller_than(params.min_object_um2 / px_area))
     return _fill_small_holes(mask, params.min_hole_um2 / px_area), threshold
