@@ -441,3 +441,103 @@ def test_fast_tissue_filters_equal_scipy():
     sat, value = T.saturation_value(img)
     np.testing.assert_array_equal(sat, np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0).astype(np.float32))
     np.testing.assert_array_equal(value, cmax)
+
+
+class _Gate:
+    """A patch encoder that holds each batch of ``size`` patches starting once an event ``after`` was traced
+    until an event ``until`` is traced (or 60 s pass: then ``timed_out``). A pipeline that drains - waits
+    for that batch before going on - cannot reach ``until`` while it is held: the order decides, not
+    timing. (The batches held are a chunk's last, partial ones: no other batch has their size.)"""
+
+    def __init__(self, encoder, size, after, until):
+        self.encoder, self.size, self.after, self.until = encoder, size, after, until
+        self.timed_out = False
+        self.held = 0
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode(self, batch):
+        from napari_slpd.features import engine
+
+        trace = engine._TRACE
+        if len(batch) == self.size and any(self.after(e) for e in list(trace)):
+            if not any(self.until(e) for e in list(trace)):
+                self.held += 1
+            for _ in range(600):
+                if any(self.until(e) for e in list(trace)):
+                    break
+                time.sleep(0.1)
+            else:
+                self.timed_out = True
+        return self.encoder.encode(batch)
+
+
+def test_pipeline_never_drains_between_chunks_or_slides(tmp_path, encoders, monkeypatch):
+    """The next chunk's regions are fed while the last batch of the chunk before is still being encoded;
+    the next slide's grid is built and its reads started while the last batch of the slide before is still
+    being encoded; the features are those of extract_slide one slide at a time, bit for bit."""
+    from napari_slpd.features import engine
+    from napari_slpd.features.extract_many import SlideJob, extract_slides
+
+    patch, region = encoders
+    monkeypatch.setattr(engine, "cpu_lanes", lambda *a: 2)  # two lanes even on a one-core machine
+    cfg = config(torch_threads="auto", num_workers=2)  # 2 regions of 64 patches a chunk, batches of 48
+    G2 = GRID.patches_per_side ** 2
+    assert (cfg.regions_per_chunk, G2, cfg.batch_size // 2) == (2, 64, 48)  # partial batches: 32 or 16
+    path = real_slide("cmu_svs")
+    with open_slide(path) as slide:
+        M = len(build_region_grid(slide, detect_tissue(slide), GRID))
+    assert M > 2
+    sid = "cmu_small_region"
+    # within a slide: chunk 0's last batch (32 patches) is held until chunk 1's first region is queued
+    monkeypatch.setattr(engine, "_TRACE", [])
+    gate = _Gate(patch, 32, lambda e: e == ("region-queued", sid, 1), lambda e: e == ("region-queued", sid, 2))
+    extract_slide(path, tmp_path / "one.h5", gate, region, cfg)
+    assert not gate.timed_out, "the engine waited for a chunk's batches before feeding the next"
+
+    # across slides: slide a's last batch is held until slide b's grid is built and its reads started
+    trace = []
+    monkeypatch.setattr(engine, "_TRACE", trace)
+    last = (M * G2 - 1) % 128 % 48 + 1  # patches in the last batch of the slide
+    gate = _Gate(patch, last, lambda e: e == ("region-queued", sid, M - 1), lambda e: e[0] == "next-reads-started")
+    jobs = [SlideJob(path, tmp_path / "a.h5", cfg), SlideJob(path, tmp_path / "b.h5", cfg)]
+    results = list(extract_slides(jobs, gate, region))
+    assert not gate.timed_out, "the next slide waited for the last batch of the slide before"
+    assert [(r.status, e) for _, r, e in results] == [("extracted", None), ("extracted", None)]
+    names = [e[0] for e in trace]
+    written = [i for i, n in enumerate(names) if n == "chunk-written"]
+    a_last_written = written[(M + 1) // 2 - 1]
+    assert names.count("next-reads-started") == 1 and names.index("next-reads-started") < a_last_written
+    assert [i for i, n in enumerate(names) if n == "grid-built"][1] < a_last_written
+    one, a, b = datasets(tmp_path / "one.h5"), datasets(tmp_path / "a.h5"), datasets(tmp_path / "b.h5")
+    for name in DATASETS:
+        np.testing.assert_array_equal(one[name], a[name], err_msg=name)
+        np.testing.assert_array_equal(one[name], b[name], err_msg=name)
+
+
+def test_extract_slides_isolates_a_bad_slide_and_stops_when_cancelled(tmp_path, encoders):
+    from napari_slpd.features.extract_many import SlideJob, extract_slides
+
+    patch, region = encoders
+    cmu = real_slide("cmu_svs")
+    jobs = [SlideJob(tmp_path / "missing.svs", tmp_path / "m.h5", config()),
+            SlideJob(cmu, tmp_path / "a.h5", config()),
+            SlideJob(real_slide("tcga_jp2k_svs"), tmp_path / "t.h5", config()),  # no pixel size
+            SlideJob(cmu, tmp_path / "a.h5", config())]  # the same file again: skipped once written
+    got = [(job.out_path.name, r.status if r else type(e).__name__) for job, r, e in extract_slides(jobs, patch, region)]
+    assert got == [("m.h5", "SlideError"), ("a.h5", "extracted"), ("t.h5", "PixelSizeError"), ("a.h5", "skipped")]
+
+    stop = threading.Event()
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done >= 2:
+            stop.set()
+
+    jobs = [SlideJob(cmu, tmp_path / "c1.h5", config(), progress), SlideJob(cmu, tmp_path / "c2.h5", config())]
+    out = list(extract_slides(jobs, patch, region, cancel=stop))
+    assert [r.status for _, r, _ in out] == ["cancelled"]
+    assert partial_path_for(tmp_path / "c1.h5").exists() and not (tmp_path / "c2.h5").exists()
+    assert not partial_path_for(tmp_path / "c2.h5").exists()

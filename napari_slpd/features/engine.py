@@ -466,8 +466,47 @@ def extract_slide(
 
     ``slide_path`` is a path or an open :class:`napari_slpd.slides.slide.Slide`. ``progress(done, total)`` is
     called as regions finish (total = regions of the slide); ``cancel`` (Event or callable) stops after
-    the current batch, keeping every finished chunk. Bad input raises an SlpdError subclass.
+    the current batch, keeping every finished chunk. Bad input raises an SlpdError subclass. Several
+    slides: :func:`napari_slpd.features.extract_many.extract_slides` keeps the cores busy between them.
     """
+    prepared = prepare_slide(slide_path, out_path, patch_encoder, region_encoder, config)
+    return run_prepared(prepared, patch_encoder, region_encoder, progress, cancel)
+
+
+@dataclass(eq=False)
+class PreparedSlide:
+    """A slide opened, its settings checked against the file and its region grid built (tissue detection):
+    everything before its regions are read. ``result`` is final when nothing is left to compute
+    (``grid`` None: skipped, or an empty grid)."""
+
+    slide: Any
+    owns_slide: bool
+    out_path: Path
+    config: ExtractionConfig
+    settings: dict
+    result: ExtractionResult
+    seconds: float  # spent preparing
+    stamp: tuple | None = None
+    grid: Any = None
+    stream: "RegionStream | None" = None  # its reads, started early (extract_many); None: started by the run
+
+    @property
+    def final(self) -> bool:
+        return self.grid is None or self.grid.is_empty
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if self.owns_slide:
+            self.slide.close()
+
+
+def prepare_slide(slide_path, out_path, patch_encoder, region_encoder,
+                  config: ExtractionConfig | None = None) -> PreparedSlide:
+    """The part of :func:`extract_slide` before any region is read: open the slide, check the file (an
+    up-to-date file: skipped), detect tissue and build the region grid. Thread-safe; touches no file but
+    to read it. Raises what extract_slide raises for these steps (the slide is closed then)."""
     from napari_slpd.slides.grid import build_region_grid
     from napari_slpd.slides.slide import Slide, open_slide
     from napari_slpd.slides.tissue import detect_tissue
@@ -481,36 +520,54 @@ def extract_slide(
         settings = extraction_settings(slide, config, patch_encoder, region_encoder)
         result = ExtractionResult(slide.slide_id, Path(slide.path), out_path, "extracted",
                                   mpp=slide.mpp, mpp_source=slide.pixel_size.source)
+        prepared = PreparedSlide(slide, owns_slide, out_path, config, settings, result, 0.0)
         if existing_store_is_current(out_path, settings, overwrite=config.overwrite):
             from napari_slpd.features.store import read_store_attrs
 
             result.status = "skipped"
             result.n_regions = int(read_store_attrs(out_path).get("n_regions", 0))
             result.message = "already extracted with the same settings"
-            if progress is not None:
+        else:
+            prepared.stamp = _file_stamp(slide.path)
+            mask = detect_tissue(slide, config.tissue)
+            prepared.grid = build_region_grid(slide, mask, config.grid)
+            _trace("grid-built", slide.slide_id, len(prepared.grid))
+            result.n_regions = len(prepared.grid)
+            if prepared.grid.is_empty:
+                result.status = "empty"
+                result.message = prepared.grid.reason
+        prepared.seconds = time.perf_counter() - t0
+        return prepared
+    except BaseException:
+        if owns_slide:
+            slide.close()
+        raise
+
+
+def run_prepared(prepared: PreparedSlide, patch_encoder, region_encoder, progress: ProgressFn | None = None,
+                 cancel: CancelCheck = None, lookahead=None, reader_pool=None) -> ExtractionResult:
+    """The rest of :func:`extract_slide` for a slide :func:`prepare_slide` made ready (closes it).
+    ``reader_pool``: reader threads shared across slides; ``lookahead()``: called once this slide's reads
+    are all started (extract_many starts the next slide's there)."""
+    t0 = time.perf_counter()
+    slide, config, result, grid = prepared.slide, prepared.config, prepared.result, prepared.grid
+    out_path, stamp = prepared.out_path, prepared.stamp
+    try:
+        if prepared.final:
+            if result.status == "skipped" and progress is not None:
                 progress(result.n_regions, result.n_regions)
-            result.seconds = time.perf_counter() - t0
+            result.seconds = prepared.seconds + time.perf_counter() - t0
             return result
-
-        stamp = _file_stamp(slide.path)
-        mask = detect_tissue(slide, config.tissue)
-        grid = build_region_grid(slide, mask, config.grid)
-        result.n_regions = len(grid)
-        if grid.is_empty:
-            result.status = "empty"
-            result.message = grid.reason
-            result.seconds = time.perf_counter() - t0
-            return result
-
         gpu = (gpu_region_reader(slide, grid, encoder_input_px(patch_encoder, grid.config.patch_px),
                                  _encoder_device(patch_encoder)) if _gpu_decode(slide, config, patch_encoder) else None)
         try:
-            with _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder,
+            with _open_writer(slide, grid, out_path, prepared.settings, config, patch_encoder, region_encoder,
                               GPU_DECODE if gpu is not None else None) as writer:
                 result.resumed_from = writer.n_done
                 maybe_compile(patch_encoder, config.compile)
+                stream, prepared.stream = prepared.stream, None
                 done = _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel,
-                                   gpu)
+                                   gpu, stream=stream, lookahead=lookahead, reader_pool=reader_pool)
                 result.n_computed = done - writer.resumed_from
                 if done < len(grid):
                     result.status = "cancelled"
@@ -524,11 +581,10 @@ def extract_slide(
         except SlpdError as exc:
             _raise_if_slide_changed(exc, slide, stamp, out_path)
             raise
-        result.seconds = time.perf_counter() - t0
+        result.seconds = prepared.seconds + time.perf_counter() - t0
         return result
     finally:
-        if owns_slide:
-            slide.close()
+        prepared.close()
 
 
 def _file_stamp(path) -> tuple | None:
@@ -681,9 +737,12 @@ def _trace(event: str, slide_id: str = "", detail: Any = None) -> None:
         _TRACE.append((event, slide_id, detail))
 
 
-def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel, gpu=None) -> int:
+def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, progress, cancel, gpu=None,
+                stream: "RegionStream | None" = None, lookahead=None, reader_pool=None) -> int:
     """Extract regions writer.n_done.. in chunks; returns how many regions are finished. ``gpu``: a
-    GpuRegionReader (reader threads read tile bytes, this thread decodes them on the GPU).
+    GpuRegionReader (reader threads read tile bytes, this thread decodes them on the GPU). ``stream``: this
+    slide's reads already started (used when it starts at writer.n_done); ``reader_pool``: shared reader
+    threads; ``lookahead()``: called as regions arrive once every read of this slide has started.
 
     Nothing waits at a chunk's end: the chunk's last (partial) batch is queued, its token grids are
     encoded on the lanes once its batches are back, and it is written when that is done, while this
@@ -699,7 +758,13 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
     done = first = writer.n_done
     if progress is not None:
         progress(done, M)
-    stream = RegionStream(gpu if gpu is not None else reader, range(done, M), config.workers, config.window, cancel)
+    if stream is not None and (gpu is not None or stream.first != done):
+        stream.close()  # started from another region (the file resumed): read anew
+        stream = None
+    if stream is None:
+        pool = reader_pool if gpu is None and config.workers > 0 else None
+        stream = RegionStream(gpu if gpu is not None else reader, range(done, M), config.workers, config.window,
+                              cancel, pool=pool)
     batch_size = min(config.batch_size, config.regions_per_chunk * G2)
     lanes = cpu_lanes(config.torch_threads, on_cuda, batch_size)
     # With lanes each encoder call runs on one intra-op thread (the lanes are the parallelism).
@@ -750,6 +815,8 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 t0 = time.perf_counter()
                 item = next(stream, None)
                 threads.waited_for_region(time.perf_counter() - t0)
+                if lookahead is not None and stream.all_started():
+                    lookahead(stream)  # the next slide's reads start in this one's window
                 if item is None:  # cancelled: chunks not yet written are dropped, as after a batch
                     return done
                 index, patches = item
@@ -758,6 +825,7 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
                 if index != start + k:
                     raise RuntimeError(f"region {index} arrived where {start + k} was expected")
                 batcher.add(patches, chunk.feats[k * G2 : (k + 1) * G2])
+                _trace("region-queued", slide_id, index)
                 del patches, item  # the window, not this loop, holds decoded regions
                 batcher.poll()
                 advance(block=False)
@@ -768,6 +836,8 @@ def _run_chunks(slide, grid, writer, patch_encoder, region_encoder, config, prog
             _trace("chunk-fed", slide_id, start)
             pending.append(chunk)
             start += c
+            if start >= M and lookahead is not None:
+                lookahead(stream, wait=True)  # the next slide's reads run beside this one's last batches
             advance(block=len(pending) > 1)  # at most one fed chunk waits behind the one being written
             if is_cancelled(cancel):
                 return done

@@ -20,7 +20,7 @@ import collections
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -214,28 +214,65 @@ def gpu_region_reader(slide, grid, patch_px: int, device) -> "GpuRegionReader | 
 class RegionStream:
     """Iterates (index, read(index)) in the order of ``indices``; up to ``queue_size`` reads run ahead on
     ``num_workers`` threads (0: read in the calling thread). Stops early, without error, once ``cancel``
-    is set. A worker's exception is raised by the iteration that reaches its region."""
+    is set. A worker's exception is raised by the iteration that reaches its region.
+
+    ``pool``: an executor shared with other streams (the engine's readers across the slides of a run),
+    which :meth:`close` then leaves running. :meth:`chain` makes another stream (the next slide's) start
+    its reads as soon as this one has none left to start, inside the same window of ``queue_size``
+    regions: the readers go from one slide to the next without a pause and memory stays bounded."""
 
     def __init__(self, read: Callable[[int], np.ndarray], indices, num_workers: int, queue_size: int,
-                 cancel: CancelCheck = None):
+                 cancel: CancelCheck = None, pool: ThreadPoolExecutor | None = None, start: bool = True):
         self.read = read
         self.cancel = cancel
         self.num_workers = int(num_workers)
         self.queue_size = max(1, int(queue_size))
         self._pending = collections.deque(indices)
+        self.first = self._pending[0] if self._pending else None  # the first index it reads
         self._window: collections.deque[tuple[int, Future]] = collections.deque()
         self._cpu_lock = threading.Lock()
         self._read_cpu = 0.0  # CPU seconds the reader threads spent reading
         self._reads = 0
-        self._pool = (ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="slpd-read")
-                      if self.num_workers > 0 else None)
-        if self._pool is not None:
+        self._owns_pool = pool is None
+        self._ahead: RegionStream | None = None  # a stream whose reads go first, sharing the window
+        self._next: RegionStream | None = None  # the stream chained after this one
+        self._closed = False
+        if self.num_workers <= 0:
+            self._pool = None
+        elif pool is not None:
+            self._pool = pool
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="slpd-read")
+        if self._pool is not None and start:  # start=False: reads start at chain() or the first next()
             self._fill()
 
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        return self._pool
+
     def _fill(self) -> None:
-        while self._pending and len(self._window) < self.queue_size:
+        if self._closed or self._pool is None:
+            return
+        room = self.queue_size - (len(self._ahead._window) if self._ahead is not None else 0)
+        if self._ahead is not None and self._ahead._pending:
+            room = 0  # the stream ahead still has reads to start: they go first
+        while self._pending and len(self._window) < room:
             i = self._pending.popleft()
             self._window.append((i, self._pool.submit(self._timed_read, i)))
+        if self._next is not None and not self._pending:
+            self._next._fill()
+
+    def all_started(self) -> bool:
+        """True once every read has been started (or done, reading in the calling thread)."""
+        return not self._pending
+
+    def chain(self, other: "RegionStream") -> None:
+        """Let ``other`` (on the same pool) start its reads as this stream's window frees up, once this one
+        has none left to start; it takes the whole window once this stream is closed."""
+        if other._pool is None or other._pool is not self._pool:
+            raise ValueError("only a stream on the same reader pool can be chained")
+        self._next, other._ahead = other, self
+        other._fill()
 
     def _timed_read(self, i):
         start = time.thread_time()  # this thread's CPU: what the read costs, whatever else runs
@@ -271,6 +308,8 @@ class RegionStream:
             i = self._pending.popleft()
             return i, self.read(i)
         if not self._window:
+            self._fill()
+        if not self._window:
             raise StopIteration
         i, future = self._window.popleft()
         result = future.result()
@@ -278,11 +317,26 @@ class RegionStream:
         return i, result
 
     def close(self) -> None:
+        """Stop: reads not started are dropped and this stream waits for those still running (they may use
+        the slide); a chained stream then has the whole window."""
+        self._closed = True
+        self._pending.clear()
         for _, future in self._window:
             future.cancel()
+        running = [future for _, future in self._window]
         self._window.clear()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._owns_pool:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                wait(running)
+        if self._ahead is not None and self._ahead._next is self:
+            self._ahead._next = None
+        self._ahead = None
+        follower, self._next = self._next, None
+        if follower is not None:
+            follower._ahead = None
+            follower._fill()
 
 
 class _ThreadPolicy:
