@@ -24,7 +24,15 @@
 
 Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
-``cpu_bound_fraction``: CPU seconds of the engine run (readers + model + writing) / (wall seconds x cores).
+``cpu_bound_fraction``: CPU seconds of the engine run on one slide, end to end (opening it, the file
+check, tissue detection, grid, readers, model, writing: the whole process's CPU time over the call, nothing
+excluded; imports and model building happen before it) / (wall seconds x cores). One slide has a serial
+start (tissue detection, the first regions' reads) and a tail (the last batches, writing) that nothing can
+overlap. ``cpu_bound_fraction_slides``: the same over ``SLIDES_RUN`` slides extracted in one call of
+``extract_slides`` (features/extract_many: the next slide's tissue and grid are made while the current one
+is encoded, its reads start as soon as the current one's have), as a cohort is extracted;
+``cpu_bound_fraction_slides_no_prefetch``: the same slides one after the other (extract_slide in a loop,
+as before extract_slides), in the same run: what the overlap buys.
 On a shared machine other programs take part of the cores: ``cpu_bound_fraction_of_available`` divides by
 what they left (wall x cores - their CPU seconds over the run, from /proc/stat), and ``effective_cores``
 is the speed-up 'cores' GIL-free hashing threads get over one, measured beside the runs (2.0 on an idle
@@ -137,8 +145,42 @@ def time_engine(path: Path, config, patch, region, folder: Path) -> tuple[float,
     return seconds, result.n_computed, cpu, others
 
 
+SLIDES_RUN = 3  # slides of the multi-slide measure (the same mosaic to distinct files)
+
+
+def time_engine_slides(paths, config, patch, region, folder: Path, prefetch: bool = True):
+    """``extract_slides`` over ``paths`` end to end (each slide to its own new file); returns what
+    :func:`time_engine` returns, over the whole run."""
+    from napari_slpd.features.extract_many import SlideJob, extract_slides
+
+    jobs = [SlideJob(p, folder / f"slides_{time.monotonic_ns()}_{i}.h5", config) for i, p in enumerate(paths)]
+    busy0 = busy_cpu_seconds()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    n = 0
+    for _, result, error in extract_slides(jobs, patch, region, prefetch=prefetch):
+        if error is not None:
+            raise error
+        n += result.n_computed
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    busy1 = busy_cpu_seconds()
+    others = max(0.0, busy1 - busy0 - cpu) if busy0 is not None and busy1 is not None else None
+    return seconds, n, cpu, others
+
+
+def _fractions(runs, cores) -> tuple[float, float | None]:
+    """Median CPU-bound fraction of (seconds, n, cpu, others) runs, and of what other programs left."""
+    import statistics
+
+    raw = [cpu / (seconds * cores) for seconds, _, cpu, _ in runs]
+    avail = [min(1.0, cpu / max(1e-9, seconds * cores - others)) for seconds, _, cpu, others in runs
+             if others is not None]
+    return round(statistics.median(raw), 3), (round(statistics.median(avail), 3) if avail else None)
+
+
 def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repeats: int,
-                   one_thread_baseline: bool = True, openslide_baseline: bool = True) -> dict:
+                   one_thread_baseline: bool = True, openslide_baseline: bool = True,
+                   slides_fraction: bool = False) -> dict:
     """Sequential loops and the engine alternated ``repeats`` times on one slide; medians of each.
 
     The sequential loop runs with torch's default threads, as HIPT's did, reading with the fast tile
@@ -173,6 +215,7 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
         seq = {r: [] for r in readers}
         seq1 = {r: [] for r in readers}
         eng, fractions, of_available, probes = [], [], [], []
+        multi, single = [], []  # extract_slides runs with and without prefetching the next slide
         for k in range(repeats):
             for r in readers:
                 seq[r].append(time_sequential(path, grid_cfg, patch, region, Path(tmp), r))
@@ -184,6 +227,10 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
             if others is not None:  # ... and to what other programs left of them
                 of_available.append(min(1.0, cpu / max(1e-9, seconds * cores - others)))
             assert n == len(grid)
+            if slides_fraction:
+                multi.append(time_engine_slides([path] * SLIDES_RUN, config, patch, region, Path(tmp)))
+                single.append(time_engine_slides([path] * SLIDES_RUN, config, patch, region, Path(tmp),
+                                                 prefetch=False))
             if one_thread_baseline and k == 0:
                 torch.set_num_threads(1)
                 try:
@@ -196,7 +243,15 @@ def pipeline_ratio(side: int, region_px: int, patch_px: int, input_px: int, repe
     m_seq = {r: med(v) for r, v in seq.items()}
     m_seq1 = {r: med(v) if v else None for r, v in seq1.items()}
     ratio = lambda a: round(a / m_eng, 3) if a else None  # noqa: E731
+    slides = _fractions(multi, cores) if multi else (None, None)
+    slides_seq = _fractions(single, cores) if single else (None, None)
     return {
+        "cpu_bound_fraction_slides": slides[0],
+        "cpu_bound_fraction_slides_of_available": slides[1],
+        "cpu_bound_fraction_slides_no_prefetch": slides_seq[0],
+        "cpu_bound_fraction_slides_no_prefetch_of_available": slides_seq[1],
+        "slides_s": round(med([r[0] for r in multi]), 3) if multi else None,
+        "slides_no_prefetch_s": round(med([r[0] for r in single]), 3) if single else None,
         "regions": len(grid),
         "reader": reader_name,
         "engine_reader": reader_name,
@@ -319,7 +374,7 @@ def main() -> int:
     repeats = 1 if args.quick else args.repeats
 
     a = pipeline_ratio(side=8192 if args.quick else 14336, region_px=2048, patch_px=256, input_px=16,
-                       repeats=repeats)
+                       repeats=repeats, slides_fraction=True)
     print(f"(a) decode-heavy: {a['settings']}; reader {a['reader']}; {a['regions']} regions (medians of {repeats}): "
           f"sequential {a['sequential_s']} s (one torch thread: {a['sequential_1thread_s']} s), engine "
           f"{a['engine_s']} s -> {a['ratio']}x ({a['ratio_vs_one_thread']}x against the one-thread loop); "
@@ -327,7 +382,11 @@ def main() -> int:
           f"{a['sequential_openslide_1thread_s']} s) -> {a['ratio_vs_openslide']}x "
           f"({a['ratio_vs_openslide_one_thread']}x); CPU-bound fraction {a['cpu_bound_fraction']} "
           f"({a['cpu_bound_fraction_of_available']} of what other programs left; effective cores "
-          f"{a['effective_cores']}); load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{a['effective_cores']}); {SLIDES_RUN} slides in one run: CPU-bound fraction "
+          f"{a['cpu_bound_fraction_slides']} ({a['cpu_bound_fraction_slides_of_available']} of what was left) "
+          f"in {a['slides_s']} s, one after the other {a['cpu_bound_fraction_slides_no_prefetch']} "
+          f"({a['cpu_bound_fraction_slides_no_prefetch_of_available']}) in {a['slides_no_prefetch_s']} s; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     compute = None
     if not args.skip_compute_bound:
         compute = pipeline_ratio(side=4096, region_px=1024, patch_px=128, input_px=48, repeats=1,
@@ -355,13 +414,18 @@ def main() -> int:
         "pipeline_vs_sequential_openslide": a["ratio_vs_openslide"],
         "pipeline_vs_sequential_openslide_1thread": a["ratio_vs_openslide_one_thread"],
         "cpu_bound_fraction_of_available": a["cpu_bound_fraction_of_available"],
+        "cpu_bound_fraction_slides": a["cpu_bound_fraction_slides"],
+        "cpu_bound_fraction_slides_of_available": a["cpu_bound_fraction_slides_of_available"],
+        "cpu_bound_fraction_slides_no_prefetch": a["cpu_bound_fraction_slides_no_prefetch"],
+        "cpu_bound_fraction_slides_no_prefetch_of_available": a["cpu_bound_fraction_slides_no_prefetch_of_available"],
+        "slides_run": SLIDES_RUN,
         "effective_cores": a["effective_cores"],
         "engine_reader": a["engine_reader"],
         "sequential_reader": a["sequential_reader"],
         "sequential_openslide_reader": "openslide",
         "engine_lanes": a["engine_lanes"],
         "seconds": {k: a[k] for k in ("engine_s", "sequential_s", "sequential_1thread_s", "sequential_openslide_s",
-                                      "sequential_openslide_1thread_s")},
+                                      "sequential_openslide_1thread_s", "slides_s", "slides_no_prefetch_s")},
         "compute_bound_ratio": compute["ratio"] if compute else None,
         "loadavg_1min": round(os.getloadavg()[0], 2),
         "regions": a["regions"],

@@ -445,9 +445,10 @@ def test_fast_tissue_filters_equal_scipy():
 
 class _Gate:
     """A patch encoder that holds each batch of ``size`` patches starting once an event ``after`` was traced
-    until an event ``until`` is traced (or 60 s pass: then ``timed_out``). A pipeline that drains - waits
-    for that batch before going on - cannot reach ``until`` while it is held: the order decides, not
-    timing. (The batches held are a chunk's last, partial ones: no other batch has their size.)"""
+    until an event ``until`` is traced (or 60 s pass: then ``timed_out``, and nothing more is held). A
+    pipeline that drains - waits for that batch before going on - cannot reach ``until`` while it is held:
+    the order decides, not timing. (The batches held are a chunk's last, partial ones: no other batch has
+    their size.)"""
 
     def __init__(self, encoder, size, after, until):
         self.encoder, self.size, self.after, self.until = encoder, size, after, until
@@ -461,7 +462,7 @@ class _Gate:
         from napari_slpd.features import engine
 
         trace = engine._TRACE
-        if len(batch) == self.size and any(self.after(e) for e in list(trace)):
+        if not self.timed_out and len(batch) == self.size and any(self.after(e) for e in list(trace)):
             if not any(self.until(e) for e in list(trace)):
                 self.held += 1
             for _ in range(600):
