@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -39,6 +40,30 @@ log = logging.getLogger(__name__)
 
 
 
+REGIONS_KEPT = 32  # slides whose region embeddings stay in memory (each [M, E] float32)
+PROTOTYPES_KEPT = 512  # slides whose prototypes stay in memory (K centroids and M assignments each)
+
+
+class _Recent(OrderedDict):
+    """A dict that keeps its ``limit`` most recently used entries (used under the session's lock)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = int(limit)
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
 class Session(SessionStatusMixin, SessionViewsMixin):
     """An open cohort and the settings used on it. Thread-safe for one writer at a time (the GUI runs
     one task per panel; heavy state is guarded by a lock)."""
@@ -47,8 +72,10 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         self.cohort = Cohort(root, create=create)
         self._lock = threading.RLock()
         self.notices: list[str] = []  # what opening found and settled (see _recover), for the user
-        self._regions: dict[str, tuple[float, RegionData]] = {}
-        self._prototypes: dict[str, tuple[tuple, Any]] = {}
+        # Read back from the cohort's files as slides are shown and queried: the most recently used are kept
+        # (a long session over a large cohort must not keep every slide it touched).
+        self._regions: _Recent = _Recent(REGIONS_KEPT)  # slide_id -> (mtime, RegionData)
+        self._prototypes: _Recent = _Recent(PROTOTYPES_KEPT)  # slide_id -> ((key, stamp), SlidePrototypes)
         self._index = None  # CohortIndex
         self._rindex = None  # RegionIndex
         self._annotations = None  # PrototypeAnnotations, read again when the file changes

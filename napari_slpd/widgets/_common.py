@@ -174,6 +174,7 @@ class Task:
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._on_progress, Qt.ConnectionType.QueuedConnection)
         self._pbar = None
+        self._holder: dict = {}
         self.worker = None
         self.finished = False
 
@@ -183,12 +184,16 @@ class Task:
 
         relay = self._relay
         cancel = self.cancel_event
+        # napari keeps every worker it made (its task-status list holds worker.quit for good), so the worker
+        # must not hold the work or what it returned once it ended: only this holder, emptied at the end.
+        holder = {"fn": self.fn}
+        self._holder = holder
 
         def progress(done: int, total: int) -> None:
             relay.progressed.emit(int(done), int(total))
 
         def work():
-            return self.fn(progress, cancel)
+            return holder["fn"](progress, cancel)
 
         if self.activity:
             from napari.utils import cancelable_progress
@@ -265,6 +270,17 @@ class Task:
             self._pbar = None
         self.finished = True
         self._call(self.on_finished)
+        self._holder.clear()  # the work's closure (a panel's query, a slide) is not napari's to keep
+        self.fn = None
+
+    def release(self) -> None:
+        """Drop the result and the callbacks of a finished task (a newer task of the same bar replaced it);
+        napari's task list may keep this object, which then costs a few hundred bytes."""
+        if not self.finished:
+            return
+        self.result = None
+        self.error = None
+        self.on_result = self.on_error = self.on_cancelled = self.on_finished = self.on_progress = None
 
 
 # How a finished task's bar reads (the bar's text) and whether it ends full. Set from the outcome, never
@@ -327,8 +343,11 @@ class TaskBar(QWidget):
         on_result: Callable[[Any], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         on_cancelled: Callable[[], None] | None = None,
+        activity: bool = True,
     ) -> Task | None:
-        """Start ``fn`` unless a task already runs here (then say so and return None)."""
+        """Start ``fn`` unless a task already runs here (then say so and return None). ``activity``: also
+        list it in napari's activity dock (False for tasks of a fraction of a second, e.g. a query, whose
+        entry would only make the window repaint)."""
         if self.busy:
             show_warning(f"{self.task.description} is still running; wait for it or cancel it first")
             return None
@@ -343,6 +362,8 @@ class TaskBar(QWidget):
             if on_error:
                 on_error(exc)
 
+        if self.task is not None:
+            self.task.release()
         task = Task(
             fn,
             description,
@@ -351,6 +372,7 @@ class TaskBar(QWidget):
             on_cancelled=cancelled,
             on_finished=self._finished,
             on_progress=self._progress,
+            activity=activity,
         )
         self.task = task
         self.end_state = None
