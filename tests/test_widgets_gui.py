@@ -260,7 +260,8 @@ def test_click_a_region_lists_similar_slides_and_opens_a_neighbour(make_napari_v
     assert results[0].slide_id == "dicom-cmu-1-small-region-ybrfix"  # the same tissue, read through DICOM
     assert similar.table.rowCount() == len(results)
     assert similar.table.text(0, 1) == results[0].slide_id
-    assert similar.table.model().cell(0, 0).icon is not None  # thumbnail
+    # thumbnails fill in after the rows are listed (read in the background)
+    qtbot.waitUntil(lambda: similar.table.model().cell(0, 0).icon is not None, timeout=30_000)
     # The title says what was ranked: the clicked region's pattern (its prototype), not the whole slide.
     assert f"best match to '{query.names[query.prototype]}'" in similar.title.text()
     assert f"region {region}" in similar.title.text()

@@ -95,6 +95,10 @@ def make_row_model(headers: list[str], parent=None):
             self.rows = [list(r) for r in rows]
             self.endResetModel()
 
+        def set_row(self, row: int, cells: list[Cell]) -> None:
+            self.rows[row] = list(cells)
+            self.dataChanged.emit(self.index(row, 0), self.index(row, len(self.headers) - 1))
+
         def update_cell(self, row: int, column: int, **changes) -> None:
             cell = self.rows[row][column]
             for key, value in changes.items():

@@ -10,6 +10,10 @@ What is ranked is always said in the title:
 * **A clicked region, region mode**: the regions across the cohort nearest (cosine) to the clicked
   region's own embedding.
 
+Rows are listed as soon as the query returns; thumbnails and the neighbours' prototype names (where a row
+only shows them in its tooltip) are read afterwards in the background and fill in row by row (kept for
+the next queries; a slide without an image is not tried again).
+
 Double-clicking a row opens that slide with its prototypes coloured like the query prototypes they were
 matched to (its own names kept) and outlines the matched regions.
 """
@@ -17,7 +21,10 @@ matched to (its own names kept) and outlines the matched regions.
 from __future__ import annotations
 
 import html
+import itertools
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +55,9 @@ MATCH_COLUMN_PX = 128
 SLIDE_HEADERS = ["", "Slide", "Distance", "Matches"]
 REGION_HEADERS = ["", "Slide", "Region", "Distance"]
 COL_THUMB, COL_SLIDE = 0, 1
+ICONS_KEPT = 256  # thumbnails kept between queries
+DECORATE_BATCH_S = 0.25  # thumbnails read in the background are shown at most this often
+_SERIAL = itertools.count(1)
 INTRO = "Open a slide, then click a region (its pattern) or press 'Whole slide'."
 
 
@@ -60,7 +70,6 @@ class Query:
     region: int | None = None
     prototype: int | None = None  # the clicked region's prototype (slide mode)
     results: list = field(default_factory=list)
-    thumbnails: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)  # query prototype -> name
     colors: dict = field(default_factory=dict)  # query prototype -> '#rrggbb'
     neighbour_names: dict = field(default_factory=dict)  # slide_id -> {prototype: name}
@@ -81,9 +90,20 @@ class Query:
         return f"slides nearest to the whole slide {self.slide_id} by prototype set distance (K − S)"
 
 
+_CHIPS: dict[tuple, QIcon] = {}
+
+
 def chips_icon(colors: list[str], size: int = 14) -> QIcon:
-    """A row of colour chips (the query prototypes a row matched)."""
-    colors = colors[:8]
+    """A row of colour chips (the query prototypes a row matched); made once per set of colours."""
+    key = (tuple(colors[:8]), size)
+    if key not in _CHIPS:
+        if len(_CHIPS) > 512:
+            _CHIPS.clear()
+        _CHIPS[key] = _chips_icon(list(key[0]), size)
+    return _CHIPS[key]
+
+
+def _chips_icon(colors: list[str], size: int) -> QIcon:
     pixmap = QPixmap(max(1, len(colors)) * (size + 2), size)
     pixmap.fill(QColor(0, 0, 0, 0))
     painter = QPainter(pixmap)
@@ -156,6 +176,10 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         layout.addWidget(self.task_bar)
 
         self.query: Query | None = None
+        self._serial = 0  # of the query shown (background thumbnails of an older one are dropped)
+        self._icons: OrderedDict[str, QIcon] = OrderedDict()  # slide_id -> thumbnail, most recent last
+        self._no_thumbnail: set[str] = set()  # slides without a readable image (feature-only entries)
+        self._decorator = None  # the worker reading thumbnails and names of the rows shown
         self._opening_result = False
         self.top_k.valueChanged.connect(self._top_k_changed)
         self.state.cohort_changed.connect(lambda _s: self._clear())
@@ -182,6 +206,9 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
             self.top_k.blockSignals(False)
 
     def _clear(self) -> None:
+        self._stop_decorator()
+        self._icons.clear()
+        self._no_thumbnail.clear()
         self.query = None
         self.table.model().set_rows([])
         self.back_button.setEnabled(False)
@@ -249,7 +276,6 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         top_k = self.top_k.value()
 
         def work(progress, cancel):
-            progress(0, 2)
             protos = session.prototypes(query.slide_id)
             query.names, query.colors = session.prototype_styles(query.slide_id, protos)
             if query.mode == MODE_SLIDES:
@@ -260,47 +286,41 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
                     query.results = session.similar_slides(query.slide_id, top_k)
             else:
                 query.results = session.similar_regions(query.slide_id, query.region, top_k)
-            progress(1, 2)
-            for sid in dict.fromkeys(r.slide_id for r in query.results):
-                if cancel.is_set():
-                    break
-                try:
-                    query.thumbnails[sid] = session.thumbnail(sid)
-                except Exception as exc:  # a thumbnail is decoration; the result stands without it
-                    log.warning("no thumbnail for %s: %s", sid, exc)
-                try:
-                    query.neighbour_names[sid] = session.prototype_styles(sid)[0]
-                except Exception:  # names are decoration too
-                    query.neighbour_names[sid] = {}
-            progress(2, 2)
+            if query.mode == MODE_REGIONS or query.ranks_prototype:  # the rows' text names their prototypes
+                for sid in dict.fromkeys(r.slide_id for r in query.results):
+                    if cancel.is_set():
+                        break
+                    query.neighbour_names[sid] = _names(session, sid)
             return query
 
         what = f"region {query.region} of {query.slide_id}" if query.region is not None else query.slide_id
-        return self.task_bar.run(work, f"{query.mode} to {what}", on_result=self._show)
+        # Not in napari's activity dock: a query takes milliseconds, its entry there only made the window repaint.
+        return self.task_bar.run(work, f"{query.mode} to {what}", on_result=self._show, activity=False)
+
+    def _row(self, query: Query, res) -> list[Cell]:
+        name = Cell(res.slide_id, tooltip=res.slide_id, data=res.slide_id, icon=None)
+        thumb = Cell("", icon=self._icons.get(res.slide_id), tooltip=res.slide_id)
+        if query.mode == MODE_SLIDES:
+            chips = [query.colors.get(k, "#808080") for k, _l in res.pairs]
+            summary = self._match_summary(query, res)
+            matches = Cell(summary, tooltip=self._pairs_text(query, res, "\n"), icon=chips_icon(chips))
+            return [thumb, name, _number(res.distance), matches]
+        own = query.neighbour_names.get(res.slide_id, {})
+        proto = "" if res.prototype is None else f" · {own.get(res.prototype, f'prototype {res.prototype}')}"
+        region = Cell(f"{res.region}{proto}", tooltip=f"region {res.region} of {res.slide_id}{proto}")
+        return [thumb, name, region, _number(res.distance)]
 
     def _show(self, query: Query) -> None:
+        self._stop_decorator()
         self.query = query
+        self._serial = next(_SERIAL)
         self.back_button.setEnabled(False)
         model = self.table.model()
         model.set_headers(SLIDE_HEADERS if query.mode == MODE_SLIDES else REGION_HEADERS)
         self.table.setColumnWidth(COL_THUMB, THUMB_PX + 8)
         self.table.setColumnWidth(3, MATCH_COLUMN_PX)
-        rows = []
-        for res in query.results:
-            icon = QIcon(array_to_pixmap(query.thumbnails[res.slide_id])) if res.slide_id in query.thumbnails else None
-            name = Cell(res.slide_id, tooltip=res.slide_id, data=res.slide_id, icon=None)
-            thumb = Cell("", icon=icon, tooltip=res.slide_id)
-            if query.mode == MODE_SLIDES:
-                chips = [query.colors.get(k, "#808080") for k, _l in res.pairs]
-                summary = self._match_summary(query, res)
-                matches = Cell(summary, tooltip=self._pairs_text(query, res, "\n"), icon=chips_icon(chips))
-                rows.append([thumb, name, _number(res.distance), matches])
-            else:
-                own = query.neighbour_names.get(res.slide_id, {})
-                proto = "" if res.prototype is None else f" · {own.get(res.prototype, f'prototype {res.prototype}')}"
-                region = Cell(f"{res.region}{proto}", tooltip=f"region {res.region} of {res.slide_id}{proto}")
-                rows.append([thumb, name, region, _number(res.distance)])
-        model.set_rows(rows)
+        model.set_rows([self._row(query, res) for res in query.results])
+        self._decorate(query)
         self.task_bar.finish("done", f"{len(query.results)} {'slides' if query.mode == MODE_SLIDES else 'regions'} "
                                      "ranked")
         title = f"{len(query.results)} {query.describe()}. Double-click a row to open it."
@@ -318,6 +338,80 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         if query.results:
             self.table.selectRow(0)
         self._show_detail(0 if query.results else -1)
+
+    # -- thumbnails and names, after the rows are listed ----------------------------------------------
+    def _decorate(self, query: Query) -> None:
+        """Read the thumbnails and names the rows lack in a worker; each row fills in as its slide is read."""
+        session = self.state.session
+        todo = [sid for sid in dict.fromkeys(r.slide_id for r in query.results)
+                if (sid not in self._icons and sid not in self._no_thumbnail) or sid not in query.neighbour_names]
+        if session is None or not todo:
+            return
+        from napari.qt.threading import create_worker
+
+        # napari keeps every worker it made: the worker holds this dict only, emptied when it ends.
+        job = {"todo": todo, "session": session, "skip": set(self._icons) | self._no_thumbnail,
+               "named": set(query.neighbour_names), "serial": self._serial}
+
+        def work():
+            batch, started = [], time.perf_counter()
+            while job.get("todo"):
+                sid = job["todo"].pop(0)
+                image = names = None
+                if sid not in job["skip"]:
+                    try:
+                        image = job["session"].thumbnail(sid)
+                    except Exception as exc:  # a thumbnail is decoration; the row stands without it
+                        log.debug("no thumbnail for %s: %s", sid, exc)
+                        image = False
+                if sid not in job["named"]:
+                    names = _names(job["session"], sid)
+                batch.append((sid, image, names))
+                if time.perf_counter() - started > DECORATE_BATCH_S:  # a slow read: show what is there
+                    yield job.get("serial"), batch
+                    batch, started = [], time.perf_counter()
+            if batch:
+                yield job.get("serial"), batch
+
+        worker = create_worker(work, _start_thread=False)
+        worker.yielded.connect(self._decorated)
+        worker.finished.connect(job.clear)
+        self._decorator = (worker, job)
+        worker.start()
+
+    def _stop_decorator(self) -> None:
+        if self._decorator is not None:
+            worker, job = self._decorator
+            self._decorator = None
+            job["todo"] = []  # stops after the slide it is reading
+            job["serial"] = None
+
+    def _decorated(self, item) -> None:
+        """A batch of (slide id, thumbnail or False when there is none, names or None) for the rows shown
+        (one repaint per batch: under software OpenGL every repaint composes the whole window)."""
+        serial, batch = item
+        query = self.query
+        current = serial == self._serial and query is not None
+        done = set()
+        for sid, image, names in batch:
+            if image is False:
+                self._no_thumbnail.add(sid)
+            elif image is not None:
+                self._icons[sid] = QIcon(array_to_pixmap(image))
+                while len(self._icons) > ICONS_KEPT:
+                    self._icons.popitem(last=False)
+            if current and names is not None:
+                query.neighbour_names[sid] = names
+            done.add(sid)
+        if not current:
+            return
+        model = self.table.model()
+        selected = self.table.currentIndex().row()
+        for row, res in enumerate(query.results):
+            if res.slide_id in done and row < model.rowCount():
+                model.set_row(row, self._row(query, res))
+                if row == selected:
+                    self._show_detail(row)
 
     def _match_summary(self, query: Query, res) -> str:
         if not res.pairs:
@@ -415,6 +509,13 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
             self.state.select_regions(self.query.slide_id, [self.query.region], source="similar")
         self.back_button.setEnabled(False)
         return opened
+
+
+def _names(session, slide_id: str) -> dict:
+    try:
+        return session.prototype_styles(slide_id)[0]
+    except Exception:  # noqa: BLE001 - names are decoration: the rows say "prototype l" then
+        return {}
 
 
 def _number(value: float) -> Cell:
