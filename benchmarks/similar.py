@@ -134,9 +134,9 @@ def _process_cpu() -> float:
 
 
 def _workers() -> int:
-    from napari_slpd.similarity.bounds import _n_workers
+    from napari_slpd.similarity.workers import n_workers
 
-    return _n_workers()
+    return n_workers()
 
 
 def run_regime(regime: str, args, n_slides: int) -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from napari_slpd.similarity import CohortIndex, IndexConfig, prototype_set_similarity
+from napari_slpd.similarity import int8_stage
 from napari_slpd.similarity.bounds import BoundStage
 from napari_slpd.similarity.matching import dual_bounds, matching_upper_bounds
 
@@ -32,7 +33,7 @@ def reference(protos: np.ndarray, query: np.ndarray, n: int, skip: int | None = 
 
 
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
 def test_top_k_equals_brute_force_on_every_regime(regime, precision):
     X = make_cohort(regime, 600, 8, 32, seed=3)
     ids = [f"s{i:04d}" for i in range(len(X))]
@@ -52,7 +53,8 @@ def test_the_bounds_never_prune_a_true_neighbour():
     """Property test over random cohorts: every first-stage bound is >= the true -(distance), and so are the
     row/column and dual bounds of the padded reduced-precision similarities; the top n equals the full sort."""
     rng = np.random.default_rng(0)
-    for trial in range(12):
+    int_checked = 0
+    for trial in range(24):
         K = int(rng.integers(1, 9))
         dim = int(rng.choice([8, 24, 64]))
         sizes = rng.integers(1, 9, size=int(rng.integers(20, 120)))
@@ -64,7 +66,7 @@ def test_the_bounds_never_prune_a_true_neighbour():
             sets.append((P / np.linalg.norm(P, axis=1, keepdims=True)).astype(np.float32))
         query = base[rng.integers(4, size=K)] + regime_scale * rng.standard_normal((K, dim))
         query = (query / np.linalg.norm(query, axis=1, keepdims=True)).astype(np.float32)
-        precision = ["bfloat16", "float32"][trial % 2]
+        precision = ["int8", "bfloat16", "float32"][trial % 3]
         stage = BoundStage(dim, precision=precision)
         for slot, P in enumerate(sets):
             stage.add(np.array([slot]), P[None])
@@ -81,6 +83,11 @@ def test_the_bounds_never_prune_a_true_neighbour():
                 tight = np.minimum(tight, dual_bounds(padded) + 1e-5)
                 assert (dual_bounds(exact) + 1e-9 >= true[slots] + max(K, L)).all()
             assert (tight - max(K, L) >= true[slots] - 1e-6).all()
+            if precision == "int8" and K == L:  # the integer row/column/dual bounds
+                int_bound = int8_stage.tight_bounds(stage, slots)
+                int_checked += 1
+                assert (int_bound - K >= true[slots] - 1e-9).all(), trial
+                assert (int_bound <= tight + 0.05 * K).all()  # and as tight as those on padded floats
         # And the search built on them is exact for every n.
         index = CohortIndex(config=IndexConfig(precision=precision, device="cpu"))
         index.add_many((f"s{i:03d}", P) for i, P in enumerate(sets))
@@ -90,17 +97,76 @@ def test_the_bounds_never_prune_a_true_neighbour():
             assert [r.distance for r in got] == pytest.approx((-true[order]).tolist(), abs=1e-5)
 
 
-def test_rounding_margin_holds_on_near_parallel_vectors():
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_rounding_margin_holds_on_near_parallel_vectors(precision):
     rng = np.random.default_rng(1)
     Q = rng.standard_normal((16, 192)).astype(np.float32)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
     X = Q[None] + 1e-3 * rng.standard_normal((50, 16, 192)).astype(np.float32)  # cosines ~1: largest rounding
     X /= np.linalg.norm(X, axis=2, keepdims=True)
-    stage = BoundStage(192, precision="bfloat16")
+    X[7, 3] = -X[7, 3]  # a negative row maximum somewhere
+    X[9] *= 0  # a slide of zero vectors (scale 1, all codes 0)
+    stage = BoundStage(192, precision=precision)
     stage.add(np.arange(50), X)
     bounds = stage.upper_bounds(Q[None], 50)[0]
     true = np.array([prototype_set_similarity(Q, P)[0] - 16 for P in X])
-    assert (bounds >= true).all() and (bounds - true < 0.2).all()  # safe, and not uselessly loose
+    # safe, and not uselessly loose (int8: the stored codes' error, ~0.009 per prototype, summed over 16)
+    tight = np.ones(50, bool)
+    tight[7] = False  # the row-max bound itself is ~1 loose there (q_3's partner is its opposite)
+    assert (bounds >= true).all() and (bounds - true < 0.3)[tight].all()
+    padded = stage.padded_similarities(np.arange(50))
+    exact = np.einsum("ke,nle->nkl", Q.astype(np.float64), X.astype(np.float64))
+    assert (padded >= exact).all() and (padded - exact < 0.03).all()
+
+
+@pytest.mark.parametrize("regime", ["random", "shared-0.5"])
+def test_int8_pilot_bounds_stay_safe_and_the_search_exact(regime):
+    """Above int8_stage.PILOT_MIN_BLOCKS blocks a single query runs a pilot: in-cache tight bounds for the
+    slides whose row bound reaches the pilot's n-th best. Every bound stays >= the truth; top 10 exact."""
+    n = 256 * int8_stage.PILOT_MIN_BLOCKS + 300
+    X = make_cohort(regime, n, 8, 24, seed=11)
+    ids = [f"s{i:05d}" for i in range(n)]
+    index = CohortIndex(config=IndexConfig(precision="int8", device="cpu"))
+    index.add_arrays(ids, X)
+    stage, store = index.stage(), index._store
+    for qi in (3, 4321):
+        got = index.query(ids[qi], n=10)
+        assert stage.tight_done is not None and stage.tight_done.any()
+        ref = index.query(ids[qi], n=10, method="exact")
+        assert [r.slide_id for r in got] == [r.slide_id for r in ref]
+        assert [r.distance for r in got] == pytest.approx([r.distance for r in ref], abs=1e-6)
+        # the pilot's bounds against the truth, on every slide
+        q = X[qi]
+        from napari_slpd.similarity.set_search import _pilot
+
+        bounds = stage.upper_bounds(q[None], store.n_slots, pilot=_pilot(store, q, 10, np.array([qi])))[0]
+        slots = np.array([index._slot(i) for i in ids])
+        sims = np.einsum("ke,nle->nkl", q.astype(np.float64), X.astype(np.float64))
+        row_max_true = sims.max(axis=2).sum(axis=1) - 8  # >= the true -(distance): a weak check for all
+        tight = stage.tight_done[slots]
+        assert tight.sum() >= 10
+        true = np.array([prototype_set_similarity(q, X[i])[0] - 8 for i in np.flatnonzero(tight)])
+        assert (bounds[slots][tight] >= true - 1e-9).all()
+        assert (bounds[slots][tight] <= row_max_true[tight] + 0.2).all()
+
+
+def test_int8_codes_are_exact_integers_with_measured_errors():
+    from napari_slpd.similarity import int8_codes
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((30, 16, 192)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=2, keepdims=True)
+    codes, scale, err = int8_codes.encode_sets(X)
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 127
+    recon = codes * scale[:, None, None]
+    assert (np.linalg.norm(X - recon, axis=2).max(axis=1) <= err).all() and (err < 0.02).all()
+    q_codes, q_scale, eq, qn = int8_codes.encode_queries(X[:3])
+    assert q_codes.shape == (192, 2 * 3 * 16) and (eq < 1e-3).all()  # hi/lo: ~254x below a plain code
+    hi, lo = q_codes[:, : 3 * 16].T.astype(np.float64), q_codes[:, 3 * 16 :].T.astype(np.float64)
+    approx = ((hi + lo / int8_codes.LO_FACTOR).reshape(3, 16, 192)) * q_scale[:, None, None]
+    assert np.allclose(np.linalg.norm(X[:3] - approx, axis=2), eq, atol=2e-9)
+    with pytest.raises(ValueError, match="int8 codes"):
+        int8_codes.encode_queries(np.zeros((1, 2, int8_codes.MAX_DIM + 1), np.float32))
 
 
 def test_batch_queries_and_knn_arrays_equal_single_queries():

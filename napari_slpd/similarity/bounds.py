@@ -33,24 +33,25 @@ upper bound. Removing a slide frees its lane (bound -inf); adding fills free lan
 from __future__ import annotations
 
 import logging
-import math
-import os
-import threading
-import time
 
 import numpy as np
 
-from napari_slpd.errors import PrototypeError
+from napari_slpd.similarity import int8_codes, int8_stage
+from napari_slpd.similarity.workers import n_workers as _n_workers
+from napari_slpd.similarity.workers import pool as _pool
+from napari_slpd.similarity.workers import thread_buffer as _thread_buffer
 
 log = logging.getLogger(__name__)
 
-UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24, "int8": 0.0}
+PRECISIONS = ("auto", "int8", "bfloat16", "float16", "float32")
 MAX_BLOCK = 2048  # slides per block: a block's product [16 * 2048, 16] bfloat16 (1 MB) stays in L2
+# int8 blocks are multiplied whole (``torch._int_mm`` takes 2-D operands): [16 * 256, 192] codes (768 KB)
+# and their [4096, 2 K] int32 products (512 KB) stay in L2.
+MAX_BLOCK_INT8 = 256
 _MAX_RESULT_ELEMENTS = 1 << 24  # per batch of queries: [slides, queries * K] maxima held at once
 _CHUNK_BYTES = 1 << 20  # a work item's products [L, lanes, Q * K] (reduced precision) stay in L2
 _KEEP_BYTES = 256 << 20  # products kept for the tighter bounds of the candidates (100,000 x 16 x 16: 51 MB)
-_checked: dict[tuple[str, str], bool] = {}
-_check_lock = threading.Lock()
 
 
 def _torch():
@@ -59,118 +60,20 @@ def _torch():
     return torch
 
 
-def resolve_device(device: str | None) -> str:
-    """"cuda" when asked or ("auto") when available, else "cpu"."""
-    torch = _torch()
-    device = device or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrototypeError("the similarity index was asked to use CUDA but no CUDA device is available")
-    return device
-
-
-def choose_precision(precision: str | None, device: str, dim: int) -> str:
-    """The storage type of the reduced copy. "auto": float32 on CUDA (the product costs microseconds
-    there; no TF32), on CPU bfloat16 when a timed product shows it at least 1.5x faster than float32
-    (AMX / AVX512-BF16 machines) and the rounding margin checks out, else float32."""
-    precision = precision or "auto"
-    if precision not in ("auto", "bfloat16", "float16", "float32"):
-        raise PrototypeError(f"index precision must be auto, bfloat16, float16 or float32, not {precision!r}")
-    if precision != "auto":
-        return precision if _self_check(precision, device, dim) else "float32"
-    if device != "cpu":
-        return "float32"
-    key = ("auto", str(dim))
-    if key not in _checked:
-        fast = _cpu_has_bf16()
-        if fast is None:  # not Linux: time it (minimum of several runs: robust to a busy machine)
-            fast = _bf16_speedup(dim) >= 1.5
-        _checked[key] = fast
-        log.info("similarity bounds: first stage in %s", "bfloat16" if fast else "float32")
-    if _checked[key] and _self_check("bfloat16", device, dim):
-        return "bfloat16"
-    return "float32"
-
-
-def _cpu_has_bf16() -> bool | None:
-    """Whether the CPU multiplies bfloat16 natively (AMX or AVX512-BF16; oneDNN uses them), None if unknown.
-    A timed comparison on a shared machine picked float32 once in ten runs; the flags do not flicker."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        return None
-    return None
-
-
-def _bf16_speedup(dim: int) -> float:
-    torch = _torch()
-    rng = np.random.default_rng(0)
-    X = torch.from_numpy(rng.standard_normal((65536, dim), dtype=np.float32))
-    q = torch.from_numpy(rng.standard_normal((dim, 16), dtype=np.float32))
-
-    def timed(dtype):
-        a, b = X.to(dtype), q.to(dtype).contiguous()
-        out = torch.empty(a.shape[0], 16, dtype=dtype)
-        best = math.inf
-        for _ in range(7):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    return timed(torch.float32) / max(timed(torch.bfloat16), 1e-9)
-
-
-def _self_check(precision: str, device: str, dim: int) -> bool:
-    """Whether the margin above holds for this machine's products (random and near-parallel vectors)."""
-    if precision == "float32":
-        return True
-    key = (precision, f"{device}:{dim}")
-    with _check_lock:
-        if key in _checked:
-            return _checked[key]
-        torch = _torch()
-        rng = np.random.default_rng(1)
-        X = rng.standard_normal((4096, dim)).astype(np.float32)
-        Q = rng.standard_normal((16, dim)).astype(np.float32)
-        X[:16] = Q + 1e-3 * rng.standard_normal((16, dim)).astype(np.float32)  # cosines near 1
-        X /= np.linalg.norm(X, axis=1, keepdims=True)
-        Q /= np.linalg.norm(Q, axis=1, keepdims=True)
-        stage = BoundStage(dim, precision=precision, device=device)
-        dtype = stage.dtype
-        Xt = torch.from_numpy(X)
-        Qt = torch.from_numpy(Q)
-        Xl, Ql = Xt.to(dtype), Qt.to(dtype)
-        ex = (Xt - Xl.float()).norm(dim=1).numpy()
-        eq = (Qt - Ql.float()).norm(dim=1).numpy()
-        qn = Ql.float().norm(dim=1).numpy()
-        got = torch.mm(Xl.to(device), Ql.T.contiguous().to(device)).float().cpu().numpy()
-        true = X.astype(np.float64) @ Q.astype(np.float64).T
-        margin = stage.u * 1.01 * np.abs(got) + eq[None, :] + qn[None, :] * ex[:, None] + stage.acc_eps
-        ok = bool((true <= got + margin).all())
-        if not ok:
-            log.warning("similarity bounds: %s products on %s exceed the rounding margin; using float32",
-                        precision, device)
-        _checked[key] = ok
-        return ok
-
-
 class _Group:
     """The reduced copies of all slides with L prototypes: data [blocks, L, B, E] and per lane its slot
-    (-1 when free) and rounding error (max ||x - x_hat|| over the slide's prototypes)."""
+    (-1 when free), rounding error (max ||x - x_hat|| over the slide's prototypes) and, for int8 codes,
+    the slide's scale."""
 
     def __init__(self, L: int, dim: int, dtype, device: str):
         torch = _torch()
         self.L, self.dim, self.dtype, self.device = int(L), int(dim), dtype, device
+        self.max_block = MAX_BLOCK_INT8 if dtype == torch.int8 else MAX_BLOCK
         self.B = 0
         self.data = torch.zeros((0, self.L, 0, self.dim), dtype=dtype, device=device)
         self.slots = np.empty(0, np.int64)
-        self.err = np.empty(0, np.float32)
+        self.err = np.empty(0, np.float64)
+        self.scale = np.empty(0, np.float64)
         self.used = 0  # lanes handed out so far (high-water mark)
         self.free: list[int] = []
         self._kept = None  # a reused buffer for the last query batch's products (no page faults per query)
@@ -195,11 +98,11 @@ class _Group:
         if need <= self.capacity:
             return
         target = max(need, 2 * self.capacity, 16)
-        if target <= MAX_BLOCK:
+        if target <= self.max_block:
             B = 1 << (target - 1).bit_length()
             n_blocks = 1
         else:
-            B = MAX_BLOCK
+            B = self.max_block
             n_blocks = -(-target // B)
         data = torch.zeros((n_blocks, self.L, B, self.dim), dtype=self.dtype, device=self.device)
         if self.capacity:
@@ -209,11 +112,13 @@ class _Group:
                 data[0, :, : self.B] = self.data[0]
         slots = np.full(n_blocks * B, -1, np.int64)
         slots[: self.slots.size] = self.slots
-        err = np.zeros(n_blocks * B, np.float32)
+        err = np.zeros(n_blocks * B, np.float64)
         err[: self.err.size] = self.err
-        self.data, self.slots, self.err, self.B = data, slots, err, B
+        scale = np.ones(n_blocks * B, np.float64)
+        scale[: self.scale.size] = self.scale
+        self.data, self.slots, self.err, self.scale, self.B = data, slots, err, scale, B
 
-    def add(self, slots: np.ndarray, low, err: np.ndarray) -> np.ndarray:
+    def add(self, slots: np.ndarray, low, err: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
         """Store reduced copies ``low`` [N, L, E] (a tensor of this group's dtype) for ``slots``; returns lanes."""
         torch = _torch()
         N = len(slots)
@@ -227,6 +132,8 @@ class _Group:
         self.data[block, :, lane, :] = low.to(self.device)
         self.slots[lanes] = slots
         self.err[lanes] = err
+        if scale is not None:
+            self.scale[lanes] = scale
         return lanes
 
     def remove(self, lane: int) -> None:
@@ -250,11 +157,7 @@ class BoundStage:
         self._slot_L = np.zeros(0, np.int64)  # the same as arrays indexed by slot (0: not stored)
         self._slot_lane = np.zeros(0, np.int64)
         self._kept = None  # the last single query's products (see padded_similarities)
-
-    @classmethod
-    def create(cls, dim: int, precision: str | None = "auto", device: str | None = "auto") -> BoundStage:
-        device = resolve_device(device)
-        return cls(dim, choose_precision(precision, device, dim), device)
+        self.tight_done = None  # int8 with a pilot: [n_slots] bool, slots whose bound is already tight
 
     def __len__(self) -> int:
         return len(self.where)
@@ -274,14 +177,19 @@ class BoundStage:
         for s in slots.tolist():
             if s in self.where:
                 self.remove(s)
-        x = torch.from_numpy(np.ascontiguousarray(vectors, np.float32))
-        low = x.to(self.dtype)
-        err = (x - low.float()).norm(dim=2).amax(dim=1).numpy().astype(np.float32) if self.u > 2**-20 \
-            else np.zeros(N, np.float32)
+        scale = None
+        if self.precision == "int8":
+            codes, scale, err = int8_codes.encode_sets(vectors)
+            low = torch.from_numpy(codes)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(vectors, np.float32))
+            low = x.to(self.dtype)
+            err = (x - low.float()).norm(dim=2).amax(dim=1).numpy().astype(np.float64) if self.u > 2**-20 \
+                else np.zeros(N, np.float64)
         group = self.groups.get(L)
         if group is None:
             group = self.groups[L] = _Group(L, E, self.dtype, self.device)
-        lanes = group.add(slots, low, err)
+        lanes = group.add(slots, low, err, scale)
         self.where.update(zip(slots.tolist(), ((L, int(lane)) for lane in lanes)))
         top = int(slots.max()) + 1
         if top > self._slot_L.size:
@@ -304,21 +212,27 @@ class BoundStage:
         slots = np.asarray(slots, np.int64)
         return self._slot_L[slots], self._slot_lane[slots]
 
-    def upper_bounds(self, queries: np.ndarray, n_slots: int) -> np.ndarray:
+    def upper_bounds(self, queries: np.ndarray, n_slots: int, pilot=None) -> np.ndarray:
         """[Q, n_slots] float64: for queries [Q, K, E] (normalized float32), an upper bound on
         -(distance) = S - max(K, L) for every stored slot (-inf for slots not stored). On CPU the
         products are kept until the next call (when they fit in ``_KEEP_BYTES``), for
-        :meth:`padded_similarities`."""
+        :meth:`padded_similarities`. ``pilot`` (one query, int8): a function of the bounds of a first
+        part of the cohort returning a value the n-th best -(distance) is known to reach; slides whose
+        bound reaches it get the tighter bounds at once, in cache (int8_stage.py)."""
         queries = np.ascontiguousarray(queries, np.float32)
-        self._kept = None
+        self._kept = self.tight_done = None
         Q, K, _ = queries.shape
         out = np.full((Q, n_slots), -np.inf)
         per_batch = max(1, _MAX_RESULT_ELEMENTS // max(1, K * max(1, len(self.where))))
         for q0 in range(0, Q, per_batch):
-            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch], keep=per_batch >= Q)
+            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch], keep=per_batch >= Q,
+                               pilot=pilot if Q == 1 else None)
         return out
 
-    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True) -> None:
+    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True, pilot=None) -> None:
+        if self.precision == "int8":
+            int8_stage.bounds_batch(self, queries, out, keep, pilot)
+            return
         Q, K, E = queries.shape
         # The queries' rounding in numpy: torch's element-wise ops on these few hundred rows fork its
         # intra-op threads, and on a busy 2-core machine each fork waited ~10 ms for a descheduled thread.
@@ -368,6 +282,8 @@ class BoundStage:
         12 KB)."""
         if self._kept is None or len(slots) == 0:
             return None
+        if self.precision == "int8":
+            return int8_stage.padded_similarities(self, np.asarray(slots, np.int64), row)
         kept, eq, qn, K = self._kept
         Ls, lanes = self.slot_lanes(slots)
         L = int(Ls[0])
@@ -449,27 +365,6 @@ class BoundStage:
         return m[: group.used].float().cpu().numpy()
 
 
-# Blocks are spread over one worker per core, each running single-threaded products: measured on 2 shared
-# cores, one 2-thread product per block took 10-30x longer whenever another process held a core (every
-# OpenMP barrier waits for the descheduled thread), single-threaded workers degrade gracefully.
-_POOL = None
-_POOL_LOCK = threading.Lock()
-_LOCAL = threading.local()
-
-
-def _pool():
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else (os.cpu_count() or 1)))
-            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="slpd-bounds",
-                                       initializer=lambda: _torch().set_num_threads(1))
-        return _POOL
-
-
 def _round_to(x: np.ndarray, precision: str) -> np.ndarray:
     """float32 ``x`` rounded to ``precision`` (round to nearest even, as torch's conversion), as float32."""
     x = np.ascontiguousarray(x, np.float32)
@@ -492,22 +387,6 @@ def _as_torch(x: np.ndarray, precision: str):
     if precision == "float16":
         return torch.from_numpy(x.astype(np.float16))
     return torch.from_numpy(x)
-
-
-def _n_workers() -> int:
-    return _pool()._max_workers
-
-
-def _thread_buffer(shape: tuple, dtype):
-    """A product buffer reused by the calling worker thread."""
-    buffers = getattr(_LOCAL, "buffers", None)
-    if buffers is None:
-        buffers = _LOCAL.buffers = {}
-    key = (shape, dtype)
-    if key not in buffers:
-        buffers.clear()
-        buffers[key] = _torch().empty(shape, dtype=dtype)
-    return buffers[key]
 
 
 class _no_tf32:

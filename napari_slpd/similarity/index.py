@@ -46,6 +46,7 @@ from napari_slpd.similarity.matching import (
     pairs_from_similarity,
 )
 from napari_slpd.similarity.persistence import FORMAT_VERSION, load_store, save_store
+from napari_slpd.similarity.precision import create_stage
 from napari_slpd.similarity.set_search import (
     SearchStats,
     brute_force_search,
@@ -275,7 +276,7 @@ class CohortIndex:
         """The first stage (reduced copy of all prototypes), built from the stored vectors when missing."""
         if self._stage is None:
             store = self._store
-            stage = BoundStage.create(store.dim, self.config.precision, self.config.device)
+            stage = create_stage(store.dim, self.config.precision, self.config.device)
             live = store.live_slots()
             counts = store.slot_count[live]
             for count in np.unique(counts):

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_slpd.similarity.bounds import BoundStage, _n_workers, _pool
+from napari_slpd.similarity import int8_stage
+from napari_slpd.similarity.bounds import BoundStage
 from napari_slpd.similarity.matching import (
     _DUAL_SLACK,
     TopMatch,
@@ -37,6 +38,8 @@ from napari_slpd.similarity.matching import (
     matching_upper_bounds,
 )
 from napari_slpd.similarity.store import VectorStore
+from napari_slpd.similarity.workers import n_workers as _n_workers
+from napari_slpd.similarity.workers import pool as _pool
 
 # First-stage bounds are compared with exact values computed in float32: leave room for that rounding.
 FIRST_STAGE_SLACK = 1e-4
@@ -97,6 +100,15 @@ def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: 
 
     def part(item) -> bool:
         L, where = item
+        if q_size == L and stage.precision == "int8":
+            todo = where if stage.tight_done is None else where[~stage.tight_done[slots[where]]]
+            out[where] = np.inf  # already tight (int8_stage's pilot): the first-stage bound says it all
+            if todo.size:
+                bound = int8_stage.tight_bounds(stage, slots[todo], row)
+                if bound is None:
+                    return False
+                out[todo] = bound - L
+            return True
         padded = stage.padded_similarities(slots[where], row)
         if padded is None:
             return False
@@ -147,13 +159,17 @@ def rerank(store: VectorStore, q: np.ndarray, n: int, bounds: np.ndarray, stats:
         order_by = first if tight is None else np.minimum(first, tight)
         order = np.lexsort((idx, -order_by))
         idx, order_by = idx[order], order_by[order]
-        for start in range(0, idx.size, step):
+        start, size = 0, step
+        while start < idx.size:
             if top.full and order_by[start] < top.threshold - FIRST_STAGE_SLACK:
                 break  # sorted: the rest of this batch cannot beat the n-th best either
-            chunk = idx[start : start + step]
+            chunk = idx[start : start + size]
             if top.full:
-                chunk = chunk[order_by[start : start + step] >= top.threshold - FIRST_STAGE_SLACK]
+                chunk = chunk[order_by[start : start + size] >= top.threshold - FIRST_STAGE_SLACK]
             stats.rescored += offer_slots(top, store, q, chunk)
+            # Growing steps: the first ones set the threshold; past them each step costs Python overhead
+            # (~0.3 ms) that thousands of candidates (int8's looser bounds) would pay 30 times over.
+            start, size = start + size, size * 2
         batch *= 4
     stats.solved += top.solved
     return top.results()
@@ -178,7 +194,8 @@ def search_many(store: VectorStore, stage: BoundStage, queries: list[np.ndarray]
         for b0 in range(0, len(members), _QUERY_BATCH):
             batch = members[b0 : b0 + _QUERY_BATCH]
             t0 = time.perf_counter()
-            bounds = stage.upper_bounds(np.stack([queries[i] for i in batch]), store.n_slots)
+            pilot = _pilot(store, queries[batch[0]], n, excluded[batch[0]]) if len(batch) == 1 else None
+            bounds = stage.upper_bounds(np.stack([queries[i] for i in batch]), store.n_slots, pilot=pilot)
             bound_ms = 1000 * (time.perf_counter() - t0) / len(batch)
             for row, i in enumerate(batch):
                 t1 = time.perf_counter()
@@ -191,6 +208,27 @@ def search_many(store: VectorStore, stage: BoundStage, queries: list[np.ndarray]
                 stats.total_ms = bound_ms + 1000 * (time.perf_counter() - t1)
                 results[i] = (matches, stats)
     return results
+
+
+def _pilot(store: VectorStore, q: np.ndarray, n: int, excluded: np.ndarray | None):
+    """For the int8 first stage (int8_stage.py): given the bounds of a first part of the cohort, the n-th
+    best exact -(distance) among its most promising slides (-inf when fewer than n), which the final n-th
+    best reaches since it ranks a superset."""
+
+    def floor(bounds: np.ndarray) -> float:
+        b = bounds.copy()
+        if excluded is not None and len(excluded):
+            b[np.asarray(excluded, np.int64)] = -np.inf
+        finite = int(np.isfinite(b).sum())
+        m = min(finite, 4 * n + 16)
+        if m < n or n <= 0:
+            return -np.inf
+        idx = np.argpartition(-b, m - 1)[:m]
+        top = TopN(n)
+        offer_slots(top, store, q, idx[np.isfinite(b[idx])])
+        return top.threshold if top.full else -np.inf
+
+    return floor
 
 
 def full_product_search(store: VectorStore, q: np.ndarray, n: int,
