@@ -294,6 +294,8 @@ class RegionStream:
             return True  # reads happen in the caller's thread, never beside the model
         if self._pending:
             return False
+        if self._next is not None and not self._next.reads_finished():
+            return False  # the next slide's reads run on the same threads now
         return all(future.done() for _, future in self._window)
 
     def __iter__(self) -> "RegionStream":
