@@ -157,7 +157,6 @@ class BoundStage:
         self._slot_L = np.zeros(0, np.int64)  # the same as arrays indexed by slot (0: not stored)
         self._slot_lane = np.zeros(0, np.int64)
         self._kept = None  # the last single query's products (see padded_similarities)
-        self.tight_done = None  # int8 with a pilot: [n_slots] bool, slots whose bound is already tight
 
     def __len__(self) -> int:
         return len(self.where)
@@ -212,26 +211,23 @@ class BoundStage:
         slots = np.asarray(slots, np.int64)
         return self._slot_L[slots], self._slot_lane[slots]
 
-    def upper_bounds(self, queries: np.ndarray, n_slots: int, pilot=None) -> np.ndarray:
+    def upper_bounds(self, queries: np.ndarray, n_slots: int) -> np.ndarray:
         """[Q, n_slots] float64: for queries [Q, K, E] (normalized float32), an upper bound on
         -(distance) = S - max(K, L) for every stored slot (-inf for slots not stored). On CPU the
         products are kept until the next call (when they fit in ``_KEEP_BYTES``), for
-        :meth:`padded_similarities`. ``pilot`` (one query, int8): a function of the bounds of a first
-        part of the cohort returning a value the n-th best -(distance) is known to reach; slides whose
-        bound reaches it get the tighter bounds at once, in cache (int8_stage.py)."""
+        :meth:`padded_similarities`."""
         queries = np.ascontiguousarray(queries, np.float32)
-        self._kept = self.tight_done = None
+        self._kept = None
         Q, K, _ = queries.shape
         out = np.full((Q, n_slots), -np.inf)
         per_batch = max(1, _MAX_RESULT_ELEMENTS // max(1, K * max(1, len(self.where))))
         for q0 in range(0, Q, per_batch):
-            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch], keep=per_batch >= Q,
-                               pilot=pilot if Q == 1 else None)
+            self._bounds_batch(queries[q0 : q0 + per_batch], out[q0 : q0 + per_batch], keep=per_batch >= Q)
         return out
 
-    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True, pilot=None) -> None:
+    def _bounds_batch(self, queries: np.ndarray, out: np.ndarray, keep: bool = True) -> None:
         if self.precision == "int8":
-            int8_stage.bounds_batch(self, queries, out, keep, pilot)
+            int8_stage.bounds_batch(self, queries, out, keep)
             return
         Q, K, E = queries.shape
         # The queries' rounding in numpy: torch's element-wise ops on these few hundred rows fork its

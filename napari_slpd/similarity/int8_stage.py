@@ -5,14 +5,13 @@
 254 max H + max Lo clamped at 0 and, for K <= L, its sum per query: the row-max bound, scaled to cosines
 with the margin added (int8_codes.py).
 
-Why a pilot (one query, K = L): int8's margin (~0.009 per prototype pair, ~0.15 per slide) lets ~10x more
-slides through the row-max bound than the exact row maxima would on uniformly random prototypes (11,000
-of 100,000 instead of 1,000-2,000; measured), and gathering those candidates' codes again for the
-tighter bounds cost more than the first stage saved. So the first 1/16 of the blocks goes first; the
-caller solves the best of them exactly and returns the n-th best -(distance) among them (a value the
-final n-th best reaches); the other blocks then compute, while their products are still in cache, the
-column-max and one-dual-round bounds (``tight_bounds``' integers) of the slides whose row bound reaches
-that value, and mark them in ``stage.tight_done``.
+Why the candidates' tighter bounds gather their codes again rather than keeping the products: keeping
+writes 1 KB per slide per query (100 MB at 100,000 slides) and reads it back; int8's margin (~0.009 per
+prototype pair, ~0.15 per slide) lets ~10x more slides through the row-max bound than the exact row
+maxima would on uniformly random prototypes (11,000 of 100,000 instead of 1,000-2,000; measured), and
+3 KB of codes each is still the cheaper trip. A pilot that computed the tighter bounds in cache during the
+first stage (from an estimate of the final threshold made on 1/16 of the cohort) was measured slower:
+its selection and per-block calls cost as much as the gather it saved.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ from napari_slpd.similarity import int8_codes
 from napari_slpd.similarity.int8_codes import LO_FACTOR, NORM_SLACK, SLACK
 from napari_slpd.similarity.workers import pool, thread_buffer
 
-PILOT_MIN_BLOCKS = 32  # below this many blocks (~8,000 slides) the whole cohort is cheap: no pilot
-PILOT_FRACTION = 16  # the pilot runs on 1/16 of the blocks
-
 
 def _torch():
     import torch
@@ -33,105 +29,53 @@ def _torch():
     return torch
 
 
-def bounds_batch(stage, queries: np.ndarray, out: np.ndarray, keep: bool, pilot=None) -> None:
+def bounds_batch(stage, queries: np.ndarray, out: np.ndarray, keep: bool) -> None:
     """``BoundStage._bounds_batch`` for int8 codes: fills ``out`` [Q, n_slots]."""
     torch = _torch()
     Q, K, _ = queries.shape
     codes, q_scale, eq, qn = int8_codes.encode_queries(queries)
     qT = torch.from_numpy(codes)
     eq_sum, qn_sum = eq.sum(axis=1) * NORM_SLACK, qn.sum(axis=1)
-    work = [g for g in stage.groups.values() if g.used]
-    use_pilot = pilot is not None and Q == 1 and sum(g.n_blocks_used for g in work) >= PILOT_MIN_BLOCKS
-    if use_pilot:
-        stage.tight_done = np.zeros(out.shape[1], bool)
-    first, rest = [], []
-    for group in work:
-        nb = group.n_blocks_used
-        cut = max(1, nb // PILOT_FRACTION) if use_pilot and group.L == K else 0
-        first.append((group, range(cut)))
-        rest.append((group, range(cut, nb)))
-    floor = None
-    if use_pilot:
-        for group, blocks in first:
-            _run_blocks(stage, group, qT, Q, K, blocks, out, q_scale, eq, qn, eq_sum, qn_sum, None)
-        floor = pilot(out[0])
-        work_items = rest
-    else:
-        work_items = [(g, range(g.n_blocks_used)) for g in work]
-    for group, blocks in work_items:
-        _run_blocks(stage, group, qT, Q, K, blocks, out, q_scale, eq, qn, eq_sum, qn_sum,
-                    floor if group.L == K else None)
+    for group in stage.groups.values():
+        if group.used:
+            _group_bounds(stage, group, qT, Q, K, out, q_scale, eq_sum, qn_sum)
     if keep:
         stage._kept = ("int8", codes, q_scale, eq, qn, K)
 
 
-def _run_blocks(stage, group, qT, Q, K, blocks, out, q_scale, eq, qn, eq_sum, qn_sum, floor) -> None:
-    """Bounds of the slides in ``blocks`` of ``group`` into ``out``; with a ``floor`` (one query, K = L),
-    in-cache tight bounds of those whose row bound reaches it."""
+def _group_bounds(stage, group, qT, Q: int, K: int, out: np.ndarray, q_scale, eq_sum, qn_sum) -> None:
+    """Row-max bounds of every slide of ``group`` (all with L prototypes) into ``out``."""
     torch = _torch()
-    if len(blocks) == 0:
-        return
     L, B = group.L, group.B
     QK = Q * K
     reduce_sums = K <= L
-    lanes = np.arange(blocks.start * B, min(blocks.stop * B, group.used))
-    result = np.zeros((blocks.stop * B - blocks.start * B, Q if reduce_sums else QK), np.int64)
+    result = np.empty((group.n_blocks_used * B, Q if reduce_sums else QK), np.int64)
     result_t = torch.from_numpy(result)
-    size = max(K, L)
-    a = group.scale[lanes] * (q_scale[0] / LO_FACTOR) if floor is not None else None
-    m_rows = eq_sum[0] + group.err[lanes] * qn_sum[0] if floor is not None else None
-    tight_rows = tight_cols = picked = None
-    if floor is not None and np.isfinite(floor):
-        # The integer row-sum each lane needs for its bound to reach the floor (a little lower: picking more
-        # slides only costs time; the bounds stay valid whichever slides get the tighter ones).
-        need = np.full(result.shape[0], np.inf)
-        need[: lanes.size] = (floor + size - m_rows - L * SLACK) / a * (1 - 1e-9) - 1
-        need_t = torch.from_numpy(need)
-        tight_rows = np.zeros(result.shape[0], np.int64)
-        tight_cols = np.zeros(result.shape[0], np.int64)
-        picked = np.zeros(result.shape[0], bool)
 
     def block(b: int) -> None:
         prod = thread_buffer((L * B, 2 * QK), torch.int32)
         torch._int_mm(group.data[b].view(L * B, stage.dim), qT, out=prod)
         m = prod.view(L, B, 2 * QK).amax(dim=0)  # [B, 2 QK]
         t = m[:, :QK].mul_(LO_FACTOR).add_(m[:, QK:]).clamp_min_(0)  # int32: MAX_DIM keeps it exact
-        r0 = (b - blocks.start) * B
-        dest = result_t[r0 : r0 + B]
+        dest = result_t[b * B : (b + 1) * B]
         if reduce_sums:
             torch.sum(t.view(B, Q, K), dim=2, out=dest)
         else:
             dest.copy_(t)
-        if picked is None:
-            return
-        sel = torch.nonzero(dest[:, 0] >= need_t[r0 : r0 + B]).flatten()
-        if sel.numel() == 0:
-            return
-        p = prod.view(L, B, 2 * K).index_select(1, sel)  # [L, n, 2K], still in cache
-        T = p[..., :K].mul(LO_FACTOR).add_(p[..., K:])  # exact 254 H + Lo [L, n, K]
-        rows, cols = _tight_integers(T.transpose(0, 1))
-        idx = sel.numpy() + r0
-        tight_rows[idx], tight_cols[idx], picked[idx] = rows, cols, True
 
-    list(pool().map(block, blocks))
-    n = lanes.size
+    list(pool().map(block, range(group.n_blocks_used)))
+    n = group.used
     if reduce_sums:
         sums = result[:n].astype(np.float64)
     else:  # K > L: only L pairs are matched: the L largest row maxima
         maxima = -np.partition(-result[:n].reshape(n, Q, K), L - 1, axis=2)[:, :, :L]
         sums = maxima.sum(axis=2, dtype=np.float64)
     # Integer sums of clamped row maxima of 254 H + Lo, to cosines: slide scale x query scale / 254.
-    bound = sums * (group.scale[lanes, None] * q_scale[None, :] / LO_FACTOR)
+    bound = sums * (group.scale[:n, None] * q_scale[None, :] / LO_FACTOR)
     bound = bound * (1 + 1e-12) + min(K, L) * SLACK
-    bound += (eq_sum - size)[None, :] + group.err[lanes, None] * qn_sum[None, :]
-    slots = group.slots[lanes]
+    bound += (eq_sum - max(K, L))[None, :] + group.err[:n, None] * qn_sum[None, :]
+    slots = group.slots[:n]
     alive = slots >= 0
-    if picked is not None:
-        got = np.flatnonzero(picked[:n] & alive)
-        m_cols = (eq[0] * NORM_SLACK).max() + group.err[lanes[got]] * qn[0].max()
-        tight = np.minimum(tight_rows[got] * a[got] + m_rows[got], tight_cols[got] * a[got] + L * m_cols)
-        bound[got, 0] = np.minimum(bound[got, 0], tight * (1 + 1e-12) + L * SLACK - size)
-        stage.tight_done[slots[got]] = True
     out[:, slots[alive]] = bound[alive].T
 
 

@@ -101,13 +101,10 @@ def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: 
     def part(item) -> bool:
         L, where = item
         if q_size == L and stage.precision == "int8":
-            todo = where if stage.tight_done is None else where[~stage.tight_done[slots[where]]]
-            out[where] = np.inf  # already tight (int8_stage's pilot): the first-stage bound says it all
-            if todo.size:
-                bound = int8_stage.tight_bounds(stage, slots[todo], row)
-                if bound is None:
-                    return False
-                out[todo] = bound - L
+            bound = int8_stage.tight_bounds(stage, slots[where], row)
+            if bound is None:
+                return False
+            out[where] = bound - L
             return True
         padded = stage.padded_similarities(slots[where], row)
         if padded is None:
@@ -121,7 +118,10 @@ def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: 
         out[where] = bound
         return True
 
-    done = list(_pool().map(part, parts)) if len(parts) > 1 else [part(parts[0])]
+    # int8 parts call torch: on the workers always (workers.split_map says why); numpy parts of one slot
+    # group run here (handing ~1 ms of work over cost more than it saved on a busy machine).
+    in_caller = len(parts) == 1 and stage.precision != "int8"
+    done = [part(parts[0])] if in_caller else list(_pool().map(part, parts))
     return out if all(done) else None
 
 
@@ -194,8 +194,7 @@ def search_many(store: VectorStore, stage: BoundStage, queries: list[np.ndarray]
         for b0 in range(0, len(members), _QUERY_BATCH):
             batch = members[b0 : b0 + _QUERY_BATCH]
             t0 = time.perf_counter()
-            pilot = _pilot(store, queries[batch[0]], n, excluded[batch[0]]) if len(batch) == 1 else None
-            bounds = stage.upper_bounds(np.stack([queries[i] for i in batch]), store.n_slots, pilot=pilot)
+            bounds = stage.upper_bounds(np.stack([queries[i] for i in batch]), store.n_slots)
             bound_ms = 1000 * (time.perf_counter() - t0) / len(batch)
             for row, i in enumerate(batch):
                 t1 = time.perf_counter()
@@ -208,27 +207,6 @@ def search_many(store: VectorStore, stage: BoundStage, queries: list[np.ndarray]
                 stats.total_ms = bound_ms + 1000 * (time.perf_counter() - t1)
                 results[i] = (matches, stats)
     return results
-
-
-def _pilot(store: VectorStore, q: np.ndarray, n: int, excluded: np.ndarray | None):
-    """For the int8 first stage (int8_stage.py): given the bounds of a first part of the cohort, the n-th
-    best exact -(distance) among its most promising slides (-inf when fewer than n), which the final n-th
-    best reaches since it ranks a superset."""
-
-    def floor(bounds: np.ndarray) -> float:
-        b = bounds.copy()
-        if excluded is not None and len(excluded):
-            b[np.asarray(excluded, np.int64)] = -np.inf
-        finite = int(np.isfinite(b).sum())
-        m = min(finite, 4 * n + 16)
-        if m < n or n <= 0:
-            return -np.inf
-        idx = np.argpartition(-b, m - 1)[:m]
-        top = TopN(n)
-        offer_slots(top, store, q, idx[np.isfinite(b[idx])])
-        return top.threshold if top.full else -np.inf
-
-    return floor
 
 
 def full_product_search(store: VectorStore, q: np.ndarray, n: int,

@@ -49,3 +49,11 @@ def thread_buffer(shape: tuple, dtype):
         buffers.clear()
         buffers[key] = _torch().empty(shape, dtype=dtype)
     return buffers[key]
+
+
+def split_map(fn, n: int, min_part: int = 1024) -> list:
+    """[fn(0, m), fn(m, 2m), ...] over range(n) in parts of at least ``min_part``, on the workers: torch calls
+    from the calling thread fork its intra-op threads, and on a busy machine each fork waited for a
+    descheduled thread (a 16 ms sum of 13,000 x 16 integers, measured); the workers run single-threaded."""
+    step = max(min_part, -(-n // n_workers()))
+    return list(pool().map(lambda s0: fn(s0, min(n, s0 + step)), range(0, n, step)))
