@@ -505,7 +505,8 @@ class PreparedSlide:
 def prepare_slide(slide_path, out_path, patch_encoder, region_encoder,
                   config: ExtractionConfig | None = None) -> PreparedSlide:
     """The part of :func:`extract_slide` before any region is read: open the slide, check the file (an
-    up-to-date file: skipped), detect tissue and build the region grid. Thread-safe; touches no file but
+    up-to-date file: skipped), detect tissue and build the region grid. ``out_path`` may be a function of
+    the open slide (e.g. of its slide id). Thread-safe; touches no file but
     to read it. Raises what extract_slide raises for these steps (the slide is closed then)."""
     from napari_slpd.slides.grid import build_region_grid
     from napari_slpd.slides.slide import Slide, open_slide
@@ -513,10 +514,10 @@ def prepare_slide(slide_path, out_path, patch_encoder, region_encoder,
 
     config = config or ExtractionConfig()
     t0 = time.perf_counter()
-    out_path = Path(out_path)
     owns_slide = not isinstance(slide_path, Slide)
     slide = open_slide(slide_path, mpp=config.mpp, mpp_fallback=config.mpp_fallback) if owns_slide else slide_path
     try:
+        out_path = Path(out_path(slide) if callable(out_path) else out_path)  # a callable: named by the slide
         settings = extraction_settings(slide, config, patch_encoder, region_encoder)
         result = ExtractionResult(slide.slide_id, Path(slide.path), out_path, "extracted",
                                   mpp=slide.mpp, mpp_source=slide.pixel_size.source)

@@ -36,7 +36,7 @@ class SlideJob:
     """One slide of :func:`extract_slides`: what :func:`extract_slide` takes for it."""
 
     slide: Any  # a path, or an open Slide (left open)
-    out_path: str | os.PathLike
+    out_path: Any  # str | os.PathLike, or a function of the open Slide giving it
     config: ExtractionConfig | None = None
     progress: ProgressFn | None = None
 
@@ -71,6 +71,7 @@ def extract_slides(jobs: Iterable[SlideJob], patch_encoder, region_encoder, canc
     current, future = next(jobs, None), None
     future = submit(current)
     upcoming: list = []  # (job, future) of the next slide, once pulled from jobs
+    previous_out = None  # the file of the slide run last
     try:
         while current is not None:
             if is_cancelled(cancel):
@@ -81,10 +82,16 @@ def extract_slides(jobs: Iterable[SlideJob], patch_encoder, region_encoder, canc
             upcoming[:] = [(nxt, nxt_future)]
             try:
                 prepared = future.result() if future is not None else prepare(current)
+                if future is not None and previous_out is not None and _same_path(prepared.out_path, previous_out):
+                    # the file the slide before wrote (two slides with one id): checked again now it is written
+                    future = None
+                    prepared.close()
+                    prepared = prepare(current)
             except Exception as exc:
                 yield current, None, exc
                 current, future = nxt, nxt_future if nxt_future is not None else submit(nxt)
                 continue
+            previous_out = prepared.out_path
             lookahead = _Lookahead(nxt, nxt_future, patch_encoder, reader_pool, cancel) if nxt_future else None
             try:
                 config = prepared.config
@@ -120,6 +127,8 @@ def _discard(future: Future | None) -> None:
 
 
 def _same_path(a, b) -> bool:
+    if callable(a) or callable(b):
+        return False  # known once the slide is open (checked again then)
     try:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
