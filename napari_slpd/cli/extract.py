@@ -294,8 +294,8 @@ def run_extract(args) -> int:
     rows: list[dict] = []
     folder = cohort.root / RANKS_DIR / _run_token(slides, cohort.root, info.world)
     try:
-        for path in mine:
-            rows.append(_extract_one(path, cohort, patch_encoder, region_encoder, config, args, prefix))
+        for row in _extract_all(mine, cohort, patch_encoder, region_encoder, config, args, prefix):
+            rows.append(row)
             if rows[-1].pop("stop", False):
                 print(f"{prefix}stopped: {rows[-1]['message']}", file=sys.stderr)
                 break
@@ -328,38 +328,52 @@ def run_extract(args) -> int:
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 
-def _extract_one(path: Path, cohort, patch_encoder, region_encoder, config, args, prefix: str) -> dict:
-    """Extract one slide with a tqdm bar; a bad slide gives an "error" row instead of stopping the run."""
+def _extract_all(paths, cohort, patch_encoder, region_encoder, config, args, prefix: str):
+    """Extract the slides with a tqdm bar each, one row per slide; a bad slide gives an "error" row instead
+    of stopping the run. Through extract_slides: the next slide's tissue and grid are made, and its reads
+    started, while the current one is encoded."""
     from tqdm import tqdm
 
-    from napari_slpd.features.engine import extract_slide
-    from napari_slpd.slides.slide import open_slide
+    from napari_slpd.features.extract_many import SlideJob, extract_slides
 
-    bar = tqdm(total=0, desc=f"{prefix}{path.name}", unit="region", disable=args.quiet, leave=True,
-               dynamic_ncols=True, file=sys.stderr)
+    bars: dict = {}
 
-    def progress(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.reset(total=total)
-        bar.n = done
-        bar.refresh()
+    def bar_for(path: Path):
+        if path not in bars:
+            bars[path] = tqdm(total=0, desc=f"{prefix}{path.name}", unit="region", disable=args.quiet,
+                              leave=True, dynamic_ncols=True, file=sys.stderr)
+        return bars[path]
+
+    def job(path: Path) -> SlideJob:
+        def progress(done: int, total: int) -> None:
+            bar = bar_for(path)
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = done
+            bar.refresh()
+
+        return SlideJob(path, lambda slide: cohort.features_path(slide.slide_id), config, progress)
 
     try:
-        with open_slide(path, mpp=config.mpp, mpp_fallback=config.mpp_fallback) as slide:
-            out_path = cohort.features_path(slide.slide_id)
-            result = extract_slide(slide, out_path, patch_encoder, region_encoder, config, progress=progress)
-        row = _result_row(result)
-        bar.set_postfix_str(result.status)
-    except SlpdError as exc:
-        # One bad slide (damaged file, unknown pixel size, other settings) does not stop the cohort.
-        row = _result_row(path=path, error=str(exc))
-        bar.set_postfix_str("error")
-        if getattr(exc, "kind", None) == "full":  # a full disk stops the run: the next slides cannot be written
-            row["stop"] = True
+        for item, result, error in extract_slides((job(p) for p in paths), patch_encoder, region_encoder):
+            bar = bar_for(item.slide)
+            if error is None:
+                row = _result_row(result)
+                bar.set_postfix_str(result.status)
+            elif isinstance(error, SlpdError):
+                # One bad slide (damaged file, unknown pixel size, other settings) does not stop the cohort.
+                row = _result_row(path=item.slide, error=str(error))
+                bar.set_postfix_str("error")
+                if getattr(error, "kind", None) == "full":  # a full disk stops the run: the next slides cannot be written
+                    row["stop"] = True
+            else:
+                raise error
+            bars.pop(item.slide).close()
+            row["path"] = str(_registry_path(item.slide))
+            yield row
     finally:
-        bar.close()
-    row["path"] = str(_registry_path(path))
-    return row
+        for bar in bars.values():
+            bar.close()
 
 
 def _registry_path(path: Path) -> Path:
