@@ -22,8 +22,13 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$file" 2>&1; rc=$?
   echo "== $name rc=$rc $((SECONDS - start)) s" | tee -a "$LOG" >&2; tail -5 "$file" >> "$LOG"
   json=$(last_json "$file")
-  # no JSON line (pytest, or a step cut off): its last line as a JSON string, e.g. "3 passed in 41.2s"
-  [ -n "$json" ] || json=$("$PY" -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$(tail -1 "$file")")
+  # no JSON line (pytest, or a step cut off): its last line as a JSON string, e.g. "3 passed in 41.2s";
+  # a JSON line that does not parse (cut off mid-print) is kept as a string too: the file stays valid JSON
+  json=$("$PY" -c 'import json, sys
+try:
+    json.loads(sys.argv[1]); print(sys.argv[1])
+except ValueError:
+    print(json.dumps(sys.argv[1]))' "${json:-$(tail -1 "$file")}")
   printf '"%s": {"rc": %d, "seconds": %d, "result": %s}' "$name" "$rc" $((SECONDS - start)) "$json"
 }
 

@@ -11,7 +11,19 @@ reader and the model waited on each other, and larger batches ran out of memory.
 * results come back in region order whatever the workers' timing (futures are consumed in submission
   order), and batches never straddle a chunk of ``regions_per_chunk`` regions, so a run resumed at a
   chunk boundary computes exactly the same batches, hence the same numbers, as an uninterrupted run;
-* each finished chunk is appended to the slide's FeatureStore, which is how a killed run resumes.
+* each finished chunk is appended to the slide's FeatureStore, which is how a killed run resumes;
+* nothing waits at a chunk's end: its last batch is queued, its token grids are encoded on the lanes once
+  its batches are back and it is written when they are, while the next chunk's patches are fed;
+* several slides (:mod:`napari_slpd.features.extract_many`): the next slide is prepared (file check,
+  tissue, grid: :func:`prepare_slide`) beside the current one, and its reads start in the same window as
+  soon as the current one's have all started, so neither the readers nor the model wait at a slide's
+  boundary.
+
+Threads on CPU: ``num_workers`` readers (one per core) and, under torch_threads="auto", one lane per core
+with one intra-op thread each: never more than one OpenMP thread per lane, so no parallel op waits at a
+barrier for a thread that shares its core; readers and lanes are independent threads the OS schedules on
+the cores (the window stops the readers when the model is behind). The tile reader's decode pool is not
+used by the engine (its reads are one band at a time, already in parallel across readers).
 
 A region is read in horizontal bands of whole patch rows (at most ``BAND_READ_PX`` read-level px each),
 each band resized to ``G * patch_px`` wide: a 40x region (8192 px at level 0) then never exists in
