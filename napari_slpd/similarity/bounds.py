@@ -9,18 +9,21 @@ plus a margin that makes it a rigorous bound on the float32 vectors' S:
     <q, x> <= s_hat + u |s_hat| + ||q - q_hat|| + ||q_hat|| ||x - x_hat|| + 2 E 2^-24
 
 (s_hat: the product as computed, rounded once to the output type of unit roundoff u; q_hat, x_hat: the
-rounded inputs; the last term: float32 accumulation of E terms). ``_self_check`` verifies this margin on
-the running machine once per process and falls back to float32 if it ever fails.
+rounded inputs; the last term: float32 accumulation of E terms; int8 codes have their own, exact
+integer form: int8_codes.py). precision.py verifies the margin on the running machine once per process
+and falls back to float32 if it ever fails.
 
-Why this design (measured on 2 Sapphire Rapids cores, 100,000 slides x 16 x 192-d, see
-benchmarks/similar.py): a float32 product against all 1.6M prototypes takes ~140 ms and reads 1.2 GB;
-bfloat16 through oneDNN/AMX takes ~32 ms, at the memory bandwidth (~20 GB/s) for its 614 MB, and int8
-(torch._int_mm) ~50 ms with a 5x larger rounding margin. A coarse first stage (faiss IVF cells with
-radii, a PCA projection with residual norms) bounds nothing on unstructured cohorts (uniformly random
-prototypes: every cell radius or residual is as large as the vectors), so the worst regime still needs
-the full product: one bfloat16 pass it is. The column-max bound (sum over l of max_k) needs a horizontal
-maximum per stored prototype that costs more than it saves here (~35 ms); it is applied, with the dual
-bound, to the few hundred candidates re-scored in float32 (set_search.py).
+Why this design (100,000 slides x 16 x 192-d, see benchmarks/similar.py): the first stage reads every
+stored prototype once per query, so its time is the bytes it reads and the speed of the CPU's units for
+the type. On 2 Sapphire Rapids cores with AMX a float32 product took ~140 ms (1.2 GB), bfloat16 ~32 ms,
+at the memory bandwidth for its 614 MB, and int8 ~50 ms; on 2 cores without AMX (AVX512-BF16 and VNNI)
+bfloat16 ran no faster than float32 (~75 ms per core for half the rows, compute-bound) and int8 (307 MB,
+int8_codes.py / int8_stage.py) ~28 ms, at the bandwidth. precision.py picks by the CPU's units. A coarse
+first stage (faiss IVF cells with radii, a PCA projection with residual norms) bounds nothing on
+unstructured cohorts (uniformly random prototypes: every cell radius or residual is as large as the
+vectors), so the worst regime still needs the full product: one reduced-precision pass it is. The
+column-max bound (sum over l of max_k) needs a horizontal maximum per stored prototype that costs more
+than it saves here (~35 ms); it is applied, with the dual bound, to the candidates (set_search.py).
 
 Layout: slides are grouped by their number of prototypes L; a group's reduced copy is [blocks, L, B, E]
 (l-major inside a block of B slides), so the product of one block [L*B, E] @ [E, K] gives L slabs

@@ -4,13 +4,13 @@ Slides are compared by the prototype set distance max(K, L) - S (matching.py). E
 search (set_search.py) bounds every slide's S from one reduced-precision product of the query against
 all stored prototypes (bounds.py), re-scores the slides whose bound could reach the top n in float32,
 and solves only those that still could exactly. benchmarks/similar.py measures it on five cohort regimes
-(recall 1.0 everywhere by construction; at 100,000 slides x 16 x 192-d on 2 quiet cores the median query
-took 44.8-47.3 ms on cohorts of shared or unique tissue types and 57.1 ms on uniformly random prototypes,
-bounded by the memory bandwidth of the bfloat16 product); the earlier faiss IVF
+(recall 1.0 everywhere by construction; the first stage is int8 or bfloat16 by the CPU's units, see
+bounds.py and the README's performance table for the figures at 100,000 slides); the earlier faiss IVF
 shortlist reached recall@10 of 0.07-0.39 on cohorts whose tissue types are shared by many slides, and is
 gone (``method="ivf"`` in saved settings reads as "auto").
 
-Modules: store.py (float32 vectors by slide, the truth), bounds.py (the first stage), set_search.py (the
+Modules: store.py (float32 vectors by slide, the truth), bounds.py (the first stage; int8_codes.py and
+int8_stage.py its int8 form, precision.py the choice, workers.py its threads), set_search.py (the
 exact top n, one query or many), persistence.py (saving beside the cohort), this module (the index a
 cohort, the GUI and the CLI use).
 
@@ -70,8 +70,9 @@ class IndexConfig:
     """How queries are answered. ``method``: "auto" (bounded exact search, reduced-precision first stage),
     "exact" (float32 product against every stored prototype, then the same exact solves: the reference,
     ``slpd similar --exact``) or "bruteforce" (the Hungarian algorithm against every slide).
-    ``precision`` of the first stage: "auto" (bfloat16 on CPUs where it is measured faster, else
-    float32), "bfloat16", "float16" or "float32"; ``device``: "auto" (CUDA when available), "cpu", "cuda".
+    ``precision`` of the first stage: "auto" (bfloat16 with AMX, int8 with 8-bit dot products, else
+    float32 or int8 as timed; precision.py), "int8", "bfloat16", "float16" or "float32"; ``device``: "auto"
+    (CUDA when available), "cpu", "cuda".
     Settings of the former IVF stage (nlist, nprobe, depth, ...) are accepted by ``from_dict`` and ignored."""
 
     method: str = "auto"
