@@ -79,17 +79,13 @@ def _group_bounds(stage, group, qT, Q: int, K: int, out: np.ndarray, q_scale, eq
     out[:, slots[alive]] = bound[alive].T
 
 
-def _tight_integers(T) -> tuple[np.ndarray, np.ndarray]:
-    """For T [M, L, K] int32 (exact integer similarities of each slide's prototypes l with the query's k):
-    ([M] min(row-max sum, one dual round), [M] column-max sum), int64. Any integers U, V with
-    U_k + V_l >= T_lk bound the integer matching by sum U + sum V: U = row maxima, V_l = max_k (T_lk - U_k)
-    <= 0, then U_k = max_l (T_lk - V_l)."""
-    U = T.amax(dim=1)  # [M, K] row maxima (over the slide's prototypes l)
-    row_sum, col_sum = U.sum(dim=1), T.amax(dim=2).sum(dim=1)
+def _dual_integers(T, U) -> np.ndarray:
+    """[M] int64: one dual round on T [M, L, K] int32 (exact integer similarities of each slide's prototypes
+    l with the query's k) from its row maxima U [M, K]: any integers U, V with U_k + V_l >= T_lk bound the
+    integer matching by sum U + sum V; V_l = max_k (T_lk - U_k) <= 0, then U_k = max_l (T_lk - V_l)."""
     V = (T - U[:, None, :]).amax(dim=2)  # [M, L]
     U = (T - V[:, :, None]).amax(dim=1)
-    dual = U.sum(dim=1) + V.sum(dim=1)
-    return np.minimum(row_sum.numpy(), dual.numpy()), col_sum.numpy()
+    return (U.sum(dim=1) + V.sum(dim=1)).numpy()
 
 
 def products(stage, slots: np.ndarray, row: int):
@@ -107,20 +103,29 @@ def products(stage, slots: np.ndarray, row: int):
     return prod[:, :K].mul_(LO_FACTOR).add_(prod[:, K:]).view(M, L, K), lanes, group
 
 
-def tight_bounds(stage, slots: np.ndarray, row: int = 0) -> np.ndarray | None:
+def tight_bounds(stage, slots: np.ndarray, row: int = 0, threshold: float = -np.inf) -> np.ndarray | None:
     """[M] float64 upper bounds on S of ``slots`` (all with L = K prototypes) against query ``row`` of the
-    last call: :func:`_tight_integers` scaled, plus the margin. Integers U, V with U_k + V_l >= T_lk give
-    u_k = a U_k + m_k, v_l = a V_l with u_k + v_l >= a T_lk + m_k >= s_kl (a: the slide's and the query's
-    scales / 254, m_k: the entry margin of query prototype k), so S <= a (sum U + sum V) + sum m; the
-    column-max sum likewise with max m. None when nothing is kept."""
+    last call: min(row-max sum, column-max sum, one dual round) of the exact integers T, scaled, plus the
+    margin; the dual round only where the others still reach ``threshold`` (an S value). Integers U, V with
+    U_k + V_l >= T_lk give u_k = a U_k + m_k, v_l = a V_l with u_k + v_l >= a T_lk + m_k >= s_kl (a: the
+    slide's and the query's scales / 254, m_k: the entry margin of query prototype k), so
+    S <= a (sum U + sum V) + sum m; the column-max sum likewise with max m. None when nothing is kept."""
     if stage._kept is None or len(slots) == 0:
         return None
+    torch = _torch()
     _, _, q_scale, eq, qn, _ = stage._kept
     T, lanes, group = products(stage, np.asarray(slots, np.int64), row)
-    rows, cols = _tight_integers(T)
     a = group.scale[lanes] * (q_scale[row] / LO_FACTOR)
     m = eq[row] * NORM_SLACK + group.err[lanes][:, None] * qn[row][None, :]  # [M, K]
-    bound = np.minimum(rows * a + m.sum(axis=1), cols * a + m.max(axis=1) * group.L)
+    m_rows, m_cols = m.sum(axis=1), m.max(axis=1) * group.L
+    U = T.amax(dim=1)  # [M, K] row maxima (over the slide's prototypes l)
+    rows, cols = U.sum(dim=1).numpy(), T.amax(dim=2).sum(dim=1).numpy()
+    bound = np.minimum(rows * a + m_rows, cols * a + m_cols)
+    live = np.flatnonzero(bound * (1 + 1e-12) + group.L * SLACK >= threshold)
+    if live.size:
+        pick = torch.from_numpy(live)
+        dual = _dual_integers(T.index_select(0, pick), U.index_select(0, pick))
+        bound[live] = np.minimum(bound[live], dual * a[live] + m_rows[live])
     return bound * (1 + 1e-12) + group.L * SLACK
 
 

@@ -101,7 +101,7 @@ def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: 
     def part(item) -> bool:
         L, where = item
         if q_size == L and stage.precision == "int8":
-            bound = int8_stage.tight_bounds(stage, slots[where], row)
+            bound = int8_stage.tight_bounds(stage, slots[where], row, threshold - FIRST_STAGE_SLACK + L)
             if bound is None:
                 return False
             out[where] = bound - L
