@@ -542,3 +542,62 @@ def test_extract_slides_isolates_a_bad_slide_and_stops_when_cancelled(tmp_path, 
     assert [r.status for _, r, _ in out] == ["cancelled"]
     assert partial_path_for(tmp_path / "c1.h5").exists() and not (tmp_path / "c2.h5").exists()
     assert not partial_path_for(tmp_path / "c2.h5").exists()
+
+
+def test_extract_slides_read_error_mid_slide_and_early_stop(tmp_path, encoders, monkeypatch):
+    """A read that fails in the middle of one slide ends that slide with its error while the next slide
+    (prepared and reading beside it) is extracted as extract_slide extracts it; a caller that stops
+    iterating leaves no reader, lane or preparing thread behind."""
+    from napari_slpd.errors import SlideError
+    from napari_slpd.features import engine
+    from napari_slpd.features.extract_many import SlideJob, extract_slides
+
+    patch, region = encoders
+    cmu = real_slide("cmu_svs")
+    cfg = config(num_workers=2)
+    extract_slide(cmu, tmp_path / "ref.h5", patch, region, cfg)
+    read = engine.RegionReader.__call__
+    bad = tmp_path / "bad.h5"
+    bad_slides = set()  # ids of the Slide objects opened for bad.h5
+
+    def failing(self, index):
+        if index == 3 and id(self.slide) in bad_slides:
+            raise SlideError(f"cannot read region {index} of {self.slide.path}: damaged tile")
+        return read(self, index)
+
+    import napari_slpd.features.extract_many as many
+
+    real_prepare = many.prepare_slide
+
+    def prepare(slide, out, *a, **kw):
+        prepared = real_prepare(slide, out, *a, **kw)
+        if Path(out) == bad:
+            bad_slides.add(id(prepared.slide))
+        return prepared
+
+    monkeypatch.setattr(engine.RegionReader, "__call__", failing)
+    monkeypatch.setattr(many, "prepare_slide", prepare)
+    trace = []
+    monkeypatch.setattr(engine, "_TRACE", trace)
+    jobs = [SlideJob(cmu, bad, cfg), SlideJob(cmu, tmp_path / "good.h5", cfg)]
+    before = threading.active_count()
+    got = list(extract_slides(jobs, patch, region))
+    assert isinstance(got[0][2], SlideError) and "damaged tile" in str(got[0][2])
+    assert got[1][1].status == "extracted" and got[1][2] is None
+    assert partial_path_for(bad).exists() or not bad.exists()
+    ref, good = datasets(tmp_path / "ref.h5"), datasets(tmp_path / "good.h5")
+    for name in DATASETS:
+        np.testing.assert_array_equal(ref[name], good[name], err_msg=name)
+
+    monkeypatch.setattr(many, "prepare_slide", real_prepare)
+    jobs = [SlideJob(cmu, tmp_path / f"s{i}.h5", cfg) for i in range(3)]
+    run = extract_slides(jobs, patch, region)
+    job, result, error = next(run)
+    assert result.status == "extracted" and error is None
+    run.close()  # the second slide was prepared (and maybe reading): it is closed, its threads end
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        time.sleep(0.1)
+    assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
+    assert not (tmp_path / "s1.h5").exists() and not partial_path_for(tmp_path / "s1.h5").exists()
