@@ -9,7 +9,6 @@ an error of its own that leaves the other slides going.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
