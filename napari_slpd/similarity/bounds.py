@@ -42,6 +42,7 @@ import numpy as np
 from napari_slpd.similarity import int8_codes, int8_stage
 from napari_slpd.similarity.workers import n_workers as _n_workers
 from napari_slpd.similarity.workers import pool as _pool
+from napari_slpd.similarity.workers import map_runs as _map_runs
 from napari_slpd.similarity.workers import thread_buffer as _thread_buffer
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,7 @@ class BoundStage:
             else:
                 dest.copy_(m)
 
-        list(_pool().map(chunk, range(n_chunks)))
+        _map_runs(chunk, n_chunks)
         kept = None
         if products is not None:
             raw = products.view(torch.int16) if self.dtype == torch.bfloat16 else products

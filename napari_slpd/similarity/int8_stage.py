@@ -20,7 +20,7 @@ import numpy as np
 
 from napari_slpd.similarity import int8_codes
 from napari_slpd.similarity.int8_codes import LO_FACTOR, NORM_SLACK, SLACK
-from napari_slpd.similarity.workers import pool, thread_buffer
+from napari_slpd.similarity.workers import map_runs, thread_buffer
 
 
 def _torch():
@@ -63,7 +63,7 @@ def _group_bounds(stage, group, qT, Q: int, K: int, out: np.ndarray, q_scale, eq
         else:
             dest.copy_(t)
 
-    list(pool().map(block, range(group.n_blocks_used)))
+    map_runs(block, group.n_blocks_used)
     n = group.used
     if reduce_sums:
         sums = result[:n].astype(np.float64)

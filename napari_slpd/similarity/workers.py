@@ -57,3 +57,15 @@ def split_map(fn, n: int, min_part: int = 1024) -> list:
     descheduled thread (a 16 ms sum of 13,000 x 16 integers, measured); the workers run single-threaded."""
     step = max(min_part, -(-n // n_workers()))
     return list(pool().map(lambda s0: fn(s0, min(n, s0 + step)), range(0, n, step)))
+
+
+def map_runs(fn, n: int, per_worker: int = 4) -> None:
+    """fn(0), ..., fn(n - 1) on the workers, in a few runs of consecutive items per worker: one hand-off
+    per item (400 blocks at 100,000 slides) cost ~15 ms of the calling thread per query, measured."""
+    step = max(1, -(-n // (per_worker * n_workers())))
+
+    def run(i0: int) -> None:
+        for i in range(i0, min(n, i0 + step)):
+            fn(i)
+
+    list(pool().map(run, range(0, n, step)))
