@@ -16,6 +16,7 @@ the reference checked against brute force (Hungarian against every slide) on a f
 gives ``speedup_vs_exact_bruteforce``. A ``cuda_query_ms_median`` when CUDA is present (else null).
 
 Usage: python benchmarks/similar.py [--quick] [--n-slides N] [--regimes unique,random] [--queries 100]
+       [--precision auto|int8|bfloat16|float32]
 The last line printed is one JSON object (worst regime first-class: query_ms_median, recall_at_10_min).
 """
 
@@ -145,7 +146,7 @@ def run_regime(regime: str, args, n_slides: int) -> dict:
     gen_s = time.perf_counter() - t0
     ids = [f"slide{i:06d}" for i in range(n_slides)]
     t0 = time.perf_counter()
-    index = CohortIndex(config=IndexConfig(device="cpu"))
+    index = CohortIndex(config=IndexConfig(device="cpu", precision=args.precision))
     index.add_arrays(ids, X, source="synthetic")
     del X
     gc.collect()
@@ -249,6 +250,7 @@ def main(argv=None) -> dict:
                         help="queries also answered by the float32 reference (default: all)")
     parser.add_argument("--brute-queries", type=int, default=2, help="queries also answered by brute force")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", help="first stage: auto, int8, bfloat16, float32")
     args = parser.parse_args(argv)
     n_slides = args.n_slides or (10_000 if args.quick else 100_000)
     args.reference_queries = args.reference_queries or args.queries
