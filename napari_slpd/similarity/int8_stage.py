@@ -23,6 +23,11 @@ from napari_slpd.similarity.int8_codes import LO_FACTOR, NORM_SLACK, SLACK
 from napari_slpd.similarity.workers import map_runs, thread_buffer
 
 
+# Candidates per step of tight_bounds: their codes [1024 L, E] (3 MB) and products (2 MB) stay in cache;
+# 256 and 2048 were 10-20% slower on 2 EPYC cores (1 MB L2 each, 32 MB L3), measured.
+_TIGHT_CHUNK = 1024
+
+
 def _torch():
     import torch
 
@@ -109,24 +114,49 @@ def tight_bounds(stage, slots: np.ndarray, row: int = 0, threshold: float = -np.
     margin; the dual round only where the others still reach ``threshold`` (an S value). Integers U, V with
     U_k + V_l >= T_lk give u_k = a U_k + m_k, v_l = a V_l with u_k + v_l >= a T_lk + m_k >= s_kl (a: the
     slide's and the query's scales / 254, m_k: the entry margin of query prototype k), so
-    S <= a (sum U + sum V) + sum m; the column-max sum likewise with max m. None when nothing is kept."""
+    S <= a (sum U + sum V) + sum m; the column-max sum likewise with max m. None when nothing is kept.
+
+    Why in chunks of ``_TIGHT_CHUNK`` candidates: gathered whole (11,000 candidates on uniformly random
+    prototypes at 100,000 slides), the codes (34 MB) and products left the caches between steps and the
+    product ran at a third of its in-cache speed; chunked, every step after the gather works in cache
+    (35 -> 19-26 ms of one core for 11,000 candidates, same bounds bit for bit, measured)."""
     if stage._kept is None or len(slots) == 0:
         return None
     torch = _torch()
-    _, _, q_scale, eq, qn, _ = stage._kept
-    T, lanes, group = products(stage, np.asarray(slots, np.int64), row)
+    _, codes, q_scale, eq, qn, K = stage._kept
+    slots = np.asarray(slots, np.int64)
+    Ls, lanes = stage.slot_lanes(slots)
+    group = stage.groups[int(Ls[0])]
+    L, B, M = group.L, group.B, len(slots)
     a = group.scale[lanes] * (q_scale[row] / LO_FACTOR)
     m = eq[row] * NORM_SLACK + group.err[lanes][:, None] * qn[row][None, :]  # [M, K]
-    m_rows, m_cols = m.sum(axis=1), m.max(axis=1) * group.L
-    U = T.amax(dim=1)  # [M, K] row maxima (over the slide's prototypes l)
-    rows, cols = U.sum(dim=1).numpy(), T.amax(dim=2).sum(dim=1).numpy()
-    bound = np.minimum(rows * a + m_rows, cols * a + m_cols)
-    live = np.flatnonzero(bound * (1 + 1e-12) + group.L * SLACK >= threshold)
-    if live.size:
-        pick = torch.from_numpy(live)
-        dual = _dual_integers(T.index_select(0, pick), U.index_select(0, pick))
-        bound[live] = np.minimum(bound[live], dual * a[live] + m_rows[live])
-    return bound * (1 + 1e-12) + group.L * SLACK
+    m_rows, m_cols = m.sum(axis=1), m.max(axis=1) * L
+    rows = torch.from_numpy((((lanes // B)[:, None] * L + np.arange(L)[None, :]) * B
+                             + (lanes % B)[:, None]).reshape(-1))  # rows of the flat [blocks L B, E] codes
+    flat = group.data.view(-1, stage.dim)
+    cols = torch.from_numpy(int8_codes.query_columns(codes, row, K))
+    chunk = min(M, _TIGHT_CHUNK)
+    x = torch.empty((chunk * L, stage.dim), dtype=torch.int8)
+    prod = torch.empty((chunk * L, 2 * K), dtype=torch.int32)
+    bound = np.empty(M, np.float64)
+    for c0 in range(0, M, chunk):
+        c1 = min(M, c0 + chunk)
+        n = c1 - c0
+        xs, ps = x[: n * L], prod[: n * L]
+        torch.index_select(flat, 0, rows[c0 * L : c1 * L], out=xs)
+        torch._int_mm(xs, cols, out=ps)
+        T = ps[:, :K].mul(LO_FACTOR).add_(ps[:, K:]).view(n, L, K)  # 254 H + Lo: exact in int32
+        U = T.amax(dim=1)  # [n, K] row maxima (over the slide's prototypes l)
+        ac = a[c0:c1]
+        b = np.minimum(U.sum(dim=1).numpy() * ac + m_rows[c0:c1],
+                       T.amax(dim=2).sum(dim=1).numpy() * ac + m_cols[c0:c1])
+        live = np.flatnonzero(b * (1 + 1e-12) + L * SLACK >= threshold)
+        if live.size:
+            pick = torch.from_numpy(live)
+            dual = _dual_integers(T.index_select(0, pick), U.index_select(0, pick))
+            b[live] = np.minimum(b[live], dual * ac[live] + m_rows[c0:c1][live])
+        bound[c0:c1] = b
+    return bound * (1 + 1e-12) + L * SLACK
 
 
 def padded_similarities(stage, slots: np.ndarray, row: int) -> np.ndarray:
