@@ -210,6 +210,9 @@ class SlpdState:
                 # Panels replace layers right after repainting themselves: without this a removed layer's
                 # GL objects were deleted in Qt's compositing context (llvmpipe then crashed drawing).
                 delete_layer_gl_in_canvas_context(viewer)
+                from napari_slpd.widgets.gc_policy import freeze_for
+
+                freeze_for(viewer)  # napari's gc.collect at every layer removal: gc_policy.py says why
         return state
 
     @classmethod

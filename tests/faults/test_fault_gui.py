@@ -155,6 +155,41 @@ def test_long_session_leaks_no_threads_handles_or_layers(make_napari_viewer, qtb
     assert len(viewer.layers) <= 5
 
 
+def test_objects_frozen_while_the_panel_is_docked_and_slide_layers_still_freed(make_napari_viewer, qtbot,
+                                                                              small_scale_cohort):
+    """napari collects garbage at every layer removal: the objects alive when the first panel docks are
+    frozen (gc_policy.py), yet a replaced slide's layers are still freed by the collector and the close of
+    the viewer hands everything back to it (napari's fixture then checks that the viewer itself was freed)."""
+    import weakref
+
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.cohort import CohortWidget
+
+    gc.unfreeze()  # another test's viewer may have left objects frozen if it never closed its window
+    viewer = make_napari_viewer()
+    panel = CohortWidget(viewer)
+    viewer.window.add_dock_widget(panel)
+    assert gc.get_freeze_count() > 10_000
+    panel.open_cohort(small_scale_cohort)
+    real = [sid for sid in panel.slide_ids() if sid.startswith("scan_")]
+
+    def open_(sid):
+        panel.select_slide(sid)
+        panel.open_slide_button.click()
+        qtbot.waitUntil(lambda: panel.state.current_slide_id == sid, timeout=20_000)
+        assert wait_for(panel.task_bar, qtbot, 30_000) == "done"
+
+    open_(real[0])
+    first = [weakref.ref(layer) for layer in viewer.layers]
+    assert len(first) >= 2
+    open_(real[1])
+    qtbot.wait(50)
+    gc.collect()  # a removed layer's controls go at Qt's deferred deletion: collected at the next pass
+    assert all(ref() is None for ref in first), [ref() for ref in first if ref() is not None]
+    viewer.close()
+    assert gc.get_freeze_count() == 0
+
+
 def test_read_only_cohort_in_the_cohort_panel(make_napari_viewer, qtbot, small_disk, tmp_path, monkeypatch,
                                               scale_module):
     """Fault 3, GUI side: a cohort on a read-only mount opens in the Cohort panel with a plain-text note that
