@@ -86,6 +86,16 @@ def set_plain_tooltip(widget, text: str | None) -> None:
     widget.setToolTip(plain_tooltip(text) or "")
 
 
+def main_window(napari_viewer):
+    """napari's main window through public API only (``Window.main_menu`` is its menu bar; the private
+    ``Window._qt_window`` warns inside plugin widgets): the widget the menu bar belongs to."""
+    menu = getattr(getattr(napari_viewer, "window", None), "main_menu", None)
+    try:
+        return menu.window() if menu is not None else None
+    except RuntimeError:  # the window is gone already
+        return None
+
+
 def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as napari_show_info
 

@@ -40,8 +40,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, show_info,
-                                         show_warning)
+from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, main_window,
+                                         show_info, show_warning)
 from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
@@ -348,9 +348,9 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.timer.timeout.connect(self.poll)
         self.timer.start()
         self._close_filter = _CloseFilter(self)
-        main_window = _main_window(napari_viewer)
-        if main_window is not None:  # the filter is a child of this panel: removed when the panel goes
-            main_window.installEventFilter(self._close_filter)
+        window = main_window(napari_viewer)
+        if window is not None:  # the filter is a child of this panel: removed when the panel goes
+            window.installEventFilter(self._close_filter)
         self.destroyed.connect(lambda *_: self._detach_quietly())
         self.state.cohort_changed.connect(self._on_cohort_changed)
         if self.state.session is not None:
@@ -728,16 +728,6 @@ class FineTuneWidget(DockedPanel, QWidget):
         run = self.run
         if run is not None and run.is_running:
             run.detach()
-
-
-def _main_window(napari_viewer):
-    """napari's main window through public API only (``Window.main_menu`` is its menu bar; the private
-    ``Window._qt_window`` warns inside plugin widgets): the widget the menu bar belongs to."""
-    menu = getattr(getattr(napari_viewer, "window", None), "main_menu", None)
-    try:
-        return menu.window() if menu is not None else None
-    except RuntimeError:  # the window is gone already
-        return None
 
 
 def _cohort_grid(session) -> int | None:

@@ -20,7 +20,9 @@ import weakref
 
 from qtpy.QtCore import QEvent, QObject
 
-_owner: "weakref.ref | None" = None  # the viewer whose panel froze the objects
+from napari_slpd.widgets._common import main_window
+
+_owner: "weakref.ref | None" = None  # the main window of the viewer whose panel froze the objects
 
 
 class _ReleaseOnClose(QObject):
@@ -36,12 +38,12 @@ def freeze_for(viewer) -> bool:
     global _owner
     if _owner is not None and _owner() is not None:
         return False
-    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    window = main_window(viewer)  # public API: a plugin's viewer is napari's PublicOnlyProxy
     if window is None:
         return False
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()
-    _owner = weakref.ref(viewer)
+    _owner = weakref.ref(window)  # the window, not the viewer: a proxy viewer can be a passing object
     window.installEventFilter(_ReleaseOnClose(window))  # parented to the window: lives as long as it
     return True
 
