@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from napari_slpd.widgets.gc_policy import refreeze_if_imports_grew
 from napari_slpd.widgets.state import (
     ROLE_IMAGE,
     ROLE_MATCHES,
@@ -131,6 +132,7 @@ def show_slide(state: SlpdState, slide_id: str, with_prototypes: bool = True) ->
     remove_slide_layers(state)
     if previous is not None and previous.slide is not slide:
         previous.slide.close()
+    refreeze_if_imports_grew()  # napari's gc.collect at every layer removal: gc_policy.py says why
     data, kwargs, _ = slide_image_layer(slide, name=SlpdState.layer_name(slide_id, ROLE_IMAGE))
     kwargs["name"] = SlpdState.layer_name(slide_id, ROLE_IMAGE)
     if viewer is not None:
