@@ -2,16 +2,15 @@
 
 napari runs a full ``gc.collect()`` at every layer removal (napari/_vispy/canvas.py, so that a removed
 layer's GL objects go at once). With torch, scipy, scikit-learn and faiss imported the collector walks
-~360,000 objects each time, ~0.25 s on 2 cores, and opening another slide replaces four layers: opening
-and querying a small slide from the Cohort panel took 2.6 s, 1.3 s with those objects frozen (measured
-with benchmarks/scale.py's session of slides).
+~360,000 objects each time, ~0.25 s on 2 cores, and opening another slide replaces four layers. Opening
+and querying a small slide of a 2,000-slide cohort from the Cohort panel took 2.6-3.2 s; 2.0-2.1 s with the
+objects alive at docking frozen; 1.5-1.6 s with the modules imported later frozen too (same process).
 
 ``gc.freeze`` moves every object alive when the first SLPD panel docks in a viewer (imported modules, the
 viewer and its widgets) to a permanent generation the collector skips; objects made afterwards (every
-slide's layers) are collected as before. When that viewer's window closes,
-everything is handed back to the collector (``gc.unfreeze``), so the closed viewer, and any layer that was
-already there when the panel docked and was removed since, are freed as they would have been.
-"""
+slide's layers) are collected as before. When that viewer's window closes, everything is handed back to
+the collector (``gc.unfreeze``), so the closed viewer, and any layer that was already there when the panel
+docked and was removed since, are freed as they would have been."""
 
 from __future__ import annotations
 
@@ -54,8 +53,8 @@ def freeze_for(viewer) -> bool:
 def refreeze_if_imports_grew() -> bool:
     """Freeze again when many modules were imported since the last freeze: the first slide, query and
     embedding map import torch's, pandas', numba's... modules lazily, ~300,000 objects more, walked again at
-    every layer removal (opening a slide of a 2,000-slide cohort: 1.9-2.1 s, 1.1-1.5 s with them frozen,
-    measured). Called between the removal of a slide's layers and the addition of the next one's: a removed
+    every layer removal (opening and querying a slide of a 2,000-slide cohort: 2.0-2.1 s, 1.5-1.6 s with
+    them frozen, measured). Called between the removal of a slide's layers and the addition of the next one's: a removed
     layer stays referenced by its controls until Qt's deferred deletions and is then frozen with the rest,
     freed at the next freeze or when the viewer closes (one slide's layers at most; its file is closed)."""
     if _owner is None or _owner() is None or len(sys.modules) - _modules_at_freeze < REFREEZE_MODULES:
