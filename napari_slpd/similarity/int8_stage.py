@@ -93,19 +93,41 @@ def _dual_integers(T, U) -> np.ndarray:
     return (U.sum(dim=1) + V.sum(dim=1)).numpy()
 
 
+def _code_rows(group, lanes: np.ndarray):
+    """[M L] int64 tensor: the rows of ``lanes``' codes in the flat [blocks L B, E] view of ``group.data``
+    (slide-major, prototype l inside)."""
+    L, B = group.L, group.B
+    return _torch().from_numpy((((lanes // B)[:, None] * L + np.arange(L)[None, :]) * B
+                                + (lanes % B)[:, None]).reshape(-1))
+
+
+def _products_into(flat, rows, cols, L: int, K: int, x, prod):
+    """T [n, L, K] int32 = 254 H + Lo (exact in int32) of the codes at ``rows`` (n L of them) with the
+    query's hi/lo columns ``cols``, gathered into ``x`` and multiplied into ``prod`` (both of n L rows)."""
+    torch = _torch()
+    torch.index_select(flat, 0, rows, out=x)
+    torch._int_mm(x, cols, out=prod)
+    return prod[:, :K].mul(LO_FACTOR).add_(prod[:, K:]).view(-1, L, K)
+
+
+def _query_setup(stage, slots: np.ndarray, row: int):
+    """(lanes, group, code rows, flat codes, query columns, K) of ``slots`` (one L) and query ``row``."""
+    _, codes, _, _, _, K = stage._kept
+    Ls, lanes = stage.slot_lanes(slots)
+    group = stage.groups[int(Ls[0])]
+    cols = _torch().from_numpy(int8_codes.query_columns(codes, row, K))
+    return lanes, group, _code_rows(group, lanes), group.data.view(-1, stage.dim), cols, K
+
+
 def products(stage, slots: np.ndarray, row: int):
     """(T [M, L, K] int32 = 254 H + Lo of the candidates' codes with query ``row`` of the last call,
     their lanes, their group): the candidates' codes are gathered and multiplied again (3 KB per slide)
     instead of keeping every product of the first stage (1 KB per slide per query, written and read)."""
     torch = _torch()
-    _, codes, _, _, _, K = stage._kept
-    Ls, lanes = stage.slot_lanes(slots)
-    group = stage.groups[int(Ls[0])]
-    L, M = group.L, len(slots)
-    x = group.data.numpy()[lanes // group.B, :, lanes % group.B, :]  # [M, L, E]
-    cols = torch.from_numpy(int8_codes.query_columns(codes, row, K))
-    prod = torch._int_mm(torch.from_numpy(x.reshape(M * L, stage.dim)), cols)  # [M L, 2 K] int32
-    return prod[:, :K].mul_(LO_FACTOR).add_(prod[:, K:]).view(M, L, K), lanes, group
+    lanes, group, rows, flat, cols, K = _query_setup(stage, np.asarray(slots, np.int64), row)
+    x = torch.empty((rows.numel(), stage.dim), dtype=torch.int8)
+    prod = torch.empty((rows.numel(), 2 * K), dtype=torch.int32)
+    return _products_into(flat, rows, cols, group.L, K, x, prod), lanes, group
 
 
 def tight_bounds(stage, slots: np.ndarray, row: int = 0, threshold: float = -np.inf) -> np.ndarray | None:
@@ -123,18 +145,12 @@ def tight_bounds(stage, slots: np.ndarray, row: int = 0, threshold: float = -np.
     if stage._kept is None or len(slots) == 0:
         return None
     torch = _torch()
-    _, codes, q_scale, eq, qn, K = stage._kept
-    slots = np.asarray(slots, np.int64)
-    Ls, lanes = stage.slot_lanes(slots)
-    group = stage.groups[int(Ls[0])]
-    L, B, M = group.L, group.B, len(slots)
+    _, _, q_scale, eq, qn, _ = stage._kept
+    lanes, group, rows, flat, cols, K = _query_setup(stage, np.asarray(slots, np.int64), row)
+    L, M = group.L, len(lanes)
     a = group.scale[lanes] * (q_scale[row] / LO_FACTOR)
     m = eq[row] * NORM_SLACK + group.err[lanes][:, None] * qn[row][None, :]  # [M, K]
     m_rows, m_cols = m.sum(axis=1), m.max(axis=1) * L
-    rows = torch.from_numpy((((lanes // B)[:, None] * L + np.arange(L)[None, :]) * B
-                             + (lanes % B)[:, None]).reshape(-1))  # rows of the flat [blocks L B, E] codes
-    flat = group.data.view(-1, stage.dim)
-    cols = torch.from_numpy(int8_codes.query_columns(codes, row, K))
     chunk = min(M, _TIGHT_CHUNK)
     x = torch.empty((chunk * L, stage.dim), dtype=torch.int8)
     prod = torch.empty((chunk * L, 2 * K), dtype=torch.int32)
@@ -142,10 +158,7 @@ def tight_bounds(stage, slots: np.ndarray, row: int = 0, threshold: float = -np.
     for c0 in range(0, M, chunk):
         c1 = min(M, c0 + chunk)
         n = c1 - c0
-        xs, ps = x[: n * L], prod[: n * L]
-        torch.index_select(flat, 0, rows[c0 * L : c1 * L], out=xs)
-        torch._int_mm(xs, cols, out=ps)
-        T = ps[:, :K].mul(LO_FACTOR).add_(ps[:, K:]).view(n, L, K)  # 254 H + Lo: exact in int32
+        T = _products_into(flat, rows[c0 * L : c1 * L], cols, L, K, x[: n * L], prod[: n * L])
         U = T.amax(dim=1)  # [n, K] row maxima (over the slide's prototypes l)
         ac = a[c0:c1]
         b = np.minimum(U.sum(dim=1).numpy() * ac + m_rows[c0:c1],

@@ -54,9 +54,10 @@ def refreeze_if_imports_grew() -> bool:
     """Freeze again when many modules were imported since the last freeze: the first slide, query and
     embedding map import torch's, pandas', numba's... modules lazily, ~300,000 objects more, walked again at
     every layer removal (opening and querying a slide of a 2,000-slide cohort: 2.0-2.1 s, 1.5-1.6 s with
-    them frozen, measured). Called between the removal of a slide's layers and the addition of the next one's: a removed
-    layer stays referenced by its controls until Qt's deferred deletions and is then frozen with the rest,
-    freed at the next freeze or when the viewer closes (one slide's layers at most; its file is closed)."""
+    them frozen, measured). Called between the removal of a slide's layers and the addition of the next
+    one's: a removed layer stays referenced by its controls until Qt's deferred deletions and is then
+    frozen with the rest, freed at the next freeze or when the viewer closes (one slide's layers at most;
+    its file is closed)."""
     if _owner is None or _owner() is None or len(sys.modules) - _modules_at_freeze < REFREEZE_MODULES:
         return False
     gc.unfreeze()

@@ -155,8 +155,8 @@ def test_long_session_leaks_no_threads_handles_or_layers(make_napari_viewer, qtb
     assert len(viewer.layers) <= 5
 
 
-def test_objects_frozen_while_the_panel_is_docked_and_slide_layers_still_freed(make_napari_viewer, qtbot,
-                                                                              small_scale_cohort, monkeypatch):
+def test_objects_frozen_while_the_panel_is_docked_and_slide_layers_still_freed(
+        make_napari_viewer, qtbot, small_scale_cohort, monkeypatch):
     """napari collects garbage at every layer removal: the objects alive when the first panel docks are
     frozen (gc_policy.py) and frozen again at a slide's opening when modules were imported since (here at
     every opening), yet every replaced slide's layers are freed (at the latest by the next freeze) and the
