@@ -139,6 +139,22 @@ def test_int8_search_is_exact_over_many_blocks(regime):
         assert [r.distance for r in got] == pytest.approx([r.distance for r in ref], abs=1e-6)
 
 
+def test_int8_first_stage_bounds_do_not_depend_on_how_blocks_are_grouped(monkeypatch):
+    """The first stage combines row maxima per ~2 MB of them: one block at a time gives the same bounds."""
+    from napari_slpd.similarity import int8_stage
+
+    X = make_cohort("random", 256 * 9 + 5, 8, 24, seed=3)
+    index = CohortIndex(config=IndexConfig(precision="int8", device="cpu"))
+    index.add_arrays([f"s{i}" for i in range(len(X))], X)
+    stage = index.stage()
+    query_sets = (X[:16], np.concatenate([X[:16], X[16:32, :2]], axis=1))  # K = 8, and K = 10 > L
+    grouped = [stage.upper_bounds(q, index._store.n_slots) for q in query_sets]
+    monkeypatch.setattr(int8_stage, "_MAXIMA_BYTES", 1)
+    single = [stage.upper_bounds(q, index._store.n_slots) for q in query_sets]
+    for a, b in zip(grouped, single):
+        assert np.isfinite(a).sum() == a.size and np.array_equal(a, b)
+
+
 def test_int8_codes_are_exact_integers_with_measured_errors():
     from napari_slpd.similarity import int8_codes
 

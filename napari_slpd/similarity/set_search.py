@@ -118,7 +118,7 @@ def tight_bounds(stage: BoundStage | None, slots: np.ndarray, q_size: int, row: 
         out[where] = bound
         return True
 
-    # int8 parts call torch: on the workers always (workers.split_map says why); numpy parts of one slot
+    # int8 parts call torch: on the workers always (workers.map_ranges says why); numpy parts of one slot
     # group run here (handing ~1 ms of work over cost more than it saved on a busy machine).
     in_caller = len(parts) == 1 and stage.precision != "int8"
     done = [part(parts[0])] if in_caller else list(_pool().map(part, parts))

@@ -39,33 +39,36 @@ def n_workers() -> int:
     return pool()._max_workers
 
 
-def thread_buffer(shape: tuple, dtype):
-    """A product buffer reused by the calling worker thread."""
+def thread_buffer(shape: tuple, dtype, name: str = "product"):
+    """A buffer of ``shape`` reused by the calling worker thread, one per ``name``: the held one when it
+    is large enough (a view of its start), else a new one (no page faults per query)."""
     buffers = getattr(_LOCAL, "buffers", None)
     if buffers is None:
         buffers = _LOCAL.buffers = {}
-    key = (shape, dtype)
-    if key not in buffers:
-        buffers.clear()
-        buffers[key] = _torch().empty(shape, dtype=dtype)
-    return buffers[key]
+    size = 1
+    for n in shape:
+        size *= int(n)
+    held = buffers.get(name)
+    if held is None or held.numel() < size or held.dtype != dtype:
+        buffers[name] = None  # the old one is freed before the new one is allocated
+        held = buffers[name] = _torch().empty(size, dtype=dtype)
+    return held[:size].view(shape)
 
 
-def split_map(fn, n: int, min_part: int = 1024) -> list:
-    """[fn(0, m), fn(m, 2m), ...] over range(n) in parts of at least ``min_part``, on the workers: torch calls
-    from the calling thread fork its intra-op threads, and on a busy machine each fork waited for a
-    descheduled thread (a 16 ms sum of 13,000 x 16 integers, measured); the workers run single-threaded."""
-    step = max(min_part, -(-n // n_workers()))
-    return list(pool().map(lambda s0: fn(s0, min(n, s0 + step)), range(0, n, step)))
+def map_ranges(fn, n: int, per_worker: int = 4) -> None:
+    """fn(i0, i1) over a few runs [i0, i1) of range(n) per worker, on the workers: one hand-off per item
+    (400 blocks at 100,000 slides) cost ~15 ms of the calling thread per query, measured; torch calls from
+    the calling thread fork its intra-op threads, and on a busy machine each fork waited for a descheduled
+    thread (a 16 ms sum of 13,000 x 16 integers, measured); the workers run single-threaded."""
+    step = max(1, -(-n // (per_worker * n_workers())))
+    list(pool().map(lambda i0: fn(i0, min(n, i0 + step)), range(0, n, step)))
 
 
 def map_runs(fn, n: int, per_worker: int = 4) -> None:
-    """fn(0), ..., fn(n - 1) on the workers, in a few runs of consecutive items per worker: one hand-off
-    per item (400 blocks at 100,000 slides) cost ~15 ms of the calling thread per query, measured."""
-    step = max(1, -(-n // (per_worker * n_workers())))
+    """fn(0), ..., fn(n - 1) on the workers, in runs of consecutive items (:func:`map_ranges`)."""
 
-    def run(i0: int) -> None:
-        for i in range(i0, min(n, i0 + step)):
+    def run(i0: int, i1: int) -> None:
+        for i in range(i0, i1):
             fn(i)
 
-    list(pool().map(run, range(0, n, step)))
+    map_ranges(run, n, per_worker)
