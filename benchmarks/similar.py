@@ -14,9 +14,13 @@ For each: ``build_s`` (adding all slides + the first stage), ``memory_mb`` (inde
 reference (``method="exact"``: float32 product against every prototype + exact solves) over the queries,
 the reference checked against brute force (Hungarian against every slide) on a few queries, whose time
 gives ``speedup_vs_exact_bruteforce``. A ``cuda_query_ms_median`` when CUDA is present (else null).
+``first_stage_floor`` (int8 first stage): one query's int8 products against every stored code alone, from
+memory and in cache, and a plain read of the codes, in the same process: the least that any search
+reading every stored prototype once spends on this machine (the uniformly random regime leaves nothing
+to prune before that read).
 
 Usage: python benchmarks/similar.py [--quick] [--n-slides N] [--regimes unique,random] [--queries 100]
-       [--precision auto|int8|bfloat16|float32]
+       [--precision auto|int8|bfloat16|float32] [--no-floor]
 The last line printed is one JSON object (worst regime first-class: query_ms_median, recall_at_10_min).
 """
 
@@ -140,6 +144,48 @@ def _workers() -> int:
     return n_workers()
 
 
+def first_stage_floor(index: CohortIndex, query: np.ndarray, reps: int = 15) -> dict:
+    """What any search that reads every stored prototype once as an int8 code spends at least, on this
+    machine, in this process: ``int8_product_ms``, one query's products against every stored code (its 16
+    hi columns only, no maxima, no bounds: torch's VNNI kernel on the search's workers);
+    ``int8_product_in_cache_ms``, the same number of products on one block kept in cache (the kernel's
+    compute alone); ``read_codes_ms``, a plain sum over the codes (the memory alone). Medians of ``reps``."""
+    import torch
+
+    from napari_slpd.similarity import int8_codes
+    from napari_slpd.similarity.workers import map_ranges, thread_buffer
+
+    stage = index.stage()
+    if stage.precision != "int8":
+        return {}
+    hi = torch.from_numpy(np.ascontiguousarray(int8_codes.encode_queries(query[None])[0][:, : query.shape[0]]))
+    work = [(g, b) for g in stage.groups.values() for b in range(g.n_blocks_used)]
+
+    def products(in_cache: bool):
+        def run(i0: int, i1: int) -> None:
+            for g, b in work[i0:i1]:
+                block = g.data[0 if in_cache else b].view(-1, stage.dim)
+                torch._int_mm(block, hi, out=thread_buffer((block.shape[0], hi.shape[1]), torch.int32))
+        map_ranges(run, len(work))
+
+    def read(i0: int, i1: int) -> None:
+        for g, b in work[i0:i1]:
+            g.data[b].view(-1).view(torch.int64).sum()
+
+    timings = {"int8_product_ms": lambda: products(False), "int8_product_in_cache_ms": lambda: products(True),
+               "read_codes_ms": lambda: map_ranges(read, len(work))}
+    out = {}
+    for name, fn in timings.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = round(1000 * float(np.median(times)), 2)
+    return out
+
+
 def run_regime(regime: str, args, n_slides: int) -> dict:
     t0 = time.perf_counter()
     X = make_cohort(regime, n_slides, args.k, args.dim, args.seed)
@@ -167,6 +213,7 @@ def run_regime(regime: str, args, n_slides: int) -> dict:
         rescored.append(index.last_stats.rescored)
         solved.append(index.last_stats.solved)
     load_after = os.getloadavg()
+    floor = first_stage_floor(index, index.prototypes(queries[0])) if args.floor else {}
     # CPU seconds of the query: all threads (process CPU time), of which the calling thread's (serial part);
     # the rest ran on the first stage's workers, in parallel. An unloaded machine with ``workers`` cores
     # would answer in about serial + rest / workers: the figure a loaded machine's wall time cannot show.
@@ -229,6 +276,7 @@ def run_regime(regime: str, args, n_slides: int) -> dict:
         "reference_ms_median": round(1000 * float(np.median(ref_times)), 1),
         "bruteforce_ms_median": round(1000 * float(np.median(brute_times)), 1) if brute_times else None,
         "cuda_query_ms_median": cuda_ms,
+        "first_stage_floor": floor,
         "n_queries": len(times),
         "n_recall_queries": len(ref),
     }
@@ -251,6 +299,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--brute-queries", type=int, default=2, help="queries also answered by brute force")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", help="first stage: auto, int8, bfloat16, float32")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the first-stage floor (int8 products alone, in and out of cache)")
     args = parser.parse_args(argv)
     n_slides = args.n_slides or (10_000 if args.quick else 100_000)
     args.reference_queries = args.reference_queries or args.queries
@@ -282,6 +332,9 @@ def main(argv=None) -> dict:
         "speedup_vs_exact_bruteforce": round(float(np.median(brute)) / worst["query_ms_median"], 1) if brute else None,
         "speedup_vs_float32_reference": round(worst["reference_ms_median"] / worst["query_ms_median"], 1),
         "cuda_query_ms_median": max(cuda) if cuda else None,
+        # the least a search reading every stored prototype once (int8) spends here: the worst regime's
+        # query time against it (first_stage_floor says why it bounds this machine's query times)
+        "int8_product_ms": worst.get("first_stage_floor", {}).get("int8_product_ms"),
         "all_exact": all(r["exact_flag"] and r["distances_equal_reference"] for r in rows),
         "regimes": {r["regime"]: {k: v for k, v in r.items() if k != "regime"} for r in rows},
         "cpu_threads": os.cpu_count(),

@@ -141,20 +141,21 @@ def rerank(store: VectorStore, q: np.ndarray, n: int, bounds: np.ndarray, stats:
     before any float32 re-scoring."""
     top = TopN(n)
     batch = max(first_batch, 8 * n)
-    remaining = int(np.isfinite(bounds).sum())
     step = max(2 * n, 32)  # exact re-scoring in small steps, so that the threshold rises between them
-    while remaining > 0:
-        m = min(remaining, batch)
-        idx = np.argpartition(-bounds, m - 1)[:m] if m < bounds.size else np.arange(bounds.size)
-        idx = idx[np.isfinite(bounds[idx])]
-        first = bounds[idx]
-        if top.full and first.max() < top.threshold - FIRST_STAGE_SLACK:
-            break  # every slide left is bounded below the n-th best
-        bounds[idx] = -np.inf
-        remaining -= idx.size
+    while True:
+        # The slides whose first-stage bound can still beat the n-th best: after the first batch a few
+        # thousand of 100,000 at most, so the next batches are chosen among them, not the whole cohort
+        # (an argpartition of 100,000 bounds costs ~1.2 ms, and int8's margin takes 4-5 batches).
         if top.full:
-            keep = first >= top.threshold - FIRST_STAGE_SLACK
-            idx, first = idx[keep], first[keep]
+            pool = np.flatnonzero(bounds >= top.threshold - FIRST_STAGE_SLACK)
+        else:
+            pool = np.flatnonzero(np.isfinite(bounds))
+        if pool.size == 0:
+            break  # every slide left is bounded below the n-th best
+        m = min(pool.size, batch)
+        idx = pool[np.argpartition(-bounds[pool], m - 1)[:m]] if m < pool.size else pool
+        first = bounds[idx]
+        bounds[idx] = -np.inf
         tight = tight_bounds(stage, idx, q.shape[0], row, top.threshold)
         order_by = first if tight is None else np.minimum(first, tight)
         order = np.lexsort((idx, -order_by))
