@@ -60,15 +60,19 @@ def _group_bounds(stage, group, qT, Q: int, K: int, out: np.ndarray, q_scale, eq
 
     # The maxima of a few blocks first, then one combination and sum for all of them: per block, these four
     # small operations cost ~20 ms per query at 100,000 slides in call overhead (10 ms per 2 MB of maxima).
+    # Each block is copied into a buffer before its product: the kernel read its operand from memory at
+    # about half the speed of a plain copy; copy + product in cache was 10-13% faster (paired, same bounds).
     per_step = max(1, _MAXIMA_BYTES // (B * 2 * QK * 4))
 
     def run(r0: int, r1: int) -> None:
         prod = thread_buffer((L * B, 2 * QK), torch.int32)
+        codes = thread_buffer((L * B, stage.dim), torch.int8, "codes")
         for b0 in range(r0, r1, per_step):
             b1 = min(r1, b0 + per_step)
             maxima = thread_buffer(((b1 - b0) * B, 2 * QK), torch.int32, "maxima")
             for b in range(b0, b1):
-                torch._int_mm(group.data[b].view(L * B, stage.dim), qT, out=prod)
+                codes.copy_(group.data[b].view(L * B, stage.dim))
+                torch._int_mm(codes, qT, out=prod)
                 torch.amax(prod.view(L, B, 2 * QK), dim=0, out=maxima[(b - b0) * B : (b - b0 + 1) * B])
             t = maxima[:, :QK].mul(LO_FACTOR).add_(maxima[:, QK:]).clamp_min_(0)  # int32: exact (MAX_DIM)
             dest = result_t[b0 * B : b1 * B]
