@@ -1,9 +1,9 @@
 """The first stage on int8 codes (int8_codes.py): bounds of every slide, tighter bounds of candidates.
 
-``bounds_batch``: per block of B slides (one worker each, in L2), the int32 products of the block's codes
-[L * B, E] with the queries' hi/lo codes [E, 2 Q K], maxima over the L prototypes of H and of Lo,
-254 max H + max Lo clamped at 0 and, for K <= L, its sum per query: the row-max bound, scaled to cosines
-with the margin added (int8_codes.py).
+``bounds_batch``: per block of B slides (runs of blocks per worker, in L2), the int32 products of the
+block's codes [L * B, E] with the queries' hi/lo codes [E, 2 Q K] and the maxima over the L prototypes of
+H and of Lo; then, for the maxima of a few blocks at once, 254 max H + max Lo clamped at 0 and, for
+K <= L, its sum per query: the row-max bound, scaled to cosines with the margin added (int8_codes.py).
 
 Why the candidates' tighter bounds gather their codes again rather than keeping the products: keeping
 writes 1 KB per slide per query (100 MB at 100,000 slides) and reads it back; int8's margin (~0.009 per
