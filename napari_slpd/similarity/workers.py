@@ -7,6 +7,7 @@ gracefully. Each worker keeps its product buffer between calls (no page faults p
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -45,9 +46,7 @@ def thread_buffer(shape: tuple, dtype, name: str = "product"):
     buffers = getattr(_LOCAL, "buffers", None)
     if buffers is None:
         buffers = _LOCAL.buffers = {}
-    size = 1
-    for n in shape:
-        size *= int(n)
+    size = math.prod(int(n) for n in shape)
     held = buffers.get(name)
     if held is None or held.numel() < size or held.dtype != dtype:
         buffers[name] = None  # the old one is freed before the new one is allocated
