@@ -3,6 +3,9 @@
 Patch encoders turn uint8 RGB patches [B, H, W, 3] into features [B, dim]:
 
 - ``"hipt_vit256"``: HIPT's DINO ViT-S/16 (random init, or an official / trained DINO checkpoint);
+- a named preset of a published pathology foundation model (``"uni_v1"``, ``"virchow2"``, ``"phikon_v2"``,
+  ... see :mod:`napari_slpd.models.presets`): architecture, normalisation, input size and pooling fixed,
+  weights from the local file or folder in the publisher's layout;
 - ``"timm:<model_name>"``: any timm model, weights from a local checkpoint (UNI, CTransPath-style ports, ...);
 - ``"open_clip:<model_name>"``: the image tower of an open_clip model (CONCH, PLIP, QuiltNet style).
 
@@ -35,6 +38,8 @@ from napari_slpd.utils.device import resolve_device  # re-exported: napari_slpd.
 from napari_slpd.utils.files import sha256_file
 from napari_slpd.models.checkpoints import (check_state_dict, extract_state_dict, load_dino_checkpoint,
                                             read_checkpoint, strip_prefixes)
+from napari_slpd.models.foundation import build_preset_module
+from napari_slpd.models.presets import PRESETS
 from napari_slpd.models.vit import vit4k_xs, vit256_small
 
 __all__ = [
@@ -356,7 +361,16 @@ def build_patch_encoder(spec: str, checkpoint: str | os.PathLike | None = None, 
     dev = resolve_device(device)
     # validate the overrides before building anything: a typo should not cost a model build
     HIPT_VIT256_CARD.with_overrides(input_size=input_size, mean=mean, std=std)
-    if spec == "hipt_vit256":
+    if spec in PRESETS and PRESETS[spec].family != "hipt":
+        if model_kwargs or open_clip_cfg:
+            raise SlpdError(f"{spec} is a preset: its architecture is fixed (model_kwargs / open_clip_cfg do not "
+                            "apply); use timm:<name> for a custom timm architecture")
+        preset = PRESETS[spec]
+        module, sha = build_preset_module(preset, checkpoint, seed=seed, allow_pickle=allow_pickle)
+        card = ModelCard(spec, preset.input_size, preset.mean, preset.std, preset.dim, preset.interpolation)
+        model_id = (f"{spec} (random-init seed {seed})" if sha is None
+                    else f"{spec} ({_short_id(Path(checkpoint).expanduser(), sha)})")
+    elif spec == "hipt_vit256":
         if model_kwargs or open_clip_cfg:
             raise SlpdError("model_kwargs / open_clip_cfg do not apply to hipt_vit256")
         module, model_id, sha = _build_hipt_vit256(checkpoint, seed, allow_pickle)
@@ -374,7 +388,8 @@ def build_patch_encoder(spec: str, checkpoint: str | os.PathLike | None = None, 
         model_id = f"{spec} ({_short_id(Path(bundle.checkpoint), bundle.checkpoint_sha256)})"
         sha = bundle.checkpoint_sha256
     else:
-        raise SlpdError(f"unknown patch encoder {spec!r}; use one of {', '.join(PATCH_ENCODER_KINDS)}")
+        raise SlpdError(f"unknown patch encoder {spec!r}; use a preset ({', '.join(PRESETS)}; `slpd encoders` "
+                        f"describes them) or one of {', '.join(PATCH_ENCODER_KINDS[1:])}")
     card = card.with_overrides(input_size=input_size, mean=mean, std=std)
     encoder = PatchEncoder(module, card, dev, model_id, sha, compile=compile)
     log.info("patch encoder: %r", encoder)

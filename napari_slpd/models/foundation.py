@@ -1,0 +1,323 @@
+"""Build a named preset (:mod:`napari_slpd.models.presets`) from a local checkpoint in its published layout.
+
+Each family is built by the library its publisher used: timm for the ViTs published as timm weights (UNI,
+Virchow, H-optimus, GigaPath, kaiko, Lunit; timm's own checkpoint filters convert layouts and resample
+position embeddings), transformers (``local_files_only=True``, never remote code) for the transformers
+folders (Phikon, Phikon-v2, Hibou, Midnight), and timm's Swin with CTransPath's convolutional stem for
+CTransPath (the 2022 layout converted by timm's Swin filter). The returned module takes normalised images
+[B, 3, S, S] and returns the preset's published embedding [B, dim].
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from napari_slpd.errors import CheckpointError, SlpdError
+from napari_slpd.models.checkpoints import check_state_dict, extract_state_dict, read_checkpoint, strip_prefixes
+from napari_slpd.models.layouts import (CheckpointSource, identify_folder, identify_state_dict,
+                                        locate_checkpoint)
+from napari_slpd.models.presets import EncoderPreset
+from napari_slpd.utils.files import sha256_file
+
+__all__ = ["build_preset_module", "create_timm_model", "TokenPooling", "ConvStem"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenPooling(nn.Module):
+    """A ViT's token sequence [B, N, D] -> one embedding: the class token, or class token + patch mean."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, num_prefix_tokens: int,
+                 features: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.num_prefix_tokens = num_prefix_tokens
+        self._features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self._features(self.backbone, x)
+        if self.pooling in ("cls", "pooler"):
+            return tokens[:, 0]
+        # "cls+mean": registers are prefix tokens too, and are left out of the mean (Virchow2's card)
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding: two stride-2 3x3 convolutions (BN, ReLU) and a 1x1 to the width.
+
+    Takes timm's ``embed_layer`` arguments, and returns NHWC tokens as timm's Swin expects."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None, output_fmt="NHWC",
+                 **_ignored):
+        super().__init__()
+        if patch_size != 4 or embed_dim % 8:
+            raise SlpdError(f"CTransPath's stem needs patch size 4 and a width divisible by 8, got {patch_size}, "
+                            f"{embed_dim}")
+        size = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        self.img_size = tuple(size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.output_fmt = output_fmt
+        layers: list[nn.Module] = []
+        channels_in, channels_out = in_chans, embed_dim // 8
+        for _ in range(2):
+            layers += [nn.Conv2d(channels_in, channels_out, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True)]
+            channels_in, channels_out = channels_out, channels_out * 2
+        layers.append(nn.Conv2d(channels_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).permute(0, 2, 3, 1)  # NHWC
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------------- timm
+
+
+def _resolve_timm_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Class names in a preset's kwargs (kept as strings so presets stay plain data) -> the classes."""
+    import timm.layers
+
+    out = dict(kwargs)
+    if isinstance(out.get("mlp_layer"), str):
+        out["mlp_layer"] = getattr(timm.layers, out["mlp_layer"])
+    if isinstance(out.get("act_layer"), str):
+        out["act_layer"] = getattr(nn, out["act_layer"])
+    return out
+
+
+def create_timm_model(preset: EncoderPreset, extra_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The preset's timm architecture, randomly initialised, without a classifier."""
+    import timm
+
+    kwargs = {**dict(extra_kwargs or {}), **preset.arch_kwargs}
+    if preset.family == "swin_convstem":
+        kwargs["embed_layer"] = ConvStem
+    return timm.create_model(preset.architecture, pretrained=False, num_classes=0, **_resolve_timm_kwargs(kwargs))
+
+
+def _timm_filter(model: nn.Module) -> Callable | None:
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _folder_model_args(preset: EncoderPreset, source: CheckpointSource) -> dict[str, Any]:
+    """A timm hub folder's ``model_args`` the preset leaves open (its own kwargs always win)."""
+    if source.layout != "timm_folder":
+        return {}
+    arch = source.config.get("architecture")
+    if arch != preset.architecture:
+        raise CheckpointError(f"{source.folder} is a timm folder for {arch!r}, but {preset.name} is "
+                              f"{preset.architecture!r}" + _presets_hint(identify_folder(source)[1]))
+    args = source.config.get("model_args") or {}
+    return {k: v for k, v in args.items() if k not in preset.arch_kwargs and not isinstance(v, (dict, list))}
+
+
+def _presets_hint(presets) -> str:
+    if not presets:
+        return ""
+    return "; try " + " or ".join(f"--encoder {name}" for name in presets)
+
+
+def _mismatch_error(preset: EncoderPreset, where: str, state_dict, original: CheckpointError) -> CheckpointError:
+    identity = identify_state_dict(state_dict)
+    others = tuple(p for p in identity.presets if p != preset.name)
+    head = f"{where} does not fit {preset.name} ({preset.title}): it looks like {identity.description}"
+    if others:
+        return CheckpointError(head + _presets_hint(others) + ".")
+    if preset.name in identity.presets and identity.signature.get("depth"):
+        detail = str(original).splitlines()
+        return CheckpointError(head + f", the architecture of {preset.name} but not its depth or sizes:\n"
+                               + "\n".join(detail[1:4]))
+    return CheckpointError(head + ".\n" + "\n".join(str(original).splitlines()[1:4]))
+
+
+def _state_dict_of(source: CheckpointSource, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
+    if source.weights is None:
+        raise CheckpointError(f"{source.folder}: sharded weights are only read for transformers models")
+    raw, key = extract_state_dict(read_checkpoint(source.weights, allow_pickle=allow_pickle), key=None)
+    state_dict, _ = strip_prefixes(raw, prefixes=("module.", "_orig_mod."))
+    where = f"{source.weights}" + (f" [{key!r}]" if key else "")
+    return state_dict, where
+
+
+def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_build, allow_pickle: bool):
+    extra = _folder_model_args(preset, source) if source else {}
+    if source is None:
+        return seed_build(lambda: create_timm_model(preset, extra)), None
+    state_dict, where = _state_dict_of(source, allow_pickle)
+    if identify_state_dict(state_dict).family not in ("timm_vit", "swin", "unknown"):
+        raise _mismatch_error(preset, where, state_dict, CheckpointError(""))
+    # the architecture is checked against the weights on the meta device first: a wrong checkpoint for a
+    # giant fails in a second, and the random initialisation the weights would overwrite is never computed
+    with torch.device("meta"):
+        model = create_timm_model(preset, extra)
+    model_keys = set(model.state_dict())
+    state_dict = {k: v for k, v in state_dict.items() if k in model_keys or not k.startswith(("head.", "fc_norm."))}
+    filter_fn = _timm_filter(model)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)  # timm's own layout conversion and pos-embed resampling
+    try:
+        check_state_dict(model, state_dict, where)
+    except CheckpointError as exc:
+        raise _mismatch_error(preset, where, state_dict, exc) from None
+    if any(True for _ in model.buffers()):  # buffers computed at construction (Swin's indices): build for real
+        model = seed_build(lambda: create_timm_model(preset, extra))
+        model.load_state_dict(state_dict, strict=True)
+    else:
+        params = model.state_dict()
+        state_dict = {k: v.to(params[k].dtype).contiguous() for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    return model, sha256_file(source.weights)
+
+
+def _timm_module(preset: EncoderPreset, model: nn.Module) -> nn.Module:
+    if preset.pooling == "model":
+        return model
+    return TokenPooling(model, preset.pooling, int(getattr(model, "num_prefix_tokens", 1)),
+                        lambda backbone, x: backbone.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------- transformers
+
+
+def _transformers_class(preset: EncoderPreset):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SlpdError(f"{preset.name} is a transformers model: install the optional dependency with "
+                        "pip install 'napari-slpd[models]' (or pip install transformers)") from exc
+    return getattr(transformers, preset.architecture)
+
+
+_TRANSFORMERS_TYPES = {"ViTModel": ("vit",), "Dinov2Model": ("dinov2",),
+                       "Dinov2WithRegistersModel": ("dinov2_with_registers", "dinov2")}
+
+
+def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, seed: int):
+    cls = _transformers_class(preset)
+    if source is None:
+        raise CheckpointError(f"{preset.name} is built from its published folder (config.json + weights); "
+                              f"give --checkpoint FOLDER ({preset.weights_source})")
+    if source.layout != "transformers_folder":
+        hint = ""
+        if source.weights is not None and source.layout == "weights_file":
+            state_dict, where = _state_dict_of(source, allow_pickle=False)
+            identity = identify_state_dict(state_dict)
+            hint = f": it looks like {identity.description}" + _presets_hint(
+                tuple(p for p in identity.presets if p != preset.name))
+            if identity.family == "transformers_vit":
+                hint += f". {preset.name} needs the whole folder: config.json beside the weights"
+        raise CheckpointError(f"{source.given} is {source.describe()}, but {preset.name} ({preset.title}) is "
+                              f"published as a transformers folder ({' + '.join(preset.files)}){hint}")
+    model_type = source.config.get("model_type")
+    allowed = _TRANSFORMERS_TYPES.get(preset.architecture, ())
+    if model_type not in allowed:
+        others = tuple(p for p in identify_folder(source)[1] if p != preset.name)
+        raise CheckpointError(f"{source.folder} is {source.describe()}, not the {preset.architecture} of "
+                              f"{preset.name}" + _presets_hint(others))
+    config_cls = cls.config_class
+    config = config_cls.from_pretrained(str(source.folder), local_files_only=True)
+    config.auto_map = None  # a folder's custom code is never run; the weights load into transformers' own class
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
+                                        trust_remote_code=False, **dict(preset.arch_kwargs))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{source.folder} could not be loaded as {preset.architecture}: {exc}") from exc
+    _check_transformers_keys(preset, source, model)
+    width = int(config.hidden_size)
+    expected = preset.dim // 2 if preset.pooling == "cls+mean" else preset.dim
+    if width != expected:
+        raise CheckpointError(f"{source.folder} holds a {preset.architecture} of width {width}; {preset.name} "
+                              f"has width {expected} (output {preset.dim})"
+                              + _presets_hint(tuple(p for p in identify_folder(source)[1] if p != preset.name)))
+    prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    module = TokenPooling(model, preset.pooling, prefix,
+                          lambda backbone, x: backbone(pixel_values=x).last_hidden_state)
+    digest = sha256_file(source.weights) if source.weights is not None else None
+    return module, digest
+
+
+def _check_transformers_keys(preset: EncoderPreset, source: CheckpointSource, model: nn.Module) -> None:
+    """transformers only warns about weights it did not find; a preset must not run half random."""
+    if source.weights is None:
+        return
+    state_dict, where = _state_dict_of(source, allow_pickle=False)
+    model_keys = set(model.state_dict())
+    base = getattr(model, "base_model_prefix", "")
+    names = {k[len(base) + 1:] if base and k.startswith(base + ".") else k for k in state_dict}
+    missing = sorted(k for k in model_keys if k not in names and not k.endswith("position_ids"))
+    if missing:
+        raise _mismatch_error(preset, where, state_dict, CheckpointError(
+            f"\n  missing keys ({len(missing)}): {', '.join(missing[:8])}"))
+
+
+# ----------------------------------------------------------------------------------------------- custom
+
+
+def _load_custom(preset: EncoderPreset, checkpoint, seed: int, allow_pickle: bool):
+    module_name, _, func = preset.architecture.partition(":")
+    builder = getattr(importlib.import_module(module_name), func)
+    path = None if checkpoint is None else Path(checkpoint).expanduser()
+    module = builder(path, seed, allow_pickle)
+    digest = None
+    if path is not None:
+        source = locate_checkpoint(path)
+        digest = sha256_file(source.weights) if source.weights is not None else None
+    return module, digest
+
+
+# --------------------------------------------------------------------------------------------------- entry
+
+
+def _seeded(seed: int):
+    def build(factory):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return factory()
+    return build
+
+
+def build_preset_module(preset: EncoderPreset, checkpoint, seed: int = 0,
+                        allow_pickle: bool = False) -> tuple[nn.Module, str | None]:
+    """The preset's module (normalised images -> [B, dim]) and the sha256 of its weights (None: random init)."""
+    source = locate_checkpoint(checkpoint) if checkpoint is not None and preset.family != "custom" else None
+    if preset.family in ("timm", "swin_convstem"):
+        model, digest = _load_timm(preset, source, _seeded(seed), allow_pickle)
+        module = _timm_module(preset, model)
+    elif preset.family == "transformers":
+        module, digest = _load_transformers(preset, source, seed)
+    elif preset.family == "custom":
+        module, digest = _load_custom(preset, checkpoint, seed, allow_pickle)
+    else:
+        raise SlpdError(f"{preset.name}: family {preset.family!r} is built elsewhere")
+    _check_output_dim(preset, module)
+    return module, digest
+
+
+def _output_dim(preset: EncoderPreset, module: nn.Module) -> int:
+    if isinstance(module, TokenPooling):
+        backbone = module.backbone
+        width = int(getattr(backbone, "embed_dim", 0) or getattr(getattr(backbone, "config", None), "hidden_size"))
+        return 2 * width if module.pooling == "cls+mean" else width
+    return int(getattr(module, "head_hidden_size", None) or getattr(module, "num_features", 0) or preset.dim)
+
+
+def _check_output_dim(preset: EncoderPreset, module: nn.Module) -> None:
+    """The published dimension is a promise of the preset: a model that would break it is refused."""
+    dim = _output_dim(preset, module)
+    if dim != preset.dim:
+        raise CheckpointError(f"{preset.name} would produce embeddings of dimension {dim}, not the published "
+                              f"{preset.dim}: the checkpoint is not {preset.title}")
