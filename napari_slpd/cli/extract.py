@@ -45,9 +45,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder (created if missing)")
     model = parser.add_argument_group("models")
     model.add_argument("--encoder", default="hipt_vit256", metavar="SPEC",
-                       help="patch encoder: hipt_vit256 | timm:NAME | open_clip:NAME (default hipt_vit256)")
+                       help="patch encoder: a preset (uni_v1, uni_v2, virchow2, hoptimus0, gigapath, phikon_v2, "
+                       "conch_v1, ...: `slpd encoders` lists them) | timm:NAME | open_clip:NAME "
+                       "(default hipt_vit256)")
     model.add_argument("--checkpoint", default=None, metavar="PATH",
-                       help="patch encoder weights (DINO checkpoint for hipt_vit256); random init without it")
+                       help="patch encoder weights: the file or folder as published (e.g. UNI's pytorch_model.bin, "
+                       "Phikon-v2's folder); random init without it")
     model.add_argument("--input-size", type=int, default=None, metavar="PX",
                        help="px the patch encoder sees (default: its own, 256 for hipt_vit256)")
     model.add_argument("--normalize", default=None, metavar="PRESET",
@@ -61,7 +64,8 @@ def register(subparsers) -> None:
     grid = parser.add_argument_group("regions")
     grid.add_argument("--region-px", type=int, default=4096, help="region side at target um/px (4096)")
     grid.add_argument("--patch-px", type=int, default=256, help="patch side (256)")
-    grid.add_argument("--target-mpp", type=float, default=0.5, help="um/px regions are cut at (0.5 = 20x)")
+    grid.add_argument("--target-mpp", type=float, default=None,
+                      help="um/px regions are cut at (default: what the encoder preset was trained at, 0.5 = 20x)")
     grid.add_argument("--min-tissue", type=float, default=0.25, help="tissue fraction a region needs (0.25)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -198,10 +202,12 @@ def build_encoders(args, device: str):
 
 def extraction_config(args):
     from napari_slpd.features.engine import ExtractionConfig
+    from napari_slpd.models.presets import default_mpp
     from napari_slpd.slides.grid import GridConfig
 
     return ExtractionConfig(
-        grid=GridConfig(region_px=args.region_px, patch_px=args.patch_px, target_mpp=args.target_mpp,
+        grid=GridConfig(region_px=args.region_px, patch_px=args.patch_px,
+                        target_mpp=args.target_mpp if args.target_mpp is not None else default_mpp(args.encoder),
                         min_tissue=args.min_tissue),
         batch_size=args.batch_size,
         num_workers=args.workers,

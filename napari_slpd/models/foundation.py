@@ -21,7 +21,7 @@ from torch import nn
 from napari_slpd.errors import CheckpointError, SlpdError
 from napari_slpd.models.checkpoints import check_state_dict, extract_state_dict, read_checkpoint, strip_prefixes
 from napari_slpd.models.layouts import (CheckpointSource, identify_folder, identify_state_dict,
-                                        locate_checkpoint)
+                                        locate_checkpoint, vit_signature)
 from napari_slpd.models.presets import EncoderPreset
 from napari_slpd.utils.files import sha256_file
 
@@ -151,6 +151,10 @@ def _state_dict_of(source: CheckpointSource, allow_pickle: bool) -> tuple[dict[s
     return state_dict, where
 
 
+# what makes two ViTs different architectures (depth aside, which the key listing shows)
+_ARCHITECTURE_TRAITS = ("width", "patch", "reg_tokens", "swiglu", "layer_scale")
+
+
 def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_build, allow_pickle: bool):
     extra = _folder_model_args(preset, source) if source else {}
     if source is None:
@@ -164,13 +168,18 @@ def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_buil
         model = create_timm_model(preset, extra)
     model_keys = set(model.state_dict())
     state_dict = {k: v for k, v in state_dict.items() if k in model_keys or not k.startswith(("head.", "fc_norm."))}
+    found, expected = vit_signature(state_dict), vit_signature(model.state_dict())
+    if found and expected and any(found[k] != expected[k] for k in _ARCHITECTURE_TRAITS):
+        differences = ", ".join(f"{k} {found[k]} vs {expected[k]}" for k in _ARCHITECTURE_TRAITS
+                                if found[k] != expected[k])
+        raise _mismatch_error(preset, where, state_dict, CheckpointError(f"\n  checkpoint vs preset: {differences}"))
     filter_fn = _timm_filter(model)
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)  # timm's own layout conversion and pos-embed resampling
     try:
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, model)  # timm's own layout conversion and pos-embed resampling
         check_state_dict(model, state_dict, where)
-    except CheckpointError as exc:
-        raise _mismatch_error(preset, where, state_dict, exc) from None
+    except (CheckpointError, RuntimeError) as exc:
+        raise _mismatch_error(preset, where, state_dict, CheckpointError(f"\n  {exc}")) from None
     if any(True for _ in model.buffers()):  # buffers computed at construction (Swin's indices): build for real
         model = seed_build(lambda: create_timm_model(preset, extra))
         model.load_state_dict(state_dict, strict=True)
@@ -232,11 +241,12 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
-                                        trust_remote_code=False, **dict(preset.arch_kwargs))
+            model, info = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
+                                              trust_remote_code=False, output_loading_info=True,
+                                              **dict(preset.arch_kwargs))
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{source.folder} could not be loaded as {preset.architecture}: {exc}") from exc
-    _check_transformers_keys(preset, source, model)
+    _check_transformers_loading(preset, source, info)
     width = int(config.hidden_size)
     expected = preset.dim // 2 if preset.pooling == "cls+mean" else preset.dim
     if width != expected:
@@ -250,18 +260,18 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
     return module, digest
 
 
-def _check_transformers_keys(preset: EncoderPreset, source: CheckpointSource, model: nn.Module) -> None:
+def _check_transformers_loading(preset: EncoderPreset, source: CheckpointSource, info: Mapping) -> None:
     """transformers only warns about weights it did not find; a preset must not run half random."""
-    if source.weights is None:
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", ())]
+    if not (missing or mismatched):
         return
-    state_dict, where = _state_dict_of(source, allow_pickle=False)
-    model_keys = set(model.state_dict())
-    base = getattr(model, "base_model_prefix", "")
-    names = {k[len(base) + 1:] if base and k.startswith(base + ".") else k for k in state_dict}
-    missing = sorted(k for k in model_keys if k not in names and not k.endswith("position_ids"))
-    if missing:
-        raise _mismatch_error(preset, where, state_dict, CheckpointError(
-            f"\n  missing keys ({len(missing)}): {', '.join(missing[:8])}"))
+    detail = CheckpointError("\n" + (f"  missing keys ({len(missing)}): {', '.join(missing[:8])}" if missing else "")
+                             + (f"  shape mismatches: {', '.join(mismatched[:8])}" if mismatched else ""))
+    if source.weights is not None:
+        state_dict, where = _state_dict_of(source, allow_pickle=False)
+        raise _mismatch_error(preset, where, state_dict, detail)
+    raise CheckpointError(f"{source.folder} does not fit {preset.name}:{detail}")
 
 
 # ----------------------------------------------------------------------------------------------- custom

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 from napari_slpd.errors import SlpdError
 
-__all__ = ["EncoderPreset", "PRESETS", "get_preset", "register_preset", "preset_names", "NORMALISATIONS"]
+__all__ = ["EncoderPreset", "PRESETS", "get_preset", "register_preset", "preset_names", "default_mpp",
+           "NORMALISATIONS"]
 
 # per-channel mean / std of [0, 1] RGB, by the name the model cards use
 NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -100,6 +101,12 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
+def default_mpp(spec: str) -> float:
+    """The um/px regions are cut at by default: the preset's training magnification, else 0.5 (20x)."""
+    preset = PRESETS.get(spec)
+    return preset.mpp if preset is not None else 0.5
+
+
 def get_preset(name: str) -> EncoderPreset:
     try:
         return PRESETS[name]
@@ -109,7 +116,7 @@ def get_preset(name: str) -> EncoderPreset:
 
 
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}  # resolved to timm / torch classes when built
-_NC_ND = "CC-BY-NC-ND 4.0, gated (research use only)"
+_NC_ND = "CC-BY-NC-ND 4.0, gated"
 
 for _preset in (
     EncoderPreset(
@@ -188,7 +195,7 @@ for _preset in (
         pooling="cls+mean", patch_size=14, notes="class token + mean of the patch tokens (the card's embedding)"),
     EncoderPreset(
         "ctranspath", "CTransPath (as in CHIEF / TransPath)", "swin_convstem", "swin_tiny_patch4_window7_224", 768,
-        224, "imagenet", 1.0, "huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath (CHIEF_CTransPath.pth)",
+        224, "imagenet", 0.5, "huggingface.co/datasets/MahmoodLab/hest-bench fm_v1/ctranspath (CHIEF_CTransPath.pth)",
         ("CHIEF_CTransPath.pth",), "GPL-3.0", interpolation="bilinear", patch_size=4,
         notes="Swin-T with a convolutional stem; the 2022 timm layout is converted with timm's own filter"),
     EncoderPreset(
