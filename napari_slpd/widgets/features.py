@@ -27,13 +27,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_slpd.models.presets import PRESETS
 from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
 from napari_slpd.widgets._panels import DockedPanel, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
 
-PATCH_ENCODERS = ("hipt_vit256", "timm:vit_large_patch16_224", "open_clip:ViT-B-16")
+# the presets (published foundation models, `slpd encoders`), then the open-ended kinds as examples
+PATCH_ENCODERS = (*PRESETS, "timm:vit_large_patch16_224", "open_clip:ViT-B-16")
 REGION_ENCODERS = ("hipt_vit4k", "mean")
 # ExtractionResult.status in the words a user reads.
 STATUS_WORDS = {
@@ -88,7 +90,8 @@ class FeaturesWidget(DockedPanel, QWidget):
         self.patch_encoder = QComboBox()
         self.patch_encoder.setEditable(True)
         self.patch_encoder.addItems(PATCH_ENCODERS)
-        self.patch_encoder.setToolTip("hipt_vit256, timm:<model name> or open_clip:<model name>")
+        self.patch_encoder.setToolTip("A preset (UNI, Virchow2, Phikon-v2, ...: its checkpoint is the file or folder "
+                                      "as published), timm:<model name> or open_clip:<model name>")
         self.patch_checkpoint = QLineEdit()
         self.patch_checkpoint.setPlaceholderText("none: random initialisation")
         self.input_px = QSpinBox()
@@ -385,7 +388,7 @@ class FeaturesWidget(DockedPanel, QWidget):
         self.fit_box.setVisible(True)
 
     def _update_note(self, *_):
-        patch_random = not self.patch_checkpoint.text().strip() and self.patch_encoder.currentText() == "hipt_vit256"
+        patch_random = not self.patch_checkpoint.text().strip()  # every patch encoder is random without weights
         region_random = not self.region_checkpoint.text().strip() and self.region_encoder.currentText() == "hipt_vit4k"
         which = [n for n, r in (("patch", patch_random), ("region", region_random)) if r]
         if which:
@@ -427,7 +430,7 @@ class FeaturesWidget(DockedPanel, QWidget):
             at_risk = session.checkpoint_features_at_risk(slide_ids)
             if at_risk:
                 fs = self.state.settings.features
-                which = [n for n, random in (("patch", fs.patch_checkpoint is None and fs.patch_encoder == "hipt_vit256"),
+                which = [n for n, random in (("patch", fs.patch_checkpoint is None),
                                              ("region", fs.region_checkpoint is None and fs.region_encoder == "hipt_vit4k"))
                          if random]
                 replace_checkpoint = self.confirm(
