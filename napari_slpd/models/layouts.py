@@ -172,7 +172,7 @@ _PRESET_SIGNATURES: dict[str, dict[str, Any] | None] = {}
 def preset_vit_signature(name: str) -> dict[str, Any] | None:
     """The ViT signature of a timm preset, from a model built on the meta device (no memory, no time)."""
     if name not in _PRESET_SIGNATURES:
-        from napari_slpd.models.foundation import create_timm_model
+        from napari_slpd.models.timm_build import create_timm_model
         from napari_slpd.models.presets import get_preset
 
         with torch.device("meta"):
