@@ -368,6 +368,9 @@ def build_patch_encoder(spec: str, checkpoint: str | os.PathLike | None = None, 
         preset = PRESETS[spec]
         module, sha = build_preset_module(preset, checkpoint, seed=seed, allow_pickle=allow_pickle)
         card = ModelCard(spec, preset.input_size, preset.mean, preset.std, preset.dim, preset.interpolation)
+        if mean is not None or std is not None or input_size is not None:
+            log.warning("%s: the preset's input (%d px, %s normalisation) is overridden; its features then differ "
+                        "from the published model's", spec, preset.input_size, preset.normalisation)
         model_id = (f"{spec} (random-init seed {seed})" if sha is None
                     else f"{spec} ({_short_id(Path(checkpoint).expanduser(), sha)})")
     elif spec == "hipt_vit256":
