@@ -323,3 +323,18 @@ def test_presets_are_complete_and_unknown_names_are_listed():
         build_patch_encoder("uni", device="cpu")
     with pytest.raises(SlpdError, match="already exists"):
         preset_module.register_preset(PRESETS["uni_v1"])
+
+
+def test_position_embeddings_of_another_grid_are_resampled_with_timms_helper(tmp_path, reduced_depth):
+    """A ViT-L/16 saved for 256-px inputs (16 x 16 position embeddings) loads into UNI's 224-px grid."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    source = _perturb(timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, depth=DEPTH,
+                                        init_values=1e-5, img_size=256))
+    _write_timm_layout(source, "vit_large_patch16_224", {}, IMAGENET, "bin", tmp_path / "uni256")
+    reduced_depth("uni_v1")
+    encoder = build_patch_encoder("uni_v1", checkpoint=tmp_path / "uni256" / "pytorch_model.bin", device="cpu")
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), (14, 14), num_prefix_tokens=1)
+    assert torch.equal(encoder.module.pos_embed.detach(), expected)
+    assert encoder.encode(_patches(n=1)).shape == (1, 1024)

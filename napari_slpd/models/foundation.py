@@ -10,7 +10,9 @@ CTransPath (the 2022 layout converted by timm's Swin filter). The returned modul
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -156,6 +158,22 @@ def _transformers_class(preset: EncoderPreset):
     return getattr(transformers, preset.architecture)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or INFO lines from transformers while a preset loads (its problems are raised as ours)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 _TRANSFORMERS_TYPES = {"ViTModel": ("vit",), "Dinov2Model": ("dinov2",),
                        "Dinov2WithRegistersModel": ("dinov2_with_registers", "dinov2")}
 
@@ -185,7 +203,7 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
     config_cls = cls.config_class
     config = config_cls.from_pretrained(str(source.folder), local_files_only=True)
     config.auto_map = None  # a folder's custom code is never run; the weights load into transformers' own class
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(seed)
         try:
             model, info = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
@@ -201,8 +219,15 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
                               f"has width {expected} (output {preset.dim})"
                               + _presets_hint(tuple(p for p in identify_folder(source)[1] if p != preset.name)))
     prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    module = TokenPooling(model, preset.pooling, prefix,
-                          lambda backbone, x: backbone(pixel_values=x).last_hidden_state)
+    trained_size = int(getattr(config, "image_size", preset.input_size))
+
+    told = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def features(backbone, x):  # a ViTModel must be told to resample its position embeddings, DINOv2 always does
+        extra = {"interpolate_pos_encoding": True} if told and x.shape[-1] != trained_size else {}
+        return backbone(pixel_values=x, **extra).last_hidden_state
+
+    module = TokenPooling(model, preset.pooling, prefix, features)
     digest = sha256_file(source.weights) if source.weights is not None else None
     return module, digest
 
