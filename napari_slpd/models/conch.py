@@ -499,7 +499,7 @@ CONCH_PRESETS = [
         "input_size": 448, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic",
         "dim": 512, "mpp": 0.5,
         "weights_source": f"huggingface.co/{_CONCH_REPO}",
-        "files": ["pytorch_model.bin"],
+        "files": ["pytorch_model.bin"], "weight_names": list(CONCH_V1_WEIGHTS),
         "licence": "CC-BY-NC-ND 4.0, gated (accept the terms on HuggingFace); non-commercial research only",
         "layouts": ["folder holding pytorch_model.bin", "the pytorch_model.bin file (CoCa state dict)"],
         "notes": "features = TRIDENT's conch_v1 (pooled, before proj_contrast); `slpd proalign --vlm conch_v1` "
@@ -513,7 +513,7 @@ CONCH_PRESETS = [
         "input_size": 448, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
         "dim": 768, "mpp": 0.5,
         "weights_source": f"huggingface.co/{_CONCH_V15_REPO}",
-        "files": ["pytorch_model_vision.bin"],
+        "files": ["pytorch_model_vision.bin"], "weight_names": list(CONCH_V15_WEIGHTS),
         "licence": "CC-BY-NC-ND 4.0, gated (accept the terms on HuggingFace); non-commercial research only",
         "layouts": ["folder holding pytorch_model_vision.bin", "the pytorch_model_vision.bin file"],
         "notes": "image only (no text tower published); TITAN tiles 512 px at 20x and resizes to 448",

@@ -237,7 +237,7 @@ CLIP_PRESETS = [
         "mpp": 0.5, "weights_source": "huggingface.co/vinid/plip",
         "files": ["config.json", "pytorch_model.bin or model.safetensors", "preprocessor_config.json",
                   "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"],
-        "licence": "see the model card (research use)",
+        "weight_names": list(PLIP_FILES), "licence": "see the model card (research use)",
         "layouts": ["transformers CLIPModel folder"], "notes": _CLIP_NOTE + "; needs transformers",
     },
     {
@@ -246,7 +246,7 @@ CLIP_PRESETS = [
         "input_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "dim": 512,
         "mpp": 0.5, "weights_source": "huggingface.co/wisdomik/QuiltNet-B-32",
         "files": ["open_clip_config.json", "open_clip_pytorch_model.bin"],
-        "licence": "MIT (model card); Quilt-1M data terms apply",
+        "weight_names": list(OPEN_CLIP_FILES), "licence": "MIT (model card); Quilt-1M data terms apply",
         "layouts": ["open_clip hub folder"], "notes": _CLIP_NOTE,
     },
     {
@@ -256,7 +256,7 @@ CLIP_PRESETS = [
         "mpp": 0.5, "weights_source": "huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
         "files": ["open_clip_config.json", "open_clip_pytorch_model.bin",
                   "PubMedBERT tokenizer: vocab.txt, tokenizer_config.json (text tower only)"],
-        "licence": "MIT (model card); research use",
+        "weight_names": list(OPEN_CLIP_FILES), "licence": "MIT (model card); research use",
         "layouts": ["open_clip hub folder"], "notes": _CLIP_NOTE + "; the text tower needs transformers",
     },
 ]
