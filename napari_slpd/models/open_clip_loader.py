@@ -257,10 +257,25 @@ def _read_state(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _foreign_layout(model: nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, naming the right preset, a checkpoint of another family (CONCH, PLIP, BiomedCLIP into a model
+    without a HuggingFace text tower, a DINO checkpoint) before open_clip's converters misread it."""
+    from napari_slpd.models.vlm_layouts import describe_keys
+
+    guess = describe_keys(state_dict)
+    if guess is None or guess.preset in ("", "quiltnet"):
+        return
+    if guess.preset == "biomedclip" and any(k.startswith("text.transformer.embeddings.") for k in model.state_dict()):
+        return
+    raise CheckpointError(f"{path} is {guess.what}, not weights for this open_clip architecture: use "
+                          f"--vlm {guess.preset} (or --encoder {guess.preset}) with the model's folder")
+
+
 def _load_weights(model: nn.Module, path: Path, state_dict: dict[str, torch.Tensor]) -> None:
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
+    _foreign_layout(model, path, state_dict)
     # the same adaptations open_clip's own loader makes (3rd-party layouts, old text layout, scalar logit_scale,
     # position embeddings trained at another size)
     state_dict = convert_state_dict(model, state_dict)

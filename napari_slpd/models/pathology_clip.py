@@ -130,12 +130,16 @@ def load_plip(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None
     tok = None
     if with_tokenizer:
         tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else folder
+        missing = (f"no CLIP tokenizer files in {tok_dir} (vocab.json + merges.txt or tokenizer.json, with "
+                   "tokenizer_config.json): copy them from the model's page next to config.json")
+        # transformers may build an empty tokenizer from config.json alone: insist on the vocabulary files
+        if not ((tok_dir / "tokenizer.json").is_file() or
+                ((tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file())):
+            raise CheckpointError(missing)
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except Exception as exc:
-            raise CheckpointError(
-                f"no CLIP tokenizer files in {tok_dir} (vocab.json + merges.txt or tokenizer.json, with "
-                f"tokenizer_config.json): copy them from the model's page next to config.json ({exc})") from exc
+            raise CheckpointError(f"{missing} ({exc})") from exc
     size, mean, std, interpolation = _plip_preprocessing(folder, int(model.config.vision_config.image_size))
     return TransformersClip(model.eval().requires_grad_(False), tok, weights, size, mean, std, interpolation,
                             int(model.config.projection_dim), int(model.config.text_config.max_position_embeddings))

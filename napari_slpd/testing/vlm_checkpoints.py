@@ -284,3 +284,23 @@ def write_biomedclip(folder: str | os.PathLike, seed: int = 0, text_layers: int 
         shutil.rmtree(bert_dir)
     shutil.rmtree(cfg_dir)
     return WrittenModel(folder, weights, "biomedclip")
+
+
+def extract_tiny_cohort(root: str | os.PathLike, slide: str | os.PathLike, patch_encoder, mpp: float | None = None):
+    """A one-slide cohort whose patch features come from ``patch_encoder`` (coarse grid: a few dozen patches at
+    2 um/px), with mean-pooled region embeddings. Returns the Cohort."""
+    from napari_slpd.cohort import Cohort
+    from napari_slpd.features.engine import ExtractionConfig, extract_slide
+    from napari_slpd.models.encoders import build_region_encoder
+    from napari_slpd.slides.grid import GridConfig
+
+    cohort = Cohort(root)
+    record = cohort.add_slide(slide, mpp=mpp)
+    region_enc = build_region_encoder("mean", device="cpu", in_dim=patch_encoder.dim)
+    config = ExtractionConfig(grid=GridConfig(region_px=256, patch_px=128, target_mpp=2.0, min_tissue=0.25),
+                              batch_size=16, num_workers=1, regions_per_chunk=4, device="cpu", mpp=mpp,
+                              token_dtype="float32")
+    result = extract_slide(slide, cohort.features_path(record.slide_id), patch_encoder, region_enc, config)
+    if result.status != "extracted" or result.n_regions == 0:
+        raise RuntimeError(f"tiny cohort extraction failed: {result.status} {result.message}")
+    return cohort
