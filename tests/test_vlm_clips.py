@@ -132,9 +132,14 @@ def _biomedclip_reference(biomed, tmp_path):
     return model, open_clip.get_tokenizer(f"local-dir:{biomed.folder}")
 
 
-def test_biomedclip_equals_open_clip_without_the_hub(biomed, tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def biomed_vlm(biomed):
+    return _load("biomedclip", biomed.folder)   # BERT config read from the weights' shapes
+
+
+def test_biomedclip_equals_open_clip_without_the_hub(biomed, biomed_vlm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    vlm = _load("biomedclip", biomed.folder)   # BERT config read from the weights' shapes
+    vlm = biomed_vlm
     assert vlm.spec == "biomedclip" and vlm.embed_dim == 512
     ref, tok = _biomedclip_reference(biomed, tmp_path)
     with torch.no_grad():
@@ -143,11 +148,14 @@ def test_biomedclip_equals_open_clip_without_the_hub(biomed, tmp_path, capsys, m
     assert tok(TEXTS).shape == (3, 256)
     assert torch.allclose(vlm.encode_text(TEXTS), ref_text, atol=1e-5)
     _image_module_matches(vlm, ref_image)
-    # ProAlign through the pipeline with the loaded model (the CLI path is the same as QuiltNet's)
+
+
+@pytest.mark.slow  # a full-depth ViT-B/16 (BiomedCLIP's timm tower cannot be made shallower) over a slide
+def test_proalign_runs_on_biomedclip_features(biomed_vlm, tmp_path):
     from napari_slpd.proalign import load_descriptions, load_proalign, run_proalign
 
-    cohort = extract_tiny_cohort(tmp_path / "cohort", real_slide("cmu_svs"), vlm.patch_encoder())
-    outcomes = run_proalign(cohort, vlm, load_descriptions("lung"))
+    cohort = extract_tiny_cohort(tmp_path / "cohort", real_slide("cmu_svs"), biomed_vlm.patch_encoder())
+    outcomes = run_proalign(cohort, biomed_vlm, load_descriptions("lung"))
     assert [o.status for o in outcomes] == ["written"]
     assert load_proalign(outcomes[0].path).slide_embedding_mean.shape == (512,)
 
