@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
 from napari_slpd.models.checkpoints import check_state_dict, extract_state_dict, read_checkpoint, strip_prefixes
-from napari_slpd.models.vlm_layouts import resolve_weights_file, wrong_layout_hint
+from napari_slpd.models.vlm_layouts import folder_layout_hint, resolve_weights_file, wrong_layout_hint
 
 __all__ = ["CONCH_PRESETS", "ConchV1", "ConchTokenizer", "build_conch_v1_image", "build_conch_v15_image",
            "load_conch_v1", "find_conch_tokenizer", "CONCH_V1_WEIGHTS", "CONCH_V15_WEIGHTS",
@@ -397,7 +396,7 @@ def _resample_v1_pos_embed(state: dict, model: ConchV1Visual, prefix: str) -> No
                                             num_prefix_tokens=1, interpolation="bilinear", antialias=False)
 
 
-def _load_v1(path: Path, allow_pickle: bool, with_text: bool, seed: int = 0) -> tuple[ConchV1Arch, dict]:
+def _load_v1(path: Path, allow_pickle: bool, with_text: bool) -> tuple[ConchV1Arch, dict]:
     state = _state_dict(path, allow_pickle)
     arch = _conch_v1_arch(path, state, need_text=with_text)
     return arch, state
@@ -408,10 +407,13 @@ def load_conch_v1(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | 
     """CONCH v1's image and text towers from a local folder or ``pytorch_model.bin``, and its tokenizer.
 
     Returns ``(model, tokenizer or None, weights_path)``; the model is in eval mode on the CPU."""
+    hint = folder_layout_hint(checkpoint, "conch_v1")
+    if hint:
+        raise CheckpointError(f"{checkpoint}: {hint}")
     path = resolve_weights_file(checkpoint, CONCH_V1_WEIGHTS, "CONCH v1",
                                 f"download pytorch_model.bin from huggingface.co/{_CONCH_REPO}")
-    tok = ConchTokenizer(find_conch_tokenizer(checkpoint, tokenizer)) if with_tokenizer else None
     arch, state = _load_v1(path, allow_pickle, with_text=True)
+    tok = ConchTokenizer(find_conch_tokenizer(checkpoint, tokenizer)) if with_tokenizer else None
     model = ConchV1(arch)
     _resample_v1_pos_embed(state, model.visual, "visual.")
     # the captioning pooler and decoder and the temperature are not needed for embeddings

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from napari_slpd.errors import CheckpointError, SlpdError
-from napari_slpd.models.vlm_layouts import describe_checkpoint, resolve_weights_file
+from napari_slpd.models.vlm_layouts import describe_checkpoint, resolve_weights_file, wrong_layout_hint
 
 __all__ = ["CLIP_PRESETS", "TransformersClip", "load_plip", "open_clip_folder", "build_plip_image",
            "build_quiltnet_image", "build_biomedclip_image", "PLIP_FILES", "OPEN_CLIP_FILES"]
@@ -60,10 +60,9 @@ def _model_folder(checkpoint: str | os.PathLike, marker: str, what: str, files: 
                               f"folder ({files})")
     folder = path if path.is_dir() else path.parent
     if not (folder / marker).is_file():
-        layout = describe_checkpoint(path)
-        hint = f"; this is {layout.what}" + (f": use --vlm {layout.preset}" if layout.preset else "") if layout else ""
+        hint = wrong_layout_hint(path, "")
         raise CheckpointError(f"{what} needs the model folder with {marker} ({files}); {folder} has no "
-                              f"{marker}{hint}")
+                              f"{marker}" + (f"; {hint}" if hint else ""))
     return folder
 
 

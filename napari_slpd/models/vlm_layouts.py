@@ -132,11 +132,27 @@ def wrong_layout_hint(path: str | Path, expected_preset: str, keys: Iterable[str
     """A sentence naming the layout ``path`` is in and the preset to use, or "" if it is the expected one or
     unknown."""
     guess = describe_checkpoint(path, keys)
+    return _hint(guess, expected_preset, option)
+
+
+IMAGE_ONLY = ("conch_v15", "hipt_vit256")  # presets without a text tower
+
+
+def _hint(guess: LayoutGuess | None, expected_preset: str, option: str = "--vlm") -> str:
     if guess is None or guess.preset == expected_preset:
         return ""
+    if guess.preset in IMAGE_ONLY and option == "--vlm":
+        return (f"this is {guess.what}: an image-only encoder (slpd extract --encoder {guess.preset}); ProAlign "
+                "needs a vision-language model with a text tower (conch_v1, plip, quiltnet, biomedclip)")
     if guess.preset:
         return f"this is {guess.what}: use {option} {guess.preset}"
     return f"this is {guess.what}, not a {expected_preset} checkpoint"
+
+
+def folder_layout_hint(path: str | Path, expected_preset: str, option: str = "--vlm") -> str:
+    """Like :func:`wrong_layout_hint` from a folder's config files only (no weights read)."""
+    path = Path(path).expanduser()
+    return _hint(_describe_folder(path), expected_preset, option) if path.is_dir() else ""
 
 
 def resolve_weights_file(checkpoint: str | Path, names: Sequence[str], what: str, hint: str = "") -> Path:
@@ -150,9 +166,9 @@ def resolve_weights_file(checkpoint: str | Path, names: Sequence[str], what: str
     for name in names:
         if (path / name).is_file():
             return path / name
-    layout = describe_checkpoint(path)
+    layout = _describe_folder(path)
     seen = sorted(p.name for p in path.iterdir())[:12]
-    extra = f"; {layout.what} (use --vlm/--encoder {layout.preset})" if layout and layout.preset else ""
+    extra = f"; {_hint(layout, '', '--vlm')}" if layout and layout.preset else ""
     raise CheckpointError(f"{what}: folder {path} has none of {', '.join(names)} (it holds: "
                           f"{', '.join(seen) or 'nothing'}){extra}")
 
