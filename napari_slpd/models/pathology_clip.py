@@ -53,14 +53,14 @@ def _need_transformers(what: str):
         raise SlpdError(f"{what} needs the optional 'transformers' package: pip install transformers") from exc
 
 
-def _model_folder(checkpoint: str | os.PathLike, marker: str, what: str, files: str) -> Path:
+def _model_folder(checkpoint: str | os.PathLike, marker: str, what: str, files: str, option: str = "--vlm") -> Path:
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError(f"{what}: {path} does not exist. Nothing is downloaded: give the model's local "
                               f"folder ({files})")
     folder = path if path.is_dir() else path.parent
     if not (folder / marker).is_file():
-        hint = wrong_layout_hint(path, "")
+        hint = wrong_layout_hint(path, "", option=option)
         raise CheckpointError(f"{what} needs the model folder with {marker} ({files}); {folder} has no "
                               f"{marker}" + (f"; {hint}" if hint else ""))
     return folder
@@ -174,14 +174,14 @@ def build_plip_image(checkpoint: Path | None, seed: int = 0, allow_pickle: bool 
 # ------------------------------------------------------------------------------------ open_clip folders
 
 
-def open_clip_folder(checkpoint: str | os.PathLike, preset: str, what: str) -> Path:
+def open_clip_folder(checkpoint: str | os.PathLike, preset: str, what: str, option: str = "--vlm") -> Path:
     """The open_clip hub folder of ``checkpoint`` (itself, or the folder of a weights file in it), checked to be
     the ``preset``'s kind (BiomedCLIP has a HuggingFace text tower, QuiltNet open_clip's own)."""
     files = "open_clip_config.json + open_clip_pytorch_model.bin"
-    folder = _model_folder(checkpoint, "open_clip_config.json", what, files)
+    folder = _model_folder(checkpoint, "open_clip_config.json", what, files, option)
     layout = describe_checkpoint(folder)
     if layout is not None and layout.preset and layout.preset != preset:
-        raise CheckpointError(f"{folder} is {layout.what}: use --vlm {layout.preset}")
+        raise CheckpointError(f"{folder} is {layout.what}: use {option} {layout.preset}")
     return folder
 
 
@@ -208,7 +208,8 @@ def build_quiltnet_image(checkpoint: Path | None, seed: int = 0, allow_pickle: b
         import open_clip
 
         return _OpenClipImage(_seeded(lambda: open_clip.create_model("ViT-B-32", pretrained=None), seed)).eval()
-    return _open_clip_image(open_clip_folder(checkpoint, "quiltnet", "QuiltNet"), seed, allow_pickle).eval()
+    folder = open_clip_folder(checkpoint, "quiltnet", "QuiltNet", "--encoder")
+    return _open_clip_image(folder, seed, allow_pickle).eval()
 
 
 def build_biomedclip_image(checkpoint: Path | None, seed: int = 0, allow_pickle: bool = False) -> nn.Module:
@@ -219,7 +220,8 @@ def build_biomedclip_image(checkpoint: Path | None, seed: int = 0, allow_pickle:
         visual = _seeded(lambda: TimmModel("vit_base_patch16_224", embed_dim=512, image_size=224, pool="",
                                            proj="linear"), seed)
         return _VisualOnly(visual).eval()
-    return _open_clip_image(open_clip_folder(checkpoint, "biomedclip", "BiomedCLIP"), seed, allow_pickle).eval()
+    folder = open_clip_folder(checkpoint, "biomedclip", "BiomedCLIP", "--encoder")
+    return _open_clip_image(folder, seed, allow_pickle).eval()
 
 
 class _VisualOnly(nn.Module):
