@@ -62,7 +62,7 @@ def test_slpd_extract_with_uni_on_a_real_slide(tmp_path, uni_checkpoint, capsys)
         assert store.region_tokens.shape == (len(grid), 1024, 2, 2)
         np.testing.assert_allclose(store.tokens(), ref_tokens, atol=1e-4 * np.abs(ref_tokens).max())
         np.testing.assert_allclose(store.region_embeddings, ref_emb, atol=1e-4, rtol=1e-4)
-        assert store.attrs["patch_encoder"].startswith("uni_v1 (UNI sha256:")
+        assert store.attrs["patch_encoder"].startswith("uni_v1 (pytorch_model.bin sha256:")
     # the grid is cut at the preset's magnification when --target-mpp is not given
     from napari_slpd.cli.extract import extraction_config
     from napari_slpd.cli import build_parser

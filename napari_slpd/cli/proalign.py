@@ -11,8 +11,18 @@ from napari_slpd.errors import SlpdError
 
 EPILOG = """\
 The patch features must come from the same model's image tower:
-  slpd extract COHORT --encoder open_clip:NAME --checkpoint PATH ...
-  slpd proalign COHORT --vlm NAME --checkpoint PATH --descriptions lung
+  slpd extract COHORT --encoder conch_v1 --checkpoint FOLDER ...
+  slpd proalign COHORT --vlm conch_v1 --checkpoint FOLDER --descriptions lung
+Vision-language models by name, from their published folders (nothing is downloaded):
+  conch_v1    FOLDER with pytorch_model.bin (huggingface.co/MahmoodLab/CONCH) and
+              conch_byte_level_bpe_uncased.json (github.com/mahmoodlab/CONCH, conch/open_clip_custom/tokenizers)
+  plip        transformers CLIPModel folder (huggingface.co/vinid/plip): config.json, pytorch_model.bin or
+              model.safetensors, tokenizer files (vocab.json, merges.txt / tokenizer.json, tokenizer_config.json)
+  quiltnet    open_clip folder (huggingface.co/wisdomik/QuiltNet-B-32): open_clip_config.json,
+              open_clip_pytorch_model.bin
+  biomedclip  open_clip folder (huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224) plus
+              PubMedBERT's vocab.txt and tokenizer_config.json (in the folder or --tokenizer FOLDER)
+or any open_clip architecture name (ViT-B-32, local-dir:FOLDER, a custom --model-config).
 Results go to COHORT/proalign/<slide_id>.h5 (slide_embedding [K*D], slide_embedding_mean [D],
 visual_prototypes [K, D], patch and region label maps with names and colours).
 Descriptions: a shipped name (lung, breast, kidney, colorectal), a user file name, or a .yaml path.
@@ -26,10 +36,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("cohort", type=Path, help="cohort cache folder (features already extracted)")
     p.add_argument("--vlm", required=True, metavar="NAME",
-                   help="open_clip architecture of the vision-language model (e.g. ViT-B-32 for PLIP/QuiltNet, "
-                        "a CoCa config for CONCH), or local-dir:FOLDER with open_clip_config.json")
+                   help="vision-language model: conch_v1, plip, quiltnet, biomedclip (published folders), or an "
+                        "open_clip architecture (e.g. ViT-B-32) / local-dir:FOLDER with open_clip_config.json")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="local weights of the VLM (file, or a folder holding open_clip weights); never downloaded")
+                   help="local weights of the VLM: the model's folder as published (or its weights file); "
+                        "never downloaded")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer file or folder when it is not next to the weights (CONCH: "
+                        "conch_byte_level_bpe_uncased.json; BiomedCLIP: PubMedBERT's vocab.txt folder)")
     p.add_argument("--model-config", metavar="JSON",
                    help="open_clip model config (or open_clip_config.json) for an architecture open_clip does not "
                         "ship, registered under --vlm")
@@ -66,7 +80,7 @@ def run(args) -> int:
         device=args.device,
     )
     vlm = VisionLanguageModel.load(args.vlm, args.checkpoint, device=args.device, model_cfg=args.model_config,
-                                   allow_pickle=args.allow_pickle)
+                                   allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
     print(f"ProAlign: {vlm.model_id}, {len(descriptions)} prototype types from {descriptions.organ!r} "
           f"(version {descriptions.version}), tau {config.tau:g}")
 

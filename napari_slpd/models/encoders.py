@@ -366,13 +366,12 @@ def build_patch_encoder(spec: str, checkpoint: str | os.PathLike | None = None, 
             raise SlpdError(f"{spec} is a preset: its architecture is fixed (model_kwargs / open_clip_cfg do not "
                             "apply); use timm:<name> for a custom timm architecture")
         preset = PRESETS[spec]
-        module, sha = build_preset_module(preset, checkpoint, seed=seed, allow_pickle=allow_pickle)
+        module, weights, sha = build_preset_module(preset, checkpoint, seed=seed, allow_pickle=allow_pickle)
         card = ModelCard(spec, preset.input_size, preset.mean, preset.std, preset.dim, preset.interpolation)
         if mean is not None or std is not None or input_size is not None:
             log.warning("%s: the preset's input (%d px, %s normalisation) is overridden; its features then differ "
                         "from the published model's", spec, preset.input_size, preset.normalisation)
-        model_id = (f"{spec} (random-init seed {seed})" if sha is None
-                    else f"{spec} ({_short_id(Path(checkpoint).expanduser(), sha)})")
+        model_id = f"{spec} (random-init seed {seed})" if sha is None else f"{spec} ({_short_id(weights, sha)})"
     elif spec == "hipt_vit256":
         if model_kwargs or open_clip_cfg:
             raise SlpdError("model_kwargs / open_clip_cfg do not apply to hipt_vit256")

@@ -136,7 +136,7 @@ def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_buil
         params = model.state_dict()
         state_dict = {k: v.to(params[k].dtype).contiguous() for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
-    return model, sha256_file(source.weights)
+    return model, source.weights
 
 
 def _timm_module(preset: EncoderPreset, model: nn.Module) -> nn.Module:
@@ -228,8 +228,7 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
         return backbone(pixel_values=x, **extra).last_hidden_state
 
     module = TokenPooling(model, preset.pooling, prefix, features)
-    digest = sha256_file(source.weights) if source.weights is not None else None
-    return module, digest
+    return module, source.weights
 
 
 def _check_transformers_loading(preset: EncoderPreset, source: CheckpointSource, info: Mapping) -> None:
@@ -250,15 +249,14 @@ def _check_transformers_loading(preset: EncoderPreset, source: CheckpointSource,
 
 
 def _load_custom(preset: EncoderPreset, checkpoint, seed: int, allow_pickle: bool):
-    module_name, _, func = preset.architecture.partition(":")
-    builder = getattr(importlib.import_module(module_name), func)
+    """A preset with a builder of its own (CONCH, the pathology CLIPs): the builder reads the weights."""
+    from napari_slpd.models.vlm_presets import VLM_IMAGE_PRESETS, import_builder, preset_weights_file
+
+    module_path = preset.architecture
     path = None if checkpoint is None else Path(checkpoint).expanduser()
-    module = builder(path, seed, allow_pickle)
-    digest = None
-    if path is not None:
-        source = locate_checkpoint(path)
-        digest = sha256_file(source.weights) if source.weights is not None else None
-    return module, digest
+    module = import_builder(module_path)(path, seed, allow_pickle)
+    weights = None if path is None else preset_weights_file(VLM_IMAGE_PRESETS[preset.name], path)
+    return module, weights
 
 
 # --------------------------------------------------------------------------------------------------- entry
@@ -273,20 +271,23 @@ def _seeded(seed: int):
 
 
 def build_preset_module(preset: EncoderPreset, checkpoint, seed: int = 0,
-                        allow_pickle: bool = False) -> tuple[nn.Module, str | None]:
-    """The preset's module (normalised images -> [B, dim]) and the sha256 of its weights (None: random init)."""
+                        allow_pickle: bool = False) -> tuple[nn.Module, Path | None, str | None]:
+    """The preset's module (normalised images -> [B, dim]), its weights file and that file's sha256 (both None
+    for random init)."""
     source = locate_checkpoint(checkpoint) if checkpoint is not None and preset.family != "custom" else None
     if preset.family in ("timm", "swin_convstem"):
-        model, digest = _load_timm(preset, source, _seeded(seed), allow_pickle)
-        module = _timm_module(preset, model)
+        model, _ = _load_timm(preset, source, _seeded(seed), allow_pickle)
+        module, weights = _timm_module(preset, model), source.weights if source else None
     elif preset.family == "transformers":
-        module, digest = _load_transformers(preset, source, seed)
+        module, _ = _load_transformers(preset, source, seed)
+        weights = source.weights
     elif preset.family == "custom":
-        module, digest = _load_custom(preset, checkpoint, seed, allow_pickle)
+        module, weights = _load_custom(preset, checkpoint, seed, allow_pickle)
     else:
         raise SlpdError(f"{preset.name}: family {preset.family!r} is built elsewhere")
-    _check_output_dim(preset, module)
-    return module, digest
+    if preset.family != "custom":
+        _check_output_dim(preset, module)
+    return module, weights, (sha256_file(weights) if weights is not None else None)
 
 
 def _output_dim(preset: EncoderPreset, module: nn.Module) -> int:

@@ -148,34 +148,87 @@ def _missing_checkpoint_message(model_name: str, path: Path | None) -> str:
             f"from the model's page, or a folder containing one of: {', '.join(CHECKPOINT_FILE_NAMES)}.")
 
 
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
 def _refuse_hub(model_cfg: Mapping[str, Any], model_name: str, with_tokenizer: bool,
-                tokenizer_dir: Path | None) -> None:
+                tokenizer_dir: Path | None, local_text_tower: bool = False) -> None:
     text_cfg = model_cfg.get("text_cfg", {})
-    if text_cfg.get("hf_model_name"):
+    if text_cfg.get("hf_model_name") and not local_text_tower:
         raise SlpdError(
             f"open_clip model {model_name!r} has a HuggingFace text tower ({text_cfg['hf_model_name']!r}), whose "
-            "architecture is fetched from the HuggingFace hub; that is not supported offline. Use a model whose "
-            "text tower is open_clip's own transformer.")
+            "architecture would be fetched from the HuggingFace hub. Give the model's open_clip hub folder instead "
+            "(local-dir:FOLDER, or --vlm biomedclip --checkpoint FOLDER): the text tower is then built from local "
+            "files.")
     needs_hf_tokenizer = bool(text_cfg.get("hf_tokenizer_name")) or "siglip" in model_name.lower()
     if with_tokenizer and needs_hf_tokenizer and tokenizer_dir is None:
         raise SlpdError(
             f"open_clip model {model_name!r} uses a HuggingFace tokenizer "
-            f"({text_cfg.get('hf_tokenizer_name') or 'SigLIP'}), which would be downloaded from the hub. Give "
-            "tokenizer_dir= a local folder with its tokenizer files (needs the 'transformers' package), or load "
-            "with with_tokenizer=False to use only the image tower.")
+            f"({text_cfg.get('hf_tokenizer_name') or 'SigLIP'}), which would be downloaded from the hub. Put its "
+            "tokenizer files (for a BERT tokenizer: vocab.txt and tokenizer_config.json, from the tokenizer's "
+            "HuggingFace page) in the model folder or give tokenizer_dir= (CLI: --tokenizer FOLDER); needs the "
+            "'transformers' package. Or load with with_tokenizer=False to use only the image tower.")
 
 
-def _build_tokenizer(model_name: str, context_length: int | None, tokenizer_dir: Path | None):
+def _bert_config_from_state(state: Mapping[str, torch.Tensor], prefix: str = "text.transformer.") -> dict:
+    """A BERT config with the shapes of the text tower in ``state`` (BiomedCLIP's PubMedBERT is a standard
+    BERT-base: every other field is BertConfig's default). Attention heads: width / 64, as in BERT-base/large."""
+    words = state.get(prefix + "embeddings.word_embeddings.weight")
+    if words is None or (prefix + "encoder.layer.0.attention.self.query.weight") not in state:
+        raise CheckpointError("the HuggingFace text tower in this checkpoint is not a BERT; put the text model's "
+                              "config.json in the folder (or the tokenizer folder)")
+    layers = {int(k[len(prefix + "encoder.layer."):].split(".", 1)[0]) for k in state
+              if k.startswith(prefix + "encoder.layer.")}
+    hidden = int(words.shape[1])
+    return {
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": int(words.shape[0]),
+        "hidden_size": hidden, "num_hidden_layers": max(layers) + 1, "num_attention_heads": max(hidden // 64, 1),
+        "intermediate_size": int(state[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "max_position_embeddings": int(state[prefix + "embeddings.position_embeddings.weight"].shape[0]),
+        "type_vocab_size": int(state[prefix + "embeddings.token_type_embeddings.weight"].shape[0]),
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
+    }
+
+
+def _text_config_dir(folders: Sequence[Path | None], state_dict_fn: Callable[[], Mapping[str, torch.Tensor]],
+                     key: str) -> Path:
+    """A local folder whose config.json describes the HuggingFace text tower: one of ``folders`` holding a
+    non-CLIP config.json, else one written from the checkpoint's shapes."""
+    for folder in folders:
+        cfg_file = folder / "config.json" if folder is not None else None
+        if cfg_file is not None and cfg_file.is_file():
+            model_type = _read_json(cfg_file).get("model_type")
+            if model_type and model_type not in ("clip", "open_clip"):
+                return folder
+    cfg = _bert_config_from_state(state_dict_fn())
+    global _CFG_DIR
+    with _CFG_LOCK:
+        if _CFG_DIR is None:
+            _CFG_DIR = Path(tempfile.mkdtemp(prefix="slpd-open-clip-cfg-"))
+            atexit.register(shutil.rmtree, _CFG_DIR, True)
+        out = _CFG_DIR / f"text-{key}"
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    log.info("HuggingFace text tower config inferred from the checkpoint's shapes: %s", cfg)
+    return out
+
+
+def _build_tokenizer(model_name: str, context_length: int | None, tokenizer_dir: Path | None,
+                     text_cfg: Mapping[str, Any] | None = None):
     import open_clip
     from open_clip.tokenizer import HFTokenizer
 
     if tokenizer_dir is not None:
         if not tokenizer_dir.is_dir():
             raise SlpdError(f"tokenizer_dir {tokenizer_dir} is not a folder")
-        try:
-            return HFTokenizer(str(tokenizer_dir), context_length=context_length)
+        text_cfg = dict(text_cfg or {})
+        try:  # the arguments open_clip.get_tokenizer passes for a local-dir model
+            return HFTokenizer(str(tokenizer_dir), context_length=context_length,
+                               tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                               **dict(text_cfg.get("tokenizer_kwargs") or {}))
         except Exception as exc:  # transformers missing, or files missing in the folder
-            raise SlpdError(f"cannot build a HuggingFace tokenizer from {tokenizer_dir}: {exc}") from exc
+            raise SlpdError(f"cannot build a HuggingFace tokenizer from {tokenizer_dir} (it needs e.g. vocab.txt and "
+                            f"tokenizer_config.json, or tokenizer.json): {exc}") from exc
     # SimpleTokenizer: its BPE vocabulary ships inside the open_clip package, so this works offline
     return open_clip.get_tokenizer(model_name, context_length=context_length)
 
@@ -197,13 +250,32 @@ def _quiet_random_init_warning():
         root.removeFilter(flt)
 
 
-def _load_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
-    from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
-
+def _read_state(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     obj = read_checkpoint(path, allow_pickle=allow_pickle)
     raw, _ = extract_state_dict(obj, key="state_dict")
     state_dict, _ = strip_prefixes(raw, prefixes=("module.", "_orig_mod."))
+    return state_dict
+
+
+def _foreign_layout(model: nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, naming the right preset, a checkpoint of another family (CONCH, PLIP, BiomedCLIP into a model
+    without a HuggingFace text tower, a DINO checkpoint) before open_clip's converters misread it."""
+    from napari_slpd.models.vlm_layouts import describe_keys
+
+    guess = describe_keys(state_dict)
+    if guess is None or guess.preset in ("", "quiltnet"):
+        return
+    if guess.preset == "biomedclip" and any(k.startswith("text.transformer.embeddings.") for k in model.state_dict()):
+        return
+    raise CheckpointError(f"{path} is {guess.what}, not weights for this open_clip architecture: use "
+                          f"--vlm {guess.preset} (or --encoder {guess.preset}) with the model's folder")
+
+
+def _load_weights(model: nn.Module, path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    _foreign_layout(model, path, state_dict)
     # the same adaptations open_clip's own loader makes (3rd-party layouts, old text layout, scalar logit_scale,
     # position embeddings trained at another size)
     state_dict = convert_state_dict(model, state_dict)
@@ -222,7 +294,12 @@ def _load_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
         resize_text_pos_embed(state_dict, model)
     except Exception as exc:
         raise CheckpointError(f"position embeddings in {path} cannot be resized for this model: {exc}") from exc
-    check_state_dict(model, state_dict, str(path))
+    from napari_slpd.models.vlm_layouts import wrong_layout_hint
+
+    # an open_clip CLIP of another architecture looks like QuiltNet's layout: no hint then
+    hint = wrong_layout_hint(path, "quiltnet", keys=list(state_dict))
+    check_state_dict(model, state_dict, str(path), hint=(hint + ".") if hint else
+                     "Check that the checkpoint was made for this architecture.")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -263,11 +340,11 @@ def load_open_clip(model_name: str, checkpoint: str | os.PathLike | None, device
             raise SlpdError(f"open_clip has no model config named {model_name!r}; give model_cfg= (the model's "
                             "open_clip_config.json or model config) or one of open_clip.list_models()")
     tok_dir = Path(tokenizer_dir).expanduser() if tokenizer_dir is not None else None
-    if tok_dir is None and model_name.startswith(_LOCAL_DIR) and cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
-        folder = Path(model_name[len(_LOCAL_DIR):]).expanduser()
-        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-            tok_dir = folder  # an HF snapshot keeps its tokenizer files beside the config
-    _refuse_hub(cfg, model_name, with_tokenizer, tok_dir)
+    local_folder = Path(model_name[len(_LOCAL_DIR):]).expanduser() if model_name.startswith(_LOCAL_DIR) else None
+    if tok_dir is None and local_folder is not None and cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        if any((local_folder / f).is_file() for f in _HF_TOKENIZER_FILES):
+            tok_dir = local_folder  # an HF snapshot keeps its tokenizer files beside the config
+    _refuse_hub(cfg, model_name, with_tokenizer, tok_dir, local_text_tower=local_folder is not None)
 
     if checkpoint is None:
         raise CheckpointError(_missing_checkpoint_message(model_name, None))
@@ -275,17 +352,31 @@ def load_open_clip(model_name: str, checkpoint: str | os.PathLike | None, device
     if not ckpt_path.exists():
         raise CheckpointError(_missing_checkpoint_message(model_name, ckpt_path))
     ckpt_path = _find_checkpoint(ckpt_path)
+    state_dict = _read_state(ckpt_path, allow_pickle)
+
+    build_name = model_name
+    if local_folder is not None and cfg.get("text_cfg", {}).get("hf_model_name"):
+        # the HuggingFace text tower is built from a local config.json, never from the hub
+        import hashlib
+
+        key = hashlib.sha256(str(local_folder.resolve()).encode()).hexdigest()[:16]
+        text_dir = _text_config_dir([local_folder, tok_dir], lambda: state_dict, key)
+        cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_name": str(text_dir),
+                                   "hf_tokenizer_name": str(tok_dir or text_dir)}}
+        build_name = f"slpd-local-{key}"
+        _register_config(build_name, cfg)
 
     force_preprocess = {**config_preprocess, **dict(preprocess_cfg or {})}
     try:
         # load_weights=False and no pretrained tags: open_clip builds the architecture and never fetches weights
         with _quiet_random_init_warning():
-            model = open_clip.create_model(model_name, pretrained=None, load_weights=False, device="cpu",
+            model = open_clip.create_model(build_name, pretrained=None, load_weights=False, device="cpu",
                                            pretrained_image=False, pretrained_text=False,
                                            force_preprocess_cfg=force_preprocess or None)
     except Exception as exc:
         raise SlpdError(f"open_clip cannot build {model_name!r}: {exc}") from exc
-    _load_weights(model, ckpt_path, allow_pickle)
+    _load_weights(model, ckpt_path, state_dict)
+    del state_dict
     model.eval().requires_grad_(False).to(dev)
 
     pp = get_model_preprocess_cfg(model)
@@ -299,7 +390,8 @@ def load_open_clip(model_name: str, checkpoint: str | os.PathLike | None, device
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         interpolation = "bicubic"
     context_length = cfg.get("text_cfg", {}).get("context_length")
-    tokenizer = _build_tokenizer(model_name, context_length, tok_dir) if with_tokenizer else None
+    tokenizer = (_build_tokenizer(model_name, context_length, tok_dir, cfg.get("text_cfg"))
+                 if with_tokenizer else None)
     bundle = OpenClipBundle(
         model=model, tokenizer=tokenizer, model_name=model_name, checkpoint=str(ckpt_path),
         checkpoint_sha256=sha256_file(ckpt_path), image_size=int(size),

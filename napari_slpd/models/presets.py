@@ -215,3 +215,25 @@ for _preset in (
 ):
     register_preset(_preset)
 del _preset
+
+
+def _normalisation_name(mean, std) -> str:
+    for name, (m, sd) in NORMALISATIONS.items():
+        if tuple(mean) == m and tuple(std) == sd:
+            return name
+    raise ValueError(f"no normalisation named for mean {mean}, std {std}")
+
+
+def _register_vision_language_presets() -> None:
+    """CONCH v1 / v1.5 and the pathology CLIPs: their image towers, built by their own modules' builders."""
+    from napari_slpd.models.conch import CONCH_PRESETS
+    from napari_slpd.models.pathology_clip import CLIP_PRESETS
+
+    for info in CONCH_PRESETS + CLIP_PRESETS:
+        register_preset(EncoderPreset(
+            info["name"], info["title"], "custom", info["builder"], int(info["dim"]), int(info["input_size"]),
+            _normalisation_name(info["mean"], info["std"]), float(info["mpp"]), info["weights_source"],
+            tuple(info["files"]), info["licence"], interpolation=info["interpolation"], notes=info.get("notes", "")))
+
+
+_register_vision_language_presets()

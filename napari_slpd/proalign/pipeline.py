@@ -69,14 +69,18 @@ def proalign_settings_key(text_protos: TextPrototypes, config: ProAlignConfig, v
 
 
 def align_store(store, text_protos: TextPrototypes, config: ProAlignConfig | None = None,
-                vlm_sha256: str | None = None, progress=None, cancel=None) -> ProAlignResult:
-    """ProAlign one slide from its open FeatureStore (patch features already checked against the VLM)."""
+                vlm_sha256: str | None = None, progress=None, cancel=None, vlm=None) -> ProAlignResult:
+    """ProAlign one slide from its open FeatureStore (patch features already checked against the VLM).
+    ``vlm`` maps the cached features into its joint space where they are stored before a projection."""
     from napari_slpd import __version__
 
     config = config or ProAlignConfig()
     features = store.features
     if features is None:
         raise SlpdError(f"{store.path} holds no patch features; extract with patch features kept")
+    joint = getattr(vlm, "joint_features", None)
+    if joint is not None:
+        features = joint(features)
     alignment = align_slide(features, text_protos, config, return_attention=True, progress=progress, cancel=cancel)
     coords = store.coords
     n_regions = int(store.n_regions)
@@ -176,7 +180,7 @@ def _run_one(cohort, slide_id, out_path, vlm, text_protos, config, overwrite, ca
         n = int(store.features.shape[0])
         if not overwrite and is_current(out_path, key):
             return SlideOutcome(slide_id, "skipped", out_path, "already computed with the same settings", n)
-        result = align_store(store, text_protos, config, vlm.checkpoint_sha256, cancel=cancel)
+        result = align_store(store, text_protos, config, vlm.checkpoint_sha256, cancel=cancel, vlm=vlm)
     write_proalign(out_path, result)
     top = sorted(result.label_fractions().items(), key=lambda kv: -kv[1])[:3]
     summary = ", ".join(f"{name} {share:.0%}" for name, share in top)
