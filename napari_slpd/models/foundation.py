@@ -250,12 +250,14 @@ def _check_transformers_loading(preset: EncoderPreset, source: CheckpointSource,
 
 def _load_custom(preset: EncoderPreset, checkpoint, seed: int, allow_pickle: bool):
     """A preset with a builder of its own (CONCH, the pathology CLIPs): the builder reads the weights."""
-    from napari_slpd.models.vlm_presets import VLM_IMAGE_PRESETS, import_builder, preset_weights_file
+    from napari_slpd.models.vlm_layouts import resolve_weights_file
 
-    module_path = preset.architecture
+    module_name, _, function = preset.architecture.partition(":")
+    builder = getattr(importlib.import_module(module_name), function)
     path = None if checkpoint is None else Path(checkpoint).expanduser()
-    module = import_builder(module_path)(path, seed, allow_pickle)
-    weights = None if path is None else preset_weights_file(VLM_IMAGE_PRESETS[preset.name], path)
+    module = builder(path, seed, allow_pickle)
+    weights = None if path is None else resolve_weights_file(path, tuple(preset.arch_kwargs["weight_names"]),
+                                                             preset.title)
     return module, weights
 
 

@@ -233,7 +233,8 @@ def _register_vision_language_presets() -> None:
         register_preset(EncoderPreset(
             info["name"], info["title"], "custom", info["builder"], int(info["dim"]), int(info["input_size"]),
             _normalisation_name(info["mean"], info["std"]), float(info["mpp"]), info["weights_source"],
-            tuple(info["files"]), info["licence"], interpolation=info["interpolation"], notes=info.get("notes", "")))
+            tuple(info["files"]), info["licence"], {"weight_names": tuple(info["weight_names"])},
+            interpolation=info["interpolation"], notes=info.get("notes", "")))
 
 
 _register_vision_language_presets()
