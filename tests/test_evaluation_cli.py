@@ -28,8 +28,11 @@ def test_evaluate_bad_labels_exit_2(tmp_path, capsys):
     cohort, _ = write_embedding_cohort(tmp_path / "c", SyntheticCohortSpec(n_slides=8, n_classes=2), prototypes=False)
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,class\nslide_00000,a\nnope,b\n")
-    assert main(["evaluate", str(cohort.root), "--labels", str(bad)]) == 2
+    assert main(["evaluate", str(cohort.root), "--labels", str(bad), "--require-known"]) == 2
     assert "not in the cohort: nope" in capsys.readouterr().err
+    # by default the unknown slide is skipped; the one left has one class, which cannot be evaluated
+    assert main(["evaluate", str(cohort.root), "--labels", str(bad)]) == 2
+    assert "has one class only ('a')" in capsys.readouterr().err
 
 
 def test_sample_cohort_plan_and_labels(tmp_path):

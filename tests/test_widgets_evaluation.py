@@ -116,6 +116,28 @@ def test_evaluation_panel_says_what_is_missing(make_napari_viewer, qtbot, sample
     assert panel.task_bar.task is None
     panel.labels_edit.setText(str(labels))
     panel.load_tasks()
+    # Default folds (auto) and a labels file listing slides of another cohort: they are skipped with a count.
+    assert panel.folds_spin.text() == "auto" and panel.config().n_folds is None
+    extra = Path(str(labels)).parent / "labels_with_other_slides.csv"
+    extra.write_text(Path(str(labels)).read_text(encoding="utf-8"), encoding="utf-8")
+    with open(labels, encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    with open(extra, "a", encoding="utf-8") as fh:
+        for i in (1, 2):
+            fh.write(",".join({"slide_id": f"other-cohort-{i}"}.get(h, "") for h in header) + "\n")
+    panel.labels_edit.setText(str(extra))
+    panel.load_tasks()
+    panel.task_combo.setCurrentText("class")
+    panel.set_representations(["region_mean"])
+    for name, box in panel.protocol_boxes.items():
+        box.setChecked(name == "knn")
+    panel.run_button.click()
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    assert "2 labelled slide(s) not in this cohort, skipped" in panel.summary.text()
+    panel.labels_edit.setText(str(labels))
+    panel.load_tasks()
+    for name, box in panel.protocol_boxes.items():
+        box.setChecked(name in ("knn", "linear", "cox"))
     panel.set_representations(["proalign_mean"])  # never computed: the engine says which command computes it
     panel.protocol_boxes["retrieval"].setChecked(False)
     with qtbot.capture_exceptions():  # superqt re-raises the worker's error in the event loop too

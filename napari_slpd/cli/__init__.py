@@ -48,10 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Other libraries' INFO lines (faiss's loader, numexpr's thread count) read as errors to a user: only
+    # warnings unless --verbose; our own INFO messages stay.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("napari_slpd").setLevel(logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

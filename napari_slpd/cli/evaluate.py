@@ -11,6 +11,7 @@ half-written report is left behind).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -41,7 +42,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", default=None, help="write the report folder here")
     parser.add_argument("--json", action="store_true", help="print results.json's content instead of tables")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, bootstrap and ABMIL (default 0)")
-    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default 10)")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="cross-validation folds (default: from the data, at most 10 and at most the number of "
+                        "cases of the smallest class; a notice says when fewer than 10)")
     parser.add_argument("--k", type=int, default=5, help="KNN neighbours (default 5)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--device", default="auto", help="ABMIL device: auto | cpu | cuda (default auto)")
@@ -52,8 +55,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ordinal", action="append", metavar="COL", default=[],
                         help="treat this label column as ordinal (quadratic kappa); integer columns with 3+ "
                         "levels are ordinal already")
-    parser.add_argument("--ignore-unknown", action="store_true",
-                        help="skip (and report) labelled slides that are not in the cohort instead of failing")
+    parser.add_argument("--require-known", action="store_true",
+                        help="fail when the labels list slides that are not in the cohort (default: skip them, "
+                        "with a count)")
+    parser.add_argument("--ignore-unknown", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-plots", action="store_true", help="report without plots (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -155,6 +160,10 @@ def run(args) -> int:
     from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
     from napari_slpd.evaluation.representations import list_representations
 
+    if not getattr(args, "verbose", False):  # the console shows tables and skips, not engine details
+        import logging
+
+        logging.getLogger("napari_slpd").setLevel(logging.WARNING)
     cohort = _open_cohort(args.cohort)
     if args.list:
         infos = list_representations(cohort)
@@ -167,7 +176,7 @@ def run(args) -> int:
         raise SlpdError("--labels CSV is required (or --list to see the representations)")
     config = EvaluationConfig(
         tasks=args.task, representations=args.representations, protocols=args.protocol, n_folds=args.folds,
-        seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=args.ignore_unknown,
+        seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=not args.require_known,
         labels=LabelsConfig(slide_col=args.slide_col, case_col=args.case_col, time_col=args.time_col,
                             event_col=args.event_col, ordinal=list(args.ordinal)),
         knn=KnnConfig(k=args.k), abmil=AbmilConfig(device=args.device),

@@ -157,10 +157,12 @@ class EvaluationWidget(DockedPanel, QWidget):
         self.task_combo = QComboBox()
         self.task_combo.setToolTip("the task to evaluate (all: every task of the labels file)")
         self.folds_spin = QSpinBox()
-        self.folds_spin.setRange(2, 100)
-        self.folds_spin.setValue(10)
-        self.folds_spin.setToolTip("folds of the cross-validation (stratified, grouped by case); ignored when the "
-                                   "labels file gives its own folds")
+        self.folds_spin.setRange(1, 100)
+        self.folds_spin.setSpecialValueText("auto")  # the minimum (1) reads "auto": chosen from the data
+        self.folds_spin.setValue(1)
+        self.folds_spin.setToolTip("folds of the cross-validation (stratified, grouped by case); auto: at most 10 "
+                                   "and at most the cases of the smallest class; ignored when the labels file "
+                                   "gives its own folds")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("seed of the folds, the bootstrap and ABMIL")
@@ -293,7 +295,7 @@ class EvaluationWidget(DockedPanel, QWidget):
             tasks=None if not task or task.startswith("(") else [task],
             representations=self.selected_representations() or None,
             protocols=self.selected_protocols() or None,
-            n_folds=self.folds_spin.value(),
+            n_folds=None if self.folds_spin.value() < 2 else self.folds_spin.value(),
             seed=self.seed_spin.value(),
         )
 
@@ -349,9 +351,19 @@ class EvaluationWidget(DockedPanel, QWidget):
             best = min(comparisons, key=lambda c: c.p_value)
             text += (f"; largest paired difference: {best.a} - {best.b} ({best.protocol}, {best.metric}) "
                      f"{best.difference:+.3f} [{best.ci_low:+.3f}, {best.ci_high:+.3f}], p = {best.p_value:.3f}")
+        tooltip = list(report.lines()) if hasattr(report, "lines") else []
+        unknown = len(getattr(report, "unknown", []) or [])
+        if unknown:
+            text += f"; {unknown} labelled slide(s) not in this cohort, skipped"
+        for task, why in (getattr(report, "skipped_tasks", None) or {}).items():
+            text += f"; task {task} skipped: {why}"
+        notes = list(getattr(report, "notes", None) or [])
+        if notes:
+            text += "; " + "; ".join(notes)
         if result.skipped:
             text += f"; {len(result.skipped)} combination(s) do not apply (tooltip)"
-            self.summary.setToolTip("\n".join(result.skipped))
+            tooltip += result.skipped
+        self.summary.setToolTip("\n".join(tooltip))
         self.summary.setText(text)
         self._fill_examples(result)
         if rows:
