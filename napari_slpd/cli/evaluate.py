@@ -30,6 +30,16 @@ def register(subparsers) -> None:
     parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV/TSV (slide_id, task columns, optional "
                         "case_id, split, time/event) or a Patho-Bench split file (fold_0, fold_1, ...)")
+    parser.add_argument("--annotations", metavar="DIR", default=None,
+                        help="segmentation evaluation: a folder of SLIDE_ID.geojson (QuPath export, classified "
+                        "polygons) or SLIDE_ID.png/.tif/.npy label masks with classes.csv (value,name); scores "
+                        "prototype maps, ProAlign zero-shot labels and named prototypes (Dice, IoU, pixel accuracy)")
+    parser.add_argument("--seg-method", action="append", metavar="NAME", default=None,
+                        choices=("prototypes", "proalign", "named_prototypes"),
+                        help="segmentation method (repeatable; default: every one whose inputs exist)")
+    parser.add_argument("--seg-mapping", metavar="CSV", default=None,
+                        help="CSV name,class: label names of a method (ProAlign classes, prototype names) -> "
+                        "annotation classes, where the names differ")
     parser.add_argument("--list", action="store_true", help="list the representations this cohort offers and exit")
     parser.add_argument("--task", action="append", metavar="COL", default=None,
                         help="task column to evaluate (repeatable; default: every label column; 'survival' for "
@@ -172,8 +182,11 @@ def run(args) -> int:
         else:
             print(format_list(infos))
         return 0
+    if not args.labels and not args.annotations:
+        raise SlpdError("--labels CSV (slide-level tasks) or --annotations DIR (segmentation) is required, or --list "
+                        "to see the representations")
     if not args.labels:
-        raise SlpdError("--labels CSV is required (or --list to see the representations)")
+        return _run_segmentation_only(args, cohort)
     config = EvaluationConfig(
         tasks=args.task, representations=args.representations, protocols=args.protocol, n_folds=args.folds,
         seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=not args.require_known,
@@ -186,19 +199,23 @@ def run(args) -> int:
         result = evaluate(cohort, args.labels, config, progress=bar)
     finally:
         bar.close()
+    seg = _segmentation(args, cohort, result) if args.annotations else None
     out = None
     if args.out:
         from napari_slpd.evaluation.report import write_report
 
         bar = ProgressBar("report", enabled=not (args.quiet or args.json))
         try:
-            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar)
+            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar,
+                               segmentation=seg)
         finally:
             bar.close()
     if args.json:
         from napari_slpd.evaluation.report import json_safe
 
         payload = json_safe(result.to_dict())
+        if seg is not None:
+            payload["segmentation"] = json_safe(seg.to_dict())
         if out is not None:
             payload["report"] = str(out)
         print(json.dumps(payload, indent=1, default=str))
@@ -207,7 +224,49 @@ def run(args) -> int:
         print(line)
     print()
     print(format_tables(result))
+    if seg is not None:
+        print()
+        print("\n".join(seg.lines()))
     if out is not None:
         print(f"\nreport: {out / 'report.html'}")
     print(f"({result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _segmentation(args, cohort, result=None):
+    """The segmentation evaluation of ``--annotations`` (cases from the labels file when there is one)."""
+    from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
+
+    cases = None
+    if result is not None:
+        cases = {}
+        for info in result.tasks.values():
+            cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
+    config = SegmentationConfig(methods=args.seg_method, n_bootstrap=args.bootstrap, seed=args.seed,
+                                mapping=args.seg_mapping, cases=cases)
+    bar = ProgressBar("segmentation", enabled=not (args.quiet or args.json))
+    try:
+        return evaluate_segmentation(cohort, args.annotations, config, progress=bar)
+    finally:
+        bar.close()
+
+
+def _run_segmentation_only(args, cohort) -> int:
+    seg = _segmentation(args, cohort)
+    out = None
+    if args.out:
+        from napari_slpd.evaluation.segmentation.report import write_segmentation_report
+
+        out = write_segmentation_report(seg, args.out, plots=not args.no_plots)
+    if args.json:
+        from napari_slpd.evaluation.report import json_safe
+
+        payload = json_safe(seg.to_dict())
+        if out is not None:
+            payload["report"] = str(out)
+        print(json.dumps(payload, indent=1, default=str))
+        return 0
+    print("\n".join(seg.lines()))
+    if out is not None:
+        print(f"\nreport: {out / 'report.html'}")
     return 0
