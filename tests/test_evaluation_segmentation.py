@@ -168,6 +168,8 @@ def annotated_cohort(tmp_path_factory):
                                                                int(p.coords[:, 0].max() + 256) // 8), 8.0)
             shapes = A.raster_to_shapes(raster, names, scale=8.0)
             (folder / f"{s}.geojson").write_text(json.dumps(A.shapes_to_geojson(shapes)))
+    cohort.segmentation_groups = {s: km.predict(p.centroids / np.linalg.norm(p.centroids, axis=1, keepdims=True))
+                                  for s, p in protos.items()}  # the class index of each prototype
     return cohort, labels, follow, shuffled
 
 
@@ -210,3 +212,44 @@ def test_cli_annotations(annotated_cohort, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", str(cohort.root), "--annotations", str(follow), "--seg-method", "nope"])
     assert main(["evaluate", str(cohort.root), "--annotations", str(tmp_path / "missing")]) == 2
+
+
+def test_proalign_labels_and_named_prototypes(annotated_cohort, tmp_path):
+    """ProAlign zero-shot labels matched by name or a mapping file, and names given to prototypes, score 1
+    where they follow the annotation; an unmatched ProAlign class is reported. (Runs last: it adds
+    ProAlign files and prototype names to the shared cohort.)"""
+    from napari_slpd.labeling.names import PrototypeAnnotations
+    from napari_slpd.prototypes.cache import load_prototypes
+    from napari_slpd.proalign.cache import ProAlignResult, write_proalign
+
+    cohort, _, follow, _ = annotated_cohort
+    names = ["tumour", "stroma", "necrosis"]
+    proalign_names = ["Tumor cells", "STROMA", "necrosis", "adipose"]
+    named = PrototypeAnnotations.load(cohort)
+    for s, groups in cohort.segmentation_groups.items():
+        p = load_prototypes(cohort, s, check_stale=False)
+        for k, g in enumerate(groups):
+            named.set_label(s, k, name=names[g].upper(), save=False)
+        step = p.tile_size_level0 / 2
+        offsets = np.array([(0, 0), (step, 0), (0, step), (step, step)])
+        patch_coords = (p.coords[:, None, :] + offsets[None]).reshape(-1, 2).astype(np.int64)
+        patch_labels = np.repeat(groups[p.assignments], 4).astype(np.int32)
+        n, d = patch_labels.size, 4
+        write_proalign(cohort.proalign_path(s), ProAlignResult(
+            s, proalign_names, ["#ff0000", "#00ff00", "#0000ff", "#ffff00"], np.zeros(16, np.float32),
+            np.zeros(d, np.float32), np.zeros((4, d), np.float32), np.zeros((4, d), np.float32),
+            np.zeros((4, d), np.float32), patch_coords, patch_labels, np.ones(n, np.float32), np.ones(n, np.float32),
+            attrs={"patch_size_level0": step, "region_size_level0": p.tile_size_level0}))
+    named.save()
+    result = evaluate_segmentation(cohort, follow, SegmentationConfig(methods=["proalign", "named_prototypes"],
+                                                                     n_bootstrap=20))
+    # "Tumor cells" matches no class without a mapping: those units count as missed
+    assert any("Tumor cells" in n for n in result.notes)
+    assert result.pooled["proalign"]["region"]["figures"]["mean_dice"] < 1.0
+    assert result.pooled["named_prototypes"]["patch"]["figures"]["mean_dice"] == pytest.approx(1.0)
+    mapping = tmp_path / "mapping.csv"
+    mapping.write_text("name,class\ntumor cells,tumour\n")
+    mapped = evaluate_segmentation(cohort, follow, SegmentationConfig(methods=["proalign"], mapping=str(mapping),
+                                                                     n_bootstrap=20))
+    for res in ("region", "patch"):
+        assert mapped.pooled["proalign"][res]["figures"]["mean_dice"] == pytest.approx(1.0)
