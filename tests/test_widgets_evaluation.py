@@ -144,3 +144,51 @@ def test_evaluation_panel_says_what_is_missing(make_napari_viewer, qtbot, sample
         panel.run_button.click()
         assert wait_for(panel.task_bar, qtbot, 60_000) == "error"
     assert "proalign" in panel.task_bar.status.text().lower()
+
+
+def test_evaluation_panel_scores_segmentation_and_shows_errors(make_napari_viewer, qtbot, sample, tmp_path):
+    """An annotations folder alone: the panel shows Dice per method and adds a slide's error layer."""
+    import json
+
+    import numpy as np
+
+    from napari_slpd.evaluation.segmentation.annotations import raster_to_shapes, shapes_to_geojson
+    from napari_slpd.evaluation.segmentation.engine import paint
+    from napari_slpd.prototypes.cache import load_prototypes
+    from napari_slpd.session import Session
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.evaluation import EvaluationWidget
+    from napari_slpd.widgets.state import SlpdState
+
+    cohort, _ = sample
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    for s in cohort.slide_ids()[:8]:  # each prototype's regions annotated with one of two classes
+        p = load_prototypes(cohort, s, check_stale=False)
+        cls = (np.arange(p.k) % 2)[p.assignments]
+        shape = (int(p.coords[:, 1].max() + 256) // 8, int(p.coords[:, 0].max() + 256) // 8)
+        raster = paint(p.coords, p.tile_size_level0, cls, shape, 8.0)
+        (folder / f"{s}.geojson").write_text(json.dumps(shapes_to_geojson(raster_to_shapes(raster, ["a", "b"], 8.0))))
+    viewer = make_napari_viewer()
+    state = SlpdState.for_viewer(viewer)
+    state.set_session(Session(cohort.root))
+    panel = EvaluationWidget(viewer)
+    qtbot.addWidget(panel)
+    panel.annotations_edit.setText(str(folder))
+    panel.run_button.click()
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    seg = panel.segmentation
+    assert seg is not None and seg.methods == ["prototypes"]
+    assert "prototypes @ region: mean Dice" in panel.seg_summary.text()
+    assert panel.errors_button.isVisibleTo(panel) and panel.save_button.isEnabled()
+    slide = next(iter(seg.truths))
+    layer = panel.show_errors(slide)
+    truth, pred = seg.truths[slide].raster, seg.predictions[slide]["prototypes"]
+    assert layer.data.shape == truth.shape
+    annotated = truth >= 0
+    assert ((layer.data == 1) == (annotated & (pred == truth))).all()
+    assert ((layer.data == 2) == (annotated & (pred >= 0) & (pred != truth))).all()
+    out = tmp_path / "report"
+    panel.save_report(str(out))
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    assert (out / "segmentation.json").exists()
