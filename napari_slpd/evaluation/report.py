@@ -446,10 +446,8 @@ def write_report(result, out: str | os.PathLike, cohort=None, plots: bool = True
         (tmp / "results.json").write_text(
             json.dumps(json_safe(payload), indent=1, default=_json_default) + "\n", encoding="utf-8")
         page = _html(result, plot_paths, examples)
-        if segmentation is not None:
-            from napari_slpd.evaluation.segmentation.report import write_segmentation_files
-
-            section = write_segmentation_files(segmentation, tmp, plots=plots)
+        if segmentation is not None:  # its own module writes its files (segmentation imports this one)
+            section = segmentation.write_files(tmp, plots=plots)
             page = page.replace("</body></html>", section + "</body></html>")
         (tmp / "report.html").write_text(page, encoding="utf-8")
     return out.expanduser().resolve()

@@ -104,6 +104,12 @@ class SegmentationResult:
                 )
         return out + [f"  {n}" for n in self.notes]
 
+    def write_files(self, folder, plots: bool = True) -> str:
+        """segmentation.json, segmentation_slides.csv and plots into ``folder``; the HTML section."""
+        from napari_slpd.evaluation.segmentation.report import write_segmentation_files
+
+        return write_segmentation_files(self, folder, plots=plots)
+
     def to_dict(self) -> dict:
         return {"annotations": self.annotations, "classes": self.classes, "methods": self.methods,
                 "slides": self.slides, "pooled": self.pooled, "notes": self.notes, "config": self.config.to_dict(),
