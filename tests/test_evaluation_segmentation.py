@@ -253,3 +253,21 @@ def test_proalign_labels_and_named_prototypes(annotated_cohort, tmp_path):
                                                                      n_bootstrap=20))
     for res in ("region", "patch"):
         assert mapped.pooled["proalign"][res]["figures"]["mean_dice"] == pytest.approx(1.0)
+
+
+def test_label_mask_with_class_table(tmp_path):
+    from PIL import Image
+
+    mask = np.zeros((20, 30), np.uint8)  # 0 = not annotated (not in the table)
+    mask[2:10, 3:15] = 7
+    mask[12:18, 5:25] = 3
+    Image.fromarray(mask).save(tmp_path / "S1.png")
+    (tmp_path / "classes.csv").write_text("value,name\n3,Stroma\n7,Tumour\n")
+    table = A.class_table_of(tmp_path)
+    assert table == {3: "Stroma", 7: "Tumour"} and A.find_annotation(tmp_path, "S1") == tmp_path / "S1.png"
+    # the mask covers the whole slide (300 x 200 level-0 px); raster at 10 px: one mask px per raster px
+    raster, names = A.read_mask(tmp_path / "S1.png", table, (300, 200), 10.0, class_names=["tumour"])
+    assert names == ["tumour", "Stroma"]
+    np.testing.assert_array_equal(raster, np.select([mask == 7, mask == 3], [0, 1], -1))
+    half, _ = A.read_mask(tmp_path / "S1.png", table, (300, 200), 20.0)  # coarser: the mask px at each centre
+    np.testing.assert_array_equal(half, np.select([mask == 3, mask == 7], [0, 1], -1)[1::2, 1::2])
