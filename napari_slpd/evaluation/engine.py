@@ -311,7 +311,7 @@ def _task_info(table: LabelTable, name: str, task, config: EvaluationConfig, rep
         report.without_label[name] = int(mask.size - idx.size)
     ids = [table.slide_ids[i] for i in idx]
     cases = cases_all[idx]
-    class_names = task.classes if task.kind == "classification" else ["censored", "event"]
+    class_names = task.classes if task.kind == "classification" else ["censored", "with an event"]
     if task.kind == "classification":
         present = np.unique(y[idx])
         if present.size < 2:

@@ -75,8 +75,8 @@ def choose_folds(y, cases, requested: int | None = None, class_names=None, task:
         )
     if n == DEFAULT_FOLDS:
         return n, None
-    return n, (f"task {task!r}: {n} folds instead of {DEFAULT_FOLDS} (class {names[smallest_class]!r} has "
-               f"{fewest} case(s); every test fold holds every class)")
+    return n, (f"task {task!r}: {n} folds instead of {DEFAULT_FOLDS} ({names[smallest_class]!r} has {fewest} "
+               "case(s); every test fold holds some of each)")
 
 
 def make_folds(y, cases, n_folds: int = DEFAULT_FOLDS, seed: int = 0, class_names=None,
