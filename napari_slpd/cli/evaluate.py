@@ -165,15 +165,24 @@ class ProgressBar:
 
 
 def run(args) -> int:
+    import logging
+
+    ours = logging.getLogger("napari_slpd")
+    level = ours.level
+    if not getattr(args, "verbose", False):  # the console shows tables and skips, not engine details
+        ours.setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        ours.setLevel(level)
+
+
+def _run(args) -> int:
     from napari_slpd.evaluation.engine import EvaluationConfig, evaluate
     from napari_slpd.evaluation.labels import LabelsConfig
     from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
     from napari_slpd.evaluation.representations import list_representations
 
-    if not getattr(args, "verbose", False):  # the console shows tables and skips, not engine details
-        import logging
-
-        logging.getLogger("napari_slpd").setLevel(logging.WARNING)
     cohort = _open_cohort(args.cohort)
     if args.list:
         infos = list_representations(cohort)
