@@ -209,6 +209,12 @@ def test_cli_annotations(annotated_cohort, tmp_path, capsys):
     assert "proalign: 12 annotated slide(s) without ProAlign labels" in text
     assert (out / "segmentation.json").exists() and (out / "plots" / "segmentation_overlay_prototypes.png").exists()
     assert "Segmentation" in (out / "report.html").read_text()
+    both = tmp_path / "both"  # with --labels: one report holds the slide-level and the segmentation figures
+    assert main(["evaluate", str(cohort.root), "--labels", str(labels), "--task", "class", "--repr", "region_mean",
+                 "--protocol", "knn", "--annotations", str(follow), "--bootstrap", "20", "--out", str(both),
+                 "--quiet", "--no-plots"]) == 0
+    assert (both / "results.json").exists() and (both / "segmentation.json").exists()
+    assert "Segmentation" in (both / "report.html").read_text() and "mean Dice" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["evaluate", str(cohort.root), "--annotations", str(follow), "--seg-method", "nope"])
     assert main(["evaluate", str(cohort.root), "--annotations", str(tmp_path / "missing")]) == 2
