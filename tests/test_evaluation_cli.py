@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from napari_slpd.cli import main
 from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
 
@@ -28,8 +30,11 @@ def test_evaluate_bad_labels_exit_2(tmp_path, capsys):
     cohort, _ = write_embedding_cohort(tmp_path / "c", SyntheticCohortSpec(n_slides=8, n_classes=2), prototypes=False)
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,class\nslide_00000,a\nnope,b\n")
-    assert main(["evaluate", str(cohort.root), "--labels", str(bad)]) == 2
+    assert main(["evaluate", str(cohort.root), "--labels", str(bad), "--require-known"]) == 2
     assert "not in the cohort: nope" in capsys.readouterr().err
+    # by default the unknown slide is skipped; the one left has one class, which cannot be evaluated
+    assert main(["evaluate", str(cohort.root), "--labels", str(bad)]) == 2
+    assert "has one class only ('a')" in capsys.readouterr().err
 
 
 def test_sample_cohort_plan_and_labels(tmp_path):
@@ -44,3 +49,14 @@ def test_sample_cohort_plan_and_labels(tmp_path):
     cohort = write_sample_cohort(tmp_path / "s", SampleCohortSpec(n_slides=4, n_classes=2, width=512, height=512))
     assert len(list((tmp_path / "s").glob("*.svs"))) == 4
     assert cohort.labels.read_text().splitlines()[0] == "slide_id,case_id,class,subtype,time,event"
+    # The painted tissue is written as QuPath GeoJSON; rasterised back it is the design's class map.
+    from napari_slpd.evaluation.segmentation.annotations import rasterize, read_geojson
+    from napari_slpd.samples.sample_cohort import TISSUES
+    from napari_slpd.samples.synthetic import design_slide
+
+    plan = plan_sample_cohort(SampleCohortSpec(n_slides=4, n_classes=2, width=512, height=512))[0]
+    design = design_slide(512, 512, plan["seed"], 0.5, plan["composition"])
+    raster, names = rasterize(read_geojson(cohort.annotations / f"{plan['slide_id']}.geojson"), (512, 512),
+                              design.class_px, class_names=list(TISSUES))
+    assert names == list(TISSUES)
+    np.testing.assert_array_equal(raster, design.classes.astype(np.int16) - 1)

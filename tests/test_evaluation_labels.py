@@ -23,10 +23,10 @@ def test_labels_are_slpd_errors():
 
 def test_reads_tasks_cases_survival_and_ordinal(tmp_path):
     path = write(tmp_path, "slide_id,case_id,subtype,grade,time,event\n"
-                           "a,P1,LUAD,1,10,1\nb,P1,LUAD,2,12.5,0\nc,P2,LUSC,3,3,dead\nd,P3,LUSC,,4,alive\n")
+                           "a,P1,LUAD,1,10,1\nb,P4,LUAD,2,12.5,0\nc,P2,LUSC,3,3,dead\nd,P3,LUSC,,4,alive\n")
     table = read_labels(path)
     assert table.slide_ids == ["a", "b", "c", "d"]
-    assert table.case_ids == ["P1", "P1", "P2", "P3"]
+    assert table.case_ids == ["P1", "P4", "P2", "P3"]
     assert set(table.tasks) == {"subtype", "grade", "survival"}
     assert table.tasks["subtype"].classes == ["LUAD", "LUSC"] and not table.tasks["subtype"].ordinal
     assert table.tasks["grade"].ordinal and table.tasks["grade"].classes == ["1", "2", "3"]
@@ -62,9 +62,10 @@ def test_split_column_with_fold_numbers(tmp_path):
 def test_unknown_slide_ids_are_listed(tmp_path):
     path = write(tmp_path, "slide_id,label\na,x\nb,y\nghost1,x\nghost2,y\n")
     with pytest.raises(LabelsError, match=r"2 slide id\(s\).*not in the cohort: ghost1, ghost2"):
-        match_cohort(read_labels(path), ["a", "b"], ["a", "b"])
-    table, report = match_cohort(read_labels(path), ["a", "b"], ["a", "b"], allow_unknown=True)
+        match_cohort(read_labels(path), ["a", "b"], ["a", "b"], allow_unknown=False)
+    table, report = match_cohort(read_labels(path), ["a", "b"], ["a", "b"])  # the default: skipped, counted
     assert table.slide_ids == ["a", "b"] and report.unknown == ["ghost1", "ghost2"]
+    assert "2 not in the cohort, skipped: ghost1, ghost2" in report.lines()
 
 
 def test_slides_without_features_are_skipped_and_counted(tmp_path):

@@ -116,9 +116,79 @@ def test_evaluation_panel_says_what_is_missing(make_napari_viewer, qtbot, sample
     assert panel.task_bar.task is None
     panel.labels_edit.setText(str(labels))
     panel.load_tasks()
+    # Default folds (auto) and a labels file listing slides of another cohort: they are skipped with a count.
+    assert panel.folds_spin.text() == "auto" and panel.config().n_folds is None
+    extra = Path(str(labels)).parent / "labels_with_other_slides.csv"
+    extra.write_text(Path(str(labels)).read_text(encoding="utf-8"), encoding="utf-8")
+    with open(labels, encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    with open(extra, "a", encoding="utf-8") as fh:
+        for i in (1, 2):
+            fh.write(",".join({"slide_id": f"other-cohort-{i}"}.get(h, "") for h in header) + "\n")
+    panel.labels_edit.setText(str(extra))
+    panel.load_tasks()
+    panel.task_combo.setCurrentText("class")
+    panel.set_representations(["region_mean"])
+    for name, box in panel.protocol_boxes.items():
+        box.setChecked(name == "knn")
+    panel.run_button.click()
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    assert "2 labelled slide(s) not in this cohort, skipped" in panel.summary.text()
+    panel.labels_edit.setText(str(labels))
+    panel.load_tasks()
+    for name, box in panel.protocol_boxes.items():
+        box.setChecked(name in ("knn", "linear", "cox"))
     panel.set_representations(["proalign_mean"])  # never computed: the engine says which command computes it
     panel.protocol_boxes["retrieval"].setChecked(False)
     with qtbot.capture_exceptions():  # superqt re-raises the worker's error in the event loop too
         panel.run_button.click()
         assert wait_for(panel.task_bar, qtbot, 60_000) == "error"
     assert "proalign" in panel.task_bar.status.text().lower()
+
+
+def test_evaluation_panel_scores_segmentation_and_shows_errors(make_napari_viewer, qtbot, sample, tmp_path):
+    """An annotations folder alone: the panel shows Dice per method and adds a slide's error layer."""
+    import json
+
+    import numpy as np
+
+    from napari_slpd.evaluation.segmentation.annotations import raster_to_shapes, shapes_to_geojson
+    from napari_slpd.evaluation.segmentation.engine import paint
+    from napari_slpd.prototypes.cache import load_prototypes
+    from napari_slpd.session import Session
+    from napari_slpd.widgets._common import wait_for
+    from napari_slpd.widgets.evaluation import EvaluationWidget
+    from napari_slpd.widgets.state import SlpdState
+
+    cohort, _ = sample
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    for s in cohort.slide_ids()[:8]:  # each prototype's regions annotated with one of two classes
+        p = load_prototypes(cohort, s, check_stale=False)
+        cls = (np.arange(p.k) % 2)[p.assignments]
+        shape = (int(p.coords[:, 1].max() + 256) // 8, int(p.coords[:, 0].max() + 256) // 8)
+        raster = paint(p.coords, p.tile_size_level0, cls, shape, 8.0)
+        (folder / f"{s}.geojson").write_text(json.dumps(shapes_to_geojson(raster_to_shapes(raster, ["a", "b"], 8.0))))
+    viewer = make_napari_viewer()
+    state = SlpdState.for_viewer(viewer)
+    state.set_session(Session(cohort.root))
+    panel = EvaluationWidget(viewer)
+    qtbot.addWidget(panel)
+    panel.annotations_edit.setText(str(folder))
+    panel.run_button.click()
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    seg = panel.segmentation
+    assert seg is not None and seg.methods == ["prototypes"]
+    assert "prototypes @ region: mean Dice" in panel.seg_summary.text()
+    assert panel.errors_button.isVisibleTo(panel) and panel.save_button.isEnabled()
+    slide = next(iter(seg.truths))
+    layer = panel.show_errors(slide)
+    truth, pred = seg.truths[slide].raster, seg.predictions[slide]["prototypes"]
+    assert layer.data.shape == truth.shape
+    annotated = truth >= 0
+    assert ((layer.data == 1) == (annotated & (pred == truth))).all()
+    assert ((layer.data == 2) == (annotated & (pred >= 0) & (pred != truth))).all()
+    out = tmp_path / "report"
+    panel.save_report(str(out))
+    assert wait_for(panel.task_bar, qtbot, 60_000) == "done", panel.task_bar.status.text()
+    assert (out / "segmentation.json").exists()

@@ -48,10 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Other libraries' INFO lines (faiss's loader, numexpr's thread count) read as errors to a user: only
+    # warnings unless --verbose; our own INFO messages stay. (Only where this call sets logging up: a host
+    # that configured logging already, e.g. a test run, keeps its levels.)
+    configuring = not logging.getLogger().handlers
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if configuring and not args.verbose:
+        logging.getLogger("napari_slpd").setLevel(logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -11,6 +11,7 @@ half-written report is left behind).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -29,6 +30,16 @@ def register(subparsers) -> None:
     parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV/TSV (slide_id, task columns, optional "
                         "case_id, split, time/event) or a Patho-Bench split file (fold_0, fold_1, ...)")
+    parser.add_argument("--annotations", metavar="DIR", default=None,
+                        help="segmentation evaluation: a folder of SLIDE_ID.geojson (QuPath export, classified "
+                        "polygons) or SLIDE_ID.png/.tif/.npy label masks with classes.csv (value,name); scores "
+                        "prototype maps, ProAlign zero-shot labels and named prototypes (Dice, IoU, pixel accuracy)")
+    parser.add_argument("--seg-method", action="append", metavar="NAME", default=None,
+                        choices=("prototypes", "proalign", "named_prototypes"),
+                        help="segmentation method (repeatable; default: every one whose inputs exist)")
+    parser.add_argument("--seg-mapping", metavar="CSV", default=None,
+                        help="CSV name,class: label names of a method (ProAlign classes, prototype names) -> "
+                        "annotation classes, where the names differ")
     parser.add_argument("--list", action="store_true", help="list the representations this cohort offers and exit")
     parser.add_argument("--task", action="append", metavar="COL", default=None,
                         help="task column to evaluate (repeatable; default: every label column; 'survival' for "
@@ -41,7 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", default=None, help="write the report folder here")
     parser.add_argument("--json", action="store_true", help="print results.json's content instead of tables")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, bootstrap and ABMIL (default 0)")
-    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default 10)")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="cross-validation folds (default: from the data, at most 10 and at most the number of "
+                        "cases of the smallest class; a notice says when fewer than 10)")
     parser.add_argument("--k", type=int, default=5, help="KNN neighbours (default 5)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--device", default="auto", help="ABMIL device: auto | cpu | cuda (default auto)")
@@ -52,8 +65,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ordinal", action="append", metavar="COL", default=[],
                         help="treat this label column as ordinal (quadratic kappa); integer columns with 3+ "
                         "levels are ordinal already")
-    parser.add_argument("--ignore-unknown", action="store_true",
-                        help="skip (and report) labelled slides that are not in the cohort instead of failing")
+    parser.add_argument("--require-known", action="store_true",
+                        help="fail when the labels list slides that are not in the cohort (default: skip them, "
+                        "with a count)")
+    parser.add_argument("--ignore-unknown", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-plots", action="store_true", help="report without plots (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -150,6 +165,19 @@ class ProgressBar:
 
 
 def run(args) -> int:
+    import logging
+
+    ours = logging.getLogger("napari_slpd")
+    level = ours.level
+    if not getattr(args, "verbose", False):  # the console shows tables and skips, not engine details
+        ours.setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        ours.setLevel(level)
+
+
+def _run(args) -> int:
     from napari_slpd.evaluation.engine import EvaluationConfig, evaluate
     from napari_slpd.evaluation.labels import LabelsConfig
     from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
@@ -163,11 +191,14 @@ def run(args) -> int:
         else:
             print(format_list(infos))
         return 0
+    if not args.labels and not args.annotations:
+        raise SlpdError("--labels CSV (slide-level tasks) or --annotations DIR (segmentation) is required, or --list "
+                        "to see the representations")
     if not args.labels:
-        raise SlpdError("--labels CSV is required (or --list to see the representations)")
+        return _run_segmentation_only(args, cohort)
     config = EvaluationConfig(
         tasks=args.task, representations=args.representations, protocols=args.protocol, n_folds=args.folds,
-        seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=args.ignore_unknown,
+        seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=not args.require_known,
         labels=LabelsConfig(slide_col=args.slide_col, case_col=args.case_col, time_col=args.time_col,
                             event_col=args.event_col, ordinal=list(args.ordinal)),
         knn=KnnConfig(k=args.k), abmil=AbmilConfig(device=args.device),
@@ -177,19 +208,23 @@ def run(args) -> int:
         result = evaluate(cohort, args.labels, config, progress=bar)
     finally:
         bar.close()
+    seg = _segmentation(args, cohort, result) if args.annotations else None
     out = None
     if args.out:
         from napari_slpd.evaluation.report import write_report
 
         bar = ProgressBar("report", enabled=not (args.quiet or args.json))
         try:
-            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar)
+            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar,
+                               segmentation=seg)
         finally:
             bar.close()
     if args.json:
         from napari_slpd.evaluation.report import json_safe
 
         payload = json_safe(result.to_dict())
+        if seg is not None:
+            payload["segmentation"] = json_safe(seg.to_dict())
         if out is not None:
             payload["report"] = str(out)
         print(json.dumps(payload, indent=1, default=str))
@@ -198,7 +233,49 @@ def run(args) -> int:
         print(line)
     print()
     print(format_tables(result))
+    if seg is not None:
+        print()
+        print("\n".join(seg.lines()))
     if out is not None:
         print(f"\nreport: {out / 'report.html'}")
     print(f"({result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _segmentation(args, cohort, result=None):
+    """The segmentation evaluation of ``--annotations`` (cases from the labels file when there is one)."""
+    from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
+
+    cases = None
+    if result is not None:
+        cases = {}
+        for info in result.tasks.values():
+            cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
+    config = SegmentationConfig(methods=args.seg_method, n_bootstrap=args.bootstrap, seed=args.seed,
+                                mapping=args.seg_mapping, cases=cases)
+    bar = ProgressBar("segmentation", enabled=not (args.quiet or args.json))
+    try:
+        return evaluate_segmentation(cohort, args.annotations, config, progress=bar)
+    finally:
+        bar.close()
+
+
+def _run_segmentation_only(args, cohort) -> int:
+    seg = _segmentation(args, cohort)
+    out = None
+    if args.out:
+        from napari_slpd.evaluation.segmentation.report import write_segmentation_report
+
+        out = write_segmentation_report(seg, args.out, plots=not args.no_plots)
+    if args.json:
+        from napari_slpd.evaluation.report import json_safe
+
+        payload = json_safe(seg.to_dict())
+        if out is not None:
+            payload["report"] = str(out)
+        print(json.dumps(payload, indent=1, default=str))
+        return 0
+    print("\n".join(seg.lines()))
+    if out is not None:
+        print(f"\nreport: {out / 'report.html'}")
     return 0

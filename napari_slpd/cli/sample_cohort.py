@@ -58,5 +58,6 @@ def run(args) -> int:
     print(f"{len(cohort.slides)} slides of {cases} cases in {cohort.folder}: "
           + ", ".join(f"{n} {name}" for name, n in counts.items()))
     print(f"labels: {cohort.labels}")
+    print(f"ground-truth tissue annotations (QuPath GeoJSON): {cohort.annotations}")
     print(f"next: slpd extract {cohort.folder} --out {cohort.folder / 'cohort'}")
     return 0

@@ -5,8 +5,9 @@ Evaluation panel call the same API.
 ```python
 from napari_slpd.evaluation import EvaluationConfig, evaluate, write_report, list_representations
 infos = list_representations(cohort)                      # what `slpd evaluate --list` prints
-result = evaluate(cohort, "labels.csv", EvaluationConfig(representations=None, protocols=None, n_folds=10,
-                  seed=0), progress=fn(done, total), cancel=threading.Event())
+result = evaluate(cohort, "labels.csv", EvaluationConfig(representations=None, protocols=None, n_folds=None,
+                  seed=0), progress=fn(done, total), cancel=threading.Event())   # n_folds None: from the data
+result.report.lines()            # slides used / skipped (unknown ids, no features, no label), tasks skipped, notices
 result.results[i].summary["auc"]  # {"mean", "std", "pooled", "ci_low", "ci_high"}; .folds: per-fold metrics
 result.comparisons               # paired bootstrap of the primary metric between representations
 write_report(result, "out", cohort=cohort)                # results.json, folds.csv, plots, report.html (atomic)

@@ -13,7 +13,10 @@ result.to_dict()      # what results.json holds
 Which slides: the labelled slides that are in the cohort, have features, and have every representation
 asked for (so that all representations are compared on the same slides and folds); each left-out slide
 is listed in ``result.report`` with the reason. A representation that was never computed for any slide
-raises RepresentationError. Every figure: mean and std over folds, the value on the test predictions
+raises RepresentationError. A task that cannot be evaluated (a class with one case, one class left, a
+bad given fold) is skipped with its reason (``result.report.skipped_tasks``) unless it is the only task
+asked for; folds are chosen from the data unless ``n_folds`` is given (the notice is in
+``result.report.notes``). Every figure: mean and std over folds, the value on the test predictions
 pooled over folds, and a bootstrap 95% CI of that pooled value (resampling cases). Reproducible: folds,
 bootstrap and ABMIL are seeded with ``seed``.
 """
@@ -28,8 +31,15 @@ from itertools import combinations
 import numpy as np
 
 from napari_slpd.evaluation import metrics as M
-from napari_slpd.evaluation.errors import EvaluationError, RepresentationError
-from napari_slpd.evaluation.labels import LabelsConfig, LabelsReport, LabelTable, check_tasks, match_cohort, read_labels
+from napari_slpd.evaluation.errors import EvaluationError, LabelsError, RepresentationError
+from napari_slpd.evaluation.labels import (
+    LabelsConfig,
+    LabelsReport,
+    LabelTable,
+    drop_unusable_tasks,
+    match_cohort,
+    read_labels,
+)
 from napari_slpd.evaluation.protocols import (
     SPECS,
     AbmilConfig,
@@ -52,7 +62,7 @@ from napari_slpd.evaluation.representations import (
     available_representations,
     load_representation,
 )
-from napari_slpd.evaluation.splits import DEFAULT_FOLDS, given_folds, make_folds
+from napari_slpd.evaluation.splits import choose_folds, given_folds, make_folds
 from napari_slpd.utils.progress import raise_if_cancelled
 
 log = logging.getLogger(__name__)
@@ -63,15 +73,17 @@ DEFAULT_PROTOCOLS = ("knn", "linear", "abmil", "cox", "retrieval")
 @dataclass
 class EvaluationConfig:
     """What to evaluate and how. ``representations``/``protocols``/``tasks`` None: everything available
-    and applicable."""
+    and applicable. ``n_folds`` None: chosen from the data per task (at most 10, at most the fewest cases of
+    a class; splits.choose_folds). ``allow_unknown``: labelled slide ids that are not in the cohort are
+    skipped and counted (False: an error)."""
 
     tasks: list[str] | None = None
     representations: list[str] | None = None
     protocols: list[str] | None = None
-    n_folds: int = DEFAULT_FOLDS
+    n_folds: int | None = None
     seed: int = 0
     n_bootstrap: int = M.DEFAULT_BOOTSTRAP
-    allow_unknown: bool = False
+    allow_unknown: bool = True
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
@@ -258,7 +270,7 @@ def compare(result_a: ProtocolResult, result_b: ProtocolResult, info: TaskInfo, 
     fb = _metric_fn(info, result_b.protocol, pb, config, only=metric)
     resamples = M.case_resamples(info.data.cases[pa.index[order_a]], config.n_bootstrap, config.seed + 1)
     stats = M.paired_bootstrap(lambda rows: fa(order_a[rows])[metric], lambda rows: fb(order_b[rows])[metric],
-                               resamples)
+                               resamples, all_rows=np.arange(order_a.size))
     return Comparison(info.name, result_a.protocol, metric, result_a.representation, result_b.representation,
                       stats["difference"], stats["ci_low"], stats["ci_high"], stats["p_value"], stats["n_resamples"])
 
@@ -266,33 +278,59 @@ def compare(result_a: ProtocolResult, result_b: ProtocolResult, info: TaskInfo, 
 # -- setting up tasks ---------------------------------------------------------------------------------------------
 
 
-def _task_infos(table: LabelTable, config: EvaluationConfig) -> dict[str, TaskInfo]:
+def _task_infos(table: LabelTable, config: EvaluationConfig, report: LabelsReport) -> dict[str, TaskInfo]:
+    """Each task's slides, labels and folds. A task that cannot be evaluated (too few cases of a class for
+    cross-validation, a bad given fold, ...) goes into ``report.skipped_tasks`` with its reason, unless it
+    is the only task asked for (then its LabelsError is raised); fold notices go into ``report.notes``."""
     infos = {}
-    cases_all = np.asarray(table.case_ids, dtype=object)
     for name, task in table.tasks.items():
-        if task.kind == "classification":
-            mask, y = table.task_values(name)
-            stratify = y
-        else:
-            mask, time_, event = table.survival_values()
-            stratify = event.astype(np.int64)
-        idx = np.flatnonzero(mask)
-        ids = [table.slide_ids[i] for i in idx]
-        cases = cases_all[idx]
-        if table.given_folds is not None:
-            folds = given_folds([f.roles[idx] for f in table.given_folds], cases,
-                                [f.name for f in table.given_folds], task=name)
-        else:
-            folds = make_folds(stratify[idx], cases, config.n_folds, config.seed,
-                               class_names=task.classes if task.kind == "classification" else ["censored", "event"],
-                               task=name)
-        data = TaskData(task, ids, cases, folds, seed=config.seed)
-        if task.kind == "classification":
-            data.y = y[idx]
-        else:
-            data.time, data.event = time_[idx], event[idx]
-        infos[name] = TaskInfo(name, task.kind, list(task.classes), task.ordinal, data, table.given_folds is not None)
+        try:
+            infos[name] = _task_info(table, name, task, config, report)
+        except LabelsError as exc:
+            if config.tasks is not None and len(config.tasks) == 1:
+                raise
+            why = str(exc)
+            report.skipped_tasks[name] = why[len(f"task {name!r}: "):] if why.startswith(f"task {name!r}: ") else why
+            log.debug("task %s skipped: %s", name, exc)
+    if not infos:
+        raise LabelsError("no task can be evaluated: " + "; ".join(f"{n}: {why}" for n, why in
+                                                                      report.skipped_tasks.items()))
     return infos
+
+
+def _task_info(table: LabelTable, name: str, task, config: EvaluationConfig, report: LabelsReport) -> TaskInfo:
+    cases_all = np.asarray(table.case_ids, dtype=object)
+    if task.kind == "classification":
+        mask, y = table.task_values(name)
+        stratify = y
+    else:
+        mask, time_, event = table.survival_values()
+        stratify = event.astype(np.int64)
+    idx = np.flatnonzero(mask)
+    if idx.size < mask.size:
+        report.without_label[name] = int(mask.size - idx.size)
+    ids = [table.slide_ids[i] for i in idx]
+    cases = cases_all[idx]
+    class_names = task.classes if task.kind == "classification" else ["censored", "with an event"]
+    if task.kind == "classification":
+        present = np.unique(y[idx])
+        if present.size < 2:
+            raise LabelsError(f"label column {name!r} has one class only among the slides with a value")
+    if table.given_folds is not None:
+        folds = given_folds([f.roles[idx] for f in table.given_folds], cases,
+                            [f.name for f in table.given_folds], task=name)
+    else:
+        n_folds, notice = choose_folds(stratify[idx], cases, config.n_folds, class_names=class_names, task=name)
+        if notice:
+            report.notes.append(notice)
+            log.debug(notice)
+        folds = make_folds(stratify[idx], cases, n_folds, config.seed, class_names=class_names, task=name)
+    data = TaskData(task, ids, cases, folds, seed=config.seed)
+    if task.kind == "classification":
+        data.y = y[idx]
+    else:
+        data.time, data.event = time_[idx], event[idx]
+    return TaskInfo(name, task.kind, list(task.classes), task.ordinal, data, table.given_folds is not None)
 
 
 def _run_protocol(protocol: str, info: TaskInfo, rep: LoadedRepresentation, config: EvaluationConfig, cancel
@@ -374,8 +412,8 @@ def evaluate(cohort, labels, config: EvaluationConfig | None = None, progress=No
     if len(keep_ids) < len(table.slide_ids):
         table = table.subset(np.array([s in keep_ids for s in table.slide_ids]))
         report.used = list(table.slide_ids)
-        check_tasks(table)
-    tasks = _task_infos(table, config)
+        table = drop_unusable_tasks(table, report)
+    tasks = _task_infos(table, config, report)
     step()
 
     plan, skipped = [], []

@@ -19,13 +19,15 @@ A labels file has one row per slide::
 - Patho-Bench split files (``k=all.tsv``: ``case_id``, ``slide_id``, label columns, ``fold_0`` ... ``fold_N``
   with train/test/val) are read as they are: each ``fold_i`` column is one fold.
 
-Empty cells (or NA, NaN, None) leave that slide out of that task only. Bad input raises
+Empty cells (or NA, NaN, None) leave that slide out of that task only (counted in the report). With a
+``case_id`` column, every slide of a case must carry the same label of a classification task (Patho-Bench
+asserts this too); two labels for one case are an error naming the cases. Bad input raises
 :class:`~napari_slpd.evaluation.errors.LabelsError` with the rows or values at fault.
 
 ```python
 from napari_slpd.evaluation.labels import LabelsConfig, read_labels, match_cohort
 table = read_labels("labels.csv", LabelsConfig(tasks=["subtype"]))
-table, report = match_cohort(table, cohort_ids, ids_with_features, allow_unknown=False)
+table, report = match_cohort(table, cohort_ids, ids_with_features)   # unknown ids skipped and counted
 table.tasks["subtype"].classes; table.task_values("subtype") -> (mask [N] bool, y [N] int codes)
 report.unknown, report.without_features      # lists of slide ids (skipped slides are never silent)
 ```
@@ -278,6 +280,8 @@ def read_labels(path: str | os.PathLike, config: LabelsConfig | None = None) -> 
         present = [v for v in raw if v != ""]
         if not present:
             raise LabelsError(f"{path}: column {name!r} has no values")
+        if has_cases:
+            _check_one_label_per_case(path, name, raw, cases)
         classes, integers = _sorted_classes(present)
         ordinal = name in config.ordinal or (integers and len(classes) >= 3)
         tasks[name] = Task(name, "classification", classes, ordinal)
@@ -300,6 +304,21 @@ def read_labels(path: str | os.PathLike, config: LabelsConfig | None = None) -> 
             )
     return LabelTable(str(path), order, cases, tasks, columns, survival, given, has_cases,
                       "patho-bench" if fold_cols else "labels")
+
+
+def _check_one_label_per_case(path, name: str, raw: np.ndarray, cases: list[str]) -> None:
+    seen: dict[str, set] = {}
+    for value, case in zip(raw, cases):
+        if value != "":
+            seen.setdefault(case, set()).add(value)
+    mixed = {c: sorted(v) for c, v in seen.items() if len(v) > 1}
+    if mixed:
+        raise LabelsError(
+            f"{path}: column {name!r} gives {len(mixed)} case(s) more than one label: "
+            + _listing(f"{c} ({' / '.join(v)})" for c, v in mixed.items())
+            + ". Slides of a case share its label (the case is what is split into train and test); fix the "
+            "labels, or give each slide its own case_id if the slides really are independent"
+        )
 
 
 def _parse_survival(path, rows, order, time_i, event_i, config) -> tuple[np.ndarray, np.ndarray]:
@@ -389,10 +408,14 @@ class LabelsReport:
     unknown: list[str] = field(default_factory=list)  # not in the cohort (only when allowed)
     without_features: list[str] = field(default_factory=list)  # in the cohort, no features: skipped
     missing: dict[str, list[str]] = field(default_factory=dict)  # representation -> slides without it
+    without_label: dict[str, int] = field(default_factory=dict)  # task -> used slides with no value for it
+    skipped_tasks: dict[str, str] = field(default_factory=dict)  # task -> why it cannot be evaluated
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"{len(self.used)} of {self.n_rows} labelled slides used"]
+        for task, n in self.without_label.items():
+            out.append(f"task {task}: {n} of these slides have no value (empty/NaN), left out of that task")
         if self.unknown:
             out.append(f"{len(self.unknown)} not in the cohort, skipped: {_listing(self.unknown)}")
         if self.without_features:
@@ -402,19 +425,24 @@ class LabelsReport:
             )
         for name, ids in self.missing.items():
             out.append(f"{len(ids)} without {name}, skipped: {_listing(ids)}")
+        for task, why in self.skipped_tasks.items():
+            out.append(f"task {task} skipped: {why}")
         return out + list(self.notes)
 
     def to_dict(self) -> dict:
         return {"n_rows": self.n_rows, "used": len(self.used), "unknown": self.unknown,
-                "without_features": self.without_features, "missing": self.missing, "notes": self.notes}
+                "without_features": self.without_features, "missing": self.missing,
+                "without_label": self.without_label, "skipped_tasks": self.skipped_tasks, "notes": self.notes}
 
 
-def match_cohort(table: LabelTable, cohort_ids, ids_with_features, allow_unknown: bool = False
+def match_cohort(table: LabelTable, cohort_ids, ids_with_features, allow_unknown: bool = True
                  ) -> tuple[LabelTable, LabelsReport]:
     """Keep the labelled slides that are in the cohort and have features.
 
-    Slide ids not in the cohort raise LabelsError listing them (``allow_unknown``: skipped and reported,
-    e.g. a Patho-Bench split of a larger cohort). Slides without features are skipped and reported.
+    Slide ids not in the cohort are skipped and counted in the report (a study's labels usually list more
+    slides than one cohort holds); ``allow_unknown=False`` makes them an error listing them. Slides without
+    features are skipped and reported. A task left with one class (or no event) is dropped from the table
+    and its reason recorded in ``report.skipped_tasks``; LabelsError when no task is left.
     """
     cohort_ids = set(cohort_ids)
     with_features = set(ids_with_features)
@@ -427,33 +455,53 @@ def match_cohort(table: LabelTable, cohort_ids, ids_with_features, allow_unknown
             hint = f" (did you mean {close[0]!r}?)"
         raise LabelsError(
             f"{len(unknown)} slide id(s) of {table.path} are not in the cohort: {_listing(unknown)}{hint}. Slide ids "
-            "are file names without extension; fix the labels, add the slides with `slpd extract`, or pass "
-            "--ignore-unknown to skip them"
+            "are file names without extension; fix the labels, add the slides with `slpd extract`, or leave out "
+            "--require-known to skip them"
         )
     report.unknown = unknown
     report.without_features = [s for s in table.slide_ids if s in cohort_ids and s not in with_features]
     keep = np.array([s in cohort_ids and s in with_features for s in table.slide_ids])
     if not keep.any():
+        hint = ""
+        if unknown and len(unknown) == len(table):
+            close = [c for c in sorted(cohort_ids) if unknown[0].lower() in c.lower() or c.lower() in unknown[0].lower()]
+            hint = f"; e.g. {unknown[0]!r} is not a cohort slide id" + (f" (did you mean {close[0]!r}?)" if close else
+                                                                          " (slide ids are file names without extension)")
         raise LabelsError(
             f"none of the {len(table)} labelled slides has extracted features in this cohort "
-            f"({len(report.without_features)} without features, {len(unknown)} not in the cohort); run `slpd extract`"
+            f"({len(report.without_features)} without features, {len(unknown)} not in the cohort{hint}); run "
+            "`slpd extract` or fix the slide ids"
         )
     sub = table.subset(keep)
     report.used = list(sub.slide_ids)
-    check_tasks(sub)
+    sub = drop_unusable_tasks(sub, report)
     return sub, report
 
 
-def check_tasks(table: LabelTable) -> None:
-    """Every classification task still has two classes (after slides were left out)."""
+def task_problems(table: LabelTable) -> dict[str, str]:
+    """task -> why it cannot be evaluated on these slides (one class only, no event); usable tasks absent."""
+    out = {}
     for name, task in table.tasks.items():
         if task.kind == "classification" and task.n_classes < 2:
             only = task.classes[0] if task.classes else "none"
-            raise LabelsError(
-                f"label column {name!r} has one class only ({only!r}) among the slides that can be evaluated; "
-                "a task needs at least two classes"
-            )
+            out[name] = (f"label column {name!r} has one class only ({only!r}) among the slides that can be "
+                         "evaluated; a task needs at least two classes")
         if task.kind == "survival":
             mask, _, event = table.survival_values()
             if not (mask & event).any():
-                raise LabelsError("the survival task has no event (every slide is censored); the c-index is undefined")
+                out[name] = "the survival task has no event (every slide is censored); the c-index is undefined"
+    return out
+
+
+def drop_unusable_tasks(table: LabelTable, report: LabelsReport) -> LabelTable:
+    """The table without the tasks that cannot be evaluated (reasons into ``report.skipped_tasks``);
+    LabelsError when none is left, or when a task the user asked for alone is unusable."""
+    problems = task_problems(table)
+    if not problems:
+        return table
+    if len(problems) == len(table.tasks):
+        raise LabelsError("; ".join(problems.values()))
+    report.skipped_tasks.update(problems)
+    table.tasks = {n: t for n, t in table.tasks.items() if n not in problems}
+    return table
+

@@ -10,7 +10,9 @@ frequent labels among r[1..k] (ties count as correct); ``mAP@{k}`` = (sum over h
 
 Bootstrap: the test predictions pooled over folds are resampled by case (all slides of a case together),
 ``n`` times, seeded; the 95% CI is the 2.5 and 97.5 percentiles of the metric. Paired comparison: the
-same resamples applied to two representations' predictions of the same slides; the p-value is two-sided,
+same resamples applied to two representations' predictions of the same slides; the difference reported
+is the point difference on all test predictions (not the mean of the resampled differences), its CI the
+percentiles of the resampled differences; the p-value is two-sided,
 2 * min(P(diff <= 0), P(diff >= 0)) over the resamples (at least 1 / n).
 """
 
@@ -182,8 +184,10 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float], resamples: list[np.ndarr
 
 
 def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable[[np.ndarray], float],
-                     resamples: list[np.ndarray], level: float = CI_LEVEL) -> dict[str, float]:
-    """Difference a - b of a metric on the same rows: its point value (all rows), CI and two-sided p."""
+                     resamples: list[np.ndarray], all_rows: np.ndarray, level: float = CI_LEVEL) -> dict[str, float]:
+    """Difference a - b of a metric on the same rows: its point value on ``all_rows``, the percentile CI of
+    the differences over ``resamples`` and the two-sided p-value."""
+    point = float(metric_a(all_rows) - metric_b(all_rows))
     diffs = []
     for rows in resamples:
         d = metric_a(rows) - metric_b(rows)
@@ -191,12 +195,12 @@ def paired_bootstrap(metric_a: Callable[[np.ndarray], float], metric_b: Callable
             diffs.append(d)
     diffs = np.asarray(diffs)
     if diffs.size == 0:
-        return {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
+        return {"difference": point, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
                 "n_resamples": 0}
     tail = 100 * (1 - level) / 2
     p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
     return {
-        "difference": float(diffs.mean()),
+        "difference": point,
         "ci_low": float(np.percentile(diffs, tail)),
         "ci_high": float(np.percentile(diffs, 100 - tail)),
         "p_value": float(min(1.0, max(p, 1.0 / diffs.size))),

@@ -407,8 +407,10 @@ def _html(result, plots: dict[str, list[str]], examples: dict[str, list[dict]]) 
 # -- the whole folder -------------------------------------------------------------------------------------------
 
 
-def write_report(result, out: str | os.PathLike, cohort=None, plots: bool = True, progress=None) -> Path:
-    """Write the report folder ``out`` atomically (see the module docstring); returns its path."""
+def write_report(result, out: str | os.PathLike, cohort=None, plots: bool = True, progress=None,
+                 segmentation=None) -> Path:
+    """Write the report folder ``out`` atomically (see the module docstring); returns its path.
+    ``segmentation``: a SegmentationResult whose files and section join the report."""
     out = Path(out)
     with atomic_folder(out) as tmp:
         payload = result.to_dict()
@@ -443,7 +445,11 @@ def write_report(result, out: str | os.PathLike, cohort=None, plots: bool = True
         payload["retrieval_examples"] = examples
         (tmp / "results.json").write_text(
             json.dumps(json_safe(payload), indent=1, default=_json_default) + "\n", encoding="utf-8")
-        (tmp / "report.html").write_text(_html(result, plot_paths, examples), encoding="utf-8")
+        page = _html(result, plot_paths, examples)
+        if segmentation is not None:  # its own module writes its files (segmentation imports this one)
+            section = segmentation.write_files(tmp, plots=plots)
+            page = page.replace("</body></html>", section + "</body></html>")
+        (tmp / "report.html").write_text(page, encoding="utf-8")
     return out.expanduser().resolve()
 
 

@@ -2,13 +2,16 @@
 
 Cross-validation folds come from scikit-learn's ``StratifiedGroupKFold(shuffle=True, random_state=seed)``:
 all slides of a case fall into one fold (no patient is in train and test), and class proportions are
-kept as well as the grouping allows. Survival tasks are stratified by event. Folds given by the labels
+kept as well as the grouping allows. The number of folds is chosen from the data unless asked for: at
+most 10, at most the number of cases of the smallest class (so every test fold holds every class) and of
+cases overall; a class with fewer than 2 cases makes the task impossible to cross-validate. Survival tasks are stratified by event. Folds given by the labels
 file (a ``split`` column or Patho-Bench's ``fold_i`` columns) are used as they are; a case that the
 given folds put on both sides of a fold is an error.
 
 ```python
-from napari_slpd.evaluation.splits import make_folds, given_folds, inner_validation_split
-folds = make_folds(y, cases, n_folds=10, seed=0, class_names=["LUAD", "LUSC"])   # list[Fold]
+from napari_slpd.evaluation.splits import choose_folds, make_folds, given_folds, inner_validation_split
+n, why = choose_folds(y, cases, requested=None)   # None: from the data (at most 10), why: the notice or None
+folds = make_folds(y, cases, n_folds=n, seed=0, class_names=["LUAD", "LUSC"])   # list[Fold]
 fold.train, fold.test, fold.val      # int index arrays into y / cases
 fit, val = inner_validation_split(fold.train, y, cases, seed=0)                 # ABMIL early stopping
 ```
@@ -48,6 +51,32 @@ def _members_per_class(y: np.ndarray, cases: np.ndarray) -> dict[int, tuple[int,
         sel = y == c
         out[int(c)] = (len(set(cases[sel].tolist())), int(sel.sum()))
     return out
+
+
+def choose_folds(y, cases, requested: int | None = None, class_names=None, task: str = "task"
+                 ) -> tuple[int, str | None]:
+    """(number of folds, notice or None). ``requested`` None: at most DEFAULT_FOLDS, at most the fewest cases
+    of a class; the notice says why fewer than DEFAULT_FOLDS. ``requested``: that
+    number, checked by make_folds. Raises LabelsError when no 2-fold cross-validation is possible."""
+    if requested is not None:
+        return int(requested), None
+    y = np.asarray(y)
+    cases = np.asarray(cases, dtype=object)
+    members = _members_per_class(y, cases)
+    names = class_names if class_names is not None else [str(c) for c in range(max(members) + 1)]
+    smallest_class = min(members, key=lambda c: members[c][0])
+    fewest = members[smallest_class][0]  # never more than the cases in all
+    n = min(DEFAULT_FOLDS, fewest)
+    if n < 2:
+        raise LabelsError(
+            f"task {task!r}: class {names[smallest_class]!r} has {fewest} case(s) "
+            f"({members[smallest_class][1]} slide(s)); cross-validation needs at least 2 cases of every class: "
+            "label more cases of that class or leave it out of the labels"
+        )
+    if n == DEFAULT_FOLDS:
+        return n, None
+    return n, (f"task {task!r}: {n} folds instead of {DEFAULT_FOLDS} ({names[smallest_class]!r} has {fewest} "
+               "case(s); every test fold holds some of each)")
 
 
 def make_folds(y, cases, n_folds: int = DEFAULT_FOLDS, seed: int = 0, class_names=None,
@@ -133,9 +162,11 @@ def inner_validation_split(train, y, cases, seed: int = 0, fraction: float = INN
     return train[np.sort(fit)], train[np.sort(val)]
 
 
-def fold_of_each_slide(folds: list[Fold], n: int) -> np.ndarray:
-    """[n] int: the fold in which each slide is tested (-1: never; the last one when tested twice)."""
-    out = np.full(n, -1, np.int64)
-    for fold in folds:
-        out[fold.test] = fold.index
-    return out
+def test_rows(folds: list[Fold]) -> tuple[np.ndarray, np.ndarray]:
+    """(fold index [R], slide index [R]): one row per (fold, test slide). A slide tested by several folds
+    (Monte-Carlo splits) has one row per fold; a slide no fold tests (training only) has none."""
+    if not folds:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    fold = np.concatenate([np.full(f.test.size, f.index, np.int64) for f in folds])
+    index = np.concatenate([np.asarray(f.test, np.int64) for f in folds])
+    return fold, index

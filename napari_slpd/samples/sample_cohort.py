@@ -7,13 +7,16 @@ mix, each case (patient) has two or three slides, and every slide draws its own 
 subtype's. ``OUT/labels.csv`` holds ``slide_id, case_id, class, subtype, time, event``: the survival time
 is exponential with a hazard that grows with tumour and necrosis and shrinks with lymphocytes, censored
 at random. Slides are written directly into OUT, so ``slpd extract OUT --out COHORT`` takes the folder as
-it is; then ``slpd evaluate COHORT --labels OUT/labels.csv``.
+it is; then ``slpd evaluate COHORT --labels OUT/labels.csv``. The tissue each slide was painted with is its
+ground truth: ``OUT/annotations/SLIDE.geojson`` (QuPath GeoJSON, one classified MultiPolygon per tissue
+class, holes kept) for ``slpd evaluate COHORT --annotations OUT/annotations``.
 
 ```python
 from napari_slpd.samples.sample_cohort import SampleCohortSpec, write_sample_cohort
 cohort = write_sample_cohort("sample", SampleCohortSpec(n_slides=24, n_classes=3, seed=0))
 cohort.slides   # [SampleSlide(slide_id, path, case_id, class_name, subtype, composition, time, event)]
 cohort.labels   # Path of labels.csv
+cohort.annotations  # folder of SLIDE.geojson ground-truth tissue annotations
 ```
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.samples.synthetic import TISSUE_CLASSES, write_synthetic_slide
+from napari_slpd.samples.synthetic import TISSUE_CLASSES, design_slide, write_synthetic_slide
 
 TISSUES = TISSUE_CLASSES[1:]  # stroma, tumour, lymphocytes, necrosis, fat
 # What each class is rich in (class c uses entry c; beyond five classes, pairs of tissues).
@@ -40,6 +43,7 @@ _THEME_NAMES = {"tumour": "tumour-rich", "lymphocytes": "immune-rich", "necrosis
 # Log-hazard per unit fraction of each tissue (survival depends on composition).
 HAZARD_WEIGHTS = {"stroma": 0.0, "tumour": 2.0, "lymphocytes": -1.5, "necrosis": 1.5, "fat": -0.5}
 LABELS_NAME = "labels.csv"
+ANNOTATIONS_DIR = "annotations"
 
 
 @dataclass
@@ -82,6 +86,7 @@ class SampleCohort:
     folder: Path
     labels: Path
     slides: list[SampleSlide] = field(default_factory=list)
+    annotations: Path | None = None
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -154,14 +159,18 @@ def write_sample_cohort(out: str | os.PathLike, spec: SampleCohortSpec | None = 
         path = folder / f"{plan['slide_id']}.svs"
         if not path.exists():
             t0 = time.perf_counter()
-            write_synthetic_slide(path, width=spec.width, height=spec.height, seed=plan["seed"], mpp=spec.mpp,
-                                  composition=plan["composition"])
+            design = write_synthetic_slide(path, width=spec.width, height=spec.height, seed=plan["seed"],
+                                           mpp=spec.mpp, composition=plan["composition"])
             if say is not None:
                 say(f"  wrote {path.name} ({plan['class']}, {time.perf_counter() - t0:.1f} s)")
+        else:  # the design is deterministic: redraw it for the annotation without repainting the slide
+            design = design_slide(spec.width, spec.height, plan["seed"], spec.mpp, plan["composition"])
+        write_ground_truth(folder / ANNOTATIONS_DIR / f"{plan['slide_id']}.geojson", design)
         result.slides.append(SampleSlide(plan["slide_id"], path, plan["case_id"], plan["class"], plan["subtype"],
                                          plan["composition"], plan["time"], plan["event"]))
         if progress is not None:
             progress(i + 1, len(plans))
+    result.annotations = folder / ANNOTATIONS_DIR
     with atomic_path(result.labels) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
@@ -169,3 +178,18 @@ def write_sample_cohort(out: str | os.PathLike, spec: SampleCohortSpec | None = 
             for s in result.slides:
                 writer.writerow([s.slide_id, s.case_id, s.class_name, s.subtype, s.time, s.event])
     return result
+
+
+def write_ground_truth(path: Path, design) -> Path:
+    """The tissue classes painted on a slide (its design's class map) as QuPath GeoJSON, atomically."""
+    import json
+
+    from napari_slpd.evaluation.segmentation.annotations import raster_to_shapes, shapes_to_geojson
+    from napari_slpd.utils.files import atomic_path
+
+    classes = design.classes.astype(np.int16) - 1  # background (0) is not annotated
+    shapes = raster_to_shapes(classes, list(TISSUES), scale=float(design.class_px))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(shapes_to_geojson(shapes)), encoding="utf-8")
+    return path

@@ -9,6 +9,11 @@ mean ± std over folds with the bootstrap 95% CI; selecting a row draws its ROC 
 its Kaplan-Meier curves split at the training median risk (survival); retrieval examples list each query
 slide with its top 5, and clicking one opens that slide in the viewer. "Save report" writes the same
 folder as ``slpd evaluate --out`` (results.json, folds.csv, embeddings, plots, report.html).
+
+An annotations folder (QuPath GeoJSON per slide, or label masks with classes.csv) adds the segmentation
+evaluation (``napari_slpd.evaluation.segmentation``): Dice / IoU / pixel accuracy of the prototype maps,
+ProAlign labels and named prototypes, and "Show errors" adds the open slide's error layer (correct, wrong
+class = false positive of the predicted and false negative of the true class, missed = false negative).
 """
 
 from __future__ import annotations
@@ -154,13 +159,25 @@ class EvaluationWidget(DockedPanel, QWidget):
         labels_row = QHBoxLayout()
         labels_row.addWidget(self.labels_edit, 1)
         labels_row.addWidget(browse)
+        self.annotations_edit = QLineEdit()
+        self.annotations_edit.setPlaceholderText("optional: annotations folder (SLIDE.geojson from QuPath) for Dice")
+        self.annotations_edit.setToolTip("a folder of SLIDE_ID.geojson (QuPath export of classified annotations) or "
+                                         "label masks with classes.csv; adds the segmentation evaluation")
+        browse_annotations = QPushButton("…")
+        browse_annotations.setMaximumWidth(32)
+        browse_annotations.clicked.connect(guarded("Annotations")(lambda *_: self._choose_annotations()))
+        annotations_row = QHBoxLayout()
+        annotations_row.addWidget(self.annotations_edit, 1)
+        annotations_row.addWidget(browse_annotations)
         self.task_combo = QComboBox()
         self.task_combo.setToolTip("the task to evaluate (all: every task of the labels file)")
         self.folds_spin = QSpinBox()
-        self.folds_spin.setRange(2, 100)
-        self.folds_spin.setValue(10)
-        self.folds_spin.setToolTip("folds of the cross-validation (stratified, grouped by case); ignored when the "
-                                   "labels file gives its own folds")
+        self.folds_spin.setRange(1, 100)
+        self.folds_spin.setSpecialValueText("auto")  # the minimum (1) reads "auto": chosen from the data
+        self.folds_spin.setValue(1)
+        self.folds_spin.setToolTip("folds of the cross-validation (stratified, grouped by case); auto: at most 10 "
+                                   "and at most the cases of the smallest class; ignored when the labels file "
+                                   "gives its own folds")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("seed of the folds, the bootstrap and ABMIL")
@@ -182,6 +199,7 @@ class EvaluationWidget(DockedPanel, QWidget):
             protocol_row.addWidget(box)
         form = QFormLayout()
         form.addRow("Labels", labels_row)
+        form.addRow("Annotations", annotations_row)
         form.addRow("Task", self.task_combo)
         form.addRow("Folds", fold_row)
         form.addRow("Representations", self.repr_list)
@@ -199,6 +217,14 @@ class EvaluationWidget(DockedPanel, QWidget):
         self.task_bar = TaskBar()
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
+        self.segmentation = None
+        self.seg_summary = QLabel("")
+        self.seg_summary.setWordWrap(True)
+        self.errors_button = QPushButton("Show errors on the open slide")
+        self.errors_button.setToolTip("adds a layer: green correct, red wrong class (FP of the predicted, FN of the "
+                                      "true class), yellow annotated but not labelled (FN)")
+        self.errors_button.setVisible(False)
+        self.errors_button.clicked.connect(guarded("Segmentation errors")(lambda *_: self.show_errors()))
 
         self.table = QTableWidget(0, len(TABLE_HEADERS))
         self.table.setHorizontalHeaderLabels(TABLE_HEADERS)
@@ -221,6 +247,8 @@ class EvaluationWidget(DockedPanel, QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.task_bar)
         layout.addWidget(self.summary)
+        layout.addWidget(self.seg_summary)
+        layout.addWidget(self.errors_button)
         layout.addWidget(self.table, 2)
         layout.addWidget(self.plot, 2)
         layout.addWidget(self.examples, 1)
@@ -236,6 +264,11 @@ class EvaluationWidget(DockedPanel, QWidget):
     def _choose_labels(self) -> None:
         if choose_labels_file(self, self.labels_edit):
             self.load_tasks()
+
+    def _choose_annotations(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder of annotations (SLIDE_ID.geojson)")
+        if folder:
+            self.annotations_edit.setText(folder)
 
     def load_tasks(self, quiet: bool = False) -> list[str]:
         return fill_label_tasks(self.labels_edit, self.task_combo, quiet, all_item="(all tasks)")
@@ -293,7 +326,7 @@ class EvaluationWidget(DockedPanel, QWidget):
             tasks=None if not task or task.startswith("(") else [task],
             representations=self.selected_representations() or None,
             protocols=self.selected_protocols() or None,
-            n_folds=self.folds_spin.value(),
+            n_folds=None if self.folds_spin.value() < 2 else self.folds_spin.value(),
             seed=self.seed_spin.value(),
         )
 
@@ -303,27 +336,82 @@ class EvaluationWidget(DockedPanel, QWidget):
         from napari_slpd.evaluation import evaluate
         from napari_slpd.features.versions import install_evaluation_sources
 
+        from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
+
         session = self.state.require_session()
         labels = self.labels_edit.text().strip()
-        if not labels:
-            raise SlpdError("choose a labels file first (slide_id and task columns; optional case_id)")
+        annotations = self.annotations_edit.text().strip()
+        if not labels and not annotations:
+            raise SlpdError("choose a labels file first (slide_id and task columns; optional case_id), or an "
+                            "annotations folder for the segmentation evaluation")
         config = self.config()
         install_evaluation_sources()
 
         def work(progress, cancel):
-            return evaluate(session.cohort, labels, config, progress=progress, cancel=cancel)
+            result = evaluate(session.cohort, labels, config, progress=progress, cancel=cancel) if labels else None
+            seg = None
+            if annotations:
+                cases = {}
+                for info in (result.tasks.values() if result is not None else []):
+                    cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
+                seg = evaluate_segmentation(session.cohort, annotations,
+                                            SegmentationConfig(seed=config.seed, cases=cases or None),
+                                            progress=progress, cancel=cancel)
+            return result, seg
 
-        task = self.task_bar.run(work, "Evaluation", on_result=self.show_result)
+        task = self.task_bar.run(work, "Evaluation", on_result=lambda pair: self.show_result(*pair))
         self._update_buttons()
         return task
 
     def _update_buttons(self) -> None:
         busy = self.task_bar.busy
         self.run_button.setEnabled(not busy)
-        self.save_button.setEnabled(not busy and self.result is not None)
+        self.save_button.setEnabled(not busy and (self.result is not None or self.segmentation is not None))
 
-    def show_result(self, result) -> None:
-        """Fill the table, draw the first row, list the retrieval examples."""
+    def show_segmentation(self, seg) -> None:
+        self.segmentation = seg
+        self.seg_summary.setText("\n".join(seg.lines()) if seg is not None else "")
+        self.errors_button.setVisible(seg is not None and bool(seg.methods))
+
+    def show_errors(self, slide_id: str | None = None, method: str | None = None):
+        """Add the error layer of ``slide_id`` (default: the open slide) for ``method`` (default: the first)."""
+        from napari_slpd.errors import SlpdError
+        from napari_slpd.evaluation.segmentation.report import error_map
+
+        seg = self.segmentation
+        if seg is None or not seg.methods:
+            raise SlpdError("run the evaluation with an annotations folder first")
+        slide_id = slide_id or self.state.current_slide_id
+        if slide_id not in seg.truths:
+            raise SlpdError(f"open an annotated slide first (annotated: {', '.join(list(seg.truths)[:5])}, ...)")
+        method = method or next((m for m in seg.methods if m in seg.predictions[slide_id]), None)
+        if method is None:
+            raise SlpdError(f"{slide_id}: no label map was scored on this slide")
+        truth = seg.truths[slide_id]
+        errors = error_map(truth.raster, seg.predictions[slide_id][method]).astype(np.int32)
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (0.2, 0.7, 0.3, 0.5), 2: (0.9, 0.1, 0.1, 0.7),
+                  3: (0.95, 0.75, 0.1, 0.7)}
+        kwargs = {"name": f"{slide_id} errors ({method})", "opacity": 0.6,
+                  "colormap": DirectLabelColormap(color_dict=colors),
+                  "metadata": {"slpd_slide": slide_id, "slpd_role": "segmentation_errors", "method": method}}
+        current = self.state.current
+        if current is not None and current.slide_id == slide_id:
+            kwargs.update(current.geometry.raster_kwargs((0.0, 0.0), truth.downsample))
+        else:
+            kwargs["scale"] = (truth.downsample, truth.downsample)
+        for layer in [lay for lay in self.viewer.layers if lay.name == kwargs["name"]]:
+            self.viewer.layers.remove(layer)
+        return self.viewer.add_labels(errors, **kwargs)
+
+    def show_result(self, result, segmentation=None) -> None:
+        """Fill the table, draw the first row, list the retrieval examples (and the segmentation figures)."""
+        self.show_segmentation(segmentation)
+        if result is None:
+            self.table.setRowCount(0)
+            self.summary.setText("")
+            return
         self.result = result
         rows = []
         for r in result.results:
@@ -349,9 +437,19 @@ class EvaluationWidget(DockedPanel, QWidget):
             best = min(comparisons, key=lambda c: c.p_value)
             text += (f"; largest paired difference: {best.a} - {best.b} ({best.protocol}, {best.metric}) "
                      f"{best.difference:+.3f} [{best.ci_low:+.3f}, {best.ci_high:+.3f}], p = {best.p_value:.3f}")
+        tooltip = list(report.lines()) if hasattr(report, "lines") else []
+        unknown = len(getattr(report, "unknown", []) or [])
+        if unknown:
+            text += f"; {unknown} labelled slide(s) not in this cohort, skipped"
+        for task, why in (getattr(report, "skipped_tasks", None) or {}).items():
+            text += f"; task {task} skipped: {why}"
+        notes = list(getattr(report, "notes", None) or [])
+        if notes:
+            text += "; " + "; ".join(notes)
         if result.skipped:
             text += f"; {len(result.skipped)} combination(s) do not apply (tooltip)"
-            self.summary.setToolTip("\n".join(result.skipped))
+            tooltip += result.skipped
+        self.summary.setToolTip("\n".join(tooltip))
         self.summary.setText(text)
         self._fill_examples(result)
         if rows:
@@ -410,17 +508,21 @@ class EvaluationWidget(DockedPanel, QWidget):
     def save_report(self, folder: str | None = None):
         from napari_slpd.evaluation import write_report
 
-        if self.result is None:
+        if self.result is None and self.segmentation is None:
             return None
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Folder for the evaluation report")
             if not folder:
                 return None
         session = self.state.require_session()
-        result = self.result
+        result, seg = self.result, self.segmentation
 
         def work(progress, cancel):
-            return write_report(result, folder, cohort=session.cohort, progress=progress)
+            if result is None:
+                from napari_slpd.evaluation.segmentation.report import write_segmentation_report
+
+                return write_segmentation_report(seg, folder)
+            return write_report(result, folder, cohort=session.cohort, progress=progress, segmentation=seg)
 
         return self.task_bar.run(work, "Evaluation report", on_result=lambda path: show_info(f"report written: {path}"))
 
