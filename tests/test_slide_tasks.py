@@ -68,7 +68,7 @@ def test_parse_shard():
         parse_shard("slurm", {**env, "SLURM_ARRAY_TASK_STEP": "2"})
 
 
-def test_store_coordinator_claims_and_names_a_silent_rank():
+def test_store_coordinator_claims_and_names_a_silent_rank(tmp_path):
     """Two coordinators on one in-process store: dynamic claims cover every slide once; a rank that
     stops beating with a claimed slide is named within the peer timeout."""
     import threading
@@ -93,6 +93,20 @@ def test_store_coordinator_claims_and_names_a_silent_rank():
     for t in threads:
         t.join(10)
     zero, one = made[0], made[1]
+    errors = {}
+
+    def check(coordinator, folder):
+        try:
+            coordinator.check_shared(folder, wait_s=0.3)
+        except SlpdError as exc:
+            errors[coordinator.rank] = str(exc)
+
+    shared = [threading.Thread(target=check, args=(c, tmp_path / "out")) for c in (zero, one)]
+    for t in shared:
+        t.start()
+    for t in shared:
+        t.join(10)
+    assert errors == {}
     ids = ["big", "mid", "small", "tiny"]
     assert zero.plan(ids) == ids and one.plan(list(reversed(ids))) == ids
     first = next(one.claims(4))  # rank 1 takes a slide, then goes silent
@@ -107,3 +121,34 @@ def test_store_coordinator_claims_and_names_a_silent_rank():
     assert time.monotonic() - t0 < 1.0 + 2.0
     assert info.value.missing == {1: [ids[first]]} and len(info.value.rows) == 3
     zero.close()
+
+
+def test_ranks_writing_to_different_folders_are_refused(tmp_path):
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from napari_slpd.features.distributed import RankInfo, StoreCoordinator, Timeouts
+
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=5))
+    timeouts = Timeouts(peer_s=1.0, join_s=2.0, poll_s=0.05)
+    errors = {}
+
+    def run(rank):
+        coordinator = StoreCoordinator(RankInfo(rank, 2, rank), timeouts, store=store)
+        try:
+            coordinator.check_shared(tmp_path / f"node{rank}", wait_s=0.3)  # each node its own local folder
+        except SlpdError as exc:
+            errors[rank] = str(exc)
+        finally:
+            coordinator._closing.set()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert "rank 1" in errors[1] and "does not see rank 0's output folder" in errors[1]
+    assert "rank 1 stopped" in errors[0]

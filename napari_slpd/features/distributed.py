@@ -21,6 +21,7 @@ minutes apart, still meet. Every wait has a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -97,6 +98,9 @@ class LocalCoordinator:
 
     def plan(self, slide_ids: list[str]) -> list[str]:
         return list(slide_ids)
+
+    def check_shared(self, folder) -> None:
+        pass
 
     def claims(self, n: int) -> Iterator[int]:
         yield from range(n)
@@ -190,6 +194,42 @@ class StoreCoordinator:
         self.ids = list(slide_ids)
         return list(slide_ids)
 
+    def check_shared(self, folder, wait_s: float = 60.0) -> None:
+        """Every rank writes into one ``folder``: rank 0 leaves a marker file there and publishes its name;
+        each other rank must see it (NFS may show a new name only after its attribute cache expires:
+        retried for ``wait_s``). A folder that is not shared is refused before any work, naming it."""
+        import uuid
+        from pathlib import Path
+
+        folder = Path(folder)
+        if self.rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._marker = folder / f".slpd-run-{uuid.uuid4().hex[:12]}"
+            self._marker.write_text(self.where, encoding="utf-8")
+            self._call("set", "marker", self._marker.name)
+        else:
+            self._wait_key("marker", "rank 0's marker in the output folder")
+            name = self._call("get", "marker").decode()
+            deadline = time.monotonic() + wait_s
+            while not (folder / name).exists():
+                if time.monotonic() > deadline:
+                    message = (f"rank {self.rank} ({self.where}) does not see rank 0's output folder: {folder} here "
+                               f"has no {name} (written by rank 0 on {self._where(0)}); every node must write to "
+                               "one shared folder (or give each job its own part with --shard and its own cohort)")
+                    self._call("set", f"refused/{self.rank}", message)
+                    raise SlpdError(message)
+                time.sleep(min(1.0, self.timeouts.poll_s * 4))
+        self._call("set", f"shared/{self.rank}", "1")
+        deadline = time.monotonic() + wait_s + self.timeouts.join_s
+        while not all(self._call("check", [f"shared/{r}"]) for r in range(self.world)):
+            refused = [r for r in range(self.world) if self._call("check", [f"refused/{r}"])]
+            if refused:
+                raise SlpdError(f"rank {self.rank}: rank {refused[0]} stopped: "
+                                f"{self._call('get', f'refused/{refused[0]}').decode()}")
+            if time.monotonic() > deadline:
+                raise SlpdError(f"rank {self.rank}: the other ranks did not confirm the output folder in time")
+            time.sleep(self.timeouts.poll_s)
+
     def _wait_key(self, key: str, what: str) -> None:
         deadline = time.monotonic() + self.timeouts.join_s
         while not self._call("check", [key]):
@@ -279,6 +319,10 @@ class StoreCoordinator:
                     break
                 time.sleep(self.timeouts.poll_s)
         self._closing.set()
+        marker = getattr(self, "_marker", None)
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                marker.unlink()
 
 
 def _env_store(info: RankInfo, timeouts: Timeouts):

@@ -123,6 +123,7 @@ class ExtractionProcessor:
                                 "(a cohort keeps one slide per id)")
             tasks = largest_first(tasks)
         plan_ids = coordinator.plan([t.slide_id for t in tasks])
+        coordinator.check_shared(self.cohort.features_path("x").parent.parent)
         by_id = {t.slide_id: t for t in tasks}
         plan = [by_id[i] for i in plan_ids] if coordinator.world > 1 else tasks
         run = ProcessorRun()
