@@ -78,8 +78,11 @@ class RecordFolder:
         self._changed()
 
     def _changed(self) -> None:
+        """Our own write: list the folder again at the next read (records parsed before are kept by inode)."""
         with self._lock:
-            self._scans.pop(self.write_folder, None)
+            previous = self._scans.get(self.write_folder)
+            if previous is not None:
+                self._scans[self.write_folder] = (None, previous[1])
             self.generation += 1
 
     def read_all(self) -> dict[str, dict]:
