@@ -68,17 +68,24 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_torchrun_two_ranks_equal_single_process(tmp_path, single):
+def test_two_torchrun_nodes_equal_single_process(tmp_path, single):
+    """Two torchrun agents (two "nodes", c10d rendezvous) on this host, one output folder."""
     pytest.importorskip("torch.distributed.run")
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
            "-m", "napari_slpd", "extract", *slide_args(), "--out", str(multi), *SETTINGS]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
-    print(f"2 ranks: {time.perf_counter() - t0:.1f} s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "4 slides: 4 extracted" in proc.stdout, proc.stdout  # rank 0 prints the whole cohort's summary
-    assert not (multi / ".extract-ranks").exists()
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                              cwd=tmp_path) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    print(f"2 nodes: {time.perf_counter() - t0:.1f} s")
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-4000:]
+    summary = [out for out, _ in outputs if "4 slides:" in out]
+    assert len(summary) == 1 and "4 slides: 4 extracted" in summary[0]  # rank 0 prints the whole cohort's
+    assert not (multi / ".extract-ranks").exists() and not list(multi.glob(".slpd-run-*"))
     assert_same_cohort(single, multi)
 
 
