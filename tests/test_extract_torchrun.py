@@ -171,3 +171,39 @@ def test_shards_union_equals_single_run_register_and_status(tmp_path, single, ca
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"done": 4, "partial": 1}
     assert {r["slide_id"]: r["registered"] for r in report["slides"]}["extra"] is False
+
+
+@pytest.mark.slow
+def test_lost_node_elastic_restart_finishes_alone(tmp_path, single):
+    """``--nnodes 1:2 --max-restarts 1``: node 1 (agent and worker) is SIGKILLed while writing a slide;
+    node 0's worker names it and exits, torchrun restarts it without node 1, and it finishes the cohort
+    as one process would have."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "cohort"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+           "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", "elastic", "-m", "napari_slpd", "extract", *slide_args(), "--out", str(out), *SETTINGS]
+    env = _env(SLPD_PEER_TIMEOUT_S="5")
+    node0 = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    time.sleep(1)
+    node1 = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    deadline = time.time() + 240
+    while True:  # node 1's worker holds a slide's lock: freeze the node, check, kill it
+        assert node1.poll() is None and time.time() < deadline, "node 1 ended before it was seen writing"
+        group = [node1.pid, *(c.pid for c in psutil.Process(node1.pid).children(recursive=True))]
+        if _lock_holders(out / "features") & set(group):
+            for pid in group:
+                os.kill(pid, signal.SIGSTOP)
+            if _lock_holders(out / "features") & set(group):
+                break
+            for pid in group:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    for pid in group:
+        os.kill(pid, signal.SIGKILL)
+    _, err = node0.communicate(timeout=400)
+    node1.wait()
+    assert node0.returncode == 0, err[-4000:]
+    assert "rank 1 (" in err and "stopped answering" in err  # the first attempt named the lost node
+    assert_same_cohort(single, out)
