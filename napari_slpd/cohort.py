@@ -3,8 +3,11 @@
 Layout (every file written atomically)::
 
     COHORT/
-      cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}},
-                                  "settings": {...}}  (the settings the cohort is worked with, see session.py)
+      cohort.json                 {"slides": {...}, "settings": {...}}: the settings the cohort is worked with (see
+                                  session.py) and the slides registered by versions before 0.9 (still read)
+      registry/<slide_id>.json    one record per slide {"slide_id", "path", "mpp", "mpp_source"} (or {"removed":
+                                  true}), each written whole by a rename: any number of processes on any number
+                                  of machines register slides at once without losing one (napari_slpd.registry)
       features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
       prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
       index/                      cohort similarity index (napari_slpd.similarity.index)
@@ -19,6 +22,7 @@ so that a cohort folder that holds its slides can be moved as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 REGISTRY_NAME = "cohort.json"
 SETTINGS_KEY = "settings"
 # The cache folders a cohort folder holds (not looked into for slides when the cohort's own folder is scanned).
-CACHE_FOLDERS = ("features", "prototypes", "proalign", "thumbnails", "index", "training")
+CACHE_FOLDERS = ("features", "prototypes", "proalign", "thumbnails", "index", "training", "registry")
 
 
 def _parse_registry(text: str) -> dict:
@@ -85,6 +89,7 @@ class Cohort:
             redirect(self.root, self.cache_root)
         else:
             unredirect(self.root)
+        self._records_folder = _records_folder(self.root, self.cache_root)
 
     @property
     def read_only(self) -> bool:
@@ -185,24 +190,40 @@ class Cohort:
         return registry
 
     def _records(self) -> dict[str, SlideRecord]:
-        """slide_id -> record, parsed once and reused while cohort.json is unchanged (same inode, time and
-        size): a 10,000-slide cohort asks for one record per row; each must not parse the whole file."""
-        try:
-            st = os.stat(self.registry_path)
-            stamp = (str(self.registry_path), st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
+        """slide_id -> record, merged from cohort.json (slides registered before per-slide records) and
+        registry/ (one record per slide, which wins), parsed once and reused while neither changed (same
+        inode, time and size of cohort.json; same records): a 10,000-slide cohort asks for one record per
+        row; each must not parse everything."""
+        stamp = self.registry_stamp()
         cached = self.__dict__.get("_records_cache")
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1]
+        entries = dict(self._load_registry()["slides"])
+        for name, record in self._records_folder.read_all().items():
+            slide_id = str(record.get("slide_id") or name)
+            if record.get("removed"):
+                entries.pop(slide_id, None)
+            elif record.get("path"):
+                entries[slide_id] = record
         records = {}
-        for slide_id, entry in sorted(self._load_registry()["slides"].items()):
+        for slide_id, entry in sorted(entries.items()):
             path = Path(entry["path"])
             if not path.is_absolute():
                 path = self.root / path
             records[slide_id] = SlideRecord(slide_id, path, entry.get("mpp"), entry.get("mpp_source"))
         self._records_cache = (stamp, records) if stamp is not None and self.notice is None else None
         return records
+
+    def registry_stamp(self) -> tuple | None:
+        """Changes whenever the registered slides may have changed (a few stat calls); None when unknown."""
+        try:
+            st = os.stat(self.registry_path)
+            file_stamp = (str(self.registry_path), st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            file_stamp = (str(self.registry_path), None)
+        except OSError:
+            return None
+        return file_stamp, id(self._records_folder), self._records_folder.refresh()
 
     def slides(self) -> list[SlideRecord]:
         return [SlideRecord(r.slide_id, r.path, r.mpp, r.mpp_source) for r in self._records().values()]
@@ -217,31 +238,59 @@ class Cohort:
         raise SlpdError(f"slide {slide_id!r} is not in cohort {self.root} (known: {', '.join(self.slide_ids()) or 'none'})")
 
     def add_slide(self, path: str | os.PathLike, mpp: float | None = None, mpp_source: str | None = None) -> SlideRecord:
-        """Register a slide (idempotent for the same path). Two different files with one id are refused."""
+        """Register a slide (idempotent for the same path). Two different files with one id are refused.
+
+        Writes the slide's own record only (``registry/<slide_id>.json``, atomically): any number of
+        processes may register slides into one cohort at once, on one machine or on a shared file system."""
         path = Path(path).expanduser().resolve()
         slide_id = slide_id_for(path)
-        registry = self._load_registry()
+        name = safe_slide_id(slide_id)
         try:
             stored = str(path.relative_to(self.root))
         except ValueError:
             stored = str(path)
-        existing = registry["slides"].get(slide_id)
-        if existing is not None:
-            existing_path = Path(existing["path"])
-            if not existing_path.is_absolute():
-                existing_path = self.root / existing_path
-            if existing_path.resolve() != path:
+        for attempt in range(2):
+            existing = self._records().get(slide_id)
+            if existing is not None and existing.path.resolve() != path:
                 raise SlpdError(
-                    f"slide id {slide_id!r} is already used in this cohort by {existing_path}; rename {path.name}"
+                    f"slide id {slide_id!r} is already used in this cohort by {existing.path}; rename {path.name}"
                 )
-        entry = dict(existing or {})
-        entry["path"] = stored
-        if mpp is not None:
-            entry["mpp"] = float(mpp)
-            entry["mpp_source"] = mpp_source or "user"
-        registry["slides"][slide_id] = entry
-        self._write_registry(registry)
+            entry = {"slide_id": slide_id, "path": stored}
+            if existing is not None and existing.mpp is not None:
+                entry.update(mpp=existing.mpp, mpp_source=existing.mpp_source)
+            if mpp is not None:
+                entry["mpp"] = float(mpp)
+                entry["mpp_source"] = mpp_source or "user"
+            if existing is not None or attempt:
+                self._records_folder.write(name, entry)
+                break
+            if self._records_folder.write(name, entry, exclusive=True):
+                break
+            # another process registered this id a moment ago: check it is the same file, then update
+        self._ensure_registry_file()
         return self.slide(slide_id)
+
+    def _ensure_registry_file(self) -> None:
+        """cohort.json marks a folder as a cohort (the commands look for it): created once, never
+        replaced here (an existing one is left as it is, whoever wrote it)."""
+        if self.registry_path.exists():
+            return
+        import tempfile
+
+        from napari_slpd.utils.record_folder import _link_or_rename_new
+
+        folder = self.registry_path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY_NAME}.", suffix=".new", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps({"slides": {}}, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o644)
+            with contextlib.suppress(FileExistsError):
+                _link_or_rename_new(Path(tmp), self.registry_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     # -- settings ------------------------------------------------------------------------------
     def load_settings(self) -> dict | None:
@@ -257,9 +306,9 @@ class Cohort:
         self._write_registry(registry)
 
     def remove_slide(self, slide_id: str) -> None:
-        registry = self._load_registry()
-        registry["slides"].pop(slide_id, None)
-        self._write_registry(registry)
+        """Unregister a slide: its record says "removed" (a slide cohort.json still lists stays removed)."""
+        if slide_id in self._records():
+            self._records_folder.write(safe_slide_id(slide_id), {"slide_id": slide_id, "removed": True})
 
     # -- cache paths ---------------------------------------------------------------------------
     def features_path(self, slide_id: str) -> Path:
@@ -285,3 +334,14 @@ class Cohort:
     @property
     def training_dir(self) -> Path:
         return self._file(self.root / "training")
+
+
+def _records_folder(root: Path, cache_root: Path | None):
+    """The per-slide records of a cohort: its own, and (read-only cohort) its cache folder's over them."""
+    from napari_slpd.utils.record_folder import RecordFolder
+
+    own = root / "registry"
+    if cache_root is None:
+        return RecordFolder([own], own)
+    cached = cache_root / "registry"
+    return RecordFolder([own, cached], cached)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from napari_slpd.cohort import CACHE_FOLDERS, Cohort, SlideRecord, find_slides
-from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
+from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, FeatureSettings,  # noqa: F401
                                           PrototypeSettings, ProgressFn, RegionData, RegionMatch,
                                           SessionSettings, SlideMatch, SlideStatus)
@@ -273,74 +273,53 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         made with a checkpoint are never replaced by features of a randomly initialised encoder unless
         ``replace_checkpoint_features`` says so explicitly.
         """
-        from napari_slpd.features.engine import ExtractionResult
+        from napari_slpd.features.processor import ExtractionProcessor
+        from napari_slpd.features.slide_tasks import SlideTask
 
         slide_ids = list(slide_ids) if slide_ids is not None else self.slide_ids()
         n = len(slide_ids)
         unit = 1000
-        results = []
         if progress:
             progress(0, n * unit)
-        patch, region = self.encoders() if slide_ids else (None, None)
-        for i, slide_id in enumerate(slide_ids):
-            if is_cancelled(cancel):
-                break
-            record = self.record(slide_id)
-            out = self.cohort.features_path(slide_id)
+        if not slide_ids:
+            return []
+        patch, region = self.encoders()
+        records = [self.record(slide_id) for slide_id in slide_ids]
+        tasks = [SlideTask(record.path, mpp=record.mpp, id=record.slide_id) for record in records]
+        config = self.extraction_config(slide_ids[0])
+        config.mpp = None  # each slide's own (its task's)
+        if overwrite is not None:
+            config.overwrite = bool(overwrite)
 
-            def slide_progress(done, total, i=i):
+        def guard(slide_id: str) -> str | None:
+            if replace_checkpoint_features or not self.checkpoint_features_at_risk([slide_id]):
+                return None
+            return (f"the features of {slide_id} were made with a checkpoint; the current settings use a randomly "
+                    "initialised encoder, and replacing them needs an explicit confirmation (the features were kept)")
+
+        def progress_for(i, task):
+            def slide_progress(done, total):
                 if progress and total > 0:
                     progress(i * unit + min(unit, done * unit // total), n * unit)
 
-            try:
-                result = self._extract_one(record, out, patch, region, slide_progress, cancel,
-                                           replace_checkpoint_features, overwrite)
-            except SlpdError as exc:
-                result = ExtractionResult(slide_id, record.path, out, "error", message=str(exc))
-                log.warning("%s: %s", slide_id, exc)
-                disk_full = getattr(exc, "kind", None) == "full"  # the next slides cannot be written either
-            else:
-                disk_full = False
-            results.append(result)
-            self._regions.pop(slide_id, None)
+            return slide_progress
+
+        def finished(i, task, result):
+            if result.status == "error":
+                log.warning("%s: %s", task.slide_id, result.message)
+            self._regions.pop(task.slide_id, None)
             if on_slide:
                 on_slide(result)
             if progress:
                 progress((i + 1) * unit, n * unit)
-            if result.status == "cancelled" or disk_full:
-                break
+
+        # The slides are registered already: the processor only extracts them (and prefetches the next).
+        processor = ExtractionProcessor(self.cohort, patch, region, config, register=False, keep_current=True,
+                                        guard=guard)
+        results = processor.run(tasks, progress_for=progress_for, on_result=finished, cancel=cancel).results
         if any(r.status == "extracted" for r in results):
             self._record_features_made_with()
         return results
-
-    def _extract_one(self, record: SlideRecord, out: Path, patch, region, progress, cancel,
-                     replace_checkpoint_features: bool = False, overwrite: bool | None = None):
-        """One slide. ``overwrite`` here replaces only a file made with other settings: a file that is
-        current stays cached (the engine's own overwrite would recompute it too)."""
-        from napari_slpd.features.engine import extract_slide, extraction_settings
-        from napari_slpd.features.store import existing_store_is_current
-        from napari_slpd.slides.slide import open_slide
-
-        config = self.extraction_config(record.slide_id)
-        if overwrite is not None:
-            config.overwrite = bool(overwrite)
-        slide = open_slide(record.path, mpp=config.mpp, mpp_fallback=config.mpp_fallback)
-        try:
-            if config.overwrite and out.exists():
-                try:
-                    current = existing_store_is_current(out, extraction_settings(slide, config, patch, region))
-                except FeatureStoreError:  # other settings, incomplete or damaged: replace it
-                    current = False
-                if not current and not replace_checkpoint_features and self.checkpoint_features_at_risk([record.slide_id]):
-                    raise FeatureStoreError(
-                        f"the features of {record.slide_id} were made with a checkpoint; the current settings "
-                        "use a randomly initialised encoder, and replacing them needs an explicit confirmation "
-                        "(the features were kept)"
-                    )
-                config.overwrite = not current
-            return extract_slide(slide, out, patch, region, config, progress, cancel)
-        finally:
-            slide.close()
 
     def region_data(self, slide_id: str) -> RegionData:
         """Embeddings and coordinates of a slide's regions (cached in memory while the file is unchanged)."""

@@ -199,11 +199,10 @@ class SessionStatusMixin:
             if abs(now - st.st_mtime_ns) < RACY_NS:
                 return None
             parts.append((st.st_ino, st.st_mtime_ns))
-        try:
-            st = os.stat(self.cohort.registry_path)  # replaced atomically: a new inode at each write
-            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            parts.append(None)
+        registry = self.cohort.registry_stamp()  # cohort.json and the per-slide records
+        if registry is None:
+            return None
+        parts.append(registry)
         return tuple(parts), self.status_settings()
 
     def _current_statuses(self) -> list[SlideStatus]:

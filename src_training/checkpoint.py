@@ -92,8 +92,8 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
     return path
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted names of settings that differ, except those a resume may change."""
+def config_differences(saved: dict, current: dict, allowed: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Dotted names of settings that differ, except those a resume may change (and ``allowed`` ones)."""
     changed = []
     for group in sorted(set(saved) | set(current)):
         a, b = saved.get(group), current.get(group)
@@ -102,7 +102,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
                 key = f"{group}.{name}"
                 if name not in a and name in b:
                     continue  # a setting newer than the checkpoint: the run continues with its value
-                if key not in RESUMABLE_CHANGES and a.get(name) != b.get(name):
+                if key not in RESUMABLE_CHANGES and key not in allowed and a.get(name) != b.get(name):
                     changed.append(f"{key}: {a.get(name)!r} -> {b.get(name)!r}")
         elif a is None and isinstance(b, dict):
             continue  # a settings group newer than the checkpoint (e.g. monitor)

@@ -319,7 +319,11 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
-        changed = ckpt.config_differences(state["config"], self.cfg.to_dict())
+        saved_global_batch = state["config"]["optim"]["batch_size_per_gpu"] * state["world_size"]
+        # Another number of processes with the same global batch (the per-process batch scaled) trains the
+        # same steps: the sampler deals each global batch out by rank.
+        scaled = {"optim.batch_size_per_gpu"} if saved_global_batch == self.global_batch else set()
+        changed = ckpt.config_differences(state["config"], self.cfg.to_dict(), scaled)
         if changed:
             raise SlpdError(
                 f"{path} was written with other training settings ({'; '.join(changed[:6])}); resume with the same "
@@ -331,11 +335,15 @@ class Trainer:
                 f"{len(state['slide_ids'])} slides then, {len(self.index)} in {self.index.n_slides} now); start a new "
                 "run (another --out, or --resume none)"
             )
-        saved_global_batch = state["config"]["optim"]["batch_size_per_gpu"] * state["world_size"]
         if saved_global_batch != self.global_batch:
+            per = saved_global_batch // self.ctx.world_size
+            hint = (f"resume with --batch-size {per} on {self.ctx.world_size} process(es)"
+                    if per * self.ctx.world_size == saved_global_batch else
+                    f"use a number of processes that divides {saved_global_batch}")
             raise SlpdError(
-                f"{path} was trained with a global batch of {saved_global_batch}, this run has {self.global_batch} "
-                f"({self.cfg.optim.batch_size_per_gpu} per process x {self.ctx.world_size}); keep the global batch"
+                f"{path} was trained with a global batch of {saved_global_batch} ({state['config']['optim']['batch_size_per_gpu']} "
+                f"per process x {state['world_size']}), this run has {self.global_batch} "
+                f"({self.cfg.optim.batch_size_per_gpu} per process x {self.ctx.world_size}); keep the global batch: {hint}"
             )
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])

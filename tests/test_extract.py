@@ -348,7 +348,7 @@ def test_cli_extract_summary_registry_skip_and_per_slide_messages(tmp_path, slid
     assert code == 0 and "2 skipped" in text and "1 extracted" in text and "1 empty" in text
     breast = next(line for line in text.splitlines() if line.startswith("CropBreastSlide"))
     assert "empty" in breast and "smaller than one region" in breast  # a clear per-slide message
-    entry = json.loads((cohort / "cohort.json").read_text())["slides"]["tcga-cr-7395-01a-01-ts1"]
+    entry = json.loads((cohort / "registry" / "tcga-cr-7395-01a-01-ts1.json").read_text())
     assert entry["mpp"] == 0.5 and entry["mpp_source"] == "level0-assumed"
     assert "CropBreastSlide" not in Cohort(cohort).slide_ids()  # no features: not registered
 

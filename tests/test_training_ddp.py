@@ -30,7 +30,7 @@ def _args(cohort, run_dir, batch):
             "--batch-size", str(batch), "--resume", "none"]
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+def test_two_gloo_processes_equal_one_process(tmp_path, capsys):
     pytest.importorskip("faiss")
     cohort = write_synthetic_cohort(tmp_path / "cohort", regions_per_slide=(8, 8, 8, 2), token_dim=16, grid=4,
                                     n_types=2, types_per_slide=1, seed=1)
@@ -40,7 +40,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     ddp = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "src_training", *_args(cohort.root, ddp_dir, 4)],
+         "-m", "src_training", *_args(cohort.root, ddp_dir, 4), "--keep-every-epochs", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -73,3 +73,21 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     t2 = ckpt.load_checkpoint(ddp_dir / "checkpoint.pth")["teacher"]
     for key in t1:
         assert torch.allclose(t1[key], t2[key], rtol=1e-3, atol=1e-5), key
+
+    # Resumed on one process from the 2-process checkpoint of epoch 1, the global batch kept (4 x 2 -> 8 x 1):
+    # the last epoch's losses equal the uninterrupted run's.
+    resumed_dir = tmp_path / "resumed"
+    args = _args(cohort.root, resumed_dir, 8)
+    args[args.index("--resume") + 1] = str(ddp_dir / "checkpoint_epoch0001.pth")
+    assert main(args) == 0
+    steps_resumed = [e for e in read_events(resumed_dir / "events.jsonl") if e["event"] == "step"]
+    assert [e["global_step"] for e in steps_resumed] == [3, 4, 5]
+    for a, b in zip(steps_one[3:], steps_resumed):
+        for term in ("loss", "dino_loss", "intra_loss", "inter_loss"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-5), (a["global_step"], term)
+    # another global batch is refused, saying which per-process batch keeps it
+    args = _args(cohort.root, tmp_path / "refused", 4)
+    args[args.index("--resume") + 1] = str(ddp_dir / "checkpoint_epoch0001.pth")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "keep the global batch: resume with --batch-size 8 on 1 process" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from napari_slpd import __version__
 from napari_slpd.errors import SlpdError
 
 # Module names under napari_slpd.cli, in the order they appear in --help.
-SUBCOMMAND_MODULES = ("info", "encoders", "extract", "import_features", "prototypes", "similar", "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "demo")
+SUBCOMMAND_MODULES = ("info", "encoders", "extract", "registry", "import_features", "prototypes", "similar",
+                      "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

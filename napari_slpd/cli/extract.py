@@ -4,33 +4,24 @@ One FeatureStore per slide (``COHORT/features/<slide_id>.h5``), written chunk by
 resumes where it stopped, a slide already extracted with the same settings is skipped, and a slide
 extracted with other settings is refused unless ``--overwrite``.
 
-Several GPUs: ``torchrun --nproc-per-node N -m napari_slpd extract ...`` (or ``torchrun $(which slpd)``).
-Each rank takes every N-th slide (slides[rank::N]) and writes only those slides' files, so the files are
-the same as from one process. No process group is needed: each rank leaves a small report in
-``COHORT/.extract-ranks/``; rank 0 waits for all reports, prints the whole summary and alone writes
-the cohort registry.
+Several GPUs or machines: ``torchrun --nproc-per-node N [--nnodes M ...] -m napari_slpd extract ...``. The
+ranks meet in torch.distributed's store (napari_slpd.features.distributed): a free rank takes the next
+slide, largest first; each rank registers the slides it finished; a rank that dies is named by the others
+within ``--peer-timeout`` seconds, and they exit non-zero; a rerun finishes the rest. Job arrays (SLURM and
+others): ``--shard I/N`` or ``--shard slurm`` gives each job a fixed part; the jobs' cohort is the same as
+one run's. The per-slide work itself is napari_slpd.features.processor's, shared with the GUI.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import logging
-import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.features.distributed import RankInfo  # noqa: F401 (public here too)
+from napari_slpd.features.slide_tasks import expand_slides, registry_path  # noqa: F401 (used by import_features)
 from napari_slpd.utils.device import rank_device
-
-log = logging.getLogger(__name__)
-
-RANKS_DIR = ".extract-ranks"
-# A rank report older than rank 0's start by more than this is left over from an earlier run.
-STALE_REPORT_S = 120.0
 
 
 def register(subparsers) -> None:
@@ -82,107 +73,28 @@ def register(subparsers) -> None:
     run.add_argument("--compile", action="store_true", help="torch.compile the patch encoder (CUDA)")
     run.add_argument("--overwrite", action="store_true", help="replace features made with other settings")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    many = parser.add_argument_group("several processes and machines")
+    many.add_argument("--shard", default=None, metavar="I/N",
+                      help="extract only part I of N (0 <= I < N) of the slides, e.g. one task of a job array; "
+                      "'slurm' reads SLURM_ARRAY_TASK_ID / _MIN / _COUNT. Every slide is in one part")
+    many.add_argument("--peer-timeout", type=float, default=None, metavar="S",
+                      help="under torchrun: a rank silent this long is judged lost (default 120, "
+                      "$SLPD_PEER_TIMEOUT_S)")
+    many.add_argument("--join-timeout", type=float, default=None, metavar="S",
+                      help="under torchrun: how long to wait for every rank to start (default 900, $SLPD_JOIN_TIMEOUT_S)")
     parser.set_defaults(func=run_extract)
 
 
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("slides", nargs="+", metavar="SLIDES_OR_FOLDER",
+    parser.add_argument("slides", nargs="*", metavar="SLIDES_OR_FOLDER",
                         help="slide files, DICOM series folders, or folders of slides")
+    parser.add_argument("--slides-from", default=None, metavar="FILE",
+                        help="a list of slides: one path per line, or a CSV with a path column (path, wsi, slide, "
+                        "slide_path or filename) and an optional mpp column, as TRIDENT's list files; relative "
+                        "paths are taken from the file's folder")
     parser.add_argument("--mpp", type=float, default=None, help="pixel size in um/px, overrides every file")
     parser.add_argument("--mpp-fallback", choices=("none", "objective", "level0"), default="none",
                         help="when a file has no plausible pixel size: 10 / objective power, or level 0 = 0.5 um/px")
-
-
-def expand_slides(items: list[str]) -> list[Path]:
-    """Slide paths from files and folders, in a stable order, without duplicates."""
-    from napari_slpd.slides.ids import find_slides
-
-    out: list[Path] = []
-    for item in items:
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise SlpdError(f"{path} does not exist")
-        if path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
-            out.append(path)  # one DICOM series
-        elif path.is_dir():
-            found = find_slides(path)
-            if not found:
-                raise SlpdError(f"no slides in {path} (looked for .svs, .tif(f), .ndpi, .mrxs, ... and DICOM folders)")
-            out.extend(found)
-        else:
-            out.append(path)
-    seen, unique = set(), []
-    for path in out:
-        key = str(path.resolve())
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
-
-
-# -- distributed (torchrun) ---------------------------------------------------------------------------
-
-
-@dataclass
-class RankInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started: float = field(default_factory=time.time)
-
-    @classmethod
-    def from_env(cls) -> "RankInfo":
-        try:
-            rank = int(os.environ.get("RANK", "0"))
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        except ValueError as exc:
-            raise SlpdError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
-        if world < 1 or not 0 <= rank < world:
-            raise SlpdError(f"RANK {rank} does not fit WORLD_SIZE {world}")
-        return cls(rank, world, local)
-
-    def share(self, items: list) -> list:
-        return items[self.rank :: self.world]
-
-
-def _run_token(slides: list[Path], out: Path, world: int) -> str:
-    """Same on every rank of one launch: the launcher's ids and the job itself."""
-    env = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
-                                                   "TORCHELASTIC_RESTART_COUNT"))
-    text = "\n".join([env, str(out), str(world), *(str(p.resolve()) for p in slides)])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _write_rank_report(folder: Path, info: RankInfo, rows: list[dict]) -> None:
-    from napari_slpd.utils.files import atomic_write_json
-
-    atomic_write_json(folder / f"rank{info.rank}.json", {"rank": info.rank, "started": info.started, "rows": rows})
-
-
-def _wait_for_ranks(folder: Path, info: RankInfo, poll_s: float = 0.5) -> list[dict]:
-    """Rank 0: the rows of every other rank's report of this run (waits for them)."""
-    rows: dict[int, list[dict]] = {}
-    last_note = time.time()
-    while len(rows) < info.world - 1:
-        for r in range(1, info.world):
-            if r in rows:
-                continue
-            path = folder / f"rank{r}.json"
-            try:
-                report = json.loads(path.read_text(encoding="utf-8"))
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-            if float(report.get("started", 0.0)) < info.started - STALE_REPORT_S:
-                continue  # a crashed earlier launch left it; this run's rank will overwrite it
-            rows[r] = report["rows"]
-        if len(rows) < info.world - 1:
-            if time.time() - last_note > 60:
-                waiting = [r for r in range(1, info.world) if r not in rows]
-                print(f"rank 0: waiting for ranks {waiting} to finish their slides", file=sys.stderr)
-                last_note = time.time()
-            time.sleep(poll_s)
-    return [row for r in sorted(rows) for row in rows[r]]
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -229,18 +141,9 @@ def _result_row(result=None, path: Path | None = None, error: str | None = None)
 
         return {"slide_id": slide_id_for(path), "path": str(path), "status": "error", "regions": 0,
                 "computed": 0, "seconds": 0.0, "message": error or "", "mpp": None, "mpp_source": None}
-    return {
-        "slide_id": result.slide_id,
-        "path": str(result.slide_path),
-        "status": result.status,
-        "regions": result.n_regions,
-        "computed": result.n_computed,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 3),
-        "message": result.message,
-        "mpp": result.mpp,
-        "mpp_source": result.mpp_source,
-    }
+    from napari_slpd.features.processor import result_row
+
+    return result_row(result)
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -269,132 +172,88 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def register_rows(cohort, rows: list[dict]) -> int:
-    """Add every slide whose features are complete to the cohort registry (rank 0 only)."""
-    n = 0
-    for row in rows:
-        if row["status"] not in ("extracted", "skipped"):
-            continue
-        keep_mpp = row.get("mpp_source") in ("user", "objective-power", "level0-assumed")
-        cohort.add_slide(row["path"], mpp=row["mpp"] if keep_mpp else None,
-                         mpp_source=row["mpp_source"] if keep_mpp else None)
-        n += 1
-    return n
-
-
 def run_extract(args) -> int:
     from napari_slpd.cohort import Cohort
+    from napari_slpd.features.distributed import PeersLost, Timeouts, coordinator_for
+    from napari_slpd.features.processor import ExtractionProcessor
+    from napari_slpd.features.slide_tasks import collect_tasks, parse_shard, shard_tasks
 
     info = RankInfo.from_env()
+    shard = parse_shard(args.shard)
+    if shard is not None and info.world > 1:
+        raise SlpdError("--shard and torchrun split the slides two ways: use one of them")
+    timeouts = Timeouts(**{k: v for k, v in (("peer_s", args.peer_timeout), ("join_s", args.join_timeout))
+                           if v is not None})
     cohort = Cohort(args.out)
-    slides = expand_slides(args.slides)
-    mine = info.share(slides)
+    tasks = collect_tasks(args.slides, args.slides_from)
+    if shard is not None:
+        tasks = shard_tasks(tasks, *shard)
     config = extraction_config(args)
     device = rank_device(args.device, info.local_rank, info.world)
+    coordinator = coordinator_for(info, timeouts)  # before the models: a missing rank is named at once
     patch_encoder, region_encoder = build_encoders(args, device)
     prefix = f"[rank {info.rank}/{info.world}] " if info.world > 1 else ""
+    part = f" (shard {shard[0]}/{shard[1]})" if shard is not None else ""
     if info.rank == 0:
-        print(f"{prefix}{len(slides)} slides -> {cohort.root}; patch encoder {patch_encoder.model_id}, "
+        print(f"{prefix}{len(tasks)} slides{part} -> {cohort.root}; patch encoder {patch_encoder.model_id}, "
               f"region encoder {region_encoder.model_id}, device {device}", file=sys.stderr)
 
-    rows: list[dict] = []
-    folder = cohort.root / RANKS_DIR / _run_token(slides, cohort.root, info.world)
+    processor = ExtractionProcessor(cohort, patch_encoder, region_encoder, config)
+    bars = _Bars(prefix, args.quiet)
     try:
-        for row in _extract_all(mine, cohort, patch_encoder, region_encoder, config, args, prefix):
-            rows.append(row)
-            if rows[-1].pop("stop", False):
-                print(f"{prefix}stopped: {rows[-1]['message']}", file=sys.stderr)
-                break
-    except BaseException as exc:
-        if info.world > 1 and info.rank != 0:
-            # Rank 0 waits for this report: say what failed rather than leave it waiting (a launcher
-            # other than torchrun may not stop the other ranks when one dies).
-            for path in mine[len(rows):]:
-                row = _result_row(path=path, error=f"rank {info.rank} stopped: {type(exc).__name__}: {exc}")
-                row["path"] = str(_registry_path(path))
-                rows.append(row)
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_rank_report(folder, info, rows)
-        raise
-
-    if info.world > 1:
-        folder.mkdir(parents=True, exist_ok=True)
-        if info.rank != 0:
-            _write_rank_report(folder, info, rows)
-            print(format_summary(rows), file=sys.stderr)
-            return 1 if any(r["status"] == "error" for r in rows) else 0
-        rows = rows + _wait_for_ranks(folder, info)
-        order = {str(_registry_path(p)): i for i, p in enumerate(slides)}
-        rows.sort(key=lambda r: order.get(r["path"], len(order)))
-        _remove_tree(folder)
-
-    registered = register_rows(cohort, rows)
-    print(format_summary(rows))
-    print(f"registered {registered} slides in {cohort.registry_path}")
+        run = processor.run(tasks, coordinator, progress_for=bars.progress_for, on_result=bars.done)
+    finally:
+        bars.close()
+    if run.stopped:
+        print(f"{prefix}stopped: {run.stopped}", file=sys.stderr)
+    order = {str(t.path): i for i, t in enumerate(tasks)}
+    rows = sorted(run.rows, key=lambda r: order.get(r["path"], len(order)))
+    if info.rank != 0:
+        print(f"{prefix}registered {run.registered} slides", file=sys.stderr)
+    else:
+        print(format_summary(rows))
+        print(f"registered {sum(r['status'] in ('extracted', 'skipped') for r in rows)} slides in {cohort.root}")
+    if run.lost is not None:
+        print(f"{prefix}{run.lost}", file=sys.stderr)
+        return 3 if isinstance(run.lost, PeersLost) else 1
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 
-def _extract_all(paths, cohort, patch_encoder, region_encoder, config, args, prefix: str):
-    """Extract the slides with a tqdm bar each, one row per slide; a bad slide gives an "error" row instead
-    of stopping the run. Through extract_slides: the next slide's tissue and grid are made, and its reads
-    started, while the current one is encoded."""
-    from tqdm import tqdm
+class _Bars:
+    """One tqdm bar per slide being extracted (stderr)."""
 
-    from napari_slpd.features.extract_many import SlideJob, extract_slides
+    def __init__(self, prefix: str, quiet: bool):
+        self.prefix, self.quiet, self.bars = prefix, quiet, {}
 
-    bars: dict = {}
+    def _bar(self, task):
+        from tqdm import tqdm
 
-    def bar_for(path: Path):
-        if path not in bars:
-            bars[path] = tqdm(total=0, desc=f"{prefix}{path.name}", unit="region", disable=args.quiet,
-                              leave=True, dynamic_ncols=True, file=sys.stderr)
-        return bars[path]
+        if task.path not in self.bars:
+            self.bars[task.path] = tqdm(total=0, desc=f"{self.prefix}{task.path.name}", unit="region",
+                                        disable=self.quiet, leave=True, dynamic_ncols=True, file=sys.stderr)
+        return self.bars[task.path]
 
-    def job(path: Path) -> SlideJob:
+    def progress_for(self, index, task):
         def progress(done: int, total: int) -> None:
-            bar = bar_for(path)
+            bar = self._bar(task)
             if bar.total != total:
                 bar.reset(total=total)
             bar.n = done
             bar.refresh()
 
-        return SlideJob(path, lambda slide: cohort.features_path(slide.slide_id), config, progress)
+        return progress
 
-    try:
-        for item, result, error in extract_slides((job(p) for p in paths), patch_encoder, region_encoder):
-            bar = bar_for(item.slide)
-            if error is None:
-                row = _result_row(result)
-                bar.set_postfix_str(result.status)
-            elif isinstance(error, SlpdError):
-                # One bad slide (damaged file, unknown pixel size, other settings) does not stop the cohort.
-                row = _result_row(path=item.slide, error=str(error))
-                bar.set_postfix_str("error")
-                if getattr(error, "kind", None) == "full":  # a full disk stops the run: the next slides cannot be written
-                    row["stop"] = True
-            else:
-                raise error
-            bars.pop(item.slide).close()
-            row["path"] = str(_registry_path(item.slide))
-            yield row
-    finally:
-        for bar in bars.values():
+    def done(self, index, task, result) -> None:
+        bar = self._bar(task)
+        bar.set_postfix_str(result.status)
+        self.bars.pop(task.path).close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
 
 
 def _registry_path(path: Path) -> Path:
     """What the cohort registers: a DICOM series by its folder (its slide id is the folder's name)."""
-    path = path.expanduser().resolve()
-    if path.is_file() and path.suffix.lower() == ".dcm":
-        return path.parent
-    return path
-
-
-def _remove_tree(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        folder.parent.rmdir()  # only when no other run's reports are there
-    except OSError:
-        pass
+    return registry_path(path)

@@ -368,36 +368,29 @@ class FeatureStoreWriter:
 class _SlideLock:
     """An exclusive lock on ``.<final name>.lock`` beside a feature file, held while it is written.
 
-    Two processes extracting one slide into one cohort (two shells, a GUI and a CLI) would otherwise
-    append to the same partial file. flock is released by the kernel when a process dies, so a killed
-    run never leaves a stale lock behind. Without fcntl (Windows) there is no lock.
+    Two processes extracting one slide into one cohort (two shells, a GUI and a CLI, two SLURM tasks)
+    would otherwise append to the same partial file. napari_slpd.utils.locks: flock where it spans the
+    machines (released by the kernel when a process dies), an exclusive lock file with host, pid and
+    start time where it does not (a dead holder's lock is cleared with a warning).
     """
 
     def __init__(self, final_path: Path):
-        self.path = final_path.with_name(f".{final_path.name}.lock")
-        self._fd: int | None = None
+        from napari_slpd.utils.locks import FileLock, LockHeld
+
+        self.path = lock_path_for(final_path)
         try:
-            import fcntl
-        except ImportError:  # not POSIX
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise FeatureStoreError(
-                f"another process is writing the features of {final_path.stem} ({self.path.name} is locked); "
-                "wait for it to finish or stop it"
-            ) from exc
-        self._fd = fd
+            self._lock = FileLock(self.path, what=f"the features of {final_path.stem}")
+        except LockHeld as exc:
+            raise FeatureStoreError(str(exc)) from exc
+        self.notes = self._lock.notes
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(fd)  # closing drops the flock
+        self._lock.release()
+
+
+def lock_path_for(final_path: Path) -> Path:
+    """The lock file of feature file ``final_path`` (held while it is written)."""
+    return Path(final_path).with_name(f".{Path(final_path).name}.lock")
 
 
 def _fsync_path(path: Path) -> None:

@@ -33,22 +33,24 @@ def _new_generation() -> str:
 def save_store(directory: Path, name: str, store: VectorStore, ivf: IVFStage | None, meta: dict) -> Path:
     """Write ``<name>.json`` (manifest) and its generation's data files into ``directory``, atomically.
 
-    Savers hold a lock (flock) on ``directory`` for the whole save, so files of this index that are
-    not referenced by the manifest when the lock is held (a killed save's data or temporary files) belong to
-    no running save and are removed."""
-    import fcntl
-
+    Savers hold an exclusive lock (``.<name>.lock`` in ``directory``, napari_slpd.utils.locks: flock on a
+    file opened read-write, or a lock file where flock does not span machines) for the whole save, so files
+    of this index that are not referenced by the manifest when the lock is held (a killed save's data or
+    temporary files) belong to no running save and are removed."""
+    from napari_slpd.utils.locks import FileLock, LockHeld
     from napari_slpd.utils.storage import write_target
 
     directory = write_target(Path(directory))  # a read-only cohort's index is saved in its cache folder
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)  # flock on the folder itself: no lock file among the index's files
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock = FileLock(directory / f".{name}.lock", what=f"the {name} index in {directory}", wait_s=600.0)
+    except LockHeld as exc:
+        raise PrototypeError(str(exc)) from exc
+    try:
         path = _save_store_locked(directory, name, store, ivf, meta)
         _remove_orphans(directory, name, path)
     finally:
-        os.close(fd)
+        lock.release()
     return path
 
 
