@@ -338,3 +338,23 @@ def test_position_embeddings_of_another_grid_are_resampled_with_timms_helper(tmp
     expected = resample_abs_pos_embed(source.pos_embed.detach(), (14, 14), num_prefix_tokens=1)
     assert torch.equal(encoder.module.pos_embed.detach(), expected)
     assert encoder.encode(_patches(n=1)).shape == (1, 1024)
+
+
+def test_slpd_encoders_lists_presets_and_checks_a_folder(tmp_path, capsys):
+    from napari_slpd.cli import main
+
+    assert main(["encoders"]) == 0
+    listing = capsys.readouterr().out
+    for name in PRESETS:
+        assert f"\n{name} " in listing
+    assert main(["encoders", "virchow2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dim"] == 2560 and info["pooling"] == "cls+mean" and info["mpp"] == 0.5
+    folder = tmp_path / "phikon_v2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "dinov2", "hidden_size": 1024,
+                                                    "architectures": ["Dinov2Model"]}))
+    (folder / "model.safetensors").write_bytes(b"")
+    assert main(["encoders", "uni_v1", "--check", str(folder)]) == 1
+    assert "it looks like phikon_v2" in capsys.readouterr().out
+    assert main(["encoders", "phikon_v2", "--check", str(folder)]) == 0

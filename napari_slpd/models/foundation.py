@@ -92,7 +92,7 @@ def _mismatch_error(preset: EncoderPreset, where: str, state_dict, original: Che
 
 
 def _state_dict_of(source: CheckpointSource, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
-    if source.weights is None:
+    if source.weights is None or source.weights.suffix == ".json":
         raise CheckpointError(f"{source.folder}: sharded weights are only read for transformers models")
     raw, key = extract_state_dict(read_checkpoint(source.weights, allow_pickle=allow_pickle), key=None)
     state_dict, _ = strip_prefixes(raw, prefixes=("module.", "_orig_mod."))
@@ -107,7 +107,7 @@ _ARCHITECTURE_TRAITS = ("width", "patch", "reg_tokens", "swiglu", "layer_scale")
 def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_build, allow_pickle: bool):
     extra = _folder_model_args(preset, source) if source else {}
     if source is None:
-        return seed_build(lambda: create_timm_model(preset, extra)), None
+        return seed_build(lambda: create_timm_model(preset, extra))
     state_dict, where = _state_dict_of(source, allow_pickle)
     if identify_state_dict(state_dict).family not in ("timm_vit", "swin", "unknown"):
         raise _mismatch_error(preset, where, state_dict, CheckpointError(""))
@@ -136,7 +136,7 @@ def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_buil
         params = model.state_dict()
         state_dict = {k: v.to(params[k].dtype).contiguous() for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
-    return model, source.weights
+    return model
 
 
 def _timm_module(preset: EncoderPreset, model: nn.Module) -> nn.Module:
@@ -227,8 +227,7 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
         extra = {"interpolate_pos_encoding": True} if told and x.shape[-1] != trained_size else {}
         return backbone(pixel_values=x, **extra).last_hidden_state
 
-    module = TokenPooling(model, preset.pooling, prefix, features)
-    return module, source.weights
+    return TokenPooling(model, preset.pooling, prefix, features)
 
 
 def _check_transformers_loading(preset: EncoderPreset, source: CheckpointSource, info: Mapping) -> None:
@@ -278,11 +277,10 @@ def build_preset_module(preset: EncoderPreset, checkpoint, seed: int = 0,
     for random init)."""
     source = locate_checkpoint(checkpoint) if checkpoint is not None and preset.family != "custom" else None
     if preset.family in ("timm", "swin_convstem"):
-        model, _ = _load_timm(preset, source, _seeded(seed), allow_pickle)
-        module, weights = _timm_module(preset, model), source.weights if source else None
+        module = _timm_module(preset, _load_timm(preset, source, _seeded(seed), allow_pickle))
+        weights = source.weights if source else None
     elif preset.family == "transformers":
-        module, _ = _load_transformers(preset, source, seed)
-        weights = source.weights
+        module, weights = _load_transformers(preset, source, seed), source.weights
     elif preset.family == "custom":
         module, weights = _load_custom(preset, checkpoint, seed, allow_pickle)
     else:

@@ -38,7 +38,7 @@ class CheckpointSource:
     """A checkpoint path resolved to its weights file and, for folders, its config."""
 
     given: Path                       # what the user gave (file or folder)
-    weights: Path | None              # the weights file (None: a transformers folder with sharded weights)
+    weights: Path | None              # the weights file (a sharded transformers folder: its index)
     layout: str                       # "weights_file" | "timm_folder" | "transformers_folder" | "open_clip_folder"
     folder: Path                      # the folder holding the weights (and config)
     config: Mapping[str, Any] = field(default_factory=dict)
@@ -93,11 +93,12 @@ def locate_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         if "architecture" in config:  # timm hub layout (pretrained_cfg + architecture)
             return CheckpointSource(given, weights, "timm_folder", folder, config)
         if "model_type" in config or "architectures" in config:
-            sharded = (folder / "model.safetensors.index.json").is_file() or \
-                (folder / "pytorch_model.bin.index.json").is_file()
-            if weights is None and not sharded:
+            index = next((folder / name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                          if (folder / name).is_file()), None)
+            if weights is None and index is None:
                 raise CheckpointError(f"{folder} has a transformers config.json but no weights "
                                       f"(expected model.safetensors or pytorch_model.bin beside it)")
+            weights = weights or index  # sharded weights are identified by their index
             return CheckpointSource(given, weights, "transformers_folder", folder, config)
     if weights is None:
         names = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
