@@ -16,7 +16,8 @@ from napari_slpd import __version__
 from napari_slpd.errors import SlpdError
 
 # Module names under napari_slpd.cli, in the order they appear in --help.
-SUBCOMMAND_MODULES = ("info", "extract", "import_features", "prototypes", "similar", "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "demo")
+SUBCOMMAND_MODULES = ("info", "extract", "import_features", "prototypes", "similar", "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "demo",
+                      "export_spatialdata", "import_spatialdata")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,7 +96,7 @@ def plain_strings(adata):
                 if column.cat.categories.dtype.kind not in "iuf":
                     frame[name] = column.cat.set_categories(plain(column.cat.categories))
             elif column.dtype.kind in "OUT" or str(column.dtype) in ("str", "string"):
-                frame[name] = np.asarray(column.astype(str), dtype=object)
+                frame[name] = column.astype(str).astype(object)  # an object array would be re-inferred as str
     return adata
 
 

@@ -161,10 +161,10 @@ def _regions(store, slide, attrs: dict) -> TileTable:
         obs["coverage"] = np.asarray(coverage, np.float32)
     table = TileTable(np.asarray(store.region_coords, np.int64), size0, np.asarray(store.region_embeddings,
                       np.float32), model, spec, obs=obs, feature_source="region_embeddings")
-    weights = coverage if coverage is not None and np.isfinite(coverage).all() and coverage.sum() > 0 else None
-    mean = np.average(table.features, axis=0, weights=weights)[None].astype(np.float32)
-    table.aggregates["agg_slide"] = (mean, {"encoder": "mean", "tile_key": "regions",
-                                            "weights": "coverage" if weights is not None else "none"})
+    # the cohort's region_mean representation (napari_slpd.evaluation.representations), as LazySlide's
+    # whole-slide aggregate: wsidata.agg_wsi(..., agg_key="agg_slide") collects it across slides
+    mean = table.features.mean(axis=0, dtype=np.float64)[None].astype(np.float32)
+    table.aggregates["agg_slide"] = (mean, {"encoder": "mean", "tile_key": "regions"})
     return table
 
 
@@ -191,9 +191,9 @@ def _add_prototypes(content: SlideContent, cohort, slide_id: str) -> None:
         styles = PrototypeAnnotations.load(cohort).class_styles(slide_id, protos)
     except SlpdError as exc:
         log.warning("%s: prototype names not used (%s)", slide_id, exc)
-        from napari_slpd.labeling.palette import ClassStyle, default_color
+        from napari_slpd.labeling.palette import ClassStyle, default_color, default_name
 
-        styles = {k: ClassStyle(f"Prototype {k + 1}", default_color(k)) for k in range(protos.k)}
+        styles = {k: ClassStyle(default_name(k), default_color(k)) for k in range(protos.k)}
     names = [styles[k].name for k in range(protos.k)]
     colors = [styles[k].color for k in range(protos.k)]
     table.categories["prototype"] = (np.asarray(protos.assignments, np.int64), [str(k) for k in range(protos.k)],
