@@ -245,14 +245,33 @@ def test_lazyslide_features_import_to_the_same_prototypes(tmp_path):
     np.testing.assert_array_equal(a.coords, b.coords)
 
 
-def test_import_picks_the_table_or_says_which_exist(tmp_path):
-    need_scverse()
+def test_our_export_imports_back_and_the_table_must_be_named(exported, tmp_path, capsys):
     from napari_slpd.cli import main
+    from napari_slpd.cohort import Cohort
+    from napari_slpd.features.store import FeatureStore
 
+    store = exported["zarr"]  # two feature tables: uni_tiles and uni_mean_regions
+    cohort_dir = tmp_path / "back"
+    args = ["import-spatialdata", str(store), "--out", str(cohort_dir), "--slides", str(exported["slide"]),
+            "--patches-per-region", "2", "--quiet"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "2 feature tables" in out and "uni_tiles (tiles tiles)" in out and "uni_mean_regions" in out
+    assert main([*args, "--feature-key", "uni"]) == 0
+    with FeatureStore.open(Cohort(cohort_dir).features_path("pyramid")) as back, \
+            FeatureStore.open(exported["cohort"].features_path("pyramid")) as ours:
+        np.testing.assert_array_equal(back.features[()], ours.features[()])
+        np.testing.assert_array_equal(back.coords, ours.coords)
+        np.testing.assert_array_equal(back.region_coords, ours.region_coords)
+        np.testing.assert_allclose(back.region_embeddings, ours.region_embeddings, rtol=1e-6)
+        assert back.attrs["patch_size_level0"] == 256 and back.coords_attrs["patch_level"] == 1
+        assert back.attrs["patch_encoder"] == "uni" and back.attrs["source"] == "imported from pyramid.zarr"
+    assert main([*args, "--feature-key", "uni"]) == 0  # same features again: kept, not redone
+    assert "skipped" in capsys.readouterr().out
     bogus = tmp_path / "empty.zarr"
     bogus.mkdir()
-    code = main(["import-spatialdata", str(bogus), "--out", str(tmp_path / "c"), "--quiet"])
-    assert code == 1
+    assert main(["import-spatialdata", str(bogus), "--out", str(cohort_dir), "--quiet"]) == 1
+    assert "not a readable SpatialData zarr store" in capsys.readouterr().out
 
 
 def test_commands_say_how_to_install_without_the_libraries(tmp_path, monkeypatch, capsys):
