@@ -67,6 +67,24 @@ def write_clam(path: Path, features, coords, **attrs) -> Path:
     return path
 
 
+def write_proalign_result(cohort, slide_id: str, patch_coords: np.ndarray) -> np.ndarray:
+    """A ProAlign result (zero-shot patch labels) on the slide's patches, as `slpd proalign` caches it."""
+    from napari_slpd.proalign.cache import ProAlignResult, write_proalign
+
+    n, k, d = len(patch_coords), 3, 4
+    labels = (np.arange(n) * 7 % k).astype(np.int32)
+    zeros = np.zeros((k, d), np.float32)
+    result = ProAlignResult(
+        slide_id=slide_id, names=["tumour", "stroma", "necrosis"], colors=["#ff0000", "#00ff00", "#0000ff"],
+        slide_embedding=np.zeros(k * d, np.float32), slide_embedding_mean=np.zeros(d, np.float32),
+        prototype_embeddings=zeros, visual_prototypes=zeros, text_prototypes=zeros,
+        patch_coords=patch_coords, patch_labels=labels, patch_confidence=np.full(n, 0.9, np.float32),
+        patch_similarity=np.full(n, 0.3, np.float32), attrs={"patch_size_level0": 256.0},
+    )
+    write_proalign(cohort.proalign_path(slide_id), result)
+    return labels
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A cohort of one pyramid slide whose patches were cut at level 1 (128 px = 256 level-0 px), its
@@ -88,6 +106,7 @@ def exported(tmp_path_factory):
     assert main(["import-features", str(h5), "--out", str(cohort_dir), "--slides", str(slide),
                  "--patches-per-region", "2", "--encoder-name", "uni", "--quiet"]) == 0
     assert main(["prototypes", str(cohort_dir), "-k", "3", "--device", "cpu", "--quiet", "--no-index"]) == 0
+    write_proalign_result(Cohort(cohort_dir), "pyramid", coords)
     out = tmp / "export"
     assert main(["export-spatialdata", str(cohort_dir), "--out", str(out), "--quiet"]) == 0
     return {"slide": slide, "cohort": Cohort(cohort_dir), "coords": coords, "features": features,
@@ -167,6 +186,19 @@ def test_coordinate_systems_and_label_map_placement(exported):
     pixel = np.floor(centres @ inverse.T)[:, :2].astype(int)
     data = np.asarray(labels.data)
     np.testing.assert_array_equal(data[pixel[:, 1], pixel[:, 0]], regions.obs["prototype"].cat.codes.to_numpy() + 1)
+    # ProAlign's zero-shot labels: in the patch table's obs and as a label map on the patch lattice
+    tiles = sdata.tables["uni_tiles"]
+    proalign = tiles.obs["proalign_label"]
+    assert list(proalign.cat.categories) == ["tumour", "stroma", "necrosis"]
+    expected = (np.arange(len(exported["coords"])) * 7 % 3)
+    np.testing.assert_array_equal(proalign.cat.codes.to_numpy(), expected)
+    patch_map = sdata.labels["proalign_patches"]
+    matrix = get_transformation(patch_map, to_coordinate_system="global").to_affine_matrix(("x", "y"), ("x", "y"))
+    centres = np.c_[exported["coords"] + 128.0, np.ones(len(exported["coords"]))]
+    pixel = np.floor(centres @ np.linalg.inv(np.asarray(matrix)).T)[:, :2].astype(int)
+    np.testing.assert_array_equal(np.asarray(patch_map.data)[pixel[:, 1], pixel[:, 0]], expected + 1)
+    meaning = sdata.attrs["napari_slpd"]["labels"]["proalign_patches"]
+    assert meaning["values"]["1"] == "tumour" and meaning["colors"]["3"] == "#0000ff"
     thumb = sdata.images["wsi_thumbnail"]
     corner = get_transformation(thumb, to_coordinate_system="global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(np.asarray(corner) @ [thumb.shape[2], thumb.shape[1], 1], [1536, 1280, 1])

@@ -134,11 +134,8 @@ def _labels(content: SlideContent, raster: LabelRaster):
 
     scale = Scale([raster.scale, raster.scale], axes=("x", "y"))
     shift = Translation([raster.origin[0], raster.origin[1]], axes=("x", "y"))
-    element = Labels2DModel.parse(np.asarray(raster.data), dims=("y", "x"),
-                                  transformations=_transforms(content, scale, shift))
-    element.attrs["label_names"] = {str(k + 1): name for k, name in enumerate(raster.names)}
-    element.attrs["label_colors"] = {str(k + 1): color for k, color in enumerate(raster.colors)}
-    return element
+    return Labels2DModel.parse(np.asarray(raster.data), dims=("y", "x"),
+                               transformations=_transforms(content, scale, shift))
 
 
 def _thumbnail(content: SlideContent):
@@ -174,7 +171,12 @@ def build_spatialdata(content: SlideContent):
         labels[name] = _labels(content, raster)
     if content.thumbnail is not None and content.dimensions is not None:
         images[THUMBNAIL_KEY] = _thumbnail(content)
-    attrs = {TILE_SPEC_KEY: specs, SLPD_ATTRS_KEY: {k: v for k, v in content.attrs.items() if v is not None}}
+    ours = {k: v for k, v in content.attrs.items() if v is not None}
+    # what each label value means (a raster's own attributes are not written by spatialdata)
+    ours["labels"] = {name: {"values": {str(k + 1): n for k, n in enumerate(r.names)},
+                             "colors": {str(k + 1): c for k, c in enumerate(r.colors)}}
+                      for name, r in content.labels.items()}
+    attrs = {TILE_SPEC_KEY: specs, SLPD_ATTRS_KEY: ours}
     return SpatialData(images=images, labels=labels, shapes=shapes, tables=tables, attrs=attrs)
 
 
