@@ -166,6 +166,45 @@ def test_wsidata_opens_the_export_with_our_tiles_and_features(exported):
         wsi.close()
 
 
+@pytest.mark.parametrize("patch_features", [True, False], ids=["patch-features", "token-grids-only"])
+def test_extracted_features_export_at_their_read_level(exported, tmp_path, patch_features):
+    """`slpd extract` at 0.55 um/px reads the 0.275 um/px slide at level 1 without resizing: wsidata's
+    tile spec says so and its tiles are the pixels the patch encoder saw; without stored patch features
+    the token grids are the tiles' features."""
+    import wsidata
+
+    from napari_slpd.cli import main
+    from napari_slpd.cohort import Cohort
+    from napari_slpd.features.store import FeatureStore
+
+    cohort_dir = tmp_path / "cohort"
+    args = [str(exported["slide"]), "--out", str(cohort_dir), "--region-px", "256", "--patch-px", "128",
+            "--target-mpp", "0.55", "--input-size", "32", "--device", "cpu", "--workers", "1", "--threads", "1",
+            "--quiet"]
+    assert main(["extract", *args, *([] if patch_features else ["--no-patch-features"])]) == 0
+    out = tmp_path / "export"
+    assert main(["export-spatialdata", str(cohort_dir), "--out", str(out), "--no-cohort", "--quiet"]) == 0
+    with FeatureStore.open(Cohort(cohort_dir).features_path("pyramid")) as store:
+        assert store.attrs["read_level"] == 1 and store.attrs["region_size_level0"] == 512
+        tokens = store.tokens()  # [M, D, 2, 2]
+        expected = tokens.transpose(0, 2, 3, 1).reshape(-1, tokens.shape[1])
+        region_coords = store.region_coords
+    wsi = wsidata.open_wsi(exported["slide"], store=str(out / "pyramid.zarr"))
+    try:
+        key = next(k for k in wsi.tables if k.endswith("_tiles"))
+        adata = wsi.fetch.features_anndata(key)
+        np.testing.assert_allclose(adata.X, expected, rtol=1e-3, atol=1e-3)  # tokens are stored as float16
+        spec = wsi.tile_spec("tiles")
+        assert (spec.width, spec.ops_level, spec.ops_width, spec.base_width, spec.mpp) == (128, 1, 128, 256, 0.55)
+        corners = adata.obsm["spatial"].reshape(len(region_coords), 4, 2)
+        np.testing.assert_array_equal(corners[:, 0], region_coords)  # region-major, row-major patches
+        np.testing.assert_array_equal(corners[:, 3] - corners[:, 0], [[256, 256]] * len(region_coords))
+        regions = wsi.tile_spec("regions")
+        assert (regions.width, regions.ops_level, regions.base_width) == (256, 1, 512)
+    finally:
+        wsi.close()
+
+
 def test_coordinate_systems_and_label_map_placement(exported):
     from spatialdata import read_zarr, transform
     from spatialdata.transformations import get_transformation
