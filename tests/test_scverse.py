@@ -358,3 +358,4 @@ def test_commands_say_how_to_install_without_the_libraries(tmp_path, monkeypatch
     assert main(["import-spatialdata", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     assert "napari-slpd[scverse]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
