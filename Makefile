@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 lib
 	libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libdbus-1-3 libxcb-image0 libxcb-render-util0 \
 	libxcb-shape0 libxcb-randr0 libxcb-xfixes0 libxcb-sync1 libxcb-xkb1 libfontconfig1
 
-.PHONY: demo test venv system-deps validate benchmarks clean
+.PHONY: demo test venv venv-scverse system-deps validate benchmarks clean
 
 demo: system-deps venv
 	$(VENV)/bin/slpd demo
@@ -31,6 +31,20 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	touch $@
+
+# The scverse extra in its own venv: the pins of constraints.txt, with those constraints/scverse.txt
+# replaces (spatialdata's dask bound), so .venv keeps exactly the main pins.
+SCVERSE_VENV ?= .venv-scverse
+SCVERSE_PINS := constraints/scverse.txt
+
+venv-scverse: $(SCVERSE_VENV)/.installed-scverse
+
+$(SCVERSE_VENV)/.installed-scverse: setup.cfg pyproject.toml $(CONSTRAINTS) $(SCVERSE_PINS)
+	test -x $(SCVERSE_VENV)/bin/python || $(PYTHON) -m venv $(SCVERSE_VENV)
+	grep -v -E "^($$(sed -n 's/==.*//p' $(SCVERSE_PINS) | paste -sd'|' -))==" $(CONSTRAINTS) > $(SCVERSE_VENV)/constraints.txt
+	grep -v '^#' $(SCVERSE_PINS) >> $(SCVERSE_VENV)/constraints.txt
+	$(SCVERSE_VENV)/bin/python -m pip install --quiet -c $(SCVERSE_VENV)/constraints.txt -e ".[$(EXTRAS),scverse]"
 	touch $@
 
 # Installs only what is missing, and only where apt-get can run (root, or password-less sudo).

@@ -17,7 +17,8 @@ from napari_slpd.errors import SlpdError
 
 # Module names under napari_slpd.cli, in the order they appear in --help.
 SUBCOMMAND_MODULES = ("info", "encoders", "extract", "registry", "import_features", "prototypes", "similar",
-                      "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "demo")
+                      "proalign", "describe", "evaluate", "sample_cohort", "region_encoders", "export_spatialdata",
+                      "import_spatialdata", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -267,19 +267,23 @@ def import_patch_features(
     encoder_name: str | None = None,
     token_dtype: str = "float16",
     overwrite: bool = False,
+    patch_features: PatchFeatures | None = None,
+    source_sha256: str | None = None,
 ) -> ImportResult:
     """Import one CLAM/TRIDENT file into a FeatureStore at ``out_path``.
 
     ``region_encoder``: None or "mean" for mean pooling over present patches, or a RegionEncoder whose
     ``in_dim`` equals the features' dimension. ``slide``: an open Slide (optional) for the pixel size,
     the slide path and CLAM files cut at level > 0. ``encoder_name`` names the patch encoder (e.g. "uni");
-    by default the file's own ``encoder`` / ``model`` attribute or "imported".
+    by default the file's own ``encoder`` / ``model`` attribute or "imported". ``patch_features`` (with
+    ``source_sha256``, a fingerprint of them) are features read from another layout (a LazySlide table):
+    ``h5_path`` then only names their source.
     """
     from napari_slpd import __version__
     from napari_slpd.utils.files import sha256_file
 
     h5_path, out_path = Path(h5_path), Path(out_path)
-    pf = read_patch_features(h5_path, slide)
+    pf = patch_features if patch_features is not None else read_patch_features(h5_path, slide)
     slide_id = slide_id or (slide.slide_id if slide is not None else h5_path.stem)
     step = lattice_step(pf.coords, pf.patch_size_level0)
     size0 = pf.patch_size_level0 if pf.patch_size_level0 is not None else step
@@ -292,7 +296,7 @@ def import_patch_features(
             f"takes {region_encoder.in_dim}-d tokens; use mean pooling (--region-encoder mean) or a region "
             f"encoder trained on these features"
         )
-    source_sha = sha256_file(h5_path)
+    source_sha = source_sha256 or sha256_file(h5_path)
     name = encoder_name or _attr(pf.attrs, "encoder", "model", "model_name", "patch_encoder") or "imported"
     mpp = slide.mpp if slide is not None else None
     patch_px = pf.patch_size if pf.patch_size is not None else int(round(size0))
