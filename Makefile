@@ -20,8 +20,9 @@ SYSTEM_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 lib
 demo: system-deps venv
 	$(VENV)/bin/slpd demo
 
-test: system-deps venv validate
+test: system-deps venv validate venv-scverse
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(SCVERSE_PY) -m pytest -q tests/test_scverse.py $(PYTEST_ARGS)
 
 validate: venv
 	$(VENV)/bin/npe2 validate napari-slpd
@@ -33,18 +34,23 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
-# The scverse extra in its own venv: the pins of constraints.txt, with those constraints/scverse.txt
-# replaces (spatialdata's dask bound), so .venv keeps exactly the main pins.
+# The scverse extra in its own venv layered over .venv (everything of .venv is seen through a .pth file, so
+# torch is not installed twice): only the scverse packages go into it, with the pins of constraints.txt
+# except those constraints/scverse.txt replaces (spatialdata's dask bound). .venv keeps exactly its pins.
 SCVERSE_VENV ?= .venv-scverse
 SCVERSE_PINS := constraints/scverse.txt
+SCVERSE_PY   := $(SCVERSE_VENV)/bin/python
+SITE_DIR      := -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 
 venv-scverse: $(SCVERSE_VENV)/.installed-scverse
 
-$(SCVERSE_VENV)/.installed-scverse: setup.cfg pyproject.toml $(CONSTRAINTS) $(SCVERSE_PINS)
-	test -x $(SCVERSE_VENV)/bin/python || $(PYTHON) -m venv $(SCVERSE_VENV)
+$(SCVERSE_VENV)/.installed-scverse: $(STAMP) $(CONSTRAINTS) $(SCVERSE_PINS)
+	test -x $(SCVERSE_PY) || $(PYTHON) -m venv $(SCVERSE_VENV)
+	echo "import site; site.addsitedir('$$($(abspath $(PY)) $(SITE_DIR))')" > "$$($(SCVERSE_PY) $(SITE_DIR))/zz_main_venv.pth"
 	grep -v -E "^($$(sed -n 's/==.*//p' $(SCVERSE_PINS) | paste -sd'|' -))==" $(CONSTRAINTS) > $(SCVERSE_VENV)/constraints.txt
 	grep -v '^#' $(SCVERSE_PINS) >> $(SCVERSE_VENV)/constraints.txt
-	$(SCVERSE_VENV)/bin/python -m pip install --quiet -c $(SCVERSE_VENV)/constraints.txt -e ".[$(EXTRAS),scverse]"
+	$(SCVERSE_PY) -m pip install --quiet -c $(SCVERSE_VENV)/constraints.txt \
+		$$(sed -n '/^scverse =/,/^[a-z]/{/^    /p}' setup.cfg)
 	touch $@
 
 # Installs only what is missing, and only where apt-get can run (root, or password-less sudo).

@@ -200,10 +200,10 @@ def _load_transformers(preset: EncoderPreset, source: CheckpointSource | None, s
         others = tuple(p for p in identify_folder(source)[1] if p != preset.name)
         raise CheckpointError(f"{source.folder} is {source.describe()}, not the {preset.architecture} of "
                               f"{preset.name}" + _presets_hint(others))
-    config_cls = cls.config_class
-    config = config_cls.from_pretrained(str(source.folder), local_files_only=True)
-    config.auto_map = None  # a folder's custom code is never run; the weights load into transformers' own class
     with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        # Hibou's config says model_type "dinov2": read into DINOv2-with-registers on purpose, so no warning
+        config = cls.config_class.from_pretrained(str(source.folder), local_files_only=True)
+        config.auto_map = None  # a folder's custom code is never run; its weights load into transformers' class
         torch.manual_seed(seed)
         try:
             model, info = cls.from_pretrained(str(source.folder), config=config, local_files_only=True,
