@@ -27,8 +27,11 @@ __all__ = ["DEVICE_CHOICES", "cuda_available", "check_device_name", "resolve_dev
 
 
 def cuda_available() -> bool:
-    import torch
-
+    """Whether torch sees a CUDA device (False without torch: the slide readers work without it)."""
+    try:
+        import torch
+    except ImportError:
+        return False
     return bool(torch.cuda.is_available())
 
 
