@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from napari_slpd.cli.prototypes import ProgressBar, open_cohort
+from napari_slpd.cli.common import ProgressBar, open_cohort, table
 from napari_slpd.errors import SlpdError
 
 
@@ -43,13 +43,6 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def _table(header: tuple, rows: list[tuple]) -> str:
-    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def query_session(cohort, slide_id: str):
@@ -120,7 +113,7 @@ def run_slides(args, cohort) -> int:
         if len(pairs) > args.pairs:
             shown += f", +{len(pairs) - args.pairs} more"
         rows.append((r.rank, r.slide_id, f"{r.distance:.3f}", f"{r.similarity:.3f}", shown))
-    print(_table(("rank", "slide", "distance", "S", "matched prototypes: query->match (cosine)"), rows))
+    print(table(("rank", "slide", "distance", "S", "matched prototypes: query->match (cosine)"), rows))
     if not results:
         print("(no other slide of the cohort has prototypes)")
     return 0
@@ -144,7 +137,7 @@ def _print_prototype_ranking(args, session, query) -> int:
           "distance = 1 - cosine")
     rows = [(r.rank, r.slide_id, f"{r.distance:.3f}", f"{r.pairs[0][0]}->{r.pairs[0][1]} "
              f"({r.pair_similarities[0]:.2f})") for r in results]
-    print(_table(("rank", "slide", "distance", "matched prototype: query->match (cosine)"), rows))
+    print(table(("rank", "slide", "distance", "matched prototype: query->match (cosine)"), rows))
     if not results:
         print("(no other slide of the cohort has prototypes for these settings)")
     return 0
@@ -167,7 +160,7 @@ def run_regions(args, cohort) -> int:
     print(f"regions most similar to region {args.region} of {args.slide_id} ({args.source}, cosine)")
     rows = [(i, h.slide_id, h.region_index, f"{h.coords[0]}, {h.coords[1]}", f"{h.similarity:.3f}")
             for i, h in enumerate(hits, start=1)]
-    print(_table(("rank", "slide", "region", "level-0 x, y", "similarity"), rows))
+    print(table(("rank", "slide", "region", "level-0 x, y", "similarity"), rows))
     return 0
 
 
