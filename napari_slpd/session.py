@@ -28,6 +28,7 @@ from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, 
                                           SessionSettings, SlideMatch, SlideStatus)
 from napari_slpd.session_status import RACY_NS, SessionStatusMixin  # noqa: F401
 from napari_slpd.session_views import SessionViewsMixin
+from napari_slpd.slides.ids import is_dicom_folder as _is_dicom_dir
 from napari_slpd.utils.device import kmeans_device
 from napari_slpd.utils.progress import is_cancelled
 
@@ -558,9 +559,3 @@ def _checkpoint_stamp(path: str | None):
     except OSError:
         return path  # missing: the encoder builder raises the clear error
     return (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-
-
