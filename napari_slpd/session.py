@@ -28,6 +28,7 @@ from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, 
                                           SessionSettings, SlideMatch, SlideStatus)
 from napari_slpd.session_status import RACY_NS, SessionStatusMixin  # noqa: F401
 from napari_slpd.session_views import SessionViewsMixin
+from napari_slpd.slides.ids import is_dicom_folder as _is_dicom_dir
 from napari_slpd.utils.device import kmeans_device
 from napari_slpd.utils.progress import is_cancelled
 
@@ -439,9 +440,11 @@ class Session(SessionStatusMixin, SessionViewsMixin):
                 for r in report.results}
 
     # -- the cohort index and queries ------------------------------------------------------------------
-    def index(self, progress: ProgressFn | None = None, cancel=None):
+    def index(self, progress: ProgressFn | None = None, cancel=None, compute: bool = True,
+              index_progress: ProgressFn | None = None):
         """The cohort index, up to date with the prototypes of every slide with current features (their
-        missing prototypes are computed first) and saved in ``COHORT/index``."""
+        missing prototypes are computed first, unless not ``compute``) and saved in ``COHORT/index``;
+        ``index_progress`` follows the reading of the prototypes files into it."""
         from napari_slpd.similarity import CohortIndex
 
         # Nothing changed in the cohort since the last sync (a few stat calls): the index is current.
@@ -452,66 +455,61 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         # Only the slides whose prototypes are missing or stale (statuses: stat calls while unchanged),
         # not a check of every prototypes file of a 10,000-slide cohort at each query.
         todo = [s.slide_id for s in self._current_statuses() if s.features_done and s.prototypes != "done"]
-        if todo:
+        if todo and compute:
             self.ensure_prototypes(todo, progress=progress, cancel=cancel)
             stamp = self._cohort_stamp()  # the prototypes just written
         with self._lock:
             self._index_stamp = None
             if self._index is None:
-                self._index = CohortIndex.open(self.cohort, cancel=cancel)
+                self._index = CohortIndex.open(self.cohort, progress=index_progress, cancel=cancel)
             else:
-                changes = self._index.sync(self.cohort, cancel=cancel)
+                changes = self._index.sync(self.cohort, progress=index_progress, cancel=cancel)
                 if any(changes.values()) and not is_cancelled(cancel):
                     self._index.save(self.cohort.index_dir)
             if not is_cancelled(cancel):
                 self._index_stamp = stamp
             return self._index
 
-    def similar_slides(self, slide_id: str, top_k: int | None = None) -> list[SlideMatch]:
-        """Cohort slides ranked by prototype set distance (K - S) to ``slide_id`` (itself excluded)."""
-        top_k = int(top_k or self.settings.top_k)
-        self.prototypes(slide_id)
-        index = self.index()
-        current = set(self.slides_with_features())
-        # Slides whose prototypes are left from other feature settings are not comparable: leave them out.
-        exclude = [s for s in index.slide_ids if s not in current]
-        hits = index.query(slide_id, n=top_k, exclude=exclude)  # the default search is exact (bounded)
-        return [
-            SlideMatch(
-                h.slide_id, float(h.distance), float(h.similarity),
-                [(int(p.k), int(p.l)) for p in h.pairs], [float(p.similarity) for p in h.pairs],
-            )
-            for h in hits
-        ]
+    def comparable_slides(self) -> set[str]:
+        """The slides a query may rank: current features and prototypes current for the settings in use
+        (prototypes left from other settings are not comparable)."""
+        return {s.slide_id for s in self._current_statuses() if s.features_done and s.prototypes == "done"}
 
-    def similar_to_prototype(self, slide_id: str, k: int, top_k: int | None = None) -> list[SlideMatch]:
+    def similar_slides(self, slide_id: str, top_k: int | None = None, method: str | None = None,
+                       compute: bool = True) -> list[SlideMatch]:
+        """Cohort slides ranked by prototype set distance (K - S) to ``slide_id`` (itself excluded).
+        ``method``: the index's (None: its configured, exact bounded search); ``compute``: compute missing
+        prototypes first (the panels) or rank only the slides that have them (``slpd similar``)."""
+        from napari_slpd.similarity import search_slides
+
+        top_k = int(top_k or self.settings.top_k)
+        self.prototypes(slide_id, compute=compute)
+        index = self.index(compute=compute)
+        return search_slides(index, slide_id, self.comparable_slides(), top_k, method)
+
+    def similar_to_prototype(self, slide_id: str, k: int, top_k: int | None = None,
+                             compute: bool = True) -> list[SlideMatch]:
         """Cohort slides ranked by their best match to prototype ``k`` of ``slide_id``: distance = 1 - the
         largest cosine between that prototype and one of the slide's prototypes (itself excluded). This
         is what a click on a region asks in slide mode: where else is this tissue pattern?"""
+        from napari_slpd.similarity import rank_by_prototype
+
         top_k = int(top_k or self.settings.top_k)
-        query = self.prototypes(slide_id)
+        query = self.prototypes(slide_id, compute=compute)
         if not 0 <= int(k) < int(query.k):
             raise SlpdError(f"{slide_id} has {query.k} prototypes; there is no prototype {k}")
-        q = np.asarray(query.centroids, dtype=np.float32)[int(k)]
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        matches = []
-        for other in self.slides_with_features():
-            if other == slide_id:
-                continue
-            try:
-                protos = self.prototypes(other, compute=False)
-            except SlpdError:
-                continue  # no prototypes for the current settings: not comparable
-            c = np.asarray(protos.centroids, dtype=np.float32)
-            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-            if c.shape[1] != q.shape[0] or not len(c):
-                continue
-            cos = c @ q
-            best = int(np.argmax(cos))
-            matches.append(SlideMatch(other, float(1.0 - cos[best]), float(cos[best]), [(int(k), best)],
-                                      [float(cos[best])]))
-        matches.sort(key=lambda m: (m.distance, m.slide_id))
-        return matches[:top_k]
+
+        def candidates():
+            for other in self.slides_with_features():
+                if other == slide_id:
+                    continue
+                try:
+                    protos = self.prototypes(other, compute=False)
+                except SlpdError:
+                    continue  # no prototypes for the current settings: not comparable
+                yield other, protos.centroids
+
+        return rank_by_prototype(query.centroids, int(k), candidates(), top_k)
 
     def similar_regions(self, slide_id: str, region: int, top_k: int | None = None,
                         include_same_slide: bool = False) -> list[RegionMatch]:
@@ -561,9 +559,3 @@ def _checkpoint_stamp(path: str | None):
     except OSError:
         return path  # missing: the encoder builder raises the clear error
     return (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-
-

@@ -12,6 +12,7 @@ import numpy as np
 
 from napari_slpd.viewer.embedding_map import UmapParams
 from napari_slpd.errors import SlpdError
+from napari_slpd.similarity.slide_search import SlideMatch  # noqa: F401 (the panels' result type, re-exported)
 from napari_slpd.utils.device import DEVICE_CHOICES, check_device_name
 
 log = logging.getLogger(__name__)
@@ -191,15 +192,6 @@ class RegionData:
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
-
-
-@dataclass
-class SlideMatch:
-    slide_id: str
-    distance: float  # prototype set distance K - S
-    similarity: float  # S: sum of matched cosine similarities
-    pairs: list[tuple[int, int]]  # (query prototype, this slide's prototype)
-    pair_similarities: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.utils.files import atomic_write_text
 from src_training import distributed
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,8 @@ class KnnMonitor:
         self.setup, self.loader, self.index, self.device, self.embed_dim = setup, loader, index, device, embed_dim
         if run_dir is not None and distributed.rank() == 0:
             folds = {sid: int(f.index) for f in setup.folds for sid in np.asarray(setup.slide_ids)[f.test]}
-            path = Path(run_dir) / FOLDS_NAME
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"task": setup.task, "classes": setup.classes, "fold_of_slide": folds},
-                                       indent=1, sort_keys=True))
+            atomic_write_text(Path(run_dir) / FOLDS_NAME, json.dumps(
+                {"task": setup.task, "classes": setup.classes, "fold_of_slide": folds}, indent=1, sort_keys=True))
 
     def measure(self, backbone, epoch: int) -> dict:
         started = time.perf_counter()

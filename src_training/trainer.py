@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.utils.device import autocast_dtype
 from napari_slpd.utils.files import atomic_write_json
 from src_training import checkpoint as ckpt
 from src_training import distributed
@@ -132,19 +133,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, needs a grad scaler)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None, False
-    if amp in ("auto", "bf16"):
-        return torch.bfloat16, False
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise SlpdError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
-        return torch.float16, True
-    raise SlpdError(f"unknown amp mode {amp!r}")
 
 
 class Trainer:

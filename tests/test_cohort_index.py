@@ -64,9 +64,9 @@ def test_exact_queries_rank_like_brute_force_and_explain_the_match():
             K = min(protos[query].shape[0], protos[r.slide_id].shape[0])
             assert r.similarity == pytest.approx(S, abs=1e-5)
             assert r.distance == pytest.approx(distance, abs=1e-5)
-            assert len(r.pairs) == K and sum(p.similarity for p in r.pairs) == pytest.approx(S, abs=1e-5)
+            assert len(r.pairs) == K and sum(p.similarity for p in r.prototype_pairs) == pytest.approx(S, abs=1e-5)
             assert all(p.similarity == pytest.approx(float(protos[query][p.k] @ protos[r.slide_id][p.l]), abs=1e-5)
-                       for p in r.pairs)
+                       for p in r.prototype_pairs)
         assert query not in [r.slide_id for r in results]
         assert [r.rank for r in results] == list(range(1, 13))
     # A query by prototype set (e.g. a slide outside the cohort) and the query slide itself when asked.

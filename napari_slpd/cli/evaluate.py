@@ -16,6 +16,7 @@ import json
 import math
 import sys
 
+from napari_slpd.cli.common import ProgressBar, open_cohort
 from napari_slpd.errors import SlpdError
 
 
@@ -74,17 +75,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _open_cohort(path: str):
-    from napari_slpd.cohort import Cohort
-
-    cohort = Cohort(path, create=False)
-    if not cohort.registry_path.exists():
-        raise SlpdError(
-            f"{cohort.root} is not a cohort folder (no {cohort.registry_path.name}); run `slpd extract` first"
-        )
-    return cohort
-
-
 def format_list(infos) -> str:
     rows = [("representation", "kinds", "slides", "what / how to compute")]
     for info in infos:
@@ -141,29 +131,6 @@ def format_tables(result) -> str:
     return "\n".join(lines).rstrip()
 
 
-class ProgressBar:
-    """A tqdm bar on stderr as a ``progress(done, total)`` callback; the total may grow while it runs."""
-
-    def __init__(self, description: str, enabled: bool):
-        self.description, self.enabled, self.bar = description, enabled, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.description, unit="step", file=sys.stderr, leave=False)
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def run(args) -> int:
     import logging
 
@@ -183,7 +150,7 @@ def _run(args) -> int:
     from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
     from napari_slpd.evaluation.representations import list_representations
 
-    cohort = _open_cohort(args.cohort)
+    cohort = open_cohort(args.cohort)
     if args.list:
         infos = list_representations(cohort)
         if args.json:
@@ -203,7 +170,7 @@ def _run(args) -> int:
                             event_col=args.event_col, ordinal=list(args.ordinal)),
         knn=KnnConfig(k=args.k), abmil=AbmilConfig(device=args.device),
     )
-    bar = ProgressBar("evaluate", enabled=not (args.quiet or args.json))
+    bar = ProgressBar("evaluate", enabled=not (args.quiet or args.json), unit="step")
     try:
         result = evaluate(cohort, args.labels, config, progress=bar)
     finally:
@@ -213,7 +180,7 @@ def _run(args) -> int:
     if args.out:
         from napari_slpd.evaluation.report import write_report
 
-        bar = ProgressBar("report", enabled=not (args.quiet or args.json))
+        bar = ProgressBar("report", enabled=not (args.quiet or args.json), unit="step")
         try:
             out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar,
                                segmentation=seg)
@@ -253,7 +220,7 @@ def _segmentation(args, cohort, result=None):
             cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
     config = SegmentationConfig(methods=args.seg_method, n_bootstrap=args.bootstrap, seed=args.seed,
                                 mapping=args.seg_mapping, cases=cases)
-    bar = ProgressBar("segmentation", enabled=not (args.quiet or args.json))
+    bar = ProgressBar("segmentation", enabled=not (args.quiet or args.json), unit="step")
     try:
         return evaluate_segmentation(cohort, args.annotations, config, progress=bar)
     finally:

@@ -12,9 +12,8 @@ prototypes), 2 on bad input (no such cohort, no slides, no features at all).
 from __future__ import annotations
 
 import json
-import sys
 
-from napari_slpd.errors import SlpdError
+from napari_slpd.cli.common import ProgressBar, open_cohort  # noqa: F401 (open_cohort: re-exported)
 
 
 def register(subparsers) -> None:
@@ -40,40 +39,6 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def open_cohort(path: str):
-    from napari_slpd.cohort import Cohort
-
-    cohort = Cohort(path, create=False)
-    if not cohort.registry_path.exists():
-        raise SlpdError(
-            f"{cohort.root} is not a cohort folder (no {cohort.registry_path.name}); run `slpd extract` first"
-        )
-    return cohort
-
-
-class ProgressBar:
-    """A tqdm bar on stderr usable as a ``progress(done, total)`` callback (silent when disabled)."""
-
-    def __init__(self, description: str, enabled: bool):
-        self.description = description
-        self.enabled = enabled
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.description, unit="slide", file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def format_table(report) -> str:

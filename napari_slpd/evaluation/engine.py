@@ -41,6 +41,7 @@ from napari_slpd.evaluation.labels import (
     read_labels,
 )
 from napari_slpd.evaluation.protocols import (
+    PROTOCOLS,
     SPECS,
     AbmilConfig,
     CoxConfig,
@@ -67,7 +68,7 @@ from napari_slpd.utils.progress import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROTOCOLS = ("knn", "linear", "abmil", "cox", "retrieval")
+DEFAULT_PROTOCOLS = PROTOCOLS  # every protocol, in the report's order
 
 
 @dataclass

@@ -31,11 +31,11 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from napari_slpd.utils.files import atomic_folder  # also imported from here by segmentation/report.py
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +67,6 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
-
-
-@contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole."""
-    final = Path(final).expanduser().resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -- tables ---------------------------------------------------------------------------------------------------

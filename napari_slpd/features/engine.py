@@ -31,8 +31,10 @@ memory at full size, only one band per worker does. Reading (region reader, read
 thread policy) lives in :mod:`napari_slpd.features.reading`; with the fast tile reader a band shrunk 2x or
 more is decoded at reduced scale there (libjpeg's scaled IDCT).
 
-Over 600 lines, but one idea: the extraction pipeline of one slide (batches, lanes, CPU or GPU decode,
-models, writing); reading regions, read-ahead and the thread policy are napari_slpd.features.reading's.
+One idea: the extraction pipeline of one slide (batches, lanes, CPU or GPU decode, models, writing);
+reading regions, read-ahead and the thread policy are napari_slpd.features.reading's, the config, result
+and recorded settings napari_slpd.features.extraction_config's, the writer, disk space and slide-file
+checks napari_slpd.features.extraction_storage's.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import collections
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,130 +62,27 @@ from napari_slpd.features.reading import (  # noqa: F401  (RegionReader, RegionS
     grid_decode_scale,
     resampling_id,
 )
-from napari_slpd.features.store import (
-    FORMAT_VERSION,
-    TOKEN_DTYPES,
-    FeatureStoreWriter,
-    RegionChunk,
-    StoreLayout,
-    existing_store_is_current,
+from napari_slpd.features.extraction_config import (  # noqa: F401  (public here too)
+    GPU_DECODE,
+    ExtractionConfig,
+    ExtractionResult,
+    _encoder_device,
+    _gpu_decode,
+    encoder_input_px,
+    extraction_settings,
+    run_settings,
 )
+from napari_slpd.features.extraction_storage import (
+    _check_space,
+    _file_stamp,
+    _open_writer,
+    _raise_if_slide_changed,
+    _raise_storage_error,
+)
+from napari_slpd.features.store import FeatureStoreWriter, RegionChunk, existing_store_is_current  # noqa: F401
 from napari_slpd.utils.progress import CancelCheck, ProgressFn, is_cancelled
 
 log = logging.getLogger(__name__)
-
-
-def _grid_config_cls():
-    from napari_slpd.slides.grid import GridConfig
-
-    return GridConfig
-
-
-def _tissue_params_cls():
-    from napari_slpd.slides.tissue import TissueParams
-
-    return TissueParams
-
-
-@dataclass
-class ExtractionConfig:
-    """How to extract one slide. Settings that change the features are recorded in the store."""
-
-    grid: Any = field(default_factory=lambda: _grid_config_cls()())  # napari_slpd.slides.grid.GridConfig
-    tissue: Any = field(default_factory=lambda: _tissue_params_cls()())  # napari_slpd.slides.tissue.TissueParams
-    batch_size: int = 256  # patches per patch-encoder batch: bounds the model's memory
-    region_batch_size: int = 64  # token grids per region-encoder batch
-    num_workers: int | None = None  # region reading/decoding threads; None: one per CPU core (at most 16)
-    queue_size: int | None = None  # regions read ahead of the model, at most; None: 2 x num_workers
-    regions_per_chunk: int = 16  # regions written (and resumable) at a time
-    device: str = "auto"  # where callers build the encoders; extract_slide runs on the encoders' own device
-    compile: bool = False  # torch.compile the patch encoder on CUDA
-    store_patch_features: bool = True  # also write features/coords in the CLAM/TRIDENT layout
-    token_dtype: str = "float16"  # region_tokens storage dtype ("float16" halves the cache)
-    mpp: float | None = None  # user pixel size (um/px) overriding the slide's metadata
-    mpp_fallback: str = "none"  # "none" | "objective" | "level0": used only when metadata has none
-    # torch threads on CPU: "auto" encodes batches in lanes, one per core with one intra-op thread each
-    # (see _PatchBatcher; runs repeat on the same machine); an int fixes torch's intra-op thread count
-    # with one lane (CPU runs then repeat bit for bit on any machine); None leaves torch's setting.
-    torch_threads: int | str | None = "auto"
-    overwrite: bool = False  # replace a complete file made with other settings
-    # On CUDA, decode JPEG tiles of tile-reader slides with nvJPEG and feed the ViT without a host round
-    # trip (named in the run settings, so a resumed file never mixes decoders); False: decode on the CPU.
-    gpu_decode: bool = True
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.region_batch_size < 1:
-            raise SlpdError(f"batch sizes must be at least 1 (got {self.batch_size}, {self.region_batch_size})")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise SlpdError(f"num_workers must be 0 (read in the calling thread) or more, not {self.num_workers}")
-        if (self.queue_size is not None and self.queue_size < 1) or self.regions_per_chunk < 1:
-            raise SlpdError("queue_size and regions_per_chunk must be at least 1")
-        threads = self.torch_threads
-        if not (threads in (None, "auto") or (isinstance(threads, int) and threads > 0)):
-            raise SlpdError(f"torch_threads must be 'auto', None or a positive int, not {self.torch_threads!r}")
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise SlpdError(f"token_dtype must be one of {TOKEN_DTYPES}, not {self.token_dtype!r}")
-
-    @property
-    def workers(self) -> int:
-        """Reader threads: num_workers, or one per available core (at most 16)."""
-        if self.num_workers is not None:
-            return int(self.num_workers)
-        return max(1, min(16, available_cores()))
-
-    @property
-    def window(self) -> int:
-        """Regions read ahead at most: queue_size, or twice the readers (each can hold one finished)."""
-        return int(self.queue_size) if self.queue_size is not None else max(2, 2 * self.workers)
-
-
-@dataclass
-class ExtractionResult:
-    """What happened to one slide. ``status``: "extracted", "skipped" (already up to date), "empty" (no
-    region: see ``message``) or "cancelled" (finished chunks are kept; a rerun resumes)."""
-
-    slide_id: str
-    slide_path: Path
-    out_path: Path
-    status: str
-    n_regions: int = 0
-    n_computed: int = 0  # regions computed by this run
-    resumed_from: int = 0  # regions already finished by an earlier run
-    seconds: float = 0.0
-    message: str = ""
-    mpp: float | None = None  # pixel size used, um/px
-    mpp_source: str | None = None  # where it came from (napari_slpd.slides.slide.PixelSize.source)
-
-    @property
-    def regions_per_s(self) -> float:
-        return self.n_computed / self.seconds if self.seconds > 0 else 0.0
-
-
-
-
-def encoder_input_px(patch_encoder, patch_px: int) -> int:
-    """Side of the patches the encoder is fed: its fixed input size, or the grid's patch size when the
-    encoder takes any size (HIPT's ViT-256 interpolates its position embedding)."""
-    size = getattr(patch_encoder, "input_size", None)
-    if not size or getattr(patch_encoder, "any_input_size", False):
-        return int(patch_px)
-    return int(size)
-
-
-def _encoder_device(encoder) -> str:
-    device = getattr(encoder, "device", None)
-    return str(device) if device is not None else "cpu"
-
-
-def _precision(patch_encoder) -> str:
-    """What numeric precision the encoder runs in: part of the run key (a resumed file never mixes)."""
-    if not _encoder_device(patch_encoder).startswith("cuda"):
-        return "float32"
-    for attr in ("precision", "autocast_dtype", "_autocast"):
-        value = getattr(patch_encoder, attr, None)
-        if value is not None:
-            return str(value).replace("torch.", "")
-    return "float32"
 
 
 def maybe_compile(patch_encoder, enabled: bool) -> None:
@@ -403,65 +302,6 @@ def encode_regions(region_encoder, tokens: np.ndarray, batch_size: int) -> np.nd
     return np.concatenate(out, axis=0)
 
 
-# -- settings -----------------------------------------------------------------------------------------
-
-
-def _config_dict(obj) -> dict:
-    if obj is None:
-        return {}
-    if hasattr(obj, "to_dict"):
-        return dict(obj.to_dict())
-    return asdict(obj)
-
-
-def extraction_settings(slide, config: ExtractionConfig, patch_encoder, region_encoder) -> dict:
-    """Everything that decides what the stored features mean; hashed into the store's settings_key."""
-    from napari_slpd import __version__  # noqa: F401  (recorded in run settings, not here)
-
-    grid = config.grid
-    return {
-        "format_version": FORMAT_VERSION,
-        "slide_id": slide.slide_id,
-        "slide_dimensions": [int(v) for v in slide.dimensions],
-        "patch_encoder": str(patch_encoder.model_id),
-        "patch_encoder_sha256": patch_encoder.checkpoint_sha256 or "",
-        "patch_encoder_input_px": encoder_input_px(patch_encoder, grid.patch_px),
-        "patch_mean": [float(v) for v in getattr(patch_encoder, "mean", ())],
-        "patch_std": [float(v) for v in getattr(patch_encoder, "std", ())],
-        "region_encoder": str(region_encoder.model_id),
-        "region_encoder_sha256": region_encoder.checkpoint_sha256 or "",
-        "region_px": int(grid.region_px),
-        "patch_px": int(grid.patch_px),
-        "target_mpp": float(grid.target_mpp),
-        "min_tissue": float(grid.min_tissue),
-        "mpp": float(slide.mpp) if slide.mpp is not None else None,
-        "mpp_source": slide.pixel_size.source,
-        "tissue": _config_dict(config.tissue),
-        "token_dtype": config.token_dtype,
-        "store_patch_features": bool(config.store_patch_features),
-        # GPU decoding makes the full-decode patches (see reading.GpuRegionReader): named as such.
-        "resampling": resampling_id(1 if _gpu_decode(slide, config, patch_encoder) else
-                                    grid_decode_scale(slide, grid, encoder_input_px(patch_encoder, grid.patch_px))),
-    }
-
-
-# How a GPU-decoding run makes patches (nvJPEG, then torch's antialiased bilinear): in its run settings.
-GPU_DECODE = "nvjpeg+torch-bilinear-aa"
-
-
-def _gpu_decode(slide, config, patch_encoder) -> bool:
-    return bool(config.gpu_decode) and gpu_decode_applies(slide, config.grid, _encoder_device(patch_encoder))
-
-
-def run_settings(patch_encoder, region_decode: str | None = None) -> dict:
-    from napari_slpd import __version__
-
-    out = {"precision": _precision(patch_encoder), "code_version": __version__}
-    if region_decode:  # only GPU decoding is named: CPU runs keep the run key they always had
-        out["region_decode"] = region_decode
-    return out
-
-
 # -- the engine ---------------------------------------------------------------------------------------
 
 
@@ -598,123 +438,6 @@ def run_prepared(prepared: PreparedSlide, patch_encoder, region_encoder, progres
         return result
     finally:
         prepared.close()
-
-
-def _file_stamp(path) -> tuple | None:
-    """(size, mtime, inode) of a slide file (of every file of a DICOM folder), None when it is gone."""
-    path = Path(path)
-    try:
-        files = sorted(path.iterdir()) if path.is_dir() else [path]
-        return tuple((f.name, *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))(f.stat())) for f in files)
-    except OSError:
-        return None
-
-
-def _raise_if_slide_changed(exc, slide, stamp, out_path: Path) -> None:
-    """A read that failed because the slide file went away or changed under the extraction (a share that
-    dropped out, a file copied over): say so, and that the finished regions are kept for the next run."""
-    from napari_slpd.errors import SlideError, StorageError
-    from napari_slpd.features.store import partial_path_for
-
-    if isinstance(exc, StorageError):
-        return
-    now = _file_stamp(slide.path)
-    if now == stamp:
-        return
-    what = "disappeared" if now is None else "changed (replaced, cut short or rewritten)"
-    partial = partial_path_for(out_path)
-    kept = (f"the regions finished before are kept in {partial.name} and the next run resumes from them once "
-            "the file is back as it was" if partial.exists() else "nothing was written for it")
-    raise SlideError(f"slide file {slide.path} {what} during extraction ({exc}); {kept}") from exc
-
-
-_SPACE_MARGIN = 256 << 10
-
-
-def _check_space(writer, tokens, embeddings, feats, remaining: int) -> None:
-    """Refuse a chunk the disk cannot hold before HDF5 starts writing it: a write that fails half-way leaves
-    the HDF5 library with a file it can neither flush nor close (and, reopened, may crash the process)."""
-    from napari_slpd.errors import StorageError
-    from napari_slpd.utils.storage import free_bytes, human_bytes
-
-    chunk = tokens.size * np.dtype(writer.layout.token_dtype).itemsize + embeddings.nbytes + len(tokens) * 24
-    if feats is not None:
-        chunk += feats.nbytes + feats.shape[0] * 16
-    free = free_bytes(writer.partial_path.parent)
-    if free is None or free >= 2 * chunk + _SPACE_MARGIN:
-        return
-    folder = writer.partial_path.parent
-    size = writer.partial_path.stat().st_size if writer.partial_path.exists() else 0
-    needed = chunk * max(1, -(-remaining // max(1, len(tokens)))) + _SPACE_MARGIN
-    raise StorageError(
-        f"not enough space in {folder} to write {writer.final_path.name}: the rest of this slide needs about "
-        f"{human_bytes(needed)}, {human_bytes(free)} free (disk full or quota reached). {writer.final_path.name} "
-        f"was not written; the {writer.n_done} regions finished so far are kept in {writer.partial_path.name} "
-        f"({human_bytes(size)}) and resumed by the next run. Free some space there (or choose a cache folder on "
-        "another disk: --cache DIR, $SLPD_CACHE_DIR, or the Cohort panel's cache folder) and run again: finished "
-        "work is kept and resumed.", folder=folder, kind="full", needed=needed, free=free)
-
-
-def _raise_storage_error(exc, out_path: Path, grid, patch_encoder, region_encoder, config) -> None:
-    """A full disk (or a read-only folder) while writing: a StorageError naming the folder, the size of the
-    slide's file and what is kept (the verified chunks in the .partial file, resumed by the next run)."""
-    from napari_slpd.features.store import partial_path_for
-    from napari_slpd.utils.storage import human_bytes, storage_error
-
-    G2 = int(grid.patches_per_side) ** 2
-    D = int(patch_encoder.dim)
-    per_region = G2 * D * (2 if config.token_dtype == "float16" else 4) + int(region_encoder.dim) * 4 + 24
-    if config.store_patch_features:
-        per_region += G2 * (D * 4 + 16)
-    partial = partial_path_for(out_path)
-    size = partial.stat().st_size if partial.exists() else 0
-    kept = (f"{out_path.name} was not written; the regions finished so far are kept in {partial.name} "
-            f"({human_bytes(size)}), checked and resumed by the next run (delete it to give its space back)"
-            if size else f"{out_path.name} was not written and no partial file was left")
-    error = storage_error(exc, out_path, written=size, needed=len(grid) * per_region, kept=kept)
-    if error is not None:
-        import gc
-
-        gc.collect()  # h5py handles of the failed write are closed now, not later in another thread
-        raise error from exc
-
-
-def _open_writer(slide, grid, out_path, settings, config, patch_encoder, region_encoder,
-                 region_decode: str | None = None) -> FeatureStoreWriter:
-    from napari_slpd import __version__
-
-    G = int(grid.patches_per_side)
-    layout = StoreLayout(
-        n_regions=len(grid),
-        token_dim=int(patch_encoder.dim),
-        grid_size=G,
-        embed_dim=int(region_encoder.dim),
-        token_dtype=config.token_dtype,
-        patch_features=config.store_patch_features,
-    )
-    attrs = {
-        **grid.to_attrs(),
-        "slide_id": slide.slide_id,
-        "slide_path": str(slide.path),
-        "patch_encoder": str(patch_encoder.model_id),
-        "patch_encoder_sha256": patch_encoder.checkpoint_sha256 or "",
-        "region_encoder": str(region_encoder.model_id),
-        "region_encoder_sha256": region_encoder.checkpoint_sha256 or "",
-        "code_version": __version__,
-        "source": "napari-slpd extract",
-    }
-    # CLAM/TRIDENT readers find the patch geometry on the coords dataset: patches are given at level 0
-    # (patch_size = their level-0 footprint) since they are resampled, not read 1:1 from a level.
-    coords_attrs = {
-        "patch_size": int(round(grid.patch_size_level0)),
-        "patch_level": 0,
-        "patch_size_level0": float(grid.patch_size_level0),
-        "patch_px": int(grid.config.patch_px),
-        "target_mpp": float(grid.config.target_mpp),
-        "read_level": int(grid.read_level),
-    }
-    return FeatureStoreWriter(out_path, layout, settings, run_settings(patch_encoder, region_decode), attrs,
-                              coords_attrs)
 
 
 def _chunk_patch_coords(grid, sl: slice) -> np.ndarray:

@@ -63,14 +63,14 @@ def slide_bytes(path: Path) -> int:
 
 def expand_slides(items: list[str]) -> list[Path]:
     """Slide paths from files and folders, in a stable order, without duplicates."""
-    from napari_slpd.slides.ids import find_slides
+    from napari_slpd.slides.ids import find_slides, is_dicom_folder
 
     out: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
         if not path.exists():
             raise SlpdError(f"{path} does not exist")
-        if path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
+        if is_dicom_folder(path):
             out.append(path)  # one DICOM series
         elif path.is_dir():
             found = find_slides(path)

@@ -55,6 +55,7 @@ import numpy as np
 
 from napari_slpd.errors import FeatureStoreError
 from napari_slpd.features.store_format import settings_key
+from napari_slpd.utils.files import atomic_path
 from napari_slpd.utils.h5_attrs import encode_attr, json_default, read_attrs
 
 log = logging.getLogger(__name__)
@@ -364,12 +365,10 @@ def _update_copy(path: Path, what: str):
 
 
 def _write_record(record: Path, info: dict) -> None:
-    tmp = record.with_name(record.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(record) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(info, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, record)
 
 
 def _touch(path: Path, before_ns: int) -> None:

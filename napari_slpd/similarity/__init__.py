@@ -12,6 +12,7 @@ from napari_slpd.similarity.matching import (
     prototype_set_similarity,
 )
 from napari_slpd.similarity.regions import RegionHit, RegionIndex
+from napari_slpd.similarity.slide_search import SlideMatch, rank_by_prototype, search_slides
 
 __all__ = [
     "CohortIndex",
@@ -20,10 +21,13 @@ __all__ = [
     "RegionHit",
     "RegionIndex",
     "SimilarSlide",
+    "SlideMatch",
     "batch_set_similarity",
     "brute_force_set_similarity",
     "cross_assignment",
     "match_prototypes",
     "prototype_set_distance",
     "prototype_set_similarity",
+    "rank_by_prototype",
+    "search_slides",
 ]

@@ -16,7 +16,7 @@ cohort, the GUI and the CLI use).
 
 Batch API (evaluation's KNN and retrieval, label propagation, region retrieval's slide neighbours)::
 
-    index.query_many(["s1", "s2", ...], n=10, with_pairs=False)  # -> [[SimilarSlide, ...], ...], exact
+    index.query_many(["s1", "s2", ...], n=10, with_pairs=False)  # -> [[SlideMatch, ...], ...], exact
     ids, distances = index.nearest(["s1", "s2", ...], n=10)    # -> [Q, n] str / float64 arrays (NaN pad)
     index.last_stats                                             # SearchStats of the last query (exact...)
 
@@ -41,7 +41,6 @@ from napari_slpd.errors import PrototypeError, StorageError
 from napari_slpd.prototypes.kmeans import SlidePrototypes, l2_normalize
 from napari_slpd.similarity.bounds import BoundStage
 from napari_slpd.similarity.matching import (
-    PrototypePair,
     as_prototype_set,
     pairs_from_similarity,
 )
@@ -53,6 +52,7 @@ from napari_slpd.similarity.set_search import (
     full_product_search,
     search_many,
 )
+from napari_slpd.similarity.slide_search import SlideMatch
 from napari_slpd.similarity.store import VectorStore, auto_nlist  # noqa: F401 (auto_nlist: re-exported)
 from napari_slpd.utils.progress import is_cancelled
 
@@ -92,30 +92,8 @@ class IndexConfig:
         return cls(**values)
 
 
-@dataclass
-class SimilarSlide:
-    """One ranked slide: ``distance`` = max(K, L) - S (K - S for equal K), ``similarity`` = S, ``pairs`` the
-    matched prototypes (query prototype k, this slide's prototype l, cosine), most similar pair first;
-    ``exact``: whether the ranking it belongs to is the exact one (always, with the methods above)."""
-
-    slide_id: str
-    distance: float
-    similarity: float
-    pairs: list[PrototypePair]
-    n_prototypes: int
-    rank: int = 0
-    exact: bool = True
-
-    def to_dict(self) -> dict:
-        return {
-            "rank": self.rank,
-            "slide_id": self.slide_id,
-            "distance": round(self.distance, 6),
-            "similarity": round(self.similarity, 6),
-            "n_prototypes": self.n_prototypes,
-            "exact": self.exact,
-            "pairs": [{"query": p.k, "match": p.l, "similarity": round(p.similarity, 6)} for p in self.pairs],
-        }
+# The former name of the one similar-slide result type.
+SimilarSlide = SlideMatch
 
 
 # -- the cohort index -------------------------------------------------------------------------------------
@@ -338,7 +316,7 @@ class CohortIndex:
         exclude: Iterable[str] | None = None,
         method: str | None = None,
         include_self: bool = False,
-    ) -> list[SimilarSlide]:
+    ) -> list[SlideMatch]:
         """The ``n`` slides most similar to ``query`` (a slide id, SlidePrototypes or [K, E] prototypes),
         best first, each with its distance and matched prototype pairs; the exact ranking (ties by the
         order slides were added). A query slide is left out of its own results unless ``include_self``;
@@ -354,7 +332,7 @@ class CohortIndex:
         method: str | None = None,
         include_self: bool = False,
         with_pairs: bool = True,
-    ) -> list[list[SimilarSlide]]:
+    ) -> list[list[SlideMatch]]:
         """``query`` for many queries at once (ids, SlidePrototypes or arrays), exact; ``exclude``: one
         list of slide ids per query (or None). ``with_pairs=False`` skips the matched pairs (one
         assignment solve per result less: for KNN over thousands of slides)."""
@@ -386,15 +364,11 @@ class CohortIndex:
                 ids[i, j], distances[i, j] = r.slide_id, r.distance
         return ids, distances
 
-    def _result(self, match, rank: int, exact: bool, with_pairs: bool = True) -> SimilarSlide:
+    def _result(self, match, rank: int, exact: bool, with_pairs: bool = True) -> SlideMatch:
         sim = match.sim
-        return SimilarSlide(
-            slide_id=self._store.slot_key[match.candidate],
-            distance=float(match.distance),
-            similarity=float(match.similarity),
-            pairs=pairs_from_similarity(sim) if with_pairs else [],
-            n_prototypes=int(sim.shape[1]),
-            rank=rank,
+        return SlideMatch.from_prototype_pairs(
+            self._store.slot_key[match.candidate], match.distance, match.similarity,
+            pairs_from_similarity(sim) if with_pairs else [], n_prototypes=int(sim.shape[1]), rank=rank,
             exact=exact,
         )
 

@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 
-from napari_slpd.errors import PrototypeError
+from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.similarity.bounds import PRECISIONS, BoundStage
 from napari_slpd.similarity.int8_codes import MAX_DIM
+from napari_slpd.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +23,15 @@ _checked: dict[tuple[str, str], object] = {}  # (precision or "auto", device:dim
 _check_lock = threading.Lock()
 
 
-def resolve_device(device: str | None) -> str:
-    """"cuda" when asked or ("auto") when available, else "cpu"."""
-    import torch
-
-    device = device or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrototypeError("the similarity index was asked to use CUDA but no CUDA device is available")
-    return device
+def index_device(device: str | None) -> str:
+    """The name of the device the first stage runs on (utils.device.resolve_device: "auto" is CUDA when
+    available), with the index's own message when CUDA was asked for and is missing."""
+    try:
+        return str(resolve_device(device or "auto"))
+    except SlpdError as exc:
+        if str(device).startswith("cuda"):
+            raise PrototypeError("the similarity index was asked to use CUDA but no CUDA device is available") from exc
+        raise PrototypeError(f"similarity index: {exc}") from exc
 
 
 def choose_precision(precision: str | None, device: str, dim: int) -> str:
@@ -163,5 +163,5 @@ def _int8_check(X: np.ndarray, Q: np.ndarray) -> bool:
 
 def create_stage(dim: int, precision: str | None = "auto", device: str | None = "auto") -> BoundStage:
     """An empty first stage for ``dim``-dimensional prototypes on the resolved device and precision."""
-    device = resolve_device(device)
+    device = index_device(device)
     return BoundStage(dim, choose_precision(precision, device, dim), device)

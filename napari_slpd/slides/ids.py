@@ -50,6 +50,12 @@ def safe_slide_id(slide_id: str) -> str:
     return slide_id
 
 
+def is_dicom_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a DICOM series (one slide: .dcm files, one per level)."""
+    path = Path(path)
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" and p.is_file() for p in path.iterdir())
+
+
 def find_slides(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[Path]:
     """Slide files (and DICOM folders) directly inside ``folder``, sorted by name; subfolders named in
     ``skip`` are not looked into (a cohort's own cache folders: thousands of files, never a slide)."""
@@ -60,6 +66,6 @@ def find_slides(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[P
             continue
         if entry.is_file() and entry.suffix.lower() in SLIDE_SUFFIXES:
             found.append(entry)
-        elif entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir()):
+        elif is_dicom_folder(entry):
             found.append(entry)
     return found

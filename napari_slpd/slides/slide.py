@@ -11,8 +11,9 @@ JPEG 2000, generic and Philips TIFF, DICOM WSI) when it handles the slide, which
 tiles straight into the region with GIL-free decoders; openslide reads everything else, and is the
 reference the fast reader is checked against (a probe on open falls back to openslide on any mismatch).
 
-Over 600 lines, but one idea: the ``Slide`` object (opening, pixel size, reads, pyramid, closing) and the
-small helpers only it uses; the readers it delegates to live in ``slides/readers``.
+One idea: the ``Slide`` object (opening, reads, pyramid, closing); its pixel size is resolved in
+``slides/pixel_size.py``, the file checks before opening are ``slides/slide_file.py``'s, the lazy pyramid's
+levels ``slides/pyramid.py``'s, and the readers it delegates to live in ``slides/readers``.
 ``SLPD_READER=openslide`` (or ``reader="openslide"``) forces openslide. ``slide.reader`` names the reader.
 """
 
@@ -24,237 +25,40 @@ import math
 import os
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from napari_slpd.errors import NotASlideError, PixelSizeError, SlideError
+from napari_slpd.errors import NotASlideError, SlideError
+from napari_slpd.slides.pixel_size import (  # noqa: F401  (public here too)
+    LEVEL0_ASSUMED_MPP,
+    MPP_FALLBACKS,
+    PLAUSIBLE_MPP,
+    PixelSize,
+    _parse_float,
+    is_plausible_mpp,
+    objective_power_of,
+    resolve_pixel_size,
+)
+from napari_slpd.slides.pyramid import MIN_CHUNK_PX, _even_chunks, _halve, _halve_block, _LevelReader  # noqa: F401
+from napari_slpd.slides.slide_file import (  # noqa: F401  (public here too)
+    _check_tiff_complete,
+    _dicom_candidates,
+    _looks_like_text,
+    locate_slide_file,
+)
 
 log = logging.getLogger(__name__)
 
-# um/px outside this range is not a microscope scan: e.g. 264.58 um/px is a 96-dpi default written by
-# generic TIFF writers, 25400 um/px is a 1-dpi default.
-PLAUSIBLE_MPP = (0.1, 2.0)
-# The "level0" fallback: assume level 0 was scanned at 20x, the most common objective.
-LEVEL0_ASSUMED_MPP = 0.5
 # A pyramid gets virtual 2x levels until its coarsest level fits in this many px per side.
 VIRTUAL_LEVEL_MAX_SIDE = 1024
-# Tiles smaller than this (some DICOM levels use 1 x 1 px "tiles") are grouped into one chunk per read.
-MIN_CHUNK_PX = 128
 DEFAULT_TILE_PX = 256
-MPP_FALLBACKS = ("none", "objective", "level0")
 READERS = ("auto", "openslide", "tiles")
 # The open-time probe: the fast reader must agree with openslide within this (pixman's bilinear rounding).
 PROBE_TOLERANCE = 3
-# The first bytes of the files that openslide reads through TIFF: used to spot truncated slides early.
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-@dataclass(frozen=True)
-class PixelSize:
-    """The pixel size used for a slide and where it came from.
-
-    ``source`` is ``"metadata"``, ``"user"``, ``"objective-power"``, ``"level0-assumed"`` (``mpp`` set) or
-    ``"missing"``, ``"implausible"`` (``mpp`` None). ``raw`` is the value the file states, even when bogus.
-    """
-
-    mpp: float | None
-    source: str
-    raw: float | None = None
-
-    @property
-    def known(self) -> bool:
-        return self.mpp is not None
-
-    def describe(self) -> str:
-        if self.mpp is None:
-            if self.source == "implausible":
-                return f"unknown (file states an implausible {self.raw:g} um/px)"
-            return "unknown (not in the file)"
-        text = f"{self.mpp:.4g} um/px ({self.source})"
-        if self.source != "metadata" and self.raw is not None:
-            text += f"; file states {self.raw:g}"
-        return text
-
-
-def is_plausible_mpp(value: float | None) -> bool:
-    return value is not None and math.isfinite(value) and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]
-
-
-def _parse_float(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
-
-
-def resolve_pixel_size(
-    properties: dict[str, str], mpp: float | None = None, mpp_fallback: str = "none"
-) -> PixelSize:
-    """Choose the um/px of a slide: the user's value, else plausible metadata, else the chosen fallback."""
-    if mpp_fallback not in MPP_FALLBACKS:
-        raise PixelSizeError(f"mpp_fallback must be one of {MPP_FALLBACKS}, not {mpp_fallback!r}")
-    mpp_x = _parse_float(properties.get("openslide.mpp-x"))
-    mpp_y = _parse_float(properties.get("openslide.mpp-y"))
-    stated = [v for v in (mpp_x, mpp_y) if v is not None]
-    raw = float(np.mean(stated)) if stated else None
-    if mpp is not None:
-        mpp = float(mpp)
-        if not is_plausible_mpp(mpp):
-            raise PixelSizeError(
-                f"a pixel size of {mpp:g} um/px is outside the plausible range "
-                f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px (20x is about 0.5, 40x about 0.25)"
-            )
-        return PixelSize(mpp, "user", raw)
-    if raw is not None and is_plausible_mpp(raw):
-        return PixelSize(raw, "metadata", raw)
-    unknown = PixelSize(None, "implausible" if raw is not None else "missing", raw)
-    if mpp_fallback == "objective":
-        power = objective_power_of(properties)
-        if power is not None:
-            return PixelSize(10.0 / power, "objective-power", raw)
-        log.warning("mpp_fallback='objective' but the slide states no objective power; pixel size unknown")
-        return unknown
-    if mpp_fallback == "level0":
-        return PixelSize(LEVEL0_ASSUMED_MPP, "level0-assumed", raw)
-    return unknown
-
-
-def objective_power_of(properties: dict[str, str]) -> float | None:
-    power = _parse_float(properties.get("openslide.objective-power"))
-    return power if power is not None and 1.0 <= power <= 150.0 else None
 
 
 # -- opening --------------------------------------------------------------------------------------------
-
-
-def _dicom_candidates(folder: Path) -> list[Path]:
-    # The largest file of a series is usually the full-resolution level: try it first.
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"]
-    return sorted(files, key=lambda p: (-p.stat().st_size, p.name))
-
-
-class _CollectWarnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _check_tiff_complete(path: Path) -> None:
-    """Raise SlideError when a TIFF-based slide ends early (a cut copy or download) or its directories
-    are broken: a directory or tile that lies past the end of the file."""
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(16)
-    except OSError as exc:
-        raise SlideError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if header[:4] not in _TIFF_MAGICS:
-        return
-    size = path.stat().st_size
-    order = "<" if header[:2] == b"II" else ">"
-    big = header[2:4] in (b"+\x00", b"\x00+")
-    if len(header) < (16 if big else 8):
-        raise SlideError(f"{path} is truncated: it ends inside its {len(header)}-byte header")
-    first_ifd = int(np.frombuffer(header[8:16] if big else header[4:8], dtype=order + ("u8" if big else "u4"))[0])
-    if first_ifd >= size:
-        raise SlideError(
-            f"{path} is truncated: it is {size:,} bytes but its first image directory starts at byte "
-            f"{first_ifd:,}; the copy or download did not finish"
-        )
-    import tifffile
-
-    collector = _CollectWarnings()
-    tiff_log = logging.getLogger("tifffile")
-    tiff_log.addHandler(collector)
-    propagate, tiff_log.propagate = tiff_log.propagate, False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            needed = 0
-            pages = list(tif.pages)
-            for page in pages:
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                if offsets.size:
-                    needed = max(needed, int((offsets + counts).max()))
-    except Exception as exc:  # tifffile raises many types for broken directories
-        raise SlideError(
-            f"{path} is a damaged TIFF-based slide ({type(exc).__name__}: {exc}); copy or download it again"
-        ) from exc
-    finally:
-        tiff_log.removeHandler(collector)
-        tiff_log.propagate = propagate
-    if needed > size:
-        raise SlideError(
-            f"{path} is truncated: it is {size:,} bytes but its image data needs {needed:,} bytes; "
-            "the copy or download did not finish"
-        )
-    broken = [m for m in collector.messages if "offset" in m.lower()]
-    if broken or not pages:
-        raise SlideError(
-            f"{path} is truncated or damaged: its image directories point past the end of the "
-            f"{size:,}-byte file ({broken[0] if broken else 'no readable image'})"
-        )
-
-
-def locate_slide_file(path: str | os.PathLike) -> Path:
-    """The file openslide is given for ``path``: the path itself, or a ``.dcm`` of a DICOM folder.
-
-    Raises SlideError for a missing path or an empty file and NotASlideError for anything openslide does
-    not recognise, with a message that says which.
-    """
-    import openslide
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise SlideError(f"slide {path} does not exist")
-    if path.is_dir():
-        candidates = _dicom_candidates(path)
-        if not candidates:
-            raise NotASlideError(
-                f"{path} is a folder without .dcm files; give a slide file (or a folder of one DICOM WSI series)"
-            )
-        for candidate in candidates:
-            if candidate.stat().st_size and openslide.OpenSlide.detect_format(str(candidate)):
-                return candidate
-        raise NotASlideError(f"{path} holds .dcm files but none is a DICOM whole-slide image openslide can read")
-    if not path.is_file():
-        raise NotASlideError(f"{path} is not a regular file")
-    if path.stat().st_size == 0:
-        raise SlideError(f"slide {path} is empty (0 bytes); the copy or download did not finish")
-    try:
-        fmt = openslide.OpenSlide.detect_format(str(path))
-    except Exception as exc:
-        raise SlideError(f"cannot read {path}: {exc}") from exc
-    if fmt is None:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
-        if head[:4] in _TIFF_MAGICS:
-            _check_tiff_complete(path)  # a cut-off slide is damaged, not "not a slide"
-            raise NotASlideError(
-                f"{path} is a TIFF but not a whole-slide image openslide reads (no tiled pyramid or vendor "
-                "metadata); open it with napari's own TIFF reader"
-            )
-        kind = "a text file" if head and _looks_like_text(head) else "not a format openslide reads"
-        raise NotASlideError(
-            f"{path} is not a whole-slide image ({kind}); openslide reads SVS, TIFF, NDPI, VMS, MRXS, SCN, BIF "
-            "and DICOM slides"
-        )
-    return path
-
-
-def _looks_like_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return b"\x00" not in head
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, mpp_fallback: str = "none",
@@ -692,78 +496,3 @@ class Slide:
         except Exception:
             pass
 
-
-class _LevelReader:
-    """Array-like view of one real level for dask.array.from_array: each __getitem__ is one read_region.
-
-    Chunks are the level's tiles (grouped when tiles are tiny) so a chunk never straddles a tile boundary.
-    """
-
-    ndim = 3
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, slide: Slide, level: int):
-        self.slide = slide
-        self.level = level
-        w, h = slide.level_dimensions[level]
-        self.shape = (h, w, 3)
-        self.downsample = slide.level_downsamples[level]
-        tw, th = slide.tile_size(level)
-        # Group tiny tiles so one chunk is at least MIN_CHUNK_PX, still a whole number of tiles.
-        cw = tw * max(1, math.ceil(MIN_CHUNK_PX / tw))
-        ch = th * max(1, math.ceil(MIN_CHUNK_PX / th))
-        self.chunks = (min(ch, h), min(cw, w), 3)
-
-    def __getitem__(self, key) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        ys, xs, cs = key
-        y0, y1, _ = ys.indices(self.shape[0])
-        x0, x1, _ = xs.indices(self.shape[1])
-        location = (round(x0 * self.downsample), round(y0 * self.downsample))
-        region = self.slide.read_region(location, self.level, (x1 - x0, y1 - y0))
-        return region[:, :, cs]
-
-
-def _halve_block(block: np.ndarray) -> np.ndarray:
-    h, w = block.shape[0] // 2, block.shape[1] // 2
-    if h == 0 or w == 0:
-        return np.empty((h, w, 3), np.uint8)
-    b = block[: 2 * h, : 2 * w].astype(np.uint16)
-    out = (b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) // 4
-    return out.astype(np.uint8)
-
-
-def _halve(level):
-    """A virtual level: 2x box-downsample of ``level``, chunk by chunk (each chunk from 2x2 parent px).
-
-    Parent chunks are first made even-sized (rechunk only moves boundaries by one px where a chunk is odd)
-    so every output chunk depends only on its own parent chunk; then neighbouring output chunks are merged
-    back to about the parent's chunk size so virtual levels do not fragment into tiny chunks.
-    """
-    import dask.array as da
-
-    h, w = level.shape[:2]
-    even_h, even_w = h - h % 2, w - w % 2
-    src = level[:even_h, :even_w]
-    src = src.rechunk((_even_chunks(src.chunks[0]), _even_chunks(src.chunks[1]), 3))
-    out_chunks = (tuple(c // 2 for c in src.chunks[0]), tuple(c // 2 for c in src.chunks[1]), (3,))
-    halved = da.map_blocks(_halve_block, src, chunks=out_chunks, dtype=np.uint8,
-                           meta=np.empty((0, 0, 3), np.uint8))
-    target = (max(level.chunks[0]), max(level.chunks[1]), 3)
-    return halved.rechunk(target)
-
-
-def _even_chunks(chunks: tuple[int, ...]) -> tuple[int, ...]:
-    """Shift chunk boundaries so every chunk has an even size (total must already be even)."""
-    out, carry = [], 0
-    for c in chunks:
-        c += carry
-        carry = c % 2
-        c -= carry
-        if c:
-            out.append(c)
-    if carry:
-        out[-1] += carry
-    return tuple(out)

@@ -23,12 +23,15 @@ if TYPE_CHECKING:  # pragma: no cover
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 
 __all__ = ["DEVICE_CHOICES", "cuda_available", "check_device_name", "resolve_device", "rank_device",
-           "cuda_index", "kmeans_device"]
+           "cuda_index", "kmeans_device", "autocast_dtype"]
 
 
 def cuda_available() -> bool:
-    import torch
-
+    """Whether torch sees a CUDA device (False without torch: the slide readers work without it)."""
+    try:
+        import torch
+    except ImportError:
+        return False
     return bool(torch.cuda.is_available())
 
 
@@ -82,3 +85,19 @@ def kmeans_device(device: str) -> str:
     """The device setting faiss K-means gets from a features device: "auto", "cuda" or "cpu" (faiss
     chooses the GPU itself)."""
     return "auto" if device == "auto" else ("cuda" if str(device).startswith("cuda") else "cpu")
+
+
+def autocast_dtype(amp: str, device: "torch.device") -> "tuple[torch.dtype | None, bool]":
+    """(autocast dtype or None, needs a grad scaler) of a training run's ``amp`` mode ("auto": bfloat16 on
+    CUDA, none elsewhere; "bf16"; "fp16": CUDA only, with a grad scaler; "off") on ``device``."""
+    import torch
+
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None, False
+    if amp in ("auto", "bf16"):
+        return torch.bfloat16, False
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise SlpdError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+        return torch.float16, True
+    raise SlpdError(f"unknown amp mode {amp!r}")

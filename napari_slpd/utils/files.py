@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -53,6 +54,29 @@ def atomic_path(final: str | os.PathLike, suffix: str = ".partial", size_hint: i
         error = storage_error(exc, final, written, size_hint, free) if isinstance(exc, (OSError, RuntimeError)) else None
         if error is not None:
             raise error from exc
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole."""
+    final = Path(final).expanduser().resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from napari_slpd.evaluation.protocols.common import Predictions, TaskData
 from napari_slpd.evaluation.splits import inner_validation_split
+from napari_slpd.utils.device import resolve_device
 from napari_slpd.utils.progress import raise_if_cancelled
 
 
@@ -30,14 +31,6 @@ class AbmilConfig:
     validation_fraction: float = 0.2
     device: str = "auto"
     cpu_threads: int | None = 1  # torch threads on CPU (None: leave torch's setting)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def gated_abmil(in_dim: int, n_classes: int, hidden: int = 500, attention: int = 128):
@@ -107,7 +100,7 @@ def _train_fold(bags, y, fit, val, n_classes, config: AbmilConfig, device: str, 
 def abmil(data: TaskData, bags: list[np.ndarray], config: AbmilConfig, cancel=None) -> Predictions:
     import torch
 
-    device = resolve_device(config.device)
+    device = str(resolve_device(config.device))
     threads = torch.get_num_threads()
     if device == "cpu" and config.cpu_threads:
         # One bag per step is a chain of tiny kernels: thread wake-ups cost more than they save.

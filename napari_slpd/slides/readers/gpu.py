@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from napari_slpd.slides.readers.tiles import TileDecodeError, TileReader, _merge_tables
+from napari_slpd.utils.device import cuda_available
 
 
 class GpuUnsupported(Exception):
@@ -40,14 +41,6 @@ class PreparedRegion:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the part inside the level, level px
     jobs: list  # (col, row) of each stored tile
     streams: list  # complete JPEG streams (uint8 CPU tensors), one per job
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 _NVJPEG_OK: dict = {}
