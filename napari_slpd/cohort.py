@@ -4,7 +4,8 @@ Layout (every file written atomically)::
 
     COHORT/
       cohort.json                 slide registry: {"slides": {slide_id: {"path": ..., "mpp": ..., "mpp_source": ...}},
-                                  "settings": {...}}  (the settings the cohort is worked with, see session.py)
+                                  "settings": {...},  (the settings the cohort is worked with, see session.py)
+                                  "skipped": {path: {"state": ..., "reason": ...}}}  (files seen, not slides)
       features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
       prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
       index/                      cohort similarity index (napari_slpd.similarity.index)
@@ -46,6 +47,26 @@ def _parse_registry(text: str) -> dict:
     if not isinstance(registry, dict) or not isinstance(registry.setdefault("slides", {}), dict):
         raise ValueError("not a napari-slpd cohort file")
     return registry
+
+
+SKIPPED_KEY = "skipped"
+
+
+class DuplicateSlideIdError(SlpdError):
+    """Another file of the cohort already has this slide id (the file name without its suffix)."""
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file offered to the cohort that is not in it, and why: ``state`` "unreadable" (not a slide this
+    reader can open: truncated, damaged, another format) or "duplicate id" (another file has its id)."""
+
+    path: Path
+    state: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass
@@ -231,7 +252,7 @@ class Cohort:
             if not existing_path.is_absolute():
                 existing_path = self.root / existing_path
             if existing_path.resolve() != path:
-                raise SlpdError(
+                raise DuplicateSlideIdError(
                     f"slide id {slide_id!r} is already used in this cohort by {existing_path}; rename {path.name}"
                 )
         entry = dict(existing or {})
@@ -240,8 +261,52 @@ class Cohort:
             entry["mpp"] = float(mpp)
             entry["mpp_source"] = mpp_source or "user"
         registry["slides"][slide_id] = entry
+        skipped = registry.get(SKIPPED_KEY)
+        if isinstance(skipped, dict):
+            skipped.pop(stored, None)  # a file fixed (or renamed) since it was refused
         self._write_registry(registry)
         return self.slide(slide_id)
+
+    # -- files that are not slides of the cohort -------------------------------------------------
+    def record_skipped(self, path: str | os.PathLike, state: str, reason: str) -> SkippedFile:
+        """Remember that ``path`` was offered but not registered (``state``, ``reason``), so the GUI and
+        ``slpd info`` list it with the slides instead of dropping it silently."""
+        path = Path(path).expanduser().resolve()
+        try:
+            stored = str(path.relative_to(self.root))
+        except ValueError:
+            stored = str(path)
+        registry = self._load_registry()
+        skipped = registry.get(SKIPPED_KEY)
+        if not isinstance(skipped, dict):
+            skipped = registry[SKIPPED_KEY] = {}
+        entry = {"state": str(state), "reason": str(reason)}
+        if skipped.get(stored) != entry:
+            skipped[stored] = entry
+            self._write_registry(registry)
+        return SkippedFile(path, str(state), str(reason))
+
+    def skipped_files(self) -> list[SkippedFile]:
+        """The files offered but not registered that still exist (those since registered are left out)."""
+        registry = self._load_registry()
+        skipped = registry.get(SKIPPED_KEY)
+        if not isinstance(skipped, dict):
+            return []
+        registered = set()
+        for entry in registry["slides"].values():
+            try:
+                p = Path(entry["path"])
+                registered.add(str(p if p.is_absolute() else self.root / p))
+            except (KeyError, TypeError):
+                continue
+        out = []
+        for stored, entry in sorted(skipped.items()):
+            path = Path(stored)
+            path = path if path.is_absolute() else self.root / path
+            if str(path) in registered or not path.exists() or not isinstance(entry, dict):
+                continue
+            out.append(SkippedFile(path, str(entry.get("state", "unreadable")), str(entry.get("reason", ""))))
+        return out
 
     # -- settings ------------------------------------------------------------------------------
     def load_settings(self) -> dict | None:

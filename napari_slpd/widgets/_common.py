@@ -144,6 +144,12 @@ def _positional_capacity(fn) -> int | None:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` says the work was cancelled (by napari's activity dock, or a cancel event the core
+    was handed by someone else) rather than failed: the core's cancellation errors are named so."""
+    return any(cls.__name__.endswith("Cancelled") or cls.__name__ == "CancelledError" for cls in type(exc).__mro__)
+
+
 class _ProgressRelay(QObject):
     """Lives in the GUI thread; signals emitted from a worker thread are queued to it by Qt."""
 
@@ -210,7 +216,9 @@ class Task:
 
             # napari's activity dock shows this bar; its own cancel button sets our event too.
             self._pbar = cancelable_progress(total=0, desc=self.description, cancel_callback=self.cancel)
-        self.worker = create_worker(work, _start_thread=False)
+        # _ignore_errors: superqt would otherwise raise the work's exception again in the GUI thread, where
+        # napari shows it as a second toast (with its traceback), a cancel included; _on_errored says it once.
+        self.worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(self._on_returned)
         self.worker.errored.connect(self._on_errored)
         self.worker.finished.connect(self._on_finished)
@@ -262,7 +270,7 @@ class Task:
                 self.outcome = "error"
 
     def _on_errored(self, exc: BaseException) -> None:
-        if self.cancel_event.is_set():
+        if self.cancel_event.is_set() or _is_cancellation(exc):
             # Work that stops because it was cancelled may raise; that is not an error to report.
             self.outcome = "cancelled"
             self._call(self.on_cancelled)

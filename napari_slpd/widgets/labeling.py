@@ -223,7 +223,7 @@ class LabelingWidget(DockedPanel, QWidget):
         if session is None or opened is None or self.annotations is None:
             return session, None, None
         protos = opened.extras.get("prototypes")
-        if protos is None or opened.extras.get("color_of"):
+        if protos is None or opened.extras.get("color_of") or opened.extras.get("trial_k"):  # names: cohort K
             try:
                 protos = session.prototypes(opened.slide_id, compute=False)
             except Exception:  # no prototypes for the current settings yet
