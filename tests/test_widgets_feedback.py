@@ -302,3 +302,81 @@ def test_another_k_is_tried_on_the_open_slide_until_applied_to_the_cohort(make_n
         assert "on this slide only" not in protos.title.text()
     finally:
         _idle(qtbot, panels.values())
+
+
+# -- 3. every panel fits its dock's width, the window its screen -----------------------------------------------
+
+ALL_PANELS = ("Cohort", "Features", "Prototypes", "Similar slides", "Embedding map", "Prototype labeling",
+              "SLPD fine-tune", "Evaluation")
+
+
+def _raise(panel) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    from napari_slpd.widgets._panels import _dock_of
+
+    dock = _dock_of(panel)
+    dock.show()
+    dock.raise_()
+    QApplication.instance().processEvents()
+
+
+def test_every_panel_fits_its_dock_and_the_window_its_screen(make_napari_viewer, qtbot, cohort, artifacts_dir,
+                                                              screenshots):
+    from qtpy.QtWidgets import QAbstractButton, QApplication, QTabBar, QWidget
+
+    from napari_slpd.widgets._panels import _dock_of
+
+    screen = QApplication.primaryScreen().availableGeometry()
+    assert (screen.width(), screen.height()) == (1920, 1080)
+    viewer = make_napari_viewer(show=True)
+    panels = _dock(viewer, *ALL_PANELS)  # all at once, as a person clicking through the Plugins menu
+    window = panels["Cohort"].window()
+    window.setGeometry(screen)
+    try:
+        panels["Cohort"].open_cohort(cohort.root)
+        panels["Cohort"].open_slide("cmu_small_region", detect_tissue=False)
+        qtbot.waitUntil(lambda: panels["Prototypes"].legend.rowCount() == K, timeout=WAIT_MS)
+        _idle(qtbot, panels.values())
+        qtbot.wait(300)  # the docks' layout settles after the panels' first show
+        from qtpy.QtWidgets import QDockWidget
+
+        assert window.frameGeometry().height() <= screen.height(), (
+            window.frameGeometry().height(), window.height(), window.minimumSizeHint().height(),
+            [(d.windowTitle(), int(window.dockWidgetArea(d).value), d.isHidden(), d.height(), d.minimumSizeHint().height(),
+              len(window.tabifiedDockWidgets(d))) for d in window.findChildren(QDockWidget)])
+
+        measured = {}
+        for name, panel in panels.items():
+            _raise(panel)
+            qtbot.wait(100)  # a tab shown for the first time lays itself out
+            area = panel.scroll_area
+            inner, visible = area.widget(), area.viewport().width()
+            wider = [f"{type(b).__name__} '{b.text()}' ends at {b.mapTo(inner, b.rect().topRight()).x()} px"
+                     for b in inner.findChildren(QAbstractButton)
+                     if b.isVisibleTo(inner) and b.mapTo(inner, b.rect().topRight()).x() > visible]
+            measured[name] = {"content_min": inner.minimumSizeHint().width(), "visible": visible,
+                              "dock": _dock_of(panel).width()}
+            widest = sorted(((w.minimumSizeHint().width(), type(w).__name__, w.objectName())
+                             for w in inner.findChildren(QWidget) if w.isVisibleTo(inner)), reverse=True)[:4]
+            assert inner.minimumSizeHint().width() <= visible, (name, measured[name], widest)
+            assert area.horizontalScrollBar().maximum() == 0 and not wider, (name, wider)
+            assert "(" not in _dock_of(panel).windowTitle()  # the tab shows the panel's name, not napari's suffix
+            _grab(panel, screenshots / f"panel-{name.lower().replace(' ', '-')}.png")
+        tabs = {}
+        for bar in window.findChildren(QTabBar):
+            texts = [bar.tabText(i) for i in range(bar.count())]
+            if not any(t in texts for t in ("Cohort", "Evaluation", "Features")):
+                continue
+            fm = bar.fontMetrics()
+            for i, text in enumerate(texts):
+                assert bar.tabRect(i).width() >= fm.horizontalAdvance(text), (text, bar.tabRect(i).width())
+            tabs[", ".join(texts)] = [bar.tabRect(i).width() for i in range(bar.count())]
+        assert tabs
+        _raise(panels["Cohort"])
+        viewer.screenshot(str(screenshots / "window-all-eight-panels.png"), canvas_only=False)
+        report = artifacts_dir / "panel-widths.json"
+        report.write_text(json.dumps({"window_height": window.frameGeometry().height(), "panels": measured,
+                                      "tabs": tabs}, indent=2))
+    finally:
+        _idle(qtbot, panels.values())

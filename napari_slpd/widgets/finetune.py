@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, main_window,
                                          show_info, show_warning)
-from napari_slpd.widgets._panels import DockedPanel, panel_layout
+from napari_slpd.widgets._panels import DockedPanel, compact_form, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         encoder_row.addWidget(self.encoder_combo, 1)
         encoder_row.addWidget(self.switch_button)
 
-        form = QFormLayout()
+        form = compact_form(QFormLayout())
         form.addRow("Preset", self.preset_combo)
         form.addRow("", self.preset_note)
         form.addRow("Epochs", self.epochs_spin)
@@ -285,9 +285,8 @@ class FineTuneWidget(DockedPanel, QWidget):
         device_row.addWidget(self.device_combo, 1)
         device_row.addWidget(QLabel("GPUs"))
         device_row.addWidget(self.gpus_spin)
-        device_row.addWidget(QLabel("threads"))
-        device_row.addWidget(self.threads_spin)
         form.addRow("Device", device_row)
+        form.addRow("CPU threads", self.threads_spin)
         form.addRow("Run folder", run_row)
         form.addRow("Labels", labels_row)
 
@@ -318,7 +317,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.comparison_table = BeforeAfterTable()
         self.comparison_table.setVisible(False)
         self.comparison_table.setMinimumHeight(120)
-        encoders_form = QFormLayout()
+        encoders_form = compact_form(QFormLayout())
         encoders_form.addRow("Region encoder", encoder_row)
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
