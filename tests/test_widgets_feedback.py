@@ -166,6 +166,15 @@ def test_files_that_are_not_slides_are_listed_with_their_reason(make_napari_view
         texts = [table.text(r, COL_SLIDE) for r in range(table.model().rowCount())]
         table.selectRow(texts.index("good.svs (duplicate id)"))
         assert "already used in this cohort" in panel.pixel_note.text()
+        from qtpy.QtWidgets import QWidget
+
+        qtbot.wait(100)  # the layout settles
+        inner = panel.scroll_area.widget()
+        widest = sorted(((w.width(), w.minimumWidth(), w.minimumSizeHint().width(), type(w).__name__)
+                         for w in inner.findChildren(QWidget) if w.isVisibleTo(inner)), reverse=True)[:4]
+        assert panel.scroll_area.horizontalScrollBar().maximum() == 0, (
+            inner.width(), inner.minimumWidth(), inner.sizeHint().width(), inner.minimumSizeHint().width(),
+            panel.scroll_area.viewport().width(), widest)
         _grab(panel, screenshots / "cohort-files-not-added.png")
 
         # Kept in the cohort: a new session lists them too; a file fixed since is a slide again.
@@ -380,3 +389,46 @@ def test_every_panel_fits_its_dock_and_the_window_its_screen(make_napari_viewer,
                                       "tabs": tabs}, indent=2))
     finally:
         _idle(qtbot, panels.values())
+
+
+# -- 7. smaller things ---------------------------------------------------------------------------------------
+
+
+def test_core_advice_is_said_for_the_gui():
+    from napari_slpd.errors import FeatureStoreError
+    from napari_slpd.widgets._common import error_message
+
+    text = error_message(FeatureStoreError("feature file x.h5 does not exist; run `slpd extract` for this slide "
+                                           "first"), "Prototypes")
+    assert text == "Prototypes: feature file x.h5 does not exist; compute the features in the Features panel for " \
+                   "this slide first"
+    again = error_message(FeatureStoreError("x.h5 is an unfinished extraction; run `slpd extract` again with the "
+                                            "same settings to finish it"))
+    assert "compute the features again in the Features panel" in again and "slpd" not in again
+
+
+def test_a_mistyped_folder_is_not_created_and_the_previous_slide_goes(make_napari_viewer, qtbot, cohort, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    panel = _dock(viewer, "Cohort")["Cohort"]
+    state = panel.state
+    try:
+        panel.open_cohort(cohort.root)
+        panel.open_slide("cmu_small_region", detect_tissue=False)
+        assert state.slpd_layers()
+        asked = []
+        panel.confirm = lambda title, text, yes: asked.append(text) or False
+        typo = tmp_path / "cohrot"
+        panel.folder_edit.setText(str(typo))
+        panel.open_button.click()
+        assert asked and str(typo) in asked[0] and not typo.exists()
+        assert "nothing was created" in panel.task_bar.status.text()
+        assert state.session.root == cohort.root and state.slpd_layers()  # the open cohort stays as it was
+
+        panel.confirm = lambda title, text, yes: True
+        new = tmp_path / "new-cohort"
+        panel.folder_edit.setText(str(new))
+        panel.open_button.click()
+        assert new.is_dir() and state.session.root == new.resolve()
+        assert state.slpd_layers() == [] and state.current is None  # the other cohort's slide is gone
+    finally:
+        _idle(qtbot, [panel])

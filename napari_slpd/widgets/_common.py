@@ -11,6 +11,7 @@ user, and the panel stays usable.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any, Callable
 
@@ -32,10 +33,31 @@ ProgressFn = Callable[[int, int], None]
 TaskFn = Callable[[ProgressFn, threading.Event], Any]
 
 
+# The core's messages name the CLI command that fixes a problem; in the GUI the panel that does it is meant.
+_CLI_TO_GUI = (
+    (re.compile(r"run `slpd extract` again"), "compute the features again in the Features panel"),
+    (re.compile(r"run `slpd extract`"), "compute the features in the Features panel"),
+    (re.compile(r"`slpd extract`"), "the Features panel"),
+    (re.compile(r"run `slpd prototypes`"), "compute them in the Prototypes panel"),
+    (re.compile(r"`slpd prototypes`"), "the Prototypes panel"),
+    (re.compile(r"`slpd evaluate`"), "the Evaluation panel"),
+    (re.compile(r"`slpd finetune`"), "the fine-tune panel"),
+)
+
+
+def gui_wording(text: str) -> str:
+    """``text`` (a message of the core) with its CLI advice said for the GUI ("run `slpd extract` ..." ->
+    "compute the features in the Features panel ...")."""
+    for pattern, replacement in _CLI_TO_GUI:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def error_message(exc: BaseException, context: str = "") -> str:
-    """The text a person sees for ``exc``: the core's own words for SlpdError, type and text otherwise."""
+    """The text a person sees for ``exc``: the core's own words for SlpdError (its CLI advice said for the
+    GUI), type and text otherwise."""
     if isinstance(exc, SlpdError):
-        text = str(exc)
+        text = gui_wording(str(exc))
     else:
         text = f"unexpected {type(exc).__name__}: {exc}" if str(exc) else f"unexpected {type(exc).__name__}"
     return f"{context}: {text}" if context else text
@@ -45,7 +67,7 @@ def show_error(exc: BaseException | str, context: str = "") -> str:
     """Report an error as a napari notification (never a modal dialog) and return the message shown."""
     from napari.utils.notifications import show_error as napari_show_error
 
-    message = exc if isinstance(exc, str) else error_message(exc, context)
+    message = gui_wording(exc) if isinstance(exc, str) else error_message(exc, context)
     if isinstance(exc, BaseException) and not isinstance(exc, SlpdError):
         # Not an input problem the user can fix: keep the traceback for a bug report.
         log.error("%s", message, exc_info=(type(exc), exc, exc.__traceback__))
@@ -99,13 +121,13 @@ def main_window(napari_viewer):
 def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as napari_show_info
 
-    napari_show_info(message)
+    napari_show_info(gui_wording(message))
 
 
 def show_warning(message: str) -> None:
     from napari.utils.notifications import show_warning as napari_show_warning
 
-    napari_show_warning(message)
+    napari_show_warning(gui_wording(message))
 
 
 def guarded(context: str):

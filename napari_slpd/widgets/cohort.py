@@ -94,7 +94,8 @@ class CohortWidget(DockedPanel, QWidget):
         choose = QPushButton("Choose…")
         choose.clicked.connect(self._choose_folder)
         self.open_button = QPushButton("Open")
-        self.open_button.clicked.connect(guarded("Open cohort")(lambda: self.open_cohort(self.folder_edit.text())))
+        self.open_button.clicked.connect(guarded("Open cohort")(lambda: self.open_typed_folder()))
+        self.folder_edit.returnPressed.connect(guarded("Open cohort")(lambda: self.open_typed_folder()))
         row = QHBoxLayout()
         row.addWidget(self.folder_edit, 1)
         row.addWidget(choose)
@@ -173,6 +174,7 @@ class CohortWidget(DockedPanel, QWidget):
         self.pixel_note.setStyleSheet(f"color: {WARN_COLOR};")
         self.pixel_note.setVisible(False)
         self.task_bar = TaskBar()
+        self.confirm = self._ask  # (title, text, yes) -> bool; tests put their answer here
         self._thumb_worker = None
         self._pending_thumbs: list[str] = []
         self._info_tried: set[str] = set()
@@ -225,6 +227,32 @@ class CohortWidget(DockedPanel, QWidget):
         if folder:
             self.folder_edit.setText(folder)
             guarded("Open cohort")(self.open_cohort)(folder)
+
+    def _ask(self, title: str, text: str, yes: str) -> bool:
+        """A question whose default answer is Cancel; True when the person chose ``yes``."""
+        from qtpy.QtWidgets import QMessageBox
+
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle(title)
+        box.setText(text)
+        box.setTextFormat(Qt.TextFormat.PlainText)
+        accept = box.addButton(yes, QMessageBox.ButtonRole.AcceptRole)
+        box.setDefaultButton(box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole))
+        box.exec()
+        return box.clickedButton() is accept
+
+    def open_typed_folder(self):
+        """Open the folder typed in the field; one that does not exist is created only when the person says
+        so (a mistyped path must not become a new, empty cohort)."""
+        folder = self.folder_edit.text().strip()
+        if folder and not Path(folder).expanduser().exists():
+            path = Path(folder).expanduser().absolute()
+            if not self.confirm("New cohort folder", f"{path} does not exist.\n\nCreate it as a new, empty "
+                                "cohort folder?", "Create"):
+                self.task_bar.status.setText(f"{path} does not exist; nothing was created")
+                return None
+        return self.open_cohort(folder)
 
     def _choose_cache_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Cache folder for read-only cohorts", self.cache_edit.text())
@@ -301,6 +329,7 @@ class CohortWidget(DockedPanel, QWidget):
         if session.saved_settings() is None:
             session.settings = self.state.settings  # saved in the new cohort at once
         self.folder_edit.setText(str(session.root))
+        self._remove_slide_layers()  # the previous cohort's slide must not stay on screen under the new one
         self.state.set_session(session)
         for problem in session.settings_problems[:3]:
             show_warning(f"cohort settings: {problem}")
@@ -315,6 +344,14 @@ class CohortWidget(DockedPanel, QWidget):
                 "(SVS, TIFF, NDPI, MRXS, SCN, BIF, DICOM folders…)"
             )
         return session
+
+    def _remove_slide_layers(self) -> None:
+        viewer = self.viewer
+        for layer in self.state.slpd_layers():
+            try:
+                viewer.layers.remove(layer)
+            except (ValueError, KeyError):  # removed meanwhile
+                pass
 
     def add_slides(self, folder_or_paths) -> list[str]:
         """Register slides (a folder or paths); only slides new to the cohort are counted. Their
