@@ -283,7 +283,10 @@ class Cohort:
         entry = {"state": str(state), "reason": str(reason)}
         if skipped.get(stored) != entry:
             skipped[stored] = entry
-            self._write_registry(registry)
+            try:
+                self._write_registry(registry)
+            except SlpdError as exc:  # the caller still reports it; it is only not kept for next time
+                log.warning("could not remember %s in %s: %s", path, self.registry_path, exc)
         return SkippedFile(path, str(state), str(reason))
 
     def skipped_files(self) -> list[SkippedFile]:

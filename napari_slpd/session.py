@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from napari_slpd.cohort import CACHE_FOLDERS, Cohort, SkippedFile, SlideRecord, find_slides
+from napari_slpd.cohort import CACHE_FOLDERS, Cohort, DuplicateSlideIdError, SkippedFile, SlideRecord, find_slides
 from napari_slpd.errors import FeatureStoreError, PrototypeError, SlpdError
 from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, FeatureSettings,  # noqa: F401
                                           PrototypeSettings, ProgressFn, RegionData, RegionMatch,
@@ -183,10 +183,8 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         return list(dict.fromkeys(notes))
 
     def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[SkippedFile]]:
-        """Register slides; returns (records added, the files not added: SkippedFile with its state,
-        "unreadable" or "duplicate id", and the reason; ``str()`` of one is the reason). The files not added
-        are remembered in the cohort (``Cohort.skipped_files``) for the Cohort panel to list."""
-        from napari_slpd.cohort import DuplicateSlideIdError
+        """Register slides; returns (records added, the files not added: SkippedFile with state "unreadable"
+        or "duplicate id" and the reason), those also kept in the cohort (``Cohort.skipped_files``)."""
         from napari_slpd.slides.slide import locate_slide_file
 
         added, skipped = [], []
@@ -197,11 +195,7 @@ class Session(SessionStatusMixin, SessionViewsMixin):
             except SlpdError as exc:
                 state = "duplicate id" if isinstance(exc, DuplicateSlideIdError) else "unreadable"
                 log.warning("not added to the cohort: %s", exc)
-                try:
-                    skipped.append(self.cohort.record_skipped(path, state, str(exc)))
-                except SlpdError as write_exc:  # the list is for the user: say it even if it cannot be kept
-                    log.warning("could not remember %s in the cohort: %s", path, write_exc)
-                    skipped.append(SkippedFile(Path(path), state, str(exc)))
+                skipped.append(self.cohort.record_skipped(path, state, str(exc)))
         self.last_skipped = skipped
         return added, skipped
 
