@@ -4,6 +4,7 @@ room for a few rows, panels that join the other SLPD docks as tabs when the scre
 from __future__ import annotations
 
 import logging
+import weakref
 
 from qtpy.QtCore import QObject, Qt, QTimer
 from qtpy.QtWidgets import (
@@ -18,6 +19,22 @@ from qtpy.QtWidgets import (
 
 
 log = logging.getLogger(__name__)
+
+
+def later(ms: int, fn, widget) -> None:
+    """Call ``fn(widget)`` in ``ms`` milliseconds unless ``widget`` is gone by then. The pending timer holds
+    only a weak reference: a viewer closed meanwhile is not kept alive by it (napari's tests count leaks)."""
+    ref = weakref.ref(widget)
+
+    def call():
+        target = ref()
+        if target is not None:
+            try:
+                fn(target)
+            except RuntimeError:  # the Qt object was deleted
+                pass
+
+    QTimer.singleShot(ms, call)
 
 
 # -- panels that fit a 1,080-px screen in any combination ----------------------------------------------
@@ -52,15 +69,11 @@ def panel_layout(panel: QWidget) -> QVBoxLayout:
     panel.setMinimumHeight(PANEL_MIN_HEIGHT)
     panel.setMinimumWidth(PANEL_MIN_WIDTH)  # slide names need room; napari's canvas has plenty on 1920 px
     # Once the panel's __init__ has put every widget in place (the next turn of the event loop).
-    QTimer.singleShot(0, lambda: _narrow_quietly(panel))
+    later(0, narrow_combos, panel)
     return QVBoxLayout(inner)
 
 
-def _narrow_quietly(panel) -> None:
-    try:
-        narrow_combos(panel)
-    except RuntimeError:  # closed at once
-        pass
+
 
 
 def compact_form(form):
@@ -161,7 +174,7 @@ class DockedPanel:
             self._slpd_tabified = True
             narrow_combos(self)
             # After napari finished adding the dock (it resizes its area right after showing it).
-            QTimer.singleShot(0, lambda panel=self: _tabify_quietly(panel))
+            later(0, _tabify_quietly, self)
             _DockArranger.install(self)
 
 
@@ -173,7 +186,7 @@ def _tabify_quietly(panel) -> None:
         return
     short_dock_title(panel)
     # Qt lays the dock areas out after this event: check the window's height and tabs once that is done.
-    QTimer.singleShot(0, lambda main=main: (fit_window_to_screen(main), readable_dock_tabs(main)))
+    later(0, lambda window: (fit_window_to_screen(window), readable_dock_tabs(window)), main)
 
 
 # The tab of a docked panel shows its dock's title; napari's "Cohort (napari-slpd)" leaves ~60 px per tab
@@ -228,7 +241,7 @@ def fit_window_to_screen(main, attempts: int = 5) -> bool:
         if main.height() > available.height() - extra and attempts > 1:
             # Refused while the dock areas are still being laid out (it happens right after a slide opens):
             # try again shortly.
-            QTimer.singleShot(100, lambda: fit_window_to_screen(main, attempts - 1))
+            later(100, lambda window: fit_window_to_screen(window, attempts - 1), main)
         if main.frameGeometry().top() < available.top() or main.frameGeometry().bottom() > available.bottom():
             main.move(main.x(), available.top())
         return True
@@ -262,7 +275,7 @@ class _DockArranger(QObject):
             # taller than its screen although its minimum fits: bring it back once the layout is done.
             screen = obj.screen()
             if screen is not None and event.size().height() > screen.availableGeometry().height():
-                QTimer.singleShot(0, lambda main=obj: fit_window_to_screen(main))
+                later(0, fit_window_to_screen, obj)
         return False
 
     @staticmethod

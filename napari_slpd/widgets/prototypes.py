@@ -100,7 +100,7 @@ class PrototypesWidget(DockedPanel, QWidget):
 
         self.k_spin.valueChanged.connect(self._settings_from_form)
         self.seed_spin.valueChanged.connect(self._settings_from_form)
-        self.state.cohort_changed.connect(lambda _session: self._update_trial_note())
+        self.state.cohort_changed.connect(self._on_cohort_changed)  # a bound method: psygnal holds it weakly
         self.state.slide_opened.connect(self._on_slide_opened)
         self.state.features_updated.connect(self._on_features_updated)
         self.state.prototype_style_changed.connect(lambda _sid: self.update_legend())
@@ -147,6 +147,9 @@ class PrototypesWidget(DockedPanel, QWidget):
         self.state.update_settings(prototypes=new)
         self._update_trial_note()
         return True
+
+    def _on_cohort_changed(self, _session) -> None:
+        self._update_trial_note()
 
     def _update_trial_note(self) -> None:
         ps = self.state.settings.prototypes
