@@ -8,6 +8,8 @@ Layout (every file written atomically)::
       registry/<slide_id>.json    one record per slide {"slide_id", "path", "mpp", "mpp_source"} (or {"removed":
                                   true}), each written whole by a rename: any number of processes on any number
                                   of machines register slides at once without losing one (napari_slpd.registry)
+      registry/skipped/<hash>.json  one record per file offered but not registered {"path", "state", "reason"}
+                                  (unreadable, duplicate id), so the GUI lists it instead of dropping it
       features/<slide_id>.h5      FeatureStore (napari_slpd.features.store)
       prototypes/<slide_id>.h5    per-slide prototypes (napari_slpd.prototypes)
       index/                      cohort similarity index (napari_slpd.similarity.index)
@@ -52,6 +54,23 @@ def _parse_registry(text: str) -> dict:
     return registry
 
 
+class DuplicateSlideIdError(SlpdError):
+    """Another file of the cohort already has this slide id (the file name without its suffix)."""
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file offered to the cohort that is not in it, and why: ``state`` "unreadable" (not a slide this
+    reader can open: truncated, damaged, another format) or "duplicate id" (another file has its id)."""
+
+    path: Path
+    state: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass
 class SlideRecord:
     slide_id: str
@@ -90,6 +109,7 @@ class Cohort:
         else:
             unredirect(self.root)
         self._records_folder = _records_folder(self.root, self.cache_root)
+        self._skipped_folder = _records_folder(self.root, self.cache_root, "registry/skipped")
 
     @property
     def read_only(self) -> bool:
@@ -252,7 +272,7 @@ class Cohort:
         for attempt in range(2):
             existing = self._records().get(slide_id)
             if existing is not None and existing.path.resolve() != path:
-                raise SlpdError(
+                raise DuplicateSlideIdError(
                     f"slide id {slide_id!r} is already used in this cohort by {existing.path}; rename {path.name}"
                 )
             entry = {"slide_id": slide_id, "path": stored}
@@ -268,7 +288,44 @@ class Cohort:
                 break
             # another process registered this id a moment ago: check it is the same file, then update
         self._ensure_registry_file()
+        if stored in self._skipped_records():
+            self._skipped_folder.remove_file(_skipped_name(stored))  # a file fixed (or renamed) since refused
         return self.slide(slide_id)
+
+    # -- files that are not slides of the cohort -------------------------------------------------
+    def _stored_path(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def _skipped_records(self) -> dict[str, dict]:
+        return {str(r.get("path")): r for r in self._skipped_folder.read_all().values() if r.get("path")}
+
+    def record_skipped(self, path: str | os.PathLike, state: str, reason: str) -> SkippedFile:
+        """Remember that ``path`` was offered but not registered (``state``, ``reason``), so the GUI and
+        ``slpd status`` list it with the slides instead of dropping it silently (its own record, like a slide's)."""
+        path = Path(path).expanduser().resolve()
+        stored = self._stored_path(path)
+        entry = {"path": stored, "state": str(state), "reason": str(reason)}
+        if self._skipped_records().get(stored) != entry:
+            try:
+                self._skipped_folder.write(_skipped_name(stored), entry)
+            except SlpdError as exc:  # the caller still reports it; it is only not kept for next time
+                log.warning("could not remember %s in %s: %s", path, self._skipped_folder.write_folder, exc)
+        return SkippedFile(path, str(state), str(reason))
+
+    def skipped_files(self) -> list[SkippedFile]:
+        """The files offered but not registered that still exist (those since registered are left out)."""
+        registered = {str(r.path) for r in self._records().values()}
+        out = []
+        for stored, entry in sorted(self._skipped_records().items()):
+            path = Path(stored)
+            path = path if path.is_absolute() else self.root / path
+            if str(path) in registered or not path.exists():
+                continue
+            out.append(SkippedFile(path, str(entry.get("state", "unreadable")), str(entry.get("reason", ""))))
+        return out
 
     def _ensure_registry_file(self) -> None:
         """cohort.json marks a folder as a cohort (the commands look for it): created once, never
@@ -336,12 +393,19 @@ class Cohort:
         return self._file(self.root / "training")
 
 
-def _records_folder(root: Path, cache_root: Path | None):
+def _records_folder(root: Path, cache_root: Path | None, sub: str = "registry"):
     """The per-slide records of a cohort: its own, and (read-only cohort) its cache folder's over them."""
     from napari_slpd.utils.record_folder import RecordFolder
 
-    own = root / "registry"
+    own = root / sub
     if cache_root is None:
         return RecordFolder([own], own)
-    cached = cache_root / "registry"
+    cached = cache_root / sub
     return RecordFolder([own, cached], cached)
+
+
+def _skipped_name(stored: str) -> str:
+    """A file name for the record of a skipped path (paths hold separators and may be long)."""
+    import hashlib
+
+    return hashlib.sha256(stored.encode("utf-8")).hexdigest()[:24]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from napari_slpd.cohort import CACHE_FOLDERS, Cohort, SlideRecord, find_slides
+from napari_slpd.cohort import CACHE_FOLDERS, Cohort, DuplicateSlideIdError, SkippedFile, SlideRecord, find_slides
 from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, FeatureSettings,  # noqa: F401
                                           PrototypeSettings, ProgressFn, RegionData, RegionMatch,
@@ -73,6 +73,7 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         self.cohort = Cohort(root, create=create)
         self._lock = threading.RLock()
         self.notices: list[str] = []  # what opening found and settled (see _recover), for the user
+        self.last_skipped: list[SkippedFile] = []  # files the last add_slides (or open) did not register
         # Read back from the cohort's files as slides are shown and queried: the most recently used are kept
         # (a long session over a large cohort must not keep every slide it touched).
         self._regions: _Recent = _Recent(REGIONS_KEPT)  # slide_id -> (mtime, RegionData)
@@ -182,19 +183,22 @@ class Session(SessionStatusMixin, SessionViewsMixin):
             notes.append(self.settings_save_error)
         return list(dict.fromkeys(notes))
 
-    def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[str]]:
-        """Register slides; returns (records added, messages for paths that are not slides)."""
+    def add_slides(self, paths: Iterable[str | os.PathLike]) -> tuple[list[SlideRecord], list[SkippedFile]]:
+        """Register slides; returns (records added, the files not added: SkippedFile with state "unreadable"
+        or "duplicate id" and the reason), those also kept in the cohort (``Cohort.skipped_files``)."""
         from napari_slpd.slides.slide import locate_slide_file
 
-        added, problems = [], []
+        added, skipped = [], []
         for path in paths:
             try:
                 locate_slide_file(path)
                 added.append(self.cohort.add_slide(path))
             except SlpdError as exc:
-                problems.append(str(exc))
+                state = "duplicate id" if isinstance(exc, DuplicateSlideIdError) else "unreadable"
                 log.warning("not added to the cohort: %s", exc)
-        return added, problems
+                skipped.append(self.cohort.record_skipped(path, state, str(exc)))
+        self.last_skipped = skipped
+        return added, skipped
 
     def slide_ids(self) -> list[str]:
         return self.cohort.slide_ids()

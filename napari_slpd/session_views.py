@@ -10,15 +10,44 @@ from typing import Sequence
 import numpy as np
 
 from napari_slpd.cohort import SlideRecord
-from napari_slpd.errors import SlpdError
+from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.utils.files import atomic_path
 
-from napari_slpd.session_settings import ProgressFn, THUMBNAIL_PX
+from napari_slpd.session_settings import ProgressFn, PrototypeSettings, THUMBNAIL_PX
+from napari_slpd.utils.device import kmeans_device
 
 log = logging.getLogger(__name__)
 
 
 class SessionViewsMixin:
+    # -- a K tried on one slide (the Prototypes panel) -------------------------------------------------
+    def trial_prototypes(self, slide_id: str, k: int, seed: int | None = None):
+        """The slide's prototypes for another K (and seed) than the cohort's, computed and *not* cached: trying
+        a K on one slide leaves the cohort's settings and every slide's cached prototypes as they are (the
+        Prototypes panel shows them until the K is applied to the cohort)."""
+        from napari_slpd.prototypes.cache import compute_slide_prototypes
+
+        ps = self.settings.prototypes
+        PrototypeSettings(k=int(k))  # validates K with the settings' own message
+        data = self.region_data(slide_id)  # raises FeatureStoreError when there are no features
+        protos = compute_slide_prototypes(
+            self.cohort, slide_id, k=int(k), seed=int(ps.seed if seed is None else seed), niter=int(ps.niter),
+            nredo=int(ps.nredo), min_regions=ps.min_regions, device=kmeans_device(self.settings.features.device),
+            save=False,
+        )
+        if len(protos.assignments) != len(data):
+            raise PrototypeError(f"the features of {slide_id} changed while its prototypes were computed; try again")
+        return protos
+
+    def has_cached_prototypes(self) -> bool:
+        """Whether any slide of the cohort has prototypes in the cache (for any settings): changing K or the
+        seed then makes them stale."""
+        folders = dict.fromkeys([self.cohort.prototypes_path("_").parent, self.cohort.root / "prototypes"])
+        try:
+            return any(any(folder.glob("*.h5")) for folder in folders)
+        except OSError:
+            return False
+
     # -- thumbnails ------------------------------------------------------------------------------------
     def thumbnail(self, slide_id: str, max_px: int = THUMBNAIL_PX) -> np.ndarray:
         """RGB uint8 thumbnail (longer side ``max_px``), cached as COHORT/thumbnails/<id>.png."""

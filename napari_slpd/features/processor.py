@@ -184,6 +184,8 @@ class ExtractionProcessor:
         if result.status == "error":
             with contextlib.suppress(SlpdError, OSError):
                 atomic_write_json(record, {"slide_id": task.slide_id, "path": str(task.path), "message": result.message})
+            if self.register:  # listed with its reason in the Cohort panel, not dropped (a later success clears it)
+                self.cohort.record_skipped(task.path, "not extracted", result.message)
             return
         if result.status not in FINISHED:
             return

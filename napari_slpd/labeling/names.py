@@ -18,7 +18,8 @@ File layout (JSON, written atomically)::
          "labels": {"<k>": {"name": "tumour", "color": "#d62728", "source": "user",
                             "confidence": null, "origin": null, "updated": 1718000000.0}}}}}
 
-``source`` is "user" (typed or accepted by a person), "proalign" (a zero-shot name accepted from
+``source`` is "default" (only a colour was chosen: the name stays the default "prototype <k>", whatever index
+the prototype has later), "user" (typed or accepted by a person), "proalign" (a zero-shot name accepted from
 ProAlign; confidence = its share of the prototype's patches times their mean confidence) or
 "propagated" (copied from a matched prototype of another slide; confidence = the cosine of the two
 prototypes; origin = "<slide_id>:<k>").
@@ -49,7 +50,7 @@ from napari_slpd.utils.files import atomic_write_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SOURCES = ("user", "proalign", "propagated")
+SOURCES = ("user", "proalign", "propagated", "default")
 
 class StaleAnnotationsError(PrototypeError):
     """Names were given to prototypes that have since been recomputed."""
@@ -127,6 +128,11 @@ class PrototypeLabel:
             raise SlpdError(f"label source must be one of {SOURCES}, not {self.source!r}")
         if self.confidence is not None:
             self.confidence = float(self.confidence)
+
+    @property
+    def named(self) -> bool:
+        """Whether a name was given (a colour-only label keeps the default name)."""
+        return self.source != "default"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -326,7 +332,13 @@ class PrototypeAnnotations:
             return {}
         if st.status != "current":
             raise StaleAnnotationsError(st.message)
-        return {int(k): PrototypeLabel.from_json(v) for k, v in self._slide(slide_id)["labels"].items()}
+        labels = {int(k): PrototypeLabel.from_json(v) for k, v in self._slide(slide_id)["labels"].items()}
+        for k, label in labels.items():
+            # Files written before colour-only labels existed stored a recolour as the user "naming" the
+            # prototype its default name: that name says nothing and must not travel to another index.
+            if label.source == "user" and label.name == default_name(k):
+                label.source = "default"
+        return labels
 
     def label(self, slide_id: str, k: int, protos=None) -> PrototypeLabel | None:
         return self.labels(slide_id, protos).get(int(k))
@@ -341,7 +353,7 @@ class PrototypeAnnotations:
             labels = self.labels(slide_id, protos) if protos is not None else {}
         except StaleAnnotationsError:
             labels = {}
-        names = {i: labels[i].name if i in labels else default_name(i) for i in range(k)}
+        names = {i: labels[i].name if i in labels and labels[i].named else default_name(i) for i in range(k)}
         # Stored colours where given, palette colours elsewhere, never two alike on one slide.
         colors = slide_colors(k, {i: labels[i].color for i in labels if i < k})
         return names, colors
@@ -414,8 +426,8 @@ class PrototypeAnnotations:
     def recolor(self, slide_id: str, k: int, color) -> PrototypeLabel:
         with self._lock:
             current = self.label(slide_id, k)
-            if current is None:
-                return self.set_label(slide_id, k, color=color, source="user")
+            if current is None:  # a colour, no name: the default name stays (and follows the index)
+                return self.set_label(slide_id, k, name=default_name(k), color=color, source="default")
             # A colour change keeps where the name came from.
             return self.set_label(slide_id, k, color=color, source=current.source,
                                   confidence=current.confidence, origin=current.origin)
@@ -511,7 +523,9 @@ class PrototypeAnnotations:
                     f"'{label.name}' overlaps no new prototype enough (best IoU {best:.2f} < {min_iou})"),
                     identity=identity))
                 continue
-            moved = PrototypeLabel(label.name, label.color, label.source, label.confidence, label.origin)
+            is_default = label.source == "default" or label.name == default_name(k)
+            moved = PrototypeLabel(default_name(target) if is_default else label.name, label.color,
+                                   "default" if is_default else label.source, label.confidence, label.origin)
             changes.append(Change(slide_id, int(target), "set", moved, None, similarity=float(iou[k, target]),
                                   reason=f"carried from old prototype {k} (IoU {iou[k, target]:.2f})",
                                   identity=identity))

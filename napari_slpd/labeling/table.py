@@ -25,7 +25,7 @@ class PrototypeRow:
     name: str
     color: str
     named: bool  # a name was given (else the default name)
-    source: str  # "user" | "proalign" | "propagated" | "" (default)
+    source: str  # "user" | "proalign" | "propagated" | "" (the default name, whatever the colour)
     confidence: float | None
     regions: int
     share: float  # fraction of the slide's regions
@@ -51,12 +51,13 @@ def prototype_rows(annotations: PrototypeAnnotations, slide_id: str, protos,
     rows = []
     for k in range(protos.k):
         label = labels.get(k)
+        named = label is not None and label.named  # a colour-only label keeps the default name
         rows.append(PrototypeRow(
             proto_idx=k,
-            name=label.name if label else default_name(k),
+            name=label.name if named else default_name(k),
             color=label.color if label else default_color(k),
-            named=label is not None,
-            source=label.source if label else "",
+            named=named,
+            source=label.source if named else "",
             confidence=label.confidence if label else None,
             regions=int(counts[k]),
             share=float(counts[k]) / total,

@@ -11,6 +11,7 @@ user, and the panel stays usable.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any, Callable
 
@@ -32,10 +33,31 @@ ProgressFn = Callable[[int, int], None]
 TaskFn = Callable[[ProgressFn, threading.Event], Any]
 
 
+# The core's messages name the CLI command that fixes a problem; in the GUI the panel that does it is meant.
+_CLI_TO_GUI = (
+    (re.compile(r"run `slpd extract` again"), "compute the features again in the Features panel"),
+    (re.compile(r"run `slpd extract`"), "compute the features in the Features panel"),
+    (re.compile(r"`slpd extract`"), "the Features panel"),
+    (re.compile(r"run `slpd prototypes`"), "compute them in the Prototypes panel"),
+    (re.compile(r"`slpd prototypes`"), "the Prototypes panel"),
+    (re.compile(r"`slpd evaluate`"), "the Evaluation panel"),
+    (re.compile(r"`slpd finetune`"), "the fine-tune panel"),
+)
+
+
+def gui_wording(text: str) -> str:
+    """``text`` (a message of the core) with its CLI advice said for the GUI ("run `slpd extract` ..." ->
+    "compute the features in the Features panel ...")."""
+    for pattern, replacement in _CLI_TO_GUI:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def error_message(exc: BaseException, context: str = "") -> str:
-    """The text a person sees for ``exc``: the core's own words for SlpdError, type and text otherwise."""
+    """The text a person sees for ``exc``: the core's own words for SlpdError (its CLI advice said for the
+    GUI), type and text otherwise."""
     if isinstance(exc, SlpdError):
-        text = str(exc)
+        text = gui_wording(str(exc))
     else:
         text = f"unexpected {type(exc).__name__}: {exc}" if str(exc) else f"unexpected {type(exc).__name__}"
     return f"{context}: {text}" if context else text
@@ -45,7 +67,7 @@ def show_error(exc: BaseException | str, context: str = "") -> str:
     """Report an error as a napari notification (never a modal dialog) and return the message shown."""
     from napari.utils.notifications import show_error as napari_show_error
 
-    message = exc if isinstance(exc, str) else error_message(exc, context)
+    message = gui_wording(exc) if isinstance(exc, str) else error_message(exc, context)
     if isinstance(exc, BaseException) and not isinstance(exc, SlpdError):
         # Not an input problem the user can fix: keep the traceback for a bug report.
         log.error("%s", message, exc_info=(type(exc), exc, exc.__traceback__))
@@ -99,13 +121,13 @@ def main_window(napari_viewer):
 def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as napari_show_info
 
-    napari_show_info(message)
+    napari_show_info(gui_wording(message))
 
 
 def show_warning(message: str) -> None:
     from napari.utils.notifications import show_warning as napari_show_warning
 
-    napari_show_warning(message)
+    napari_show_warning(gui_wording(message))
 
 
 def guarded(context: str):
@@ -142,6 +164,12 @@ def _positional_capacity(fn) -> int | None:
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return None
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` says the work was cancelled (by napari's activity dock, or a cancel event the core
+    was handed by someone else) rather than failed: the core's cancellation errors are named so."""
+    return any(cls.__name__.endswith("Cancelled") or cls.__name__ == "CancelledError" for cls in type(exc).__mro__)
 
 
 class _ProgressRelay(QObject):
@@ -210,7 +238,9 @@ class Task:
 
             # napari's activity dock shows this bar; its own cancel button sets our event too.
             self._pbar = cancelable_progress(total=0, desc=self.description, cancel_callback=self.cancel)
-        self.worker = create_worker(work, _start_thread=False)
+        # _ignore_errors: superqt would otherwise raise the work's exception again in the GUI thread, where
+        # napari shows it as a second toast (with its traceback), a cancel included; _on_errored says it once.
+        self.worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(self._on_returned)
         self.worker.errored.connect(self._on_errored)
         self.worker.finished.connect(self._on_finished)
@@ -262,7 +292,7 @@ class Task:
                 self.outcome = "error"
 
     def _on_errored(self, exc: BaseException) -> None:
-        if self.cancel_event.is_set():
+        if self.cancel_event.is_set() or _is_cancellation(exc):
             # Work that stops because it was cancelled may raise; that is not an error to report.
             self.outcome = "cancelled"
             self._call(self.on_cancelled)

@@ -324,7 +324,9 @@ def show_prototypes(state: SlpdState, protos, color_of: dict[int, int] | None = 
                   "color_of": dict(color_of or {})},
         **_units(opened.geometry),
     )
+    state.layer_restyler = recolor_prototypes  # SlpdState.restyle_prototypes redraws this layer first
     opened.extras["prototypes"] = protos
+    opened.extras.pop("trial_k", None)  # the Prototypes panel marks a K tried on this slide only after this
     opened.extras["color_of"] = dict(color_of or {})
     opened.extras["query_slide"] = query_slide if color_of else None
     if viewer is None:
@@ -345,8 +347,11 @@ def recolor_prototypes(state: SlpdState) -> None:
     opened = state.current
     if opened is None or "prototypes" not in opened.extras:
         return
+    trial_k = opened.extras.get("trial_k")  # the same prototypes, still a K tried on this slide only
     show_prototypes(state, opened.extras["prototypes"], opened.extras.get("color_of"),
                     query_slide=opened.extras.get("query_slide"))
+    if trial_k:
+        opened.extras["trial_k"] = trial_k
 
 
 def _keep_on_top(state: SlpdState, roles: Sequence[str]) -> None:
@@ -436,4 +441,4 @@ def ensure_selection_painter(state: SlpdState) -> None:
             log.warning("could not draw the selected regions: %s", exc)
 
     state.selection_changed.connect(paint)
-    state.prototype_style_changed.connect(lambda _sid, state_ref=state: recolor_prototypes(state_ref))
+    # Restyling (SlpdState.restyle_prototypes) redraws the prototypes layer itself before it signals.

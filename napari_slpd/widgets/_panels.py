@@ -4,6 +4,7 @@ room for a few rows, panels that join the other SLPD docks as tabs when the scre
 from __future__ import annotations
 
 import logging
+import weakref
 
 from qtpy.QtCore import QObject, Qt, QTimer
 from qtpy.QtWidgets import (
@@ -18,6 +19,22 @@ from qtpy.QtWidgets import (
 
 
 log = logging.getLogger(__name__)
+
+
+def later(ms: int, fn, widget) -> None:
+    """Call ``fn(widget)`` in ``ms`` milliseconds unless ``widget`` is gone by then. The pending timer holds
+    only a weak reference: a viewer closed meanwhile is not kept alive by it (napari's tests count leaks)."""
+    ref = weakref.ref(widget)
+
+    def call():
+        target = ref()
+        if target is not None:
+            try:
+                fn(target)
+            except RuntimeError:  # the Qt object was deleted
+                pass
+
+    QTimer.singleShot(ms, call)
 
 
 # -- panels that fit a 1,080-px screen in any combination ----------------------------------------------
@@ -51,7 +68,36 @@ def panel_layout(panel: QWidget) -> QVBoxLayout:
     panel.scroll_area = scroll
     panel.setMinimumHeight(PANEL_MIN_HEIGHT)
     panel.setMinimumWidth(PANEL_MIN_WIDTH)  # slide names need room; napari's canvas has plenty on 1920 px
+    # Once the panel's __init__ has put every widget in place (the next turn of the event loop).
+    later(0, narrow_combos, panel)
     return QVBoxLayout(inner)
+
+
+
+
+
+def compact_form(form):
+    """``form`` (a QFormLayout) laid out to fit a dock: a field too wide beside its label goes under it,
+    and fields take the width there is (not their own preferred width)."""
+    from qtpy.QtWidgets import QFormLayout
+
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return form
+
+
+COMBO_MIN_CHARS = 12
+
+
+def narrow_combos(panel: QWidget) -> None:
+    """Combo boxes of ``panel`` take the width the dock gives them, not that of their longest item (an encoder
+    or checkpoint name made the fine-tune panel 600 px wide); the list that drops down still shows whole
+    items, and the chosen one is in the tooltip of the row anyway."""
+    from qtpy.QtWidgets import QComboBox
+
+    for combo in panel.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(min(COMBO_MIN_CHARS, max(4, combo.minimumContentsLength())))
 
 
 def table_min_height(table: QAbstractItemView, rows: int = MIN_TABLE_ROWS, row_height: int | None = None) -> int:
@@ -126,16 +172,81 @@ class DockedPanel:
         super().showEvent(event)
         if not self._slpd_tabified:
             self._slpd_tabified = True
+            narrow_combos(self)
             # After napari finished adding the dock (it resizes its area right after showing it).
-            QTimer.singleShot(0, lambda panel=self: _tabify_quietly(panel))
+            later(0, _tabify_quietly, self)
             _DockArranger.install(self)
 
 
 def _tabify_quietly(panel) -> None:
     try:
         tabify_with_siblings(panel)
+        main = panel.window()
     except RuntimeError:  # the panel was closed at once
+        return
+    short_dock_title(panel)
+    # Qt lays the dock areas out after this event: check the window's height and tabs once that is done.
+    later(0, lambda window: (fit_window_to_screen(window), readable_dock_tabs(window)), main)
+
+
+# The tab of a docked panel shows its dock's title; napari's "Cohort (napari-slpd)" leaves ~60 px per tab
+# once all eight panels share a dock ("Fe…", "Pro…"). Short titles, and tab bars that scroll instead of
+# eliding, keep every title readable.
+SHORT_TITLES = {"SLPD fine-tune": "Fine-tune", "Prototype labeling": "Labeling", "Similar slides": "Similar",
+                "Embedding map": "Map"}
+
+
+def short_dock_title(panel: QWidget) -> str | None:
+    """Drop napari's " (plugin)" suffix from the title of ``panel``'s dock, and shorten the longer names;
+    returns the new title (None when the panel is not docked)."""
+    dock = _dock_of(panel)
+    if dock is None:
+        return None
+    title = dock.windowTitle()
+    if title.endswith(")") and " (" in title:
+        title = title[: title.rindex(" (")]
+    title = SHORT_TITLES.get(title, title)
+    if title != dock.windowTitle():
+        dock.setWindowTitle(title)
+    return title
+
+
+def readable_dock_tabs(main) -> None:
+    """The dock tab bars of ``main`` scroll instead of eliding their titles."""
+    from qtpy.QtWidgets import QTabBar
+
+    try:
+        for bar in main.findChildren(QTabBar, options=Qt.FindChildOption.FindDirectChildrenOnly):
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)
+    except RuntimeError:  # the window is gone
         pass
+
+
+def fit_window_to_screen(main, attempts: int = 5) -> bool:
+    """Bring ``main`` (napari's window) back within its screen's height when docking panels made it taller
+    than the screen while its own minimum fits (Qt grows a window to its docks' preferred heights when
+    several are added at once). True if it was resized."""
+    try:
+        screen = main.screen() if isinstance(main, QMainWindow) else None
+        if screen is None or main.isMaximized() or main.isFullScreen():
+            return False
+        available = screen.availableGeometry()
+        frame = main.frameGeometry()
+        # Title bar and borders (none without a window manager; the frame may lag a resize: never below 0).
+        extra = max(0, frame.height() - main.height())
+        if max(frame.height(), main.height()) <= available.height() or main.minimumSizeHint().height() + extra > available.height():
+            return False
+        main.resize(main.width(), available.height() - extra)
+        if main.height() > available.height() - extra and attempts > 1:
+            # Refused while the dock areas are still being laid out (it happens right after a slide opens):
+            # try again shortly.
+            later(100, lambda window: fit_window_to_screen(window, attempts - 1), main)
+        if main.frameGeometry().top() < available.top() or main.frameGeometry().bottom() > available.bottom():
+            main.move(main.x(), available.top())
+        return True
+    except RuntimeError:  # the window is gone
+        return False
 
 
 class _DockArranger(QObject):
@@ -159,6 +270,12 @@ class _DockArranger(QObject):
         if event.type() == QEvent.Type.ChildAdded and isinstance(event.child(), QDockWidget):
             dock = event.child()
             QTimer.singleShot(0, lambda dock=dock: self._arrange(dock))
+        elif event.type() == QEvent.Type.Resize and obj.isWindow():
+            # Docks growing to their preferred heights (a slide opened, a panel filled in) may make the window
+            # taller than its screen although its minimum fits: bring it back once the layout is done.
+            screen = obj.screen()
+            if screen is not None and event.size().height() > screen.availableGeometry().height():
+                later(0, fit_window_to_screen, obj)
         return False
 
     @staticmethod

@@ -52,6 +52,7 @@ STATUS_TIPS = {
 COLUMNS = ("", "Slide", "µm/px", "Features", "Protos")
 COL_THUMB, COL_SLIDE, COL_MPP, COL_FEATURES, COL_PROTOS = range(5)
 WARN_COLOR = "#f0a030"
+SKIPPED_COLOR = "#e05050"  # files offered to the cohort that are not slides of it
 # Up to this many slides, statuses are read before the list shows and every thumbnail is read in the
 # background; a larger cohort lists its rows at once (from the cohort file), reads unknown statuses off
 # the GUI thread (rows on screen first) and thumbnails only for the rows on screen.
@@ -60,6 +61,16 @@ STATUS_BATCH = 200
 MAX_ICONS = 1000  # thumbnails kept in the list of a large cohort (the farthest from view are dropped)
 FIT_COLUMNS = (COL_MPP, COL_FEATURES, COL_PROTOS)
 FIT_PAD_PX = 14  # a cell's text margins and grid line
+
+
+def skipped_summary(skipped) -> str:
+    """'2 unreadable file(s), 1 duplicate slide id' for a list of SkippedFile."""
+    from collections import Counter
+
+    counts = Counter(sk.state for sk in skipped)
+    words = {"unreadable": "unreadable file(s)", "duplicate id": "file(s) whose slide id another file has",
+             "not extracted": "slide(s) without features (see the reason)"}
+    return ", ".join(f"{n} {words.get(state, state)}" for state, n in sorted(counts.items()))
 
 
 def array_to_pixmap(image: np.ndarray) -> QPixmap:
@@ -84,7 +95,8 @@ class CohortWidget(DockedPanel, QWidget):
         choose = QPushButton("Choose…")
         choose.clicked.connect(self._choose_folder)
         self.open_button = QPushButton("Open")
-        self.open_button.clicked.connect(guarded("Open cohort")(lambda: self.open_cohort(self.folder_edit.text())))
+        self.open_button.clicked.connect(guarded("Open cohort")(lambda: self.open_typed_folder()))
+        self.folder_edit.returnPressed.connect(guarded("Open cohort")(lambda: self.open_typed_folder()))
         row = QHBoxLayout()
         row.addWidget(self.folder_edit, 1)
         row.addWidget(choose)
@@ -163,10 +175,12 @@ class CohortWidget(DockedPanel, QWidget):
         self.pixel_note.setStyleSheet(f"color: {WARN_COLOR};")
         self.pixel_note.setVisible(False)
         self.task_bar = TaskBar()
+        self.confirm = self._ask  # (title, text, yes) -> bool; tests put their answer here
         self._thumb_worker = None
         self._pending_thumbs: list[str] = []
         self._info_tried: set[str] = set()
         self._unusable: list[tuple[str, str]] = []
+        self._skipped: dict = {}  # row -> SkippedFile (files listed after the slides, not in the cohort)
         self.file_pixel_sizes: dict = {}  # slide_id -> PixelSize the file states
         self.statuses: dict = {}
         self._rows: dict[str, int] = {}  # slide_id -> row
@@ -214,6 +228,32 @@ class CohortWidget(DockedPanel, QWidget):
         if folder:
             self.folder_edit.setText(folder)
             guarded("Open cohort")(self.open_cohort)(folder)
+
+    def _ask(self, title: str, text: str, yes: str) -> bool:
+        """A question whose default answer is Cancel; True when the person chose ``yes``."""
+        from qtpy.QtWidgets import QMessageBox
+
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle(title)
+        box.setText(text)
+        box.setTextFormat(Qt.TextFormat.PlainText)
+        accept = box.addButton(yes, QMessageBox.ButtonRole.AcceptRole)
+        box.setDefaultButton(box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole))
+        box.exec()
+        return box.clickedButton() is accept
+
+    def open_typed_folder(self):
+        """Open the folder typed in the field; one that does not exist is created only when the person says
+        so (a mistyped path must not become a new, empty cohort)."""
+        folder = self.folder_edit.text().strip()
+        if folder and not Path(folder).expanduser().exists():
+            path = Path(folder).expanduser().absolute()
+            if not self.confirm("New cohort folder", f"{path} does not exist.\n\nCreate it as a new, empty "
+                                "cohort folder?", "Create"):
+                self.task_bar.status.setText(f"{path} does not exist; nothing was created")
+                return None
+        return self.open_cohort(folder)
 
     def _choose_cache_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Cache folder for read-only cohorts", self.cache_edit.text())
@@ -290,17 +330,29 @@ class CohortWidget(DockedPanel, QWidget):
         if session.saved_settings() is None:
             session.settings = self.state.settings  # saved in the new cohort at once
         self.folder_edit.setText(str(session.root))
+        self._remove_slide_layers()  # the previous cohort's slide must not stay on screen under the new one
         self.state.set_session(session)
         for problem in session.settings_problems[:3]:
             show_warning(f"cohort settings: {problem}")
         if session.settings_save_error:
             show_warning(session.settings_save_error)
+        if session.last_skipped:
+            show_warning(f"{session.root}: not added: {skipped_summary(session.last_skipped)} (listed in the "
+                         "Cohort panel; select one to see why)")
         if not session.slide_ids():
             show_warning(
                 f"{session.root} holds no slides yet; put slides in it or use 'Add slides…' "
                 "(SVS, TIFF, NDPI, MRXS, SCN, BIF, DICOM folders…)"
             )
         return session
+
+    def _remove_slide_layers(self) -> None:
+        viewer = self.viewer
+        for layer in self.state.slpd_layers():
+            try:
+                viewer.layers.remove(layer)
+            except (ValueError, KeyError):  # removed meanwhile
+                pass
 
     def add_slides(self, folder_or_paths) -> list[str]:
         """Register slides (a folder or paths); only slides new to the cohort are counted. Their
@@ -310,17 +362,16 @@ class CohortWidget(DockedPanel, QWidget):
         session = self.state.require_session()
         before = set(session.slide_ids())
         paths = find_slides(folder_or_paths) if isinstance(folder_or_paths, (str, Path)) else folder_or_paths
-        added, problems = session.add_slides(paths)
+        added, skipped = session.add_slides(paths)
         new = [r.slide_id for r in added if r.slide_id not in before]
         again = len(added) - len(new)
-        for problem in problems[:5]:
-            show_warning(problem)
         message = f"added {len(new)} new slide(s) to the cohort"
         if again:
             message += f" ({again} already in it)"
-        if problems:
-            message += f"; {len(problems)} file(s) are not slides"
-        show_info(message)
+        if skipped:
+            message += "; not added: " + skipped_summary(skipped) + " (listed in red below; select one to see why)"
+        # One message: the reasons are in the list (tooltip, and the note under it for the selected file).
+        (show_warning if skipped else show_info)(message)
         self.task_bar.status.setText(message)
         self.refresh()
         return new
@@ -363,6 +414,7 @@ class CohortWidget(DockedPanel, QWidget):
         self._listed_with = None
         self._pending_thumbs.clear()
         self.table.model().set_rows([])
+        self._skipped = {}
         self._rows = {}
         self._icons = {}
         self.file_pixel_sizes = {}
@@ -387,7 +439,7 @@ class CohortWidget(DockedPanel, QWidget):
         if self._listed_with != (session, session.status_settings()):
             self.refresh()
         else:
-            self._update_summary(self.table.model().rowCount())
+            self._update_summary(self.table.model().rowCount() - len(self._skipped))
 
     def _on_slide_opened(self, slide_id: str) -> None:
         model = self.table.model()
@@ -424,6 +476,17 @@ class CohortWidget(DockedPanel, QWidget):
                 unusable.append((record.slide_id, mpp_text))
             mpp = Cell(mpp_text, tooltip=mpp_tip, color=None if usable else WARN_COLOR)
             rows.append([Cell("", icon=icons.get(record.slide_id)), name, mpp, *self._status_cells(st)])
+        try:
+            skipped = session.cohort.skipped_files()
+        except Exception as exc:  # the list of refused files is a courtesy: the slides list stands without it
+            log.warning("files not added: %s", exc)
+            skipped = []
+        self._skipped = {len(rows) + i: sk for i, sk in enumerate(skipped)}
+        for sk in skipped:
+            tip = f"{sk.path}\nnot added ({sk.state}): {sk.reason}"
+            rows.append([Cell(""), Cell(f"{sk.path.name} ({sk.state})", tooltip=tip, color=SKIPPED_COLOR),
+                         Cell("", tooltip=tip), Cell("–", tooltip=tip, align=Qt.AlignmentFlag.AlignCenter),
+                         Cell("–", tooltip=tip, align=Qt.AlignmentFlag.AlignCenter)])
         model.set_rows(rows)
         self._fit_columns(large)
         self._rows = {record.slide_id: row for row, record in enumerate(records)}
@@ -526,7 +589,8 @@ class CohortWidget(DockedPanel, QWidget):
             if batch:
                 yield batch
 
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # said once, below
+        worker.errored.connect(lambda exc: show_warning(f"slide statuses: {exc}"))
         # Only while it is this panel's worker: a batch queued as the panel closes (_quit_workers) is dropped.
         worker.yielded.connect(lambda batch, s=session, w=worker: self._set_statuses(s, batch)
                                if self._status_worker is w else None)
@@ -549,7 +613,7 @@ class CohortWidget(DockedPanel, QWidget):
             changed.append(row)
         if changed:  # one change signal per batch (each signal re-measures the fitted columns)
             model.dataChanged.emit(model.index(min(changed), COL_FEATURES), model.index(max(changed), COL_PROTOS))
-        self._update_summary(model.rowCount())
+        self._update_summary(model.rowCount() - len(self._skipped))
 
     def _update_summary(self, n: int) -> None:
         session = self.state.session
@@ -563,6 +627,7 @@ class CohortWidget(DockedPanel, QWidget):
         weights = "random-init encoders" if fs.random_init else "checkpoint encoders"
         text = (f"{session.root}\n{n} slides · features {n_feat}/{n} · "
                 f"prototypes {n_proto}/{n}" + (f" (reading {pending} more)" if pending > 0 else "")
+                + (f" · {len(self._skipped)} file(s) not added (red; select one to see why)" if self._skipped else "")
                 + f"\nsettings (saved in the cohort): {fs.region_px}-px regions "
                 f"of {fs.patch_px}-px patches at {fs.target_mpp:g} µm/px, {weights}, K={k}")
         if session.settings_save_error:
@@ -581,7 +646,7 @@ class CohortWidget(DockedPanel, QWidget):
         bottom = n - 1 if bottom < 0 else bottom
         page = bottom - top + 1
         lo, hi = max(0, top - page), min(n, bottom + page + 1)
-        wanted = [model.cell(r, COL_SLIDE).data for r in range(lo, hi)]
+        wanted = [sid for sid in (model.cell(r, COL_SLIDE).data for r in range(lo, hi)) if sid is not None]
         missing = [sid for sid in wanted if model.cell(self._rows[sid], COL_THUMB).icon is None
                    and sid not in self._info_tried]
         if missing:
@@ -598,6 +663,11 @@ class CohortWidget(DockedPanel, QWidget):
 
     def _update_pixel_note(self) -> None:
         unusable = self._unusable
+        skipped = self._skipped.get(self.table.currentRow())
+        if skipped is not None:  # the selected row is a file that is not in the cohort: say why
+            self.pixel_note.setText(f"⚠ {skipped.path.name} was not added ({skipped.state}): {skipped.reason}")
+            self.pixel_note.setVisible(True)
+            return
         if not unusable:
             self.pixel_note.setVisible(False)
             return
@@ -628,7 +698,11 @@ class CohortWidget(DockedPanel, QWidget):
 
     def slide_ids(self) -> list[str]:
         model = self.table.model()
-        return [model.cell(r, COL_SLIDE).data for r in range(model.rowCount())]
+        return [sid for sid in (model.cell(r, COL_SLIDE).data for r in range(model.rowCount())) if sid is not None]
+
+    def skipped_files(self) -> list:
+        """The files listed after the slides that are not in the cohort (SkippedFile: path, state, reason)."""
+        return [self._skipped[row] for row in sorted(self._skipped)]
 
     def cell_text(self, slide_id: str, column: int) -> str:
         """What the list shows for ``slide_id`` in ``column`` (COL_MPP, COL_FEATURES, ...)."""
@@ -662,7 +736,7 @@ class CohortWidget(DockedPanel, QWidget):
                     log.warning("no thumbnail for %s: %s", slide_id, exc)
                 yield slide_id, image, info
 
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # each slide's errors are caught
         worker.yielded.connect(self._set_slide_info)
         self._thumb_worker = worker
         worker.finished.connect(lambda: self._info_finished(worker))
@@ -700,6 +774,10 @@ class CohortWidget(DockedPanel, QWidget):
         model = self.table.model()
         if row < 0 or row >= model.rowCount():
             show_warning("select a slide in the list first")
+            return
+        if row in self._skipped:
+            sk = self._skipped[row]
+            show_warning(f"{sk.path.name} is not a slide of this cohort ({sk.state}): {sk.reason}")
             return
         guarded("Open slide")(self.open_slide)(model.cell(row, COL_SLIDE).data)
 

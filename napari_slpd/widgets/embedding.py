@@ -42,11 +42,14 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
         self.compute_button.clicked.connect(guarded("Embedding map")(self.compute))
         clear = QPushButton("Clear selection")
         clear.clicked.connect(self.state.clear_selection)
+        # Two rows: what to map, then what to do (one row was wider than the dock).
         row = QHBoxLayout()
-        row.addWidget(self.scope)
-        row.addWidget(self.tool)
-        row.addWidget(self.compute_button)
-        row.addWidget(clear)
+        row.addWidget(self.scope, 1)
+        row.addWidget(self.tool, 1)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.compute_button)
+        row2.addWidget(clear)
+        row2.addStretch(1)
 
         self.figure = Figure(figsize=(4, 4), dpi=100, facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -59,6 +62,7 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
 
         layout = panel_layout(self)
         layout.addLayout(row)
+        layout.addLayout(row2)
         layout.addWidget(self.canvas, 1)
         layout.addWidget(self.info)
         layout.addWidget(self.task_bar)

@@ -43,7 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_slpd.widgets._common import TaskBar, choose_labels_file, fill_label_tasks, guarded, show_info
-from napari_slpd.widgets._panels import DockedPanel, panel_layout
+from napari_slpd.widgets._panels import DockedPanel, compact_form, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class EvaluationWidget(DockedPanel, QWidget):
             box.setChecked(name in DEFAULT_ON)
             self.protocol_boxes[name] = box
             protocol_row.addWidget(box)
-        form = QFormLayout()
+        form = compact_form(QFormLayout())  # fits the dock (issue 26)
         form.addRow("Labels", labels_row)
         form.addRow("Annotations", annotations_row)
         form.addRow("Task", self.task_combo)

@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, main_window,
                                          show_info, show_warning)
-from napari_slpd.widgets._panels import DockedPanel, panel_layout
+from napari_slpd.widgets._panels import DockedPanel, compact_form, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,11 @@ class LossPlot(QWidget):
                                              label="warm-up ends", visible=False)
         _legend(self.axes, loc="upper left", ncol=2)
         ax = self.monitor_axes
-        _style_axes(ax, "epoch (-1: before training)", "KNN AUC")
+        # Whole epochs counted from 1 as the status line counts them ("epoch 2/4"); 0 is before training.
+        _style_axes(ax, "epoch (0: before training)", "KNN AUC")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0.0, 1.02)
         self.auc_line = ax.plot([], [], "o-", color="#e377c2", linewidth=1.2, markersize=3, label="KNN AUC")[0]
         self.bacc_line = ax.plot([], [], "s--", color="#17becf", linewidth=1.0, markersize=3,
@@ -137,12 +141,12 @@ class LossPlot(QWidget):
 
     def update_monitor(self, records: list[dict], warm_epoch: int | None = None, labelled: bool = False) -> None:
         records = sorted(records, key=lambda r: r.get("epoch", -1))
-        epochs = [r.get("epoch", -1) for r in records]
+        epochs = [r.get("epoch", -1) + 1 for r in records]  # records count from 0 (-1: before training)
         self.auc_line.set_data(epochs, [_nan(r.get("knn_auc")) for r in records])
         self.bacc_line.set_data(epochs, [_nan(r.get("balanced_accuracy")) for r in records])
         if warm_epoch is not None and records:
             # Prototype losses are on from epoch warm_epoch + 1: the boundary sits after epoch warm_epoch.
-            self.monitor_warm_line.set_xdata([warm_epoch + 0.5, warm_epoch + 0.5])
+            self.monitor_warm_line.set_xdata([warm_epoch + 1.5, warm_epoch + 1.5])
         self.monitor_warm_line.set_visible(warm_epoch is not None and bool(records))
         if records:
             self.monitor_note.set_text("")
@@ -154,7 +158,7 @@ class LossPlot(QWidget):
             self.monitor_note.set_text("KNN monitor: waiting for the first measurement" if labelled else
                                        "KNN monitor off: give a labels file")
             self.monitor_axes.set_title("")
-        self.monitor_axes.set_xlim(-1.5, max(epochs + [1]) + 0.5)
+        self.monitor_axes.set_xlim(-0.5, max(epochs + [2]) + 0.5)
         self.canvas.draw_idle()
 
     def points(self, term: str) -> int:
@@ -274,7 +278,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         encoder_row.addWidget(self.encoder_combo, 1)
         encoder_row.addWidget(self.switch_button)
 
-        form = QFormLayout()
+        form = compact_form(QFormLayout())
         form.addRow("Preset", self.preset_combo)
         form.addRow("", self.preset_note)
         form.addRow("Epochs", self.epochs_spin)
@@ -285,9 +289,8 @@ class FineTuneWidget(DockedPanel, QWidget):
         device_row.addWidget(self.device_combo, 1)
         device_row.addWidget(QLabel("GPUs"))
         device_row.addWidget(self.gpus_spin)
-        device_row.addWidget(QLabel("threads"))
-        device_row.addWidget(self.threads_spin)
         form.addRow("Device", device_row)
+        form.addRow("CPU threads", self.threads_spin)
         form.addRow("Run folder", run_row)
         form.addRow("Labels", labels_row)
 
@@ -318,7 +321,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.comparison_table = BeforeAfterTable()
         self.comparison_table.setVisible(False)
         self.comparison_table.setMinimumHeight(120)
-        encoders_form = QFormLayout()
+        encoders_form = compact_form(QFormLayout())
         encoders_form.addRow("Region encoder", encoder_row)
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_slpd.widgets._common import TaskBar, guarded, plain_label, plain_tooltip, show_info, show_warning
-from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
+from napari_slpd.widgets._panels import DockedPanel, compact_form, keep_rows_visible, panel_layout
 from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class LabelingWidget(DockedPanel, QWidget):
         self.accept_all_button = QPushButton("Accept all")
         self.accept_all_button.setToolTip("Take every zero-shot name (names you typed are kept)")
         self.accept_all_button.clicked.connect(guarded("Zero-shot names")(lambda *_: self.accept_suggestion(None)))
-        zs_form = QFormLayout()
+        zs_form = compact_form(QFormLayout())
         zs_form.addRow("Model", self.vlm_edit)
         zs_form.addRow("Checkpoint", ckpt_row)
         zs_form.addRow("Descriptions", self.descriptions_combo)
@@ -143,19 +143,22 @@ class LabelingWidget(DockedPanel, QWidget):
         for col in (0, 1, 3):
             pheader.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.preview.setMaximumHeight(150)
+        # Short rows: the panel fits its dock (about 420 px) without a horizontal scroll bar.
         prop_row = QHBoxLayout()
         prop_row.addWidget(QLabel("Name of"))
         prop_row.addWidget(self.proto_combo, 1)
-        prop_row.addWidget(QLabel("→ top"))
-        prop_row.addWidget(self.neighbours_spin)
-        prop_row.addWidget(QLabel("similar slides"))
+        prop_row2 = QHBoxLayout()
+        prop_row2.addWidget(QLabel("to the"))
+        prop_row2.addWidget(self.neighbours_spin)
+        prop_row2.addWidget(QLabel("most similar slides"), 1)
         prop_buttons = QHBoxLayout()
-        prop_buttons.addWidget(self.overwrite_check)
-        prop_buttons.addStretch(1)
         prop_buttons.addWidget(self.preview_button)
         prop_buttons.addWidget(self.apply_button)
+        prop_buttons.addStretch(1)
         prop_layout = QVBoxLayout()
         prop_layout.addLayout(prop_row)
+        prop_layout.addLayout(prop_row2)
+        prop_layout.addWidget(self.overwrite_check)
         prop_layout.addLayout(prop_buttons)
         prop_layout.addWidget(self.preview)
         prop_box = QGroupBox("Propagate to similar slides")
@@ -170,9 +173,12 @@ class LabelingWidget(DockedPanel, QWidget):
         export_row = QHBoxLayout()
         export_row.addWidget(self.geojson_button)
         export_row.addWidget(self.tiff_button)
-        export_row.addWidget(self.named_only)
+        export_row.addStretch(1)
+        export_layout = QVBoxLayout()
+        export_layout.addLayout(export_row)
+        export_layout.addWidget(self.named_only)
         export_box = QGroupBox("Export")
-        export_box.setLayout(export_row)
+        export_box.setLayout(export_layout)
 
         self.task_bar = TaskBar()
         self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
@@ -223,7 +229,7 @@ class LabelingWidget(DockedPanel, QWidget):
         if session is None or opened is None or self.annotations is None:
             return session, None, None
         protos = opened.extras.get("prototypes")
-        if protos is None or opened.extras.get("color_of"):
+        if protos is None or opened.extras.get("color_of") or opened.extras.get("trial_k"):  # names: cohort K
             try:
                 protos = session.prototypes(opened.slide_id, compute=False)
             except Exception:  # no prototypes for the current settings yet

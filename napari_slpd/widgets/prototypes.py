@@ -1,5 +1,9 @@
 """Prototypes panel: K, (re)compute, the prototype map on the slide and a legend of prototype sizes.
 
+K (and the seed) belong to the cohort: changing them makes every slide's cached prototypes stale. Once
+prototypes are cached, another K in the form is *tried on the open slide only* (computed, shown, not
+saved) until "Apply to all slides" makes it the cohort's K; the panel says which is which.
+
 The map is a Labels layer aligned with the slide (see ``_layers.show_prototypes``): one colour per
 prototype; hovering a region shows its prototype and its distance to that prototype both in napari's
 status bar and in this panel. Clicking a legend row selects that prototype's regions.
@@ -52,6 +56,10 @@ class PrototypesWidget(DockedPanel, QWidget):
         self.compute_button.clicked.connect(guarded("Prototypes")(lambda: self.compute(all_slides=False)))
         self.compute_all_button = QPushButton("All slides")
         self.compute_all_button.setToolTip("Compute the prototypes of every slide that has features")
+        # Shown while the form's K/seed differ from the cohort's (see the module docstring).
+        self.trial_note = plain_label("", word_wrap=True)
+        self.trial_note.setStyleSheet("color: #f0a030;")
+        self.trial_note.setVisible(False)
         self.compute_all_button.clicked.connect(guarded("Prototypes")(lambda: self.compute(all_slides=True)))
         row = QHBoxLayout()
         row.addWidget(QLabel("K"))
@@ -84,6 +92,7 @@ class PrototypesWidget(DockedPanel, QWidget):
         layout = panel_layout(self)
         layout.addLayout(row)
         layout.addLayout(row2)
+        layout.addWidget(self.trial_note)
         layout.addWidget(self.title)
         layout.addWidget(self.legend, 1)
         layout.addWidget(self.hover)
@@ -91,6 +100,7 @@ class PrototypesWidget(DockedPanel, QWidget):
 
         self.k_spin.valueChanged.connect(self._settings_from_form)
         self.seed_spin.valueChanged.connect(self._settings_from_form)
+        self.state.cohort_changed.connect(self._on_cohort_changed)  # a bound method: psygnal holds it weakly
         self.state.slide_opened.connect(self._on_slide_opened)
         self.state.features_updated.connect(self._on_features_updated)
         self.state.prototype_style_changed.connect(lambda _sid: self.update_legend())
@@ -109,13 +119,52 @@ class PrototypesWidget(DockedPanel, QWidget):
             pass
 
     # -- settings --------------------------------------------------------------------------------------
-    def _settings_from_form(self, *_):
+    def _form_settings(self):
         from dataclasses import replace
 
+        return replace(self.state.settings.prototypes, k=self.k_spin.value(), seed=self.seed_spin.value())
+
+    def form_differs(self) -> bool:
+        """Whether the form's K/seed are not the cohort's (they are then tried on the open slide only)."""
+        return self._form_settings() != self.state.settings.prototypes
+
+    def _settings_from_form(self, *_):
+        """The form's K/seed become the cohort's at once while nothing would go stale (no cohort, or no
+        prototypes cached yet); otherwise they wait for 'Apply to all slides'."""
+        new = self._form_settings()
+        if new != self.state.settings.prototypes:
+            session = self.state.session
+            if session is None or not session.has_cached_prototypes():
+                self.state.update_settings(prototypes=new)
+        self._update_trial_note()
+
+    def apply_to_cohort(self) -> bool:
+        """Make the form's K/seed the cohort's (every slide's cached prototypes become stale); False when
+        they already are."""
+        new = self._form_settings()
+        if new == self.state.settings.prototypes:
+            return False
+        self.state.update_settings(prototypes=new)
+        self._update_trial_note()
+        return True
+
+    def _on_cohort_changed(self, _session) -> None:
+        self._update_trial_note()
+
+    def _update_trial_note(self) -> None:
         ps = self.state.settings.prototypes
-        new = replace(ps, k=self.k_spin.value(), seed=self.seed_spin.value())
-        if new != ps:
-            self.state.update_settings(prototypes=new)
+        differs = self.form_differs()
+        self.compute_all_button.setText("Apply to all slides" if differs else "All slides")
+        self.compute_all_button.setToolTip(
+            f"Make K={self.k_spin.value()} (seed {self.seed_spin.value()}) the cohort's and compute every slide's "
+            f"prototypes with it (those cached for K={ps.k} are replaced)" if differs
+            else "Compute the prototypes of every slide that has features")
+        if differs:
+            self.trial_note.setText(
+                f"K={self.k_spin.value()}, seed {self.seed_spin.value()}: tried on the open slide only (not saved). "
+                f"The cohort keeps K={ps.k}, seed {ps.seed}, and its slides' prototypes; 'Apply to all slides' "
+                "changes that.")
+        self.trial_note.setVisible(differs)
 
     def _on_settings_changed(self, settings) -> None:
         ps = settings.prototypes
@@ -124,6 +173,7 @@ class PrototypesWidget(DockedPanel, QWidget):
                 spin.blockSignals(True)
                 spin.setValue(int(value))
                 spin.blockSignals(False)
+        self._update_trial_note()
 
     # -- reacting to the slide -------------------------------------------------------------------------
     def _on_slide_opened(self, slide_id: str) -> None:
@@ -160,6 +210,7 @@ class PrototypesWidget(DockedPanel, QWidget):
         session = self.state.require_session()
         self._settings_from_form()
         if all_slides:
+            self.apply_to_cohort()  # the button says so while the form differs
             slide_ids = session.slides_with_features()
             if not slide_ids:
                 raise SlpdError("no slide has features yet; compute them in the Features panel first")
@@ -173,6 +224,8 @@ class PrototypesWidget(DockedPanel, QWidget):
                     f"no {fs.region_px}-px region fits {opened.slide_id} ({session.slide_size_text(opened.slide_id)}); "
                     "choose a smaller region size in the Features panel (it offers the largest that fits)")
             slide_ids = [opened.slide_id]
+            if self.form_differs():
+                return self._compute_trial(session, opened.slide_id)
         current = self.state.current_slide_id
 
         def work(progress, cancel):
@@ -185,6 +238,30 @@ class PrototypesWidget(DockedPanel, QWidget):
 
         what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
         return self.task_bar.run(work, f"Prototypes of {what} (K={self.k_spin.value()})", on_result=self._on_computed)
+
+    def _compute_trial(self, session, slide_id: str):
+        """The open slide's prototypes for the form's K/seed, shown but not cached (the cohort unchanged)."""
+        k, seed, cohort_k = self.k_spin.value(), self.seed_spin.value(), self.state.settings.prototypes.k
+
+        def work(progress, cancel):
+            progress(0, 1)
+            protos = session.trial_prototypes(slide_id, k, seed)
+            progress(1, 1)
+            return protos
+
+        def done(protos):
+            from napari_slpd.widgets._layers import show_prototypes
+
+            opened = self.state.current
+            if opened is None or opened.slide_id != slide_id:
+                self.task_bar.finish("done", f"K={k} on {slide_id}: computed, not shown ({slide_id} was closed)")
+                return
+            show_prototypes(self.state, protos)
+            opened.extras["trial_k"] = k
+            self.update_legend()
+            self.task_bar.finish("done", f"K={k} tried on {slide_id} only (not saved); the cohort keeps K={cohort_k}")
+
+        return self.task_bar.run(work, f"Prototypes of {slide_id} (K={k}, this slide only)", on_result=done)
 
     def _on_computed(self, result) -> None:
         from napari_slpd.widgets._layers import show_prototypes
@@ -246,7 +323,11 @@ class PrototypesWidget(DockedPanel, QWidget):
             share = QTableWidgetItem(f"{100 * size / total:.0f}%")
             share.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.legend.setItem(k, 3, share)
-        self.title.setText(f"{opened.slide_id}: {len(sizes)} prototypes over {total} regions")
+        title = f"{opened.slide_id}: {len(sizes)} prototypes over {total} regions"
+        if opened.extras.get("trial_k"):
+            title += f" (K={opened.extras['trial_k']} on this slide only; the cohort's K is " \
+                     f"{self.state.settings.prototypes.k})"
+        self.title.setText(title)
 
     def _query_names(self, opened) -> dict[int, str]:
         query = opened.extras.get("query_slide")

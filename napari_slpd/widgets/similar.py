@@ -373,7 +373,8 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
             if batch:
                 yield job.get("serial"), batch
 
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # decoration: errors logged
+        worker.errored.connect(lambda exc: log.warning("slide list decoration stopped: %s", exc))
         worker.yielded.connect(self._decorated)
         worker.finished.connect(job.clear)
         self._decorator = (worker, job)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from psygnal import Signal
@@ -189,6 +189,8 @@ class SlpdState:
         # prototype index -> (name, rgba) chosen by the user; empty = defaults
         self.prototype_names: dict[int, str] = {}
         self.prototype_colors: dict[int, tuple[float, float, float, float]] = {}
+        # Redraws the prototypes layer with the cohort's names and colours (set by _layers.show_prototypes).
+        self.layer_restyler: Callable[["SlpdState"], None] | None = None
 
     # -- one state per viewer ------------------------------------------------------------------------
     @classmethod
@@ -302,7 +304,14 @@ class SlpdState:
             self.prototype_style_changed.emit(self.current_slide_id or "")
 
     def restyle_prototypes(self) -> None:
-        """Names or colours changed in the cohort (labeling panel, propagation): draw them again."""
+        """Names or colours changed in the cohort (labeling panel, propagation): the prototypes layer reads
+        them again first, then every view (legend, hover) is told, so none shows the previous style (a
+        listener connected before the layer's would otherwise read the state one edit behind)."""
+        try:
+            if self.layer_restyler is not None:
+                self.layer_restyler(self)
+        except Exception as exc:  # drawing must never break whoever changed the names
+            log.warning("could not redraw the prototypes: %s", exc)
         self.prototype_style_changed.emit(self.current_slide_id or "")
 
     def prototype_name(self, k: int) -> str:
