@@ -93,9 +93,9 @@ class LabelingWidget(DockedPanel, QWidget):
 
         # -- zero-shot names ----------------------------------------------------------------------------
         self.vlm_edit = QLineEdit()
-        self.vlm_edit.setPlaceholderText("open_clip model, e.g. coca_ViT-B-16 (CONCH) or ViT-B-32 (PLIP)")
+        self.vlm_edit.setPlaceholderText("conch_v1, plip, quiltnet, biomedclip or an open_clip model name")
         self.checkpoint_edit = QLineEdit()
-        self.checkpoint_edit.setPlaceholderText("local checkpoint of the vision-language model")
+        self.checkpoint_edit.setPlaceholderText("its folder as published (e.g. CONCH: pytorch_model.bin + tokenizer file)")
         browse_ckpt = QPushButton("…")
         browse_ckpt.setMaximumWidth(28)
         browse_ckpt.clicked.connect(lambda *_: self._browse(self.checkpoint_edit, "Checkpoint"))
