@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -136,10 +137,19 @@ def test_cohort_file_is_recovered_from_backup_and_feature_files(cohort):
     assert again.slide_ids() == sorted(ids + ["extra"])
     assert again.notice and str(again.registry_path) in again.notice and "recovered" in again.notice
     assert list(cohort.root.glob("cohort.json.damaged-*"))
-    # no backup either: the slides come back from the feature files (each records its slide's path)
+    # no backup either: every slide is still registered, each by its own record (registry/<id>.json)
     for p in list(cohort.root.glob("cohort.json*")):
         p.unlink()
     (cohort.root / "cohort.json").write_text("garbage")
     third = Cohort(cohort.root)
-    assert third.slide_ids() == ids and "feature file" in third.notice
-    assert "without a recorded slide path" in third.notice  # synthetic feature files record none
+    assert third.slide_ids() == sorted(ids + ["extra"]) and "damaged" in third.notice
+    assert third.slide("extra").path == cohort.root / "slides" / "extra.svs"
+    # a cohort of a version before per-slide records (slides only in cohort.json), no backup: the slides
+    # come back from the feature files (each records its slide's path)
+    shutil.rmtree(cohort.root / "registry")
+    for p in list(cohort.root.glob("cohort.json*")):
+        p.unlink()
+    (cohort.root / "cohort.json").write_text("garbage")
+    fourth = Cohort(cohort.root)
+    assert fourth.slide_ids() == ids and "feature file" in fourth.notice
+    assert "without a recorded slide path" in fourth.notice  # synthetic feature files record none
