@@ -114,7 +114,7 @@ def _load_timm(preset: EncoderPreset, source: CheckpointSource | None, seed_buil
     # the architecture is checked against the weights on the meta device first: a wrong checkpoint for a
     # giant fails in a second, and the random initialisation the weights would overwrite is never computed
     with torch.device("meta"):
-        model = create_timm_model(preset, extra)
+        model = create_timm_model(preset, {**extra, "weight_init": "skip"})
     model_keys = set(model.state_dict())
     state_dict = {k: v for k, v in state_dict.items() if k in model_keys or not k.startswith(("head.", "fc_norm."))}
     found, expected = vit_signature(state_dict), vit_signature(model.state_dict())

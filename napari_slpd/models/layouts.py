@@ -177,7 +177,7 @@ def preset_vit_signature(name: str) -> dict[str, Any] | None:
         from napari_slpd.models.presets import get_preset
 
         with torch.device("meta"):
-            model = create_timm_model(get_preset(name))
+            model = create_timm_model(get_preset(name), {"weight_init": "skip"})
         _PRESET_SIGNATURES[name] = vit_signature(model.state_dict())
     return _PRESET_SIGNATURES[name]
 
