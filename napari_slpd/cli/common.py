@@ -49,3 +49,22 @@ def table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# pixel sizes that do not come from the slide file: kept in the registry so the next command uses them too
+RECORDED_PIXEL_SIZE_SOURCES = ("user", "objective-power", "level0-assumed")
+
+
+def record_import(cohort, row: dict, result, slide_path, pixel_size, summary: str, unregistered_note: str) -> int:
+    """Fill a summary row from an import's result (``summary`` when it has no message) and register its
+    slide; 1 when a slide was registered."""
+    row.update(status=result.status, regions=result.n_regions,
+               computed=result.n_regions if result.status == "imported" else 0, message=result.message or summary)
+    if result.status not in ("imported", "skipped"):
+        return 0
+    if slide_path is None:
+        row["message"] += f"; {unregistered_note}: not registered in the cohort"
+        return 0
+    keep = pixel_size.source in RECORDED_PIXEL_SIZE_SOURCES
+    cohort.add_slide(slide_path, mpp=pixel_size.mpp if keep else None, mpp_source=pixel_size.source if keep else None)
+    return 1

@@ -75,6 +75,7 @@ def run_import(args) -> int:
 
     from napari_slpd.cli.extract import format_summary
     from napari_slpd.cohort import Cohort, slide_id_for
+    from napari_slpd.cli.common import record_import
     from napari_slpd.features.import_h5 import import_patch_features
     from napari_slpd.slides.slide import open_slide
 
@@ -109,17 +110,8 @@ def run_import(args) -> int:
             finally:
                 if slide is not None:
                     slide.close()
-            row.update(status=result.status, regions=result.n_regions,
-                       computed=result.n_regions if result.status == "imported" else 0,
-                       message=result.message or f"{result.n_patches} patches, {result.dim}-d")
-            if result.status in ("imported", "skipped"):
-                if slide_path is not None:
-                    keep = pixel_size.source in ("user", "objective-power", "level0-assumed")
-                    cohort.add_slide(slide_path, mpp=pixel_size.mpp if keep else None,
-                                     mpp_source=pixel_size.source if keep else None)
-                    registered += 1
-                else:
-                    row["message"] += "; no slide given (--slides): not registered in the cohort"
+            registered += record_import(cohort, row, result, slide_path, pixel_size,
+                                        f"{result.n_patches} patches, {result.dim}-d", "no slide given (--slides)")
         except SlpdError as exc:
             row["message"] = str(exc)
         row["seconds"] = round(time.perf_counter() - t0, 3)

@@ -65,6 +65,7 @@ def run(args) -> int:
     from napari_slpd.scverse import require_scverse
 
     require_scverse("slpd import-spatialdata", ("spatialdata", "anndata"))
+    from napari_slpd.cli.common import record_import
     from napari_slpd.cli.extract import format_summary
     from napari_slpd.cli.import_features import slides_by_id
     from napari_slpd.cohort import Cohort
@@ -97,17 +98,9 @@ def run(args) -> int:
             finally:
                 if slide is not None:
                     slide.close()
-            row.update(status=result.status, regions=result.n_regions,
-                       computed=result.n_regions if result.status == "imported" else 0,
-                       message=result.message or f"{table.key}: {result.n_patches} tiles, {result.dim}-d")
-            if result.status in ("imported", "skipped"):
-                if slide_path is not None:
-                    keep = pixel_size.source in ("user", "objective-power", "level0-assumed")
-                    cohort.add_slide(slide_path, mpp=pixel_size.mpp if keep else None,
-                                     mpp_source=pixel_size.source if keep else None)
-                    registered += 1
-                else:
-                    row["message"] += "; no slide beside the store or in --slides: not registered in the cohort"
+            registered += record_import(cohort, row, result, slide_path, pixel_size,
+                                        f"{table.key}: {result.n_patches} tiles, {result.dim}-d",
+                                        "no slide beside the store or in --slides")
         except SlpdError as exc:
             row["message"] = str(exc)
         row["seconds"] = round(time.perf_counter() - t0, 3)
