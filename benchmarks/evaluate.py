@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         nearest_sets,
     )
     from napari_slpd.evaluation.splits import make_folds
-    from napari_slpd.evaluation.synthetic import synthetic_prototype_sets
+    from napari_slpd.samples.embedding_cohort import synthetic_prototype_sets
 
     t0 = time.perf_counter()
     sets, y, cases = synthetic_prototype_sets(n, k=args.prototypes, dim=args.dim, n_classes=args.classes,

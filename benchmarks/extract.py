@@ -22,7 +22,7 @@
     Tiles decoded on the GPU (nvJPEG, no host round trip); ``cuda_regions_per_s_cpu_decode``: the same
     with the CPU reader threads decoding (ExtractionConfig.gpu_decode=False).
 
-Mosaics are built from the real CMU-1 small region tiles (napari_slpd.testing.mosaic) under benchmarks/out/.
+Mosaics are built from the real CMU-1 small region tiles (napari_slpd.samples.mosaic) under benchmarks/out/.
 On a shared machine the timings move with other programs' load: the load average is printed with them.
 ``cpu_bound_fraction``: CPU seconds of the engine run on one slide, end to end (opening it, the file
 check, tissue detection, grid, readers, model, writing: the whole process's CPU time over the call, nothing
@@ -57,7 +57,7 @@ OUT = REPO / "benchmarks" / "out"
 
 
 def mosaic(side: int, name: str | None = None) -> Path:
-    from napari_slpd.testing.mosaic import build_mosaic
+    from napari_slpd.samples.mosaic import build_mosaic
 
     path = OUT / (name or f"mosaic_{side}.tiff")
     if not path.exists():

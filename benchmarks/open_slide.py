@@ -1,6 +1,6 @@
 """Benchmark: opening and viewing a 60,000 x 60,000 px pyramidal slide through napari_slpd.slides.slide.
 
-Builds a mosaic of real tiles (napari_slpd.testing.mosaic), then measures, in the same process:
+Builds a mosaic of real tiles (napari_slpd.samples.mosaic), then measures, in the same process:
 
 * first frame: open the slide and compute the coarsest pyramid level (what napari draws first), against
   plain openslide reading the same tiles with read_region;
@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from napari_slpd.testing.mosaic import build_mosaic  # noqa: E402
+from napari_slpd.samples.mosaic import build_mosaic  # noqa: E402
 from napari_slpd.slides.slide import open_slide  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "slides" / "cmu_small_region.svs"

@@ -3,7 +3,7 @@
 Cases (each timed single-threaded and with one reading thread per core, fresh slides per round so
 neither reader profits from a tile cache filled by an earlier round; medians of ``--repeats`` rounds):
 
-* ``mosaic``: a 60,000 x 60,000 px pyramidal tiled-JPEG TIFF of real tiles (napari_slpd.testing.mosaic;
+* ``mosaic``: a 60,000 x 60,000 px pyramidal tiled-JPEG TIFF of real tiles (napari_slpd.samples.mosaic;
   ``--quick``: 16,384 px), random ``--region`` px regions at level 0 (own resolution);
 * ``mosaic_40x_at_20x``: the same mosaic taken as a 40x scan read at 20x: regions of 2 x region px at
   level 0 wanted at region px. Fast: libjpeg's scaled IDCT (1/2) in the tile reader; openslide: full read
@@ -41,7 +41,7 @@ REAL = ["cmu_small_region.svs", "tcga-cr-7395-01a-01-ts1.svs", "CropBreastSlide.
 
 
 def mosaic(side: int) -> Path:
-    from napari_slpd.testing.mosaic import build_mosaic
+    from napari_slpd.samples.mosaic import build_mosaic
 
     path = OUT / f"mosaic_{side}.tiff"  # shared with benchmarks/extract.py
     if not path.exists():

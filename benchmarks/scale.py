@@ -246,7 +246,7 @@ def measure(root: Path, n_slides: int, session_ids: list[str], n_queries: int) -
         reads.append(time.perf_counter() - t0)
     out["read_json_s"] = min(reads)
     gui = _Gui()
-    import napari_slpd.features.versions  # noqa: F401 (imported once per process by the first open)
+    import napari_slpd.session.versions  # noqa: F401 (imported once per process by the first open)
 
     try:
         panel = gui.cohort

@@ -12,7 +12,7 @@ is the cost of SLPD's prototype losses over plain DINO training steps (> 1 means
 time per epoch is reported separately (``*_cluster_s``). Step times exclude each epoch's first step
 (data-loader start, clustering) and are medians.
 
-Token grids are synthetic (``src_training.synthetic``: Gaussian "tissue types"), written as real
+Token grids are synthetic (``napari_slpd.samples.token_cohort``: Gaussian "tissue types"), written as real
 FeatureStore files under a temporary folder; the numbers do not depend on their content.
 
 Usage: python benchmarks/train.py [--quick] [--device auto|cpu|cuda] [--threads N] [--cuda-regions N] [--cpu-regions N]
@@ -80,7 +80,7 @@ def faiss_available() -> bool:
 
 def bench_cpu_tiny(tmp: Path, n_regions: int, epochs: int, threads: int) -> dict:
     from src_training.config import preset
-    from src_training.synthetic import write_synthetic_cohort
+    from napari_slpd.samples.token_cohort import write_synthetic_cohort
 
     per_slide = 16
     slides = max(2, n_regions // per_slide)
@@ -94,7 +94,7 @@ def bench_cpu_tiny(tmp: Path, n_regions: int, epochs: int, threads: int) -> dict
 
 def bench_cuda_official(tmp: Path, n_regions: int, epochs: int) -> dict:
     from src_training.config import preset
-    from src_training.synthetic import write_synthetic_cohort
+    from napari_slpd.samples.token_cohort import write_synthetic_cohort
 
     per_slide = 64
     slides = max(2, n_regions // per_slide)

@@ -149,7 +149,7 @@ class Cohort:
 
     def _write_registry(self, registry: dict) -> None:
         """Atomically, after keeping the previous good file as cohort.json.bak (see _recover_registry)."""
-        from napari_slpd.utils.storage import keep_backup
+        from napari_slpd.utils.files import keep_backup
 
         def valid(text: str) -> bool:
             try:

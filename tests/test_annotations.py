@@ -20,7 +20,8 @@ import pytest
 
 from conftest import real_slide
 from napari_slpd.labeling import (PrototypeAnnotations, StaleAnnotationsError, accept_suggestions,
-                                     default_color, plan_propagation, prototype_identity, proalign_suggestions)
+                                     default_color, plan_propagation, prototype_identity)
+from napari_slpd.proalign.suggestions import proalign_suggestions
 from napari_slpd.cohort import Cohort
 from napari_slpd.errors import PrototypeError, SlpdError
 

@@ -1,6 +1,7 @@
-"""The shape of the code (docs/ARCHITECTURE.md): no import cycles between modules (imports inside functions
-count), a core without Qt or napari at import time, and no module over about 600 lines unless its docstring
-says it is one idea.
+"""The shape of the code (docs/ARCHITECTURE.md): stages that form layers (each imports only what its row of the
+documentation's "may import" table names), no import cycles between modules or between stages (imports inside
+functions count), a core without Qt or napari at import time, a short top level, shared conventions defined
+once, and no module over 700 lines (over about 600 only when its docstring says it is one idea).
 
 The graph is built from the source with :mod:`ast` (nothing is imported), over ``napari_slpd`` and
 ``src_training``. An edge goes to the most specific module named: ``from a.b import c`` points at the module
@@ -24,7 +25,15 @@ PACKAGES = ("napari_slpd", "src_training")
 GUI_LIBRARIES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt", "vispy",
                  "pytestqt")
 MAX_LINES = 600
+HARD_MAX_LINES = 700
 ONE_IDEA = "one idea"
+MAX_TOP_LEVEL_MODULES = 6
+ARCHITECTURE_DOC = ROOT / "docs" / "ARCHITECTURE.md"
+# Modules every stage may import: the errors and the package root (its __version__).
+OPEN_TO_ALL = ("errors", "napari_slpd")
+# Conventions with one home each (docs/ARCHITECTURE.md): a second definition is a second convention.
+DEFINED_ONCE = ("resolve_device", "cuda_available", "autocast_dtype", "atomic_path", "atomic_write_json",
+                "atomic_folder", "is_dicom_folder")
 
 
 @dataclass(frozen=True)
@@ -169,3 +178,124 @@ def test_modules_stay_small_or_say_they_are_one_idea(project):
                 big.append(f"{path.relative_to(ROOT)}: {n_lines} lines")
     assert not big, (f"modules over {MAX_LINES} lines whose docstring does not say why they are "
                      f"{ONE_IDEA!r}:\n" + "\n".join(big))
+
+
+# -- stages and layers ----------------------------------------------------------------------------------------
+
+
+def stage_of(module: str) -> str:
+    """``napari_slpd.features.store`` -> ``features``; root modules are stages of their own (``cohort``,
+    ``errors``, ``__main__``); the package root is ``napari_slpd``; ``src_training`` is one stage."""
+    parts = module.split(".")
+    if parts[0] == "src_training":
+        return "src_training"
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def may_import_table(text: str) -> dict[str, set[str]]:
+    """The "may import" column of the architecture document's stage table: stage -> stages it may import."""
+    table: dict[str, set[str]] = {}
+    header_seen = False
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) == 3 and cells[2] == "may import":
+            header_seen = True
+            continue
+        if not header_seen:
+            continue
+        if not cells:
+            if table:
+                break
+            continue
+        if set(cells[0]) <= set("- "):
+            continue
+        stage = cells[0].strip("`").removesuffix("/").removesuffix(".py")
+        allowed = {name.strip().strip("`") for name in cells[2].split(",")} - {"—", "-", ""}
+        table[stage] = allowed
+    return table
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return may_import_table(ARCHITECTURE_DOC.read_text(encoding="utf-8"))
+
+
+def _stage_edges(modules, imports) -> dict[tuple[str, str], list[str]]:
+    graph = _graph(modules, imports)
+    edges: dict[tuple[str, str], list[str]] = {}
+    for a, b, data in graph.edges(data=True):
+        sa, sb = stage_of(a), stage_of(b)
+        if sa != sb and sb not in OPEN_TO_ALL and sa != "napari_slpd":
+            edges.setdefault((sa, sb), []).append(f"{modules[a].relative_to(ROOT)}:{data['line']} imports {b}")
+    return edges
+
+
+def test_the_may_import_table_is_read(layers):
+    assert {"utils", "slides", "features", "cohort", "session", "cli", "widgets", "src_training"} <= set(layers)
+    assert layers["utils"] == set() and layers["slides"] == {"utils"}
+    assert "widgets" not in layers["session"]
+    # the table itself is layered: no stage reaches itself through others
+    graph = nx.DiGraph([(a, b) for a, allowed in layers.items() for b in allowed])
+    assert nx.is_directed_acyclic_graph(graph), nx.find_cycle(graph)
+
+
+def test_every_stage_has_a_row(project, layers):
+    modules, _ = project
+    stages = {stage_of(m) for m in modules} - set(OPEN_TO_ALL)
+    missing = sorted(stages - set(layers))
+    assert not missing, f"stages without a row in {ARCHITECTURE_DOC.name}'s may-import table: {missing}"
+
+
+def test_stages_import_only_what_their_row_allows(project, layers):
+    modules, imports = project
+    bad = []
+    for (a, b), where in sorted(_stage_edges(modules, imports).items()):
+        if b not in layers.get(a, set()):
+            bad.append(f"{a} -> {b}: " + "; ".join(where[:3]) + (f" (+{len(where) - 3} more)" if len(where) > 3 else ""))
+    assert not bad, ("imports the may-import table of docs/ARCHITECTURE.md does not allow (imports inside functions "
+                     "count):\n" + "\n".join(bad))
+
+
+def test_the_layer_check_catches_an_upward_import(project, layers):
+    modules, imports = project
+    edges = _stage_edges(modules, imports)
+    assert ("session", "features") in edges and "features" in layers["session"]
+    imports = dict(imports)
+    imports["napari_slpd.features.store"] = imports["napari_slpd.features.store"] + [
+        Import("napari_slpd.session", ("Session",), 1, False)]
+    edges = _stage_edges(modules, imports)
+    assert ("features", "session") in edges and "session" not in layers["features"]
+
+
+def test_no_import_cycles_between_stages(project):
+    modules, imports = project
+    graph = nx.DiGraph(list(_stage_edges(modules, imports)))
+    cycles = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    assert not cycles, f"stages that import each other (imports inside functions count): {cycles}"
+
+
+def test_a_short_top_level(project):
+    modules, _ = project
+    top = sorted(m for m, path in modules.items() if m.count(".") == 1 and m.startswith("napari_slpd.")
+                 and path.name != "__init__.py")
+    assert len(top) + 1 <= MAX_TOP_LEVEL_MODULES, f"modules at the top of napari_slpd (and its __init__): {top}"
+
+
+def test_no_module_over_the_hard_limit(project):
+    modules, _ = project
+    big = [f"{path.relative_to(ROOT)}: {n}" for path in modules.values()
+           if (n := path.read_text(encoding="utf-8").count("\n")) > HARD_MAX_LINES]
+    assert not big, f"modules over {HARD_MAX_LINES} lines:\n" + "\n".join(big)
+
+
+def test_shared_conventions_are_defined_once(project):
+    modules, _ = project
+    found: dict[str, list[str]] = {name: [] for name in DEFINED_ONCE}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in found:
+                found[node.name].append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    twice = {name: where for name, where in found.items() if len(where) > 1}
+    missing = [name for name, where in found.items() if not where]
+    assert not twice, f"conventions defined more than once: {twice}"
+    assert not missing, f"conventions no longer defined (update DEFINED_ONCE): {missing}"

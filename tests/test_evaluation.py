@@ -16,7 +16,7 @@ from napari_slpd.evaluation.labels import Task
 from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig, LinearConfig, TaskData, knn_vectors, linear_probe
 from napari_slpd.evaluation.report import write_report
 from napari_slpd.evaluation.splits import make_folds
-from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
 
 
 @pytest.fixture(scope="module")

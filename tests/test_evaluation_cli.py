@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from napari_slpd.cli import main
-from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
 
 
 def test_evaluate_list_and_json(tmp_path, capsys):

@@ -18,7 +18,7 @@ from napari_slpd.evaluation.errors import LabelsError
 from napari_slpd.evaluation.labels import read_labels
 from napari_slpd.evaluation.representations import load_representation
 from napari_slpd.evaluation.splits import choose_folds, make_folds
-from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def annotated_cohort(tmp_path_factory):
     (the prototypes of all slides grouped into 3 classes by k-means), written as QuPath GeoJSON."""
     from sklearn.cluster import KMeans
 
-    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+    from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
     from napari_slpd.prototypes.cache import load_prototypes
 
     root = tmp_path_factory.mktemp("seg")

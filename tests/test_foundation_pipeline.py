@@ -76,7 +76,7 @@ def test_slpd_fine_tune_on_uni_shaped_token_grids(tmp_path):
     from src_training.config import preset
     from src_training.data import TokenGridIndex
     from src_training.events import read_events
-    from src_training.synthetic import write_synthetic_cohort
+    from napari_slpd.samples.token_cohort import write_synthetic_cohort
     from src_training.trainer import Trainer
 
     cohort = write_synthetic_cohort(tmp_path / "cohort", regions_per_slide=(8, 8, 8), token_dim=1024, grid=4,

@@ -18,7 +18,7 @@ SIDE = 60_000
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
-    from napari_slpd.testing.mosaic import build_mosaic
+    from napari_slpd.samples.mosaic import build_mosaic
 
     source = real_slide("cmu_svs")
     path = tmp_path_factory.mktemp("mosaic") / "mosaic.tif"

@@ -52,10 +52,10 @@ def lab(tmp_path_factory):
 def test_use_checkpoint_then_switch_back_is_bit_identical(lab, tmp_path):
     import torch
 
-    from napari_slpd.features.reencode import use_checkpoint
+    from napari_slpd.session.use_checkpoint import use_checkpoint
     from napari_slpd.features.store import (VERSIONS_GROUP, FeatureStore, load_region_embeddings,
                                             region_embedding_versions)
-    from napari_slpd.features.versions import (cohort_region_encoders, region_embedding_sources,
+    from napari_slpd.session.versions import (cohort_region_encoders, region_embedding_sources,
                                                selected_region_encoder, use_region_encoder)
     from napari_slpd.models.checkpoints import save_dino_checkpoint
     from napari_slpd.models.vit import vit4k_xs
@@ -136,9 +136,9 @@ def test_use_checkpoint_then_switch_back_is_bit_identical(lab, tmp_path):
 def test_cancelled_use_checkpoint_selects_nothing_and_resumes(lab, tmp_path):
     import torch
 
-    from napari_slpd.features.reencode import use_checkpoint
+    from napari_slpd.session.use_checkpoint import use_checkpoint
     from napari_slpd.features.store import region_embedding_versions
-    from napari_slpd.features.versions import selected_region_encoder
+    from napari_slpd.session.versions import selected_region_encoder
     from napari_slpd.models.checkpoints import save_dino_checkpoint
     from napari_slpd.models.vit import vit4k_xs
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
@@ -206,7 +206,7 @@ def test_cli_lists_and_switches_region_encoders(lab, capsys):
     import json
 
     from napari_slpd.cli import main
-    from napari_slpd.features.versions import cohort_region_encoders, selected_region_encoder
+    from napari_slpd.session.versions import cohort_region_encoders, selected_region_encoder
 
     encoders = cohort_region_encoders(lab.cohort)
     assert len(encoders) >= 2  # the module's earlier tests used checkpoints

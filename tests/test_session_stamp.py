@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import napari_slpd.session_status as session_module  # noqa: E402 (the cohort stamp lives there)
+import napari_slpd.session.status as session_module  # noqa: E402 (the cohort stamp lives there)
 from napari_slpd.session import Session  # noqa: E402
 
 N = 12

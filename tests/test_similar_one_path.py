@@ -13,7 +13,7 @@ import pytest
 
 from napari_slpd.cli import main
 from napari_slpd.session import Session
-from napari_slpd.session_settings import SessionSettings
+from napari_slpd.session.settings import SessionSettings
 from napari_slpd.similarity import CohortIndex
 from test_prototypes import clustered_embeddings, make_cohort, write_feature_file
 

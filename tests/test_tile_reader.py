@@ -77,7 +77,7 @@ def test_pyramid_chunks_and_read_region_image_come_from_the_tile_reader():
 
 
 def test_mosaic_matches_openslide_and_reduced_scale_is_close(tmp_path):
-    from napari_slpd.testing.mosaic import build_mosaic
+    from napari_slpd.samples.mosaic import build_mosaic
 
     info = build_mosaic(tmp_path / "m.tif", real_slide("cmu_svs"), width=6000, height=5000)
     rng = np.random.default_rng(2)
@@ -120,7 +120,7 @@ def test_engine_reads_40x_bands_at_reduced_scale(tmp_path):
     from napari_slpd.features.reading import RegionReader, grid_decode_scale, resampling_id
     from napari_slpd.slides.grid import GridConfig, build_region_grid
     from napari_slpd.slides.tissue import detect_tissue
-    from napari_slpd.testing.mosaic import build_mosaic
+    from napari_slpd.samples.mosaic import build_mosaic
 
     # one level only, like a 40x SVS without a 20x level
     info = build_mosaic(tmp_path / "m40.tif", real_slide("cmu_svs"), width=4096, height=4096, min_level_px=4096)

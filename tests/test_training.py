@@ -32,7 +32,7 @@ from src_training.data import (
     center_crop,
 )
 from src_training.events import read_events
-from src_training.synthetic import write_synthetic_cohort
+from napari_slpd.samples.token_cohort import write_synthetic_cohort
 from src_training.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import torch
 from src_training import checkpoint as ckpt
 from src_training.__main__ import main
 from src_training.events import read_events
-from src_training.synthetic import write_synthetic_cohort
+from napari_slpd.samples.token_cohort import write_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 

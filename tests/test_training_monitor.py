@@ -12,7 +12,7 @@ import pytest
 
 from src_training import TokenGridIndex, Trainer, preset
 from src_training.events import read_events
-from src_training.synthetic import write_synthetic_cohort
+from napari_slpd.samples.token_cohort import write_synthetic_cohort
 
 
 def fast_config(**overrides):

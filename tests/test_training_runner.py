@@ -231,7 +231,7 @@ def test_use_checkpoint_reencodes_regions_and_refreshes_prototypes(lab, tmp_path
     from napari_slpd.models.encoders import build_region_encoder
     from napari_slpd.models.vit import vit4k_xs
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
-    from napari_slpd.features.reencode import use_checkpoint
+    from napari_slpd.session.use_checkpoint import use_checkpoint
     from test_annotations import TYPE_NAMES, type_of_prototypes
 
     import torch
@@ -298,7 +298,7 @@ def test_real_tiny_run_on_cuda_then_use_checkpoint(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
-    from napari_slpd.features.reencode import use_checkpoint
+    from napari_slpd.session.use_checkpoint import use_checkpoint
     from test_annotations import build_labeled_cohort
 
     lab = build_labeled_cohort(tmp_path / "cohort", rows=3, cols=4)

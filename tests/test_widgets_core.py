@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from napari_slpd.viewer.embedding_map import (
+from napari_slpd.similarity.embedding_map import (
     MapCancelled,
     UmapParams,
     cache_path,

@@ -21,7 +21,7 @@ def test_demo_viewer_lists_similar_slides_and_writes_screenshots(make_napari_vie
                                                                  artifacts_dir):
     from PIL import Image
 
-    from napari_slpd.samples.demo_cohort import name_prototypes_from_design
+    from napari_slpd.session.demo_cohort import name_prototypes_from_design
     from napari_slpd.widgets.demo import (
         dock_panels,
         save_in_use_screenshots,
@@ -93,7 +93,7 @@ def test_tissue_class_shares_count_the_painted_classes_of_each_prototype():
 
     import numpy as np
 
-    from napari_slpd.samples.demo_cohort import names_from_shares, tissue_class_shares
+    from napari_slpd.session.demo_cohort import names_from_shares, tissue_class_shares
     from napari_slpd.samples.synthetic import TISSUE_CLASSES
 
     stroma, tumour, fat = (TISSUE_CLASSES.index(n) for n in ("stroma", "tumour", "fat"))

@@ -19,7 +19,7 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" /
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+    from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
 
     return write_embedding_cohort(tmp_path_factory.mktemp("evaluation") / "cohort",
                                   SyntheticCohortSpec(n_slides=30, n_classes=3, regions=(10, 16), k=3, seed=2))

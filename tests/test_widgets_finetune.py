@@ -167,7 +167,7 @@ def test_knn_monitor_before_after_table_and_switching_back(make_napari_viewer, q
     """A labelled cohort: the panel defaults to tiny for its small token grids (and says why), a real tiny run
     with the labels file plots the KNN AUC per epoch beside the loss curves (warm-up end marked), "Use
     checkpoint" shows the before/after table, and switching back restores the earlier region embeddings."""
-    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+    from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
     from napari_slpd.features.store import load_region_embeddings
     from napari_slpd.session import FeatureSettings, PrototypeSettings, Session, SessionSettings
     from napari_slpd.widgets._common import wait_for

@@ -19,6 +19,19 @@ def open_cohort(path: str):
     return cohort
 
 
+def open_session(path: str):
+    """The :class:`~napari_slpd.session.Session` of the cohort folder ``path`` (never created), with the
+    settings saved in it, as the panels open it (an interrupted switch or update is settled first; what opening
+    found is printed on stderr)."""
+    from napari_slpd.session import Session
+
+    cohort = open_cohort(path)
+    session = Session.open(cohort.root, slides=())
+    for note in session.notices:
+        print(f"note: {note}", file=sys.stderr)
+    return session
+
+
 class ProgressBar:
     """A tqdm bar on stderr usable as a ``progress(done, total)`` callback (silent when disabled); the
     total may grow while it runs."""

@@ -11,7 +11,7 @@ display (Xvfb), the tiny fine-tune run trains (unless ``--no-finetune``) and scr
 each panel and of the labeling and fine-tune panels in use are written to ``OUT/screenshots`` instead.
 
 Everything is cached in ``OUT/cohort``: a second run starts at once. The cohort is built by
-:mod:`napari_slpd.samples.demo_cohort` (Qt-free), the viewer driven by :mod:`napari_slpd.widgets.demo`, the
+:mod:`napari_slpd.session.demo_cohort` (Qt-free), the viewer driven by :mod:`napari_slpd.widgets.demo`, the
 virtual display started by :mod:`napari_slpd.testing.xvfb`; this module is the command.
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.samples.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_labels, demo_settings,
+from napari_slpd.session.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_labels, demo_settings,
                                              evaluate_demo, pick_query_slide, process_cohort)
 from napari_slpd.testing.xvfb import has_display, start_virtual_display
 

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 
-from napari_slpd.cli.common import ProgressBar, open_cohort
+from napari_slpd.cli.common import ProgressBar, open_session, table
 from napari_slpd.errors import SlpdError
 
 
@@ -76,12 +76,9 @@ def register(subparsers) -> None:
 
 
 def format_list(infos) -> str:
-    rows = [("representation", "kinds", "slides", "what / how to compute")]
-    for info in infos:
-        rows.append((info.name, "+".join(info.kinds), str(info.n_slides),
-                     info.description if info.available else f"not computed: {info.note}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
+    return table(("representation", "kinds", "slides", "what / how to compute"),
+                 [(info.name, "+".join(info.kinds), info.n_slides,
+                   info.description if info.available else f"not computed: {info.note}") for info in infos])
 
 
 def _cell(figure: dict) -> str:
@@ -145,14 +142,14 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from napari_slpd.evaluation.engine import EvaluationConfig, evaluate
+    from napari_slpd.evaluation.engine import EvaluationConfig
     from napari_slpd.evaluation.labels import LabelsConfig
     from napari_slpd.evaluation.protocols import AbmilConfig, KnnConfig
-    from napari_slpd.evaluation.representations import list_representations
+    from napari_slpd.evaluation.segmentation import SegmentationConfig
 
-    cohort = open_cohort(args.cohort)
+    session = open_session(args.cohort)
     if args.list:
-        infos = list_representations(cohort)
+        infos = session.representations()
         if args.json:
             print(json.dumps([i.to_dict() for i in infos], indent=1))
         else:
@@ -161,8 +158,6 @@ def _run(args) -> int:
     if not args.labels and not args.annotations:
         raise SlpdError("--labels CSV (slide-level tasks) or --annotations DIR (segmentation) is required, or --list "
                         "to see the representations")
-    if not args.labels:
-        return _run_segmentation_only(args, cohort)
     config = EvaluationConfig(
         tasks=args.task, representations=args.representations, protocols=args.protocol, n_folds=args.folds,
         seed=args.seed, n_bootstrap=args.bootstrap, allow_unknown=not args.require_known,
@@ -170,79 +165,54 @@ def _run(args) -> int:
                             event_col=args.event_col, ordinal=list(args.ordinal)),
         knn=KnnConfig(k=args.k), abmil=AbmilConfig(device=args.device),
     )
+    seg_config = SegmentationConfig(methods=args.seg_method, n_bootstrap=args.bootstrap, seed=args.seed,
+                                    mapping=args.seg_mapping)
     bar = ProgressBar("evaluate", enabled=not (args.quiet or args.json), unit="step")
     try:
-        result = evaluate(cohort, args.labels, config, progress=bar)
+        run = session.evaluate(args.labels, config, annotations=args.annotations, segmentation=seg_config,
+                               progress=bar)
     finally:
         bar.close()
-    seg = _segmentation(args, cohort, result) if args.annotations else None
-    out = None
-    if args.out:
-        from napari_slpd.evaluation.report import write_report
-
-        bar = ProgressBar("report", enabled=not (args.quiet or args.json), unit="step")
-        try:
-            out = write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar,
-                               segmentation=seg)
-        finally:
-            bar.close()
+    result, seg = run.result, run.segmentation
+    out = _write_report(args, session.cohort, result, seg)
     if args.json:
         from napari_slpd.evaluation.report import json_safe
 
-        payload = json_safe(result.to_dict())
-        if seg is not None:
+        payload = json_safe(result.to_dict()) if result is not None else json_safe(seg.to_dict())
+        if result is not None and seg is not None:
             payload["segmentation"] = json_safe(seg.to_dict())
         if out is not None:
             payload["report"] = str(out)
         print(json.dumps(payload, indent=1, default=str))
         return 0
-    for line in result.report.lines():
-        print(line)
-    print()
-    print(format_tables(result))
-    if seg is not None:
+    if result is not None:
+        for line in result.report.lines():
+            print(line)
         print()
+        print(format_tables(result))
+    if seg is not None:
+        if result is not None:
+            print()
         print("\n".join(seg.lines()))
     if out is not None:
         print(f"\nreport: {out / 'report.html'}")
-    print(f"({result.seconds:.1f} s)", file=sys.stderr)
+    if result is not None:
+        print(f"({result.seconds:.1f} s)", file=sys.stderr)
     return 0
 
 
-def _segmentation(args, cohort, result=None):
-    """The segmentation evaluation of ``--annotations`` (cases from the labels file when there is one)."""
-    from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
-
-    cases = None
-    if result is not None:
-        cases = {}
-        for info in result.tasks.values():
-            cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
-    config = SegmentationConfig(methods=args.seg_method, n_bootstrap=args.bootstrap, seed=args.seed,
-                                mapping=args.seg_mapping, cases=cases)
-    bar = ProgressBar("segmentation", enabled=not (args.quiet or args.json), unit="step")
-    try:
-        return evaluate_segmentation(cohort, args.annotations, config, progress=bar)
-    finally:
-        bar.close()
-
-
-def _run_segmentation_only(args, cohort) -> int:
-    seg = _segmentation(args, cohort)
-    out = None
-    if args.out:
+def _write_report(args, cohort, result, seg):
+    """The report folder of ``--out`` (None without it): the full report, or the segmentation's alone."""
+    if not args.out:
+        return None
+    if result is None:
         from napari_slpd.evaluation.segmentation.report import write_segmentation_report
 
-        out = write_segmentation_report(seg, args.out, plots=not args.no_plots)
-    if args.json:
-        from napari_slpd.evaluation.report import json_safe
+        return write_segmentation_report(seg, args.out, plots=not args.no_plots)
+    from napari_slpd.evaluation.report import write_report
 
-        payload = json_safe(seg.to_dict())
-        if out is not None:
-            payload["report"] = str(out)
-        print(json.dumps(payload, indent=1, default=str))
-        return 0
-    print("\n".join(seg.lines()))
-    if out is not None:
-        print(f"\nreport: {out / 'report.html'}")
-    return 0
+    bar = ProgressBar("report", enabled=not (args.quiet or args.json), unit="step")
+    try:
+        return write_report(result, args.out, cohort=cohort, plots=not args.no_plots, progress=bar, segmentation=seg)
+    finally:
+        bar.close()

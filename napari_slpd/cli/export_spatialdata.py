@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from napari_slpd.cli.prototypes import open_cohort
+    from napari_slpd.cli.common import open_cohort
     from napari_slpd.scverse import require_scverse
 
     require_scverse("slpd export-spatialdata")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from napari_slpd.cli.common import ProgressBar, open_cohort  # noqa: F401 (open_cohort: re-exported)
+from napari_slpd.cli.common import ProgressBar, open_cohort, table
 
 
 def register(subparsers) -> None:
@@ -42,14 +42,12 @@ def register(subparsers) -> None:
 
 
 def format_table(report) -> str:
-    rows = [("slide", "status", "K", "regions", "prototype sizes", "note")]
+    rows = []
     for r in report.results:
         sizes = " ".join(f"{100 * s:.0f}%" for s in r.sizes) if r.sizes else ""
-        rows.append((r.slide_id, r.status, "" if r.k is None else str(r.k),
-                     "" if r.n_regions is None else str(r.n_regions), sizes, r.message))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+        rows.append((r.slide_id, r.status, "" if r.k is None else r.k, "" if r.n_regions is None else r.n_regions,
+                     sizes, r.message))
+    return table(("slide", "status", "K", "regions", "prototype sizes", "note"), rows)
 
 
 def summary(report) -> str:

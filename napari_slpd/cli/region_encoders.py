@@ -3,7 +3,7 @@ embeddings of (the extraction's and each SLPD fine-tune's), and switching betwee
 
 Each feature file keeps one set of region embeddings per region encoder beside its token grids
 (``napari_slpd.features.store``); switching only selects another set (nothing is recomputed) and brings
-the prototypes and the similar-slides index along (``napari_slpd.features.versions``). Compare versions
+the prototypes and the similar-slides index along (``napari_slpd.session.versions``). Compare versions
 with ``slpd evaluate COHORT --labels CSV --repr region_mean@KEY region_mean@OTHER``.
 """
 
@@ -28,21 +28,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from napari_slpd.cohort import Cohort
+    from napari_slpd.cli.common import open_session
     from napari_slpd.errors import SlpdError
-    from napari_slpd.features.versions import cohort_region_encoders, use_region_encoder
 
-    cohort = Cohort(args.cohort, create=False)
-    report = None
-    if args.use:
-        from napari_slpd.session import Session
-
-        report = use_region_encoder(Session(cohort.root), args.use)
-    encoders = cohort_region_encoders(cohort)
+    session = open_session(args.cohort)
+    report = session.use_region_encoder(args.use) if args.use else None
+    encoders = session.region_encoders()
     if not encoders:
-        raise SlpdError(f"no slide of {cohort.root} has features yet; run `slpd extract` first")
+        raise SlpdError(f"no slide of {session.root} has features yet; run `slpd extract` first")
     if args.json:
-        out = {"cohort": str(cohort.root), "region_encoders": [e.to_dict() for e in encoders]}
+        out = {"cohort": str(session.root), "region_encoders": [e.to_dict() for e in encoders]}
         if report is not None:
             out["switched"] = {"key": report.key, "slides": len(report.switched) + len(report.already),
                                "missing": report.missing, "prototypes_restored": len(report.prototypes_restored)}

@@ -56,7 +56,7 @@ def query_session(cohort, slide_id: str):
     from napari_slpd.features.store import read_store_attrs
     from napari_slpd.prototypes.cache import load_prototypes, read_attrs
     from napari_slpd.session import Session
-    from napari_slpd.session_settings import SessionSettings
+    from napari_slpd.session.settings import SessionSettings
 
     cohort.slide(slide_id)  # a clear error for an unknown slide
     query = load_prototypes(cohort, slide_id)  # clear errors: no prototypes yet, or out of date

@@ -15,8 +15,8 @@ write_report(result, "out", cohort=cohort)                # results.json, folds.
 Modules: labels (labels and Patho-Bench split files), splits (folds grouped by case, stratified),
 representations (named slide representations and the region-embedding versions hook), protocols (knn,
 linear, abmil, cox, retrieval), metrics (figures, bootstrap, paired comparison), set_distance (the one
-call site of the similarity engine), engine (the run), report (the folder), synthetic (embedding cohorts
-for tests and benchmarks). Errors: EvaluationError, LabelsError, RepresentationError (SlpdError).
+call site of the similarity engine), engine (the run), report (the folder); synthetic embedding cohorts are
+:mod:`napari_slpd.samples.embedding_cohort`. Errors: EvaluationError, LabelsError, RepresentationError (SlpdError).
 """
 
 from napari_slpd.evaluation.engine import EvaluationConfig, EvaluationResult, ProtocolResult, evaluate

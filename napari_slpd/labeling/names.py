@@ -259,7 +259,7 @@ class PrototypeAnnotations:
 
     def save(self) -> None:
         """Write the names atomically, after copying the previous good file to ``annotations.json.bak``."""
-        from napari_slpd.utils.storage import keep_backup
+        from napari_slpd.utils.files import keep_backup
 
         with self._lock:
             keep_backup(self.path, lambda text: _read_names_text(text)[1] is None)

@@ -1,7 +1,7 @@
 """Prototype label maps: each region's (or patch's) prototype painted as an integer image that overlays
 the slide in napari.
 
-Placement follows the project's world frame (:mod:`napari_slpd.viewer.frame`): the slide's level-0 pixel j
+Placement follows the project's world frame (:mod:`napari_slpd.slides.frame`): the slide's level-0 pixel j
 is centred at world ``j * u`` (u = um/px, or 1 when the pixel size is unknown), so a level-0 box [x0, x1)
 spans world ``(x0 - 0.5) * u`` to ``(x1 - 0.5) * u``. A label pixel of ``scale`` level-0 px whose box
 starts at level-0 ``origin`` therefore needs ``translate = (origin + scale / 2 - 0.5) * u``.
@@ -58,7 +58,7 @@ class LabelMap:
     def to_layer_kwargs(self, mpp: float | None = None, name: str | None = None, opacity: float = 0.5) -> dict:
         """Keyword arguments for ``viewer.add_labels(lm.data, **kwargs)`` (scale/translate in um when
         ``mpp`` is given, level-0 px otherwise: the same frame as the slide layer)."""
-        from napari_slpd.viewer.frame import SlideFrame
+        from napari_slpd.slides.frame import SlideFrame
 
         kwargs = {
             **SlideFrame((0, 0), mpp).raster_kwargs(self.origin, self.scale),

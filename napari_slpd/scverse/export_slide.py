@@ -8,20 +8,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from napari_slpd.errors import SlpdError
 from napari_slpd.scverse import require_scverse
 from napari_slpd.scverse.layout import (GLOBAL, MICRONS, REGIONS_KEY, SLPD_ATTRS_KEY, THUMBNAIL_KEY, TILE_SPEC_KEY,
                                         TILES_KEY, TISSUES_KEY, feature_key)
 from napari_slpd.scverse.slide_content import LabelRaster, SlideContent, TileTable, gather_slide
+from napari_slpd.utils.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -180,42 +179,19 @@ def build_spatialdata(content: SlideContent):
     return SpatialData(images=images, labels=labels, shapes=shapes, tables=tables, attrs=attrs)
 
 
-@contextlib.contextmanager
-def atomic_directory(final: Path, overwrite: bool):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` (an existing one only with
-    ``overwrite``), so a reader never sees half a store and a failed export leaves the old one intact."""
-    from napari_slpd.errors import SlpdError
-
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise SlpdError(f"{final} exists; give --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    target = tmp / final.name
-    try:
-        yield target
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(target, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_slide_spatialdata(cohort, slide_id: str, out_path: str | os.PathLike, overwrite: bool = False,
                              tissues: bool = True, thumbnail: bool = True) -> SlideZarr:
     """Write ``slide_id`` of ``cohort`` as a SpatialData zarr at ``out_path`` (atomically)."""
     require_scverse("exporting to SpatialData")
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise SlpdError(f"{out_path} exists; give --overwrite to replace it")
     content = gather_slide(cohort, slide_id, tissues=tissues, thumbnail=thumbnail)
     sdata = build_spatialdata(content)
-    out_path = Path(out_path)
-    with atomic_directory(out_path, overwrite) as target:
+    with atomic_folder(out_path, created=False) as target:
         sdata.write(target)
     return SlideZarr(slide_id, out_path, {k: int(v.n_obs) for k, v in sdata.tables.items()},
                      {k: int(len(v)) for k, v in sdata.shapes.items()}, sorted(sdata.labels), list(content.notes))
 
 
-__all__ = ["SlideZarr", "build_spatialdata", "export_slide_spatialdata", "atomic_directory"]
+__all__ = ["SlideZarr", "build_spatialdata", "export_slide_spatialdata"]

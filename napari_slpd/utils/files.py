@@ -58,26 +58,28 @@ def atomic_path(final: str | os.PathLike, suffix: str = ".partial", size_hint: i
 
 
 @contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole."""
+def atomic_folder(final: str | os.PathLike, created: bool = True):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole, so a reader never
+    sees half a folder and a failure leaves the old one intact. ``created=False`` yields a path that does not
+    exist yet (inside a private temporary folder), for writers that refuse an existing folder (zarr stores)."""
     final = Path(final).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    written = tmp if created else tmp / final.name
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_current_umask())
+        yield written
+        os.chmod(written, 0o777 & ~_current_umask())
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(written, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _current_umask() -> int:
@@ -93,6 +95,28 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(final: str | os.PathLike, obj) -> None:
     atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def keep_backup(path: str | os.PathLike, is_valid) -> None:
+    """Before ``path`` is rewritten: copy it to its backup (``utils.storage.backup_path``) when ``is_valid(text)``
+    says it is a good file (so a damaged file never replaces the last good backup). Failures to back up are not
+    fatal."""
+    from napari_slpd.utils.storage import backup_path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    try:
+        if not is_valid(text):
+            return
+        backup = backup_path(path)
+        if backup.exists() and backup.read_text(encoding="utf-8") == text:
+            return
+        atomic_write_text(backup, text)
+    except Exception:  # noqa: BLE001 - a backup must never stop the write it protects
+        return
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -299,31 +299,3 @@ def backup_path(path: str | os.PathLike) -> Path:
     """Where the previous good version of a small file the user cannot recompute (names, registry) is kept."""
     path = Path(path)
     return path.with_name(path.name + ".bak")
-
-
-def keep_backup(path: str | os.PathLike, is_valid) -> None:
-    """Before ``path`` is rewritten: copy it to its backup when ``is_valid(text)`` says it is a good file
-    (so a damaged file never replaces the last good backup). Failures to back up are not fatal."""
-    import tempfile
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return
-    try:
-        if not is_valid(text):
-            return
-        backup = backup_path(path)
-        if backup.exists() and backup.read_text(encoding="utf-8") == text:
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{backup.name}.", suffix=".partial", dir=write_target(backup).parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, write_target(backup))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except Exception:  # noqa: BLE001 - a backup must never stop the write it protects
-        return

@@ -1,6 +1,6 @@
 """napari layer-data tuples for slides, tissue masks and region grids (Qt-free, napari-free).
 
-Every layer of one slide shares one world frame (:mod:`napari_slpd.viewer.frame`): micrometres when the
+Every layer of one slide shares one world frame (:mod:`napari_slpd.slides.frame`): micrometres when the
 pixel size is known, level-0 pixels otherwise, pixel centres on integer data coordinates; all helpers here
 take their scale and translate from it, so overlays line up with the image at every zoom.
 """
@@ -12,7 +12,7 @@ import numpy as np
 from napari_slpd.slides.grid import RegionGrid
 from napari_slpd.slides.slide import Slide
 from napari_slpd.slides.tissue import TissueMask
-from napari_slpd.viewer.frame import UNKNOWN_MPP_NOTE, SlideFrame  # noqa: F401  (UNKNOWN_MPP_NOTE re-exported)
+from napari_slpd.slides.frame import UNKNOWN_MPP_NOTE, SlideFrame  # noqa: F401  (UNKNOWN_MPP_NOTE re-exported)
 
 
 def world_units(slide: Slide) -> tuple[tuple[float, float], tuple[str, str] | None]:

@@ -1,6 +1,6 @@
 """The GUI side of ``slpd demo``: dock every SLPD panel, drive them on the processed demo cohort (open the
 slide, similar slides, embedding map, prototype names, fine-tune form), run the short fine-tune, take the
-screenshots. The cohort itself is built Qt-free by :mod:`napari_slpd.samples.demo_cohort`.
+screenshots. The cohort itself is built Qt-free by :mod:`napari_slpd.session.demo_cohort`.
 
 napari has no public handle on its main window: ``viewer.window._qt_window`` (the QMainWindow) is used to
 size the window and its docks for the screenshots, ``viewer.window._qt_viewer`` to fold the layer
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from napari_slpd.errors import SlpdError
-from napari_slpd.samples.demo_cohort import name_prototypes_from_design
+from napari_slpd.session.demo_cohort import name_prototypes_from_design
 
 WINDOW_SIZE = (1800, 1150)
 # The demo's fine-tune run: the tiny preset, short enough for a CPU (about half a minute on one thread).
@@ -116,7 +116,7 @@ def show_demo(viewer, session, slide_id: str, panels: dict | None = None, timeou
 
 def show_evaluation(panel, labels: Path, evaluation=None, timeout_s: float = 300.0) -> None:
     """Fill the Evaluation panel with the demo's labels and settings and show ``evaluation`` (or run it)."""
-    from napari_slpd.samples.demo_cohort import demo_evaluation_config
+    from napari_slpd.session.demo_cohort import demo_evaluation_config
 
     config = demo_evaluation_config(labels)
     panel.labels_edit.setText(str(labels))

@@ -204,7 +204,7 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
         opened = self.state.current
         if opened is not None and opened.regions is not None and self.state.session is not None:
             # Show a cached map at once; computing a new one waits for the button (UMAP takes a while).
-            from napari_slpd.viewer.embedding_map import cache_path
+            from napari_slpd.similarity.embedding_map import cache_path
 
             if cache_path(self.state.session.root, slide_id).exists():
                 guarded("Embedding map")(self.compute)()

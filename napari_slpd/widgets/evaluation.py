@@ -276,7 +276,7 @@ class EvaluationWidget(DockedPanel, QWidget):
     def refresh_representations(self) -> list[str]:
         """List the cohort's representations (every region-embedding version included)."""
         from napari_slpd.evaluation import list_representations
-        from napari_slpd.features.versions import install_evaluation_sources
+        from napari_slpd.session.versions import install_evaluation_sources
 
         checked = set(self.selected_representations())
         self.repr_list.clear()
@@ -334,7 +334,7 @@ class EvaluationWidget(DockedPanel, QWidget):
     def run_evaluation(self):
         from napari_slpd.errors import SlpdError
         from napari_slpd.evaluation import evaluate
-        from napari_slpd.features.versions import install_evaluation_sources
+        from napari_slpd.session.versions import install_evaluation_sources
 
         from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
 

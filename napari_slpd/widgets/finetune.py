@@ -518,7 +518,7 @@ class FineTuneWidget(DockedPanel, QWidget):
     def use_checkpoint(self):
         """Re-encode the cohort's regions with the run's exported teacher; refresh prototypes and index."""
         from napari_slpd.errors import SlpdError
-        from napari_slpd.features.reencode import use_checkpoint
+        from napari_slpd.session.use_checkpoint import use_checkpoint
 
         session = self.state.require_session()
         checkpoint = self.run.exported_checkpoint() if self.run is not None else None
@@ -571,7 +571,7 @@ class FineTuneWidget(DockedPanel, QWidget):
     def compare_versions(self, before: str, after: str):
         """Evaluate two region-embedding versions on the labels file (KNN and linear probe, same folds)."""
         from napari_slpd.errors import SlpdError
-        from napari_slpd.features.versions import evaluate_versions
+        from napari_slpd.session.versions import evaluate_versions
 
         session = self.state.require_session()
         labels = self.labels_edit.text().strip()
@@ -599,7 +599,7 @@ class FineTuneWidget(DockedPanel, QWidget):
 
     def refresh_encoders(self) -> None:
         """List the region encoders the cohort holds embeddings of (the selected one first chosen)."""
-        from napari_slpd.features.versions import cohort_region_encoders
+        from napari_slpd.session.versions import cohort_region_encoders
 
         self.encoder_combo.clear()
         session = self.state.session
@@ -622,7 +622,7 @@ class FineTuneWidget(DockedPanel, QWidget):
 
     def switch_encoder(self, key: str | None = None):
         """Make the chosen region encoder's embeddings the cohort's (instant; prototypes and index follow)."""
-        from napari_slpd.features.versions import use_region_encoder
+        from napari_slpd.session.versions import use_region_encoder
 
         session = self.state.require_session()
         key = key or self.encoder_combo.currentData()

@@ -268,7 +268,8 @@ class LabelingWidget(DockedPanel, QWidget):
 
     def _suggestions_for(self, session, slide_id: str, protos) -> list:
         """ProAlign's names for the slide's prototypes, read again only when either file changed."""
-        from napari_slpd.labeling import load_suggestions, prototype_identity
+        from napari_slpd.labeling import prototype_identity
+        from napari_slpd.proalign.suggestions import load_suggestions
 
         path = session.cohort.proalign_path(slide_id)
         try:

@@ -4,7 +4,7 @@ Panels never talk to each other directly: they change :class:`SlpdState` and lis
 signals, so any subset of panels can be docked in any order and stay in sync. Nothing here imports Qt,
 so the state can be tested without a display; the viewer is only used to look layers up by name.
 
-World coordinates: every layer of a slide is placed by :class:`napari_slpd.viewer.frame.SlideFrame`
+World coordinates: every layer of a slide is placed by :class:`napari_slpd.slides.frame.SlideFrame`
 (``SlideGeometry`` here): micrometres when the slide's pixel size is known, level-0 pixels otherwise, pixel
 centres on integer data coordinates.
 """
@@ -20,7 +20,7 @@ import numpy as np
 from psygnal import Signal
 
 from napari_slpd.session import Session, SessionSettings
-from napari_slpd.viewer.frame import SlideFrame
+from napari_slpd.slides.frame import SlideFrame
 from napari_slpd.labeling.palette import default_prototype_rgba as default_prototype_color
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ LAYER_SUFFIX = {
 
 
 # The world frame of a slide (level-0 px <-> um or px, pixel centres, layer scale/translate) has one home:
-# napari_slpd.viewer.frame. SlideGeometry is its name here.
+# napari_slpd.slides.frame. SlideGeometry is its name here.
 SlideGeometry = SlideFrame
 
 

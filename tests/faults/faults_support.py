@@ -14,7 +14,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def embedding_cohort(root: Path, n_slides: int = 6, k: int = 3, prototypes: bool = True, **spec):
-    from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, write_embedding_cohort
+    from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, write_embedding_cohort
 
     spec = SyntheticCohortSpec(n_slides=n_slides, k=k, regions=spec.pop("regions", (12, 20)), **spec)
     cohort, _ = write_embedding_cohort(root, spec, prototypes=prototypes)

@@ -94,7 +94,7 @@ def test_names_come_back_from_their_backup(cohort):
 
 
 def test_embedding_map_cache_is_recomputed(cohort, caplog):
-    from napari_slpd.viewer.embedding_map import cache_path, load_or_compute_map
+    from napari_slpd.similarity.embedding_map import cache_path, load_or_compute_map
 
     rng = np.random.default_rng(0)
     slides = [("a", "k", rng.normal(size=(5, 8)).astype(np.float32))]

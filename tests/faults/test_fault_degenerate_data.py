@@ -31,7 +31,7 @@ def _add_slide(cohort, slide_id: str, embeddings: np.ndarray) -> None:
 def test_degenerate_slides_get_messages_and_the_cohort_goes_on(tmp_path):
     from napari_slpd.prototypes.cache import compute_cohort_prototypes
     from napari_slpd.similarity.index import CohortIndex
-    from napari_slpd.viewer.embedding_map import project_2d, UmapParams
+    from napari_slpd.similarity.embedding_map import project_2d, UmapParams
     from napari_slpd.errors import SlpdError
 
     cohort = embedding_cohort(tmp_path / "cohort", n_slides=6, k=4, prototypes=False)

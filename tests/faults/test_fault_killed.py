@@ -47,7 +47,7 @@ _SWITCH = """
 @pytest.mark.parametrize("kill_after", [2, 6])
 def test_killed_while_switching_region_embeddings(tmp_path, kill_after):
     from napari_slpd.features.store import FeatureStore, add_region_embedding_version
-    from napari_slpd.features.versions import cohort_region_encoders, selected_region_encoder
+    from napari_slpd.session.versions import cohort_region_encoders, selected_region_encoder
     from napari_slpd.session import Session
 
     cohort = embedding_cohort(tmp_path / "cohort", n_slides=6, k=3)

@@ -108,7 +108,7 @@ def test_cli_prototypes_similar_and_evaluate_with_cache_option(read_only_cohort,
 
 def test_kept_prototype_versions_and_training_runs_go_to_the_cache_folder(read_only_cohort):
     from napari_slpd.cohort import Cohort
-    from napari_slpd.features.versions import restore_prototypes, stash_path, stash_prototypes
+    from napari_slpd.session.versions import restore_prototypes, stash_path, stash_prototypes
     from napari_slpd.training.run import find_runs
     from napari_slpd.training.settings import default_run_dir
 

@@ -23,23 +23,16 @@ import numpy as np
 
 from napari_slpd.cohort import CACHE_FOLDERS, Cohort, DuplicateSlideIdError, SkippedFile, SlideRecord, find_slides
 from napari_slpd.errors import PrototypeError, SlpdError
-from napari_slpd.session_settings import (DEVICES, MPP_FALLBACKS, THUMBNAIL_PX, FeatureSettings,  # noqa: F401
-                                          PrototypeSettings, ProgressFn, RegionData, RegionMatch,
-                                          SessionSettings, SlideMatch, SlideStatus)
-from napari_slpd.session_status import RACY_NS, SessionStatusMixin  # noqa: F401
-from napari_slpd.session_views import SessionViewsMixin
+from napari_slpd.session.results import RegionData, RegionMatch, SlideMatch, SlideStatus
+from napari_slpd.session.runs import SessionRunsMixin
+from napari_slpd.session.settings import ProgressFn, SessionSettings
+from napari_slpd.session.status import SessionStatusMixin
+from napari_slpd.session.views import SessionViewsMixin
 from napari_slpd.slides.ids import is_dicom_folder as _is_dicom_dir
 from napari_slpd.utils.device import kmeans_device
 from napari_slpd.utils.progress import is_cancelled
 
 log = logging.getLogger(__name__)
-
-
-
-# -- the session ---------------------------------------------------------------------------------------
-
-
-
 
 REGIONS_KEPT = 32  # slides whose region embeddings stay in memory (each [M, E] float32)
 PROTOTYPES_KEPT = 512  # slides whose prototypes stay in memory (K centroids and M assignments each)
@@ -65,7 +58,7 @@ class _Recent(OrderedDict):
             self.popitem(last=False)
 
 
-class Session(SessionStatusMixin, SessionViewsMixin):
+class Session(SessionStatusMixin, SessionViewsMixin, SessionRunsMixin):
     """An open cohort and the settings used on it. Thread-safe for one writer at a time (the GUI runs
     one task per panel; heavy state is guarded by a lock)."""
 
@@ -146,7 +139,7 @@ class Session(SessionStatusMixin, SessionViewsMixin):
         region-encoder switch or a feature file update interrupted by a kill): one line each, for the GUI and
         the CLI to show."""
         from napari_slpd.features.store_versions import recover_interrupted_updates
-        from napari_slpd.features.versions import recover_interrupted_switch
+        from napari_slpd.session.versions import recover_interrupted_switch
 
         notes = [n for n in (self.cohort.read_only_note(), self.cohort.notice) if n]
         try:

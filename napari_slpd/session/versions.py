@@ -2,7 +2,7 @@
 between them (instantly: the embeddings are kept per region encoder, see :mod:`napari_slpd.features.store`).
 
 ```python
-from napari_slpd.features.versions import (cohort_region_encoders, selected_region_encoder,
+from napari_slpd.session.versions import (cohort_region_encoders, selected_region_encoder,
     use_region_encoder, region_embedding_sources)
 encoders = cohort_region_encoders(cohort)   # [CohortRegionEncoder(key, region_encoder, sha256, checkpoint,
                                             #   label, origin, dim, n_slides, n_selected, selected, complete)]

@@ -14,7 +14,8 @@ from typing import Sequence
 from napari_slpd.cohort import SlideRecord
 from napari_slpd.errors import FeatureStoreError, SlpdError
 
-from napari_slpd.session_settings import FeatureSettings, SessionSettings, SlideStatus, _describe_features
+from napari_slpd.session.results import SlideStatus, describe_features
+from napari_slpd.session.settings import FeatureSettings, SessionSettings
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class SessionStatusMixin:
                     n_regions = int(attrs.get("n_regions", 0))
                     diffs = self._settings_differences(attrs)
                     features = "other-settings" if diffs else "done"
-                    detail = "; ".join(diffs) if diffs else _describe_features(attrs)
+                    detail = "; ".join(diffs) if diffs else describe_features(attrs)
         elif partial_path_for(path).exists():
             features, detail = "partial", "an unfinished extraction can be resumed"
         protos = "missing"

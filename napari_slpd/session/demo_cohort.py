@@ -35,7 +35,7 @@ def demo_settings(checkpoint: str | None = None, region_checkpoint: str | None =
                   k: int = 4):
     """Small settings: 256-px regions of 4 x 4 patches of 64 px at 0.5 um/px (the model sees 64 px), so a
     small slide holds dozens of regions and K-means has something to group."""
-    from napari_slpd.session import FeatureSettings, PrototypeSettings, SessionSettings
+    from napari_slpd.session.settings import FeatureSettings, PrototypeSettings, SessionSettings
 
     features = FeatureSettings(
         patch_checkpoint=checkpoint,

@@ -1,25 +1,21 @@
-"""What a session works with: the settings of features and prototypes (saved in the cohort and loaded into
-every panel), and the small records its answers are made of (slide status, region data, matches)."""
+"""What a session works with: the settings of features, prototypes and the embedding map, saved in the cohort
+and loaded into every panel."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from napari_slpd.viewer.embedding_map import UmapParams
 from napari_slpd.errors import SlpdError
-from napari_slpd.similarity.slide_search import SlideMatch  # noqa: F401 (the panels' result type, re-exported)
-from napari_slpd.utils.device import DEVICE_CHOICES, check_device_name
+from napari_slpd.similarity.embedding_map import UmapParams
+from napari_slpd.slides.pixel_size import MPP_FALLBACKS
+from napari_slpd.utils.device import check_device_name
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
-MPP_FALLBACKS = ("none", "objective", "level0")
-DEVICES = DEVICE_CHOICES  # the one definition: napari_slpd.utils.device
+
 THUMBNAIL_PX = 256
 
 
@@ -153,57 +149,3 @@ class SessionSettings:
         else:
             problems.append(f"cache_folder {cache_folder!r} is not a folder name; ignored")
         return settings, problems
-
-
-# -- results -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SlideStatus:
-    slide_id: str
-    path: Path
-    exists: bool
-    features: str  # "done" | "missing" | "partial" | "other-settings" | "damaged"
-    prototypes: str  # "done" | "missing" | "stale"
-    n_regions: int | None = None
-    detail: str = ""
-    mpp: float | None = None  # pixel size recorded in the cohort (user value), None: the file's own
-    mpp_source: str | None = None
-
-    @property
-    def features_done(self) -> bool:
-        return self.features == "done"
-
-    @property
-    def prototypes_done(self) -> bool:
-        return self.prototypes == "done"
-
-
-@dataclass
-class RegionData:
-    """The small, in-memory part of a slide's feature file."""
-
-    slide_id: str
-    embeddings: np.ndarray  # [M, E] float32
-    coords: np.ndarray  # [M, 2] int64 level-0 top-left
-    size: float  # level-0 px per region side
-    settings_key: str
-    attrs: dict
-
-    def __len__(self) -> int:
-        return int(self.coords.shape[0])
-
-
-@dataclass
-class RegionMatch:
-    slide_id: str
-    region: int
-    distance: float  # cosine distance 1 - cos
-    prototype: int | None = None  # the matched region's prototype on its own slide
-
-
-def _describe_features(attrs: dict) -> str:
-    return (
-        f"{attrs.get('n_regions', '?')} regions of {attrs.get('region_px', '?')} px at "
-        f"{attrs.get('target_mpp', '?')} um/px; {attrs.get('patch_encoder', '?')} + {attrs.get('region_encoder', '?')}"
-    )

@@ -13,7 +13,7 @@ from napari_slpd.cohort import SlideRecord
 from napari_slpd.errors import PrototypeError, SlpdError
 from napari_slpd.utils.files import atomic_path
 
-from napari_slpd.session_settings import ProgressFn, PrototypeSettings, THUMBNAIL_PX
+from napari_slpd.session.settings import ProgressFn, PrototypeSettings, THUMBNAIL_PX
 from napari_slpd.utils.device import kmeans_device
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class SessionViewsMixin:
     def embedding_map(self, slide_ids: Sequence[str] | None = None, name: str | None = None,
                       progress: ProgressFn | None = None, cancel=None):
         """(EmbeddingMap, from_cache) of the regions of ``slide_ids`` (all slides with features)."""
-        from napari_slpd.viewer.embedding_map import load_or_compute_map
+        from napari_slpd.similarity.embedding_map import load_or_compute_map
 
         slide_ids = list(slide_ids) if slide_ids is not None else self.slides_with_features()
         if name is None:

@@ -7,7 +7,7 @@ carry per-slide stain shifts and per-region noise, several slides share a case, 
 near-duplicates of others (re-scans), which makes near-ties in distances.
 
 ```python
-from napari_slpd.evaluation.synthetic import SyntheticCohortSpec, synthetic_slides, write_embedding_cohort
+from napari_slpd.samples.embedding_cohort import SyntheticCohortSpec, synthetic_slides, write_embedding_cohort
 spec = SyntheticCohortSpec(n_slides=60, n_classes=3, separation=1.0, seed=0)
 slides = synthetic_slides(spec)          # SyntheticSlide(slide_id, case_id, label, composition, embeddings, ...)
 write_embedding_cohort(root, spec)       # COHORT/features/*.h5, prototypes, labels.csv, cohort.json
