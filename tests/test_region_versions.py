@@ -220,3 +220,22 @@ def test_cli_lists_and_switches_region_encoders(lab, capsys):
     assert [e["selected"] for e in out["region_encoders"]] == [e.key == first for e in encoders]
     assert main(["region-encoders", str(lab.cohort.root), "--use", "nope"]) == 2
     assert "has no region embeddings of 'nope'" in capsys.readouterr().err
+
+
+def test_cli_and_panel_session_offer_the_same_representations(lab, capsys):
+    """`slpd evaluate --list` and the Evaluation panel both ask the Session: every region-embedding version is
+    a representation in both (the CLI used to see only the current one unless a panel had run before)."""
+    import json
+
+    from napari_slpd.cli import main
+    from napari_slpd.evaluation.representations import set_region_embedding_sources
+    from napari_slpd.session import Session
+    from napari_slpd.session.versions import cohort_region_encoders
+
+    set_region_embedding_sources(None)  # as in a fresh `slpd` process
+    assert main(["evaluate", str(lab.cohort.root), "--list", "--json"]) == 0
+    cli = [(r["name"], r["n_slides"], r["available"]) for r in json.loads(capsys.readouterr().out)]
+    keys = [e.key for e in cohort_region_encoders(lab.cohort)]
+    assert len(keys) >= 2 and all(f"region_mean@{k}" in {name for name, _, _ in cli} for k in keys)
+    panel = [(i.name, i.n_slides, i.available) for i in Session(lab.cohort.root, create=False).representations()]
+    assert cli == panel

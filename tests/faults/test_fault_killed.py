@@ -29,7 +29,8 @@ def _run_killed(script: str, *args: str) -> subprocess.CompletedProcess:
 
 _SWITCH = """
     import os, signal, sys
-    from napari_slpd.features import store, versions
+    from napari_slpd.features import store
+    from napari_slpd.session import versions
     from napari_slpd.session import Session
     calls = []
     real = store.select_region_embedding_version
