@@ -25,13 +25,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
-from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import guarded, show_info, show_warning
+from napari_slpd.widgets._panels import keep_rows_visible, panel_layout
 from napari_slpd.widgets._tables import Cell, make_table
-from napari_slpd.widgets.state import SlpdState
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +80,13 @@ def array_to_pixmap(image: np.ndarray) -> QPixmap:
     return QPixmap.fromImage(qimage.copy())
 
 
-class CohortWidget(DockedPanel, QWidget):
+class CohortWidget(SlpdPanel):
     """Open a cohort folder (slides + cache), see each slide's status, open a slide in the viewer."""
 
+    OBJECT_NAME = "slpd-cohort"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-cohort")
+        super().__init__(napari_viewer)
 
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("cohort folder (slides and cache)")
@@ -174,7 +172,6 @@ class CohortWidget(DockedPanel, QWidget):
         self.pixel_note.setTextFormat(Qt.TextFormat.PlainText)
         self.pixel_note.setStyleSheet(f"color: {WARN_COLOR};")
         self.pixel_note.setVisible(False)
-        self.task_bar = TaskBar()
         self.confirm = self._ask  # (title, text, yes) -> bool; tests put their answer here
         self._thumb_worker = None
         self._pending_thumbs: list[str] = []
@@ -802,5 +799,5 @@ class CohortWidget(DockedPanel, QWidget):
                 if self.state.current is opened:  # the user may have opened another slide meanwhile
                     show_tissue(self.state, mask)
 
-            self.task_bar.run(work, f"Tissue of {slide_id}", on_result=done)
+            self.run_task(work, f"Tissue of {slide_id}", on_result=done)
         return opened
