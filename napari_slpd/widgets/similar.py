@@ -43,7 +43,7 @@ from napari_slpd.widgets._base import SlpdPanel
 from napari_slpd.widgets._common import guarded, show_warning
 from napari_slpd.widgets._panels import keep_rows_visible, panel_layout
 from napari_slpd.widgets._tables import Cell, make_table
-from napari_slpd.widgets.cohort import array_to_pixmap
+from napari_slpd.widgets.cohort_list import array_to_pixmap
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +344,6 @@ class SimilarSlidesWidget(SlpdPanel):
                 if (sid not in self._icons and sid not in self._no_thumbnail) or sid not in query.neighbour_names]
         if session is None or not todo:
             return
-        from napari.qt.threading import create_worker
-
         # napari keeps every worker it made: the worker holds this dict only, emptied when it ends.
         job = {"todo": todo, "session": session, "skip": set(self._icons) | self._no_thumbnail,
                "named": set(query.neighbour_names), "serial": self._serial}
@@ -370,12 +368,9 @@ class SimilarSlidesWidget(SlpdPanel):
             if batch:
                 yield job.get("serial"), batch
 
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # decoration: errors logged
-        worker.errored.connect(lambda exc: log.warning("slide list decoration stopped: %s", exc))
-        worker.yielded.connect(self._decorated)
-        worker.finished.connect(job.clear)
+        worker = self.start_worker(work, on_yielded=self._decorated, on_finished=job.clear,
+                                   on_error=lambda exc: log.warning("slide list decoration stopped: %s", exc))
         self._decorator = (worker, job)
-        worker.start()
 
     def _stop_decorator(self) -> None:
         if self._decorator is not None:
