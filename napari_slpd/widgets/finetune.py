@@ -1,8 +1,8 @@
 """SLPD fine-tune panel: train the region encoder on the open cohort in a background process, follow it
 (loss terms with the end of the DINO-only warm-up marked, the KNN monitor when a labels file is given, log,
 ETA), stop / resume it, make its checkpoint the cohort's region encoder (with a before/after evaluation
-table when a labels file is given) and switch between the region encoders the cohort holds. Its plots are
-:mod:`.finetune_plots`', closing napari during a run :mod:`.finetune_close`'s.
+table when a labels file is given) and switch between the region encoders the cohort holds. The plots
+are in :mod:`.finetune_plots`, the question asked when napari closes during a run in :mod:`.finetune_close`.
 
 The default preset is the official SLPD recipe (``nsclc``) when the cohort's token grids take the official
 crops (14 x 14 global, 6 x 6 local: grids of 14 x 14 or more, 16 x 16 for 4096-px regions of 256-px
@@ -542,6 +542,7 @@ class FineTuneWidget(SlpdPanel):
         return False
 
     def _stop_and_wait(self, run) -> None:
+        """Stop with a checkpoint and wait for the process to end, keeping the window responsive."""
         self.status.setText("stopping: finishing the step and writing a checkpoint…")
         stop_and_wait(run, self.stop_timeout)
         self.poll()
