@@ -9,29 +9,26 @@ worker (numba compiles on first use) and the map is cached in the cohort folder
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from matplotlib.path import Path as MplPath
 from matplotlib.widgets import LassoSelector, RectangleSelector
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton
 
-from napari_slpd.widgets._common import TaskBar, guarded
-from napari_slpd.widgets._panels import DockedPanel, panel_layout
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets._base import SlpdPanel, dark_figure, style_map_axes
+from napari_slpd.widgets._common import guarded
+from napari_slpd.widgets._panels import panel_layout
 
 SCOPE_SLIDE = "Current slide"
 SCOPE_COHORT = "Whole cohort"
 OTHER_SLIDE_COLOR = (0.6, 0.6, 0.6, 0.35)
 
 
-class EmbeddingMapWidget(DockedPanel, QWidget):
+class EmbeddingMapWidget(SlpdPanel):
     """2-D map of the region embeddings of the current slide (or the cohort)."""
 
+    OBJECT_NAME = "slpd-embedding"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-embedding")
+        super().__init__(napari_viewer)
 
         self.scope = QComboBox()
         self.scope.addItems([SCOPE_SLIDE, SCOPE_COHORT])
@@ -51,14 +48,12 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
         row2.addWidget(clear)
         row2.addStretch(1)
 
-        self.figure = Figure(figsize=(4, 4), dpi=100, facecolor="#262930")
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.figure, self.canvas = dark_figure((4, 4), 100, constrained=False)
         self.canvas.setMinimumHeight(240)
         self.ax = self.figure.add_subplot(111)
         self._style_axes()
         self.info = QLabel("Open a slide with features, then compute the map.")
         self.info.setWordWrap(True)
-        self.task_bar = TaskBar()
 
         layout = panel_layout(self)
         layout.addLayout(row)
@@ -83,12 +78,7 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
 
     # -- drawing ---------------------------------------------------------------------------------------
     def _style_axes(self) -> None:
-        ax = self.ax
-        ax.set_facecolor("#262930")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_color("#5a5f6b")
+        style_map_axes(self.ax)
         self.figure.subplots_adjust(left=0.02, right=0.98, top=0.93, bottom=0.02)
 
     def _make_selector(self) -> None:
@@ -178,7 +168,7 @@ class EmbeddingMapWidget(DockedPanel, QWidget):
         def work(progress, cancel):
             return session.embedding_map(slide_ids, name=name, progress=progress, cancel=cancel)
 
-        return self.task_bar.run(work, f"Embedding map of {name}", on_result=lambda r: self._on_map(r, opened.slide_id))
+        return self.run_task(work, f"Embedding map of {name}", on_result=lambda r: self._on_map(r, opened.slide_id))
 
     def _on_map(self, result, slide_id: str) -> None:
         emap, cached = result

@@ -42,9 +42,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, choose_labels_file, fill_label_tasks, guarded, show_info
-from napari_slpd.widgets._panels import DockedPanel, compact_form, panel_layout
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets._base import (NOTE_COLOR, THEME_FONT_SIZE, SlpdPanel, dark_figure, style_axes,
+                                       style_legend)
+from napari_slpd.widgets._common import choose_labels_file, fill_label_tasks, guarded, show_info
+from napari_slpd.widgets._panels import compact_form, panel_layout
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,9 @@ class ResultPlot(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
         from qtpy.QtWidgets import QVBoxLayout
 
-        self.figure = Figure(figsize=(4, 2.8), dpi=90, facecolor="#262930", layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.figure, self.canvas = dark_figure((4, 2.8), 90)
         self.axes = self.figure.add_subplot(111)
         self.kind = None
         layout = QVBoxLayout(self)
@@ -74,27 +72,11 @@ class ResultPlot(QWidget):
         self.setMinimumHeight(220)
         self.clear("Run an evaluation, then select a row")
 
-    def _style(self, xlabel: str, ylabel: str, title: str) -> None:
-        ax = self.axes
-        ax.set_facecolor("#1e1f24")
-        for spine in ax.spines.values():
-            spine.set_color("#888888")
-        ax.tick_params(colors="#cccccc", labelsize=8)
-        ax.set_xlabel(xlabel, color="#cccccc", fontsize=8)
-        ax.set_ylabel(ylabel, color="#cccccc", fontsize=8)
-        ax.set_title(title, color="#dddddd", fontsize=8)
-        ax.grid(True, color="#444444", linewidth=0.5)
-
-    def _legend(self) -> None:
-        legend = self.axes.legend(fontsize=7, facecolor="#262930", edgecolor="#555555", loc="lower right")
-        for text in legend.get_texts():
-            text.set_color("#dddddd")
-
     def clear(self, message: str = "") -> None:
         self.axes.clear()
-        self._style("", "", "")
+        style_axes(self.axes, "", "", "")
         self.axes.text(0.5, 0.5, message, transform=self.axes.transAxes, ha="center", va="center",
-                       color="#999999", fontsize=8)
+                       color=NOTE_COLOR, fontsize=THEME_FONT_SIZE)
         self.kind = None
         self.canvas.draw_idle()
 
@@ -111,10 +93,10 @@ class ResultPlot(QWidget):
                 self.axes.plot(fpr, tpr, linewidth=1.5, label=label)
         self.axes.plot([0, 1], [0, 1], color="#777777", linewidth=1, linestyle="--")
         auc = result.summary.get("auc", {})
-        self._style("false positive rate", "true positive rate",
-                    f"{result.representation} / {result.protocol}: AUC {auc.get('mean', float('nan')):.3f} ± "
-                    f"{auc.get('std', float('nan')):.3f} (test predictions of all folds)")
-        self._legend()
+        style_axes(self.axes, "false positive rate", "true positive rate",
+                   f"{result.representation} / {result.protocol}: AUC {auc.get('mean', float('nan')):.3f} ± "
+                   f"{auc.get('std', float('nan')):.3f} (test predictions of all folds)")
+        style_legend(self.axes, 7, loc="lower right")
         self.kind = "roc"
         self.canvas.draw_idle()
 
@@ -133,21 +115,21 @@ class ResultPlot(QWidget):
                 self.axes.step(t, s, where="post", color=color, label=f"{label} (n={int(group.sum())})")
         ci = result.summary.get("c_index", {})
         self.axes.set_ylim(0, 1.02)
-        self._style("time", "survival", f"{result.representation}: c-index {ci.get('mean', float('nan')):.3f} ± "
-                                        f"{ci.get('std', float('nan')):.3f}; split at the training median risk")
-        self._legend()
+        style_axes(self.axes, "time", "survival",
+                   f"{result.representation}: c-index {ci.get('mean', float('nan')):.3f} ± "
+                   f"{ci.get('std', float('nan')):.3f}; split at the training median risk")
+        style_legend(self.axes, 7, loc="lower right")
         self.kind = "km"
         self.canvas.draw_idle()
 
 
-class EvaluationWidget(DockedPanel, QWidget):
+class EvaluationWidget(SlpdPanel):
     """Evaluate the cohort's slide representations on a labels file and show tables, curves and examples."""
 
+    OBJECT_NAME = "slpd-evaluation"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-evaluation")
+        super().__init__(napari_viewer)
         self.result = None
 
         self.labels_edit = QLineEdit()
@@ -214,7 +196,6 @@ class EvaluationWidget(DockedPanel, QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.save_button)
-        self.task_bar = TaskBar()
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
         self.segmentation = None
@@ -359,7 +340,7 @@ class EvaluationWidget(DockedPanel, QWidget):
                                             progress=progress, cancel=cancel)
             return result, seg
 
-        task = self.task_bar.run(work, "Evaluation", on_result=lambda pair: self.show_result(*pair))
+        task = self.run_task(work, "Evaluation", on_result=lambda pair: self.show_result(*pair))
         self._update_buttons()
         return task
 
@@ -524,7 +505,7 @@ class EvaluationWidget(DockedPanel, QWidget):
                 return write_segmentation_report(seg, folder)
             return write_report(result, folder, cohort=session.cohort, progress=progress, segmentation=seg)
 
-        return self.task_bar.run(work, "Evaluation report", on_result=lambda path: show_info(f"report written: {path}"))
+        return self.run_task(work, "Evaluation report", on_result=lambda path: show_info(f"report written: {path}"))
 
     def result_cells(self) -> list[list[str]]:
         return [[self.table.item(r, c).text() if self.table.item(r, c) else "" for c in range(self.table.columnCount())]

@@ -28,9 +28,9 @@ from qtpy.QtWidgets import (
 )
 
 from napari_slpd.models.presets import PRESETS
-from napari_slpd.widgets._common import TaskBar, guarded, show_info, show_warning
-from napari_slpd.widgets._panels import DockedPanel, panel_layout
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import guarded, show_info, show_warning
+from napari_slpd.widgets._panels import panel_layout
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,13 @@ def confirm_dialog(parent: QWidget, title: str, text: str, yes: str) -> bool:
     return box.clickedButton() is accept
 
 
-class FeaturesWidget(DockedPanel, QWidget):
+class FeaturesWidget(SlpdPanel):
     """Choose how regions are encoded and compute their features."""
 
+    OBJECT_NAME = "slpd-features"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-features")
+        super().__init__(napari_viewer)
         fs = self.state.settings.features
 
         self.patch_encoder = QComboBox()
@@ -187,7 +186,6 @@ class FeaturesWidget(DockedPanel, QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.current_button)
         buttons.addWidget(self.cohort_button)
-        self.task_bar = TaskBar()
         self.last_results: list = []
 
         layout = panel_layout(self)
@@ -457,7 +455,7 @@ class FeaturesWidget(DockedPanel, QWidget):
 
         self._kept = kept
         what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
-        return self.task_bar.run(
+        return self.run_task(
             work,
             f"Features of {what}",
             on_result=self._on_results,

@@ -1,8 +1,8 @@
 """SLPD fine-tune panel: train the region encoder on the open cohort in a background process, follow it
 (loss terms with the end of the DINO-only warm-up marked, the KNN monitor when a labels file is given, log,
 ETA), stop / resume it, make its checkpoint the cohort's region encoder (with a before/after evaluation
-table when a labels file is given) and switch between the region encoders the cohort holds.
-Over 600 lines, but one idea: one panel and its plots; the run itself is napari_slpd.training's.
+table when a labels file is given) and switch between the region encoders the cohort holds. The plots
+are in :mod:`.finetune_plots`, the question asked when napari closes during a run in :mod:`.finetune_close`.
 
 The default preset is the official SLPD recipe (``nsclc``) when the cohort's token grids take the official
 crops (14 x 14 global, 6 x 6 local: grids of 14 x 14 or more, 16 x 16 for 4096-px regions of 256-px
@@ -19,200 +19,39 @@ from __future__ import annotations
 import logging
 import time
 
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QApplication,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
 )
 
-from napari_slpd.widgets._common import (TaskBar, choose_labels_file, fill_label_tasks, guarded, main_window,
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import (choose_labels_file, fill_label_tasks, guarded, main_window,
                                          show_info, show_warning)
-from napari_slpd.widgets._panels import DockedPanel, compact_form, panel_layout
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets._panels import compact_form, panel_layout
+from napari_slpd.widgets.finetune_close import MainWindowCloseFilter, ask_stop_or_leave, stop_and_wait
+from napari_slpd.widgets.finetune_plots import BeforeAfterTable, LossPlot
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 500
-TERM_LABELS = {"loss": "total", "dino_loss": "DINO", "intra_loss": "intra-slide", "inter_loss": "inter-slide"}
-TERM_COLORS = {"loss": "#ffffff", "dino_loss": "#1f77b4", "intra_loss": "#ff7f0e", "inter_loss": "#2ca02c"}
 
 
-class _CloseFilter(QObject):
-    """Sees the main window's Close event before napari does (so a running training is dealt with)."""
-
-    def __init__(self, panel: "FineTuneWidget"):
-        super().__init__(panel)
-        self.panel = panel
-
-    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.Close:
-            return self.panel.handle_close(event)
-        return False
-
-
-def _style_axes(ax, xlabel: str, ylabel: str) -> None:
-    ax.set_facecolor("#1e1f24")
-    for spine in ax.spines.values():
-        spine.set_color("#888888")
-    ax.tick_params(colors="#cccccc", labelsize=8)
-    ax.set_xlabel(xlabel, color="#cccccc", fontsize=8)
-    ax.set_ylabel(ylabel, color="#cccccc", fontsize=8)
-    ax.grid(True, color="#444444", linewidth=0.5)
-
-
-def _legend(ax, **kw) -> None:
-    legend = ax.legend(fontsize=6, facecolor="#262930", edgecolor="#555555", framealpha=0.7, **kw)
-    for text in legend.get_texts():
-        text.set_color("#dddddd")
-
-
-class LossPlot(QWidget):
-    """Each loss term against the training step, the end of the warm-up marked (prototype losses on from
-    there), the entropy of the DINO and intra-slide targets dotted (a loss term is that entropy plus the KL
-    divergence the student can lower: a term that climbs with its targets' entropy is not the student
-    getting worse), and below it the KNN monitor's AUC per epoch (matplotlib, dark like napari)."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 3.4), dpi=90, facecolor="#262930", layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.axes, self.monitor_axes = self.figure.subplots(2, 1, height_ratios=[3, 2])
-        _style_axes(self.axes, "step", "loss")
-        self.lines = {term: self.axes.plot([], [], label=label, color=TERM_COLORS[term], linewidth=1.2)[0]
-                      for term, label in TERM_LABELS.items()}
-        self.entropy_lines = {
-            term: self.axes.plot([], [], label=label, color=color, linewidth=1.0, linestyle=":")[0]
-            for term, label, color in (("dino_target_entropy", "DINO target entropy", TERM_COLORS["dino_loss"]),
-                                       ("intra_target_entropy", "intra target entropy", TERM_COLORS["intra_loss"]))
-        }
-        self.warmup_line = self.axes.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0,
-                                             label="warm-up ends", visible=False)
-        _legend(self.axes, loc="upper left", ncol=2)
-        ax = self.monitor_axes
-        # Whole epochs counted from 1 as the status line counts them ("epoch 2/4"); 0 is before training.
-        _style_axes(ax, "epoch (0: before training)", "KNN AUC")
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0.0, 1.02)
-        self.auc_line = ax.plot([], [], "o-", color="#e377c2", linewidth=1.2, markersize=3, label="KNN AUC")[0]
-        self.bacc_line = ax.plot([], [], "s--", color="#17becf", linewidth=1.0, markersize=3,
-                                 label="balanced accuracy")[0]
-        self.monitor_warm_line = ax.axvline(0, color="#bbbbbb", linestyle="--", linewidth=1.0, visible=False)
-        self.monitor_note = ax.text(0.5, 0.5, "KNN monitor off: give a labels file", transform=ax.transAxes,
-                                    ha="center", va="center", color="#999999", fontsize=8)
-        _legend(ax, loc="lower right")
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        self.setMinimumHeight(260)
-
-    def update_curves(self, curves, warmup_end_step: int | None = None, entropy_curves=None) -> None:
-        for term, line in self.lines.items():
-            steps, values = curves.get(term, ([], []))
-            line.set_data(list(steps), list(values))
-        for term, line in self.entropy_lines.items():
-            steps, values = (entropy_curves or {}).get(term, ([], []))
-            line.set_data(list(steps), list(values))
-        if warmup_end_step is not None:
-            self.warmup_line.set_xdata([warmup_end_step, warmup_end_step])
-        self.warmup_line.set_visible(warmup_end_step is not None)
-        self.axes.relim()
-        self.axes.autoscale_view()
-        self.canvas.draw_idle()
-
-    def update_monitor(self, records: list[dict], warm_epoch: int | None = None, labelled: bool = False) -> None:
-        records = sorted(records, key=lambda r: r.get("epoch", -1))
-        epochs = [r.get("epoch", -1) + 1 for r in records]  # records count from 0 (-1: before training)
-        self.auc_line.set_data(epochs, [_nan(r.get("knn_auc")) for r in records])
-        self.bacc_line.set_data(epochs, [_nan(r.get("balanced_accuracy")) for r in records])
-        if warm_epoch is not None and records:
-            # Prototype losses are on from epoch warm_epoch + 1: the boundary sits after epoch warm_epoch.
-            self.monitor_warm_line.set_xdata([warm_epoch + 1.5, warm_epoch + 1.5])
-        self.monitor_warm_line.set_visible(warm_epoch is not None and bool(records))
-        if records:
-            self.monitor_note.set_text("")
-            last = records[-1]
-            self.monitor_axes.set_title(
-                f"{last.get('task')}: {last.get('n_slides')} slides, {last.get('n_folds')} frozen folds, "
-                f"k={last.get('k')}", color="#cccccc", fontsize=8)
-        else:
-            self.monitor_note.set_text("KNN monitor: waiting for the first measurement" if labelled else
-                                       "KNN monitor off: give a labels file")
-            self.monitor_axes.set_title("")
-        self.monitor_axes.set_xlim(-0.5, max(epochs + [2]) + 0.5)
-        self.canvas.draw_idle()
-
-    def points(self, term: str) -> int:
-        return len(self.lines[term].get_xdata())
-
-    def monitor_points(self) -> int:
-        return len(self.auc_line.get_xdata())
-
-
-def _nan(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-class BeforeAfterTable(QTableWidget):
-    """The evaluation of the previous and the new region embeddings side by side."""
-
-    HEADERS = ["protocol", "metric", "before", "after", "difference (95% CI)", "p"]
-
-    def __init__(self, parent=None):
-        super().__init__(0, len(self.HEADERS), parent)
-        self.setHorizontalHeaderLabels(self.HEADERS)
-        self.verticalHeader().setVisible(False)
-        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.horizontalHeader().setStretchLastSection(True)
-        self.comparison = None
-
-    def show_comparison(self, comparison) -> None:
-        self.comparison = comparison
-        rows = [r for r in comparison.rows if r["metric"] in ("auc", "balanced_accuracy", "weighted_f1",
-                                                              "quadratic_kappa", "c_index")]
-        self.setRowCount(len(rows))
-        for i, r in enumerate(rows):
-            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-            cells = [r["protocol"], r["metric"], f"{r['before']:.3f} ± {r['before_std']:.3f}",
-                     f"{r['after']:.3f} ± {r['after_std']:.3f}", f"{r['difference']:+.3f}{ci}",
-                     "" if r["p_value"] is None else f"{r['p_value']:.3f}"]
-            for j, text in enumerate(cells):
-                self.setItem(i, j, QTableWidgetItem(text))
-        self.resizeColumnsToContents()
-        self.setToolTip(comparison.table())
-
-    def cell_text(self, row: int, column: int) -> str:
-        item = self.item(row, column)
-        return item.text() if item is not None else ""
-
-
-class FineTuneWidget(DockedPanel, QWidget):
+class FineTuneWidget(SlpdPanel):
     """Configure, launch and follow SLPD fine-tuning of the region encoder on the open cohort."""
 
+    OBJECT_NAME = "slpd-finetune"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-finetune")
+        super().__init__(napari_viewer)
         self.run = None  # napari_slpd.training.run.TrainingRun
         self.stop_timeout = 300.0  # s a stop may take before SIGTERM/SIGKILL (checkpoint of a big model)
 
@@ -327,7 +166,6 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
         self.log_view.setMinimumHeight(80)
-        self.task_bar = TaskBar()
         self.task_bar.task_finished.connect(lambda *_: self._update_buttons())
 
         layout = panel_layout(self)  # scrolls instead of pushing napari's window past the screen
@@ -350,7 +188,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
         self.timer.start()
-        self._close_filter = _CloseFilter(self)
+        self._close_filter = MainWindowCloseFilter(self)
         window = main_window(napari_viewer)
         if window is not None:  # the filter is a child of this panel: removed when the panel goes
             window.installEventFilter(self._close_filter)
@@ -528,7 +366,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         def work(progress, cancel):
             return use_checkpoint(session, checkpoint, progress=progress, cancel=cancel)
 
-        task = self.task_bar.run(work, f"Using {checkpoint.name}", on_result=self._on_checkpoint_used)
+        task = self.run_task(work, f"Using {checkpoint.name}", on_result=self._on_checkpoint_used)
         self._update_buttons()
         return task
 
@@ -584,7 +422,7 @@ class FineTuneWidget(DockedPanel, QWidget):
                                      cancel=cancel)
 
         self.comparison_label.setText(f"evaluating {before} (before) and {after} (after)…")
-        task_handle = self.task_bar.run(work, "Before / after evaluation", on_result=self._on_compared)
+        task_handle = self.run_task(work, "Before / after evaluation", on_result=self._on_compared)
         self._update_buttons()
         return task_handle
 
@@ -632,7 +470,7 @@ class FineTuneWidget(DockedPanel, QWidget):
         def work(progress, cancel):
             return use_region_encoder(session, key, progress=progress, cancel=cancel)
 
-        task = self.task_bar.run(work, f"Region encoder {key}", on_result=self._on_switched)
+        task = self.run_task(work, f"Region encoder {key}", on_result=self._on_switched)
         self._update_buttons()
         return task
 
@@ -684,18 +522,7 @@ class FineTuneWidget(DockedPanel, QWidget):
     # -- closing napari --------------------------------------------------------------------------------
     def ask_on_close(self) -> str:
         """'stop', 'leave' or 'cancel' (tests replace this method)."""
-        box = QMessageBox(self)
-        box.setIcon(QMessageBox.Icon.Question)
-        box.setWindowTitle("SLPD training is running")
-        box.setText(f"A fine-tune run is still training in\n{self.run.run_dir}.")
-        box.setInformativeText("Stop it (after a checkpoint, so it can be resumed), or leave it running in the "
-                               "background (reopen this panel on the cohort to follow it again)?")
-        stop = box.addButton("Stop training", QMessageBox.ButtonRole.DestructiveRole)
-        leave = box.addButton("Leave running", QMessageBox.ButtonRole.AcceptRole)
-        box.addButton(QMessageBox.StandardButton.Cancel)
-        box.exec()
-        clicked = box.clickedButton()
-        return "stop" if clicked is stop else "leave" if clicked is leave else "cancel"
+        return ask_stop_or_leave(self, self.run.run_dir)
 
     def handle_close(self, event) -> bool:
         """The main window is closing: True swallows the event (closing cancelled)."""
@@ -716,14 +543,8 @@ class FineTuneWidget(DockedPanel, QWidget):
 
     def _stop_and_wait(self, run) -> None:
         """Stop with a checkpoint and wait for the process to end, keeping the window responsive."""
-        run.stop_timeout = self.stop_timeout
-        run.request_stop()
         self.status.setText("stopping: finishing the step and writing a checkpoint…")
-        deadline = time.monotonic() + 3 * self.stop_timeout + 10
-        while run.is_running and time.monotonic() < deadline:
-            run.poll()  # escalates to SIGTERM / SIGKILL when the stop takes too long
-            QApplication.processEvents()
-            time.sleep(0.05)
+        stop_and_wait(run, self.stop_timeout)
         self.poll()
 
     def _detach_quietly(self) -> None:

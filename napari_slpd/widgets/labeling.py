@@ -33,25 +33,24 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, plain_label, plain_tooltip, show_info, show_warning
-from napari_slpd.widgets._panels import DockedPanel, compact_form, keep_rows_visible, panel_layout
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import guarded, plain_label, plain_tooltip, show_info, show_warning
+from napari_slpd.widgets._panels import compact_form, keep_rows_visible, panel_layout
 
 log = logging.getLogger(__name__)
 
 COL_COLOR, COL_NAME, COL_REGIONS, COL_SOURCE, COL_SUGGESTION, COL_ACCEPT = range(6)
 
 
-class LabelingWidget(DockedPanel, QWidget):
+class LabelingWidget(SlpdPanel):
     """Name, colour, propagate and export the prototypes of the open slide."""
 
+    OBJECT_NAME = "slpd-labeling"
+
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(napari_viewer)
         from napari_slpd.widgets._layers import ensure_selection_painter
 
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-labeling")
         self.annotations = None
         self.rows = []
         self.suggestions = []
@@ -180,7 +179,6 @@ class LabelingWidget(DockedPanel, QWidget):
         export_box = QGroupBox("Export")
         export_box.setLayout(export_layout)
 
-        self.task_bar = TaskBar()
         self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.table.setWordWrap(False)
         keep_rows_visible(self.table)
@@ -461,7 +459,7 @@ class LabelingWidget(DockedPanel, QWidget):
             self.task_bar.finish("failed" if outcome.status == "failed" else
                                  ("cached" if outcome.status in ("skipped", "current", "cached") else "done"), status)
 
-        return self.task_bar.run(work, f"Zero-shot names of {slide_id}", on_result=done)
+        return self.run_task(work, f"Zero-shot names of {slide_id}", on_result=done)
 
     def accept_suggestion(self, k: int | None) -> None:
         """Take ProAlign's name of prototype ``k`` (None: all, keeping names a person typed)."""
@@ -503,7 +501,7 @@ class LabelingWidget(DockedPanel, QWidget):
             n_set = sum(c.action == "set" for c in plan)
             self.task_bar.status.setText(f"'{name}': {n_set} of {len(plan)} similar slides would change")
 
-        return self.task_bar.run(work, f"Propagation preview of '{name}'", on_result=done)
+        return self.run_task(work, f"Propagation preview of '{name}'", on_result=done)
 
     def _fill_preview(self) -> None:
         self.preview.setRowCount(len(self.plan))

@@ -24,22 +24,21 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, plain_label, show_warning
-from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
-from napari_slpd.widgets.state import ROLE_PROTOTYPES, SlpdState
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import guarded, plain_label, show_warning
+from napari_slpd.widgets._panels import keep_rows_visible, panel_layout
+from napari_slpd.widgets.state import ROLE_PROTOTYPES
 
 
-class PrototypesWidget(DockedPanel, QWidget):
+class PrototypesWidget(SlpdPanel):
     """Compute the intra-slide prototypes (K-means of region embeddings) and show them."""
 
+    OBJECT_NAME = "slpd-prototypes"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-prototypes")
+        super().__init__(napari_viewer)
         ps = self.state.settings.prototypes
 
         self.k_spin = QSpinBox()
@@ -87,7 +86,6 @@ class PrototypesWidget(DockedPanel, QWidget):
         keep_rows_visible(self.legend, 4)
         self.hover = plain_label("Hover a region to see its prototype.", word_wrap=True)  # names: never HTML
         self.title = plain_label("No slide open.", word_wrap=True)
-        self.task_bar = TaskBar()
 
         layout = panel_layout(self)
         layout.addLayout(row)
@@ -237,7 +235,7 @@ class PrototypesWidget(DockedPanel, QWidget):
             return outcome, protos, cached
 
         what = slide_ids[0] if len(slide_ids) == 1 else f"{len(slide_ids)} slides"
-        return self.task_bar.run(work, f"Prototypes of {what} (K={self.k_spin.value()})", on_result=self._on_computed)
+        return self.run_task(work, f"Prototypes of {what} (K={self.k_spin.value()})", on_result=self._on_computed)
 
     def _compute_trial(self, session, slide_id: str):
         """The open slide's prototypes for the form's K/seed, shown but not cached (the cohort unchanged)."""
@@ -261,7 +259,7 @@ class PrototypesWidget(DockedPanel, QWidget):
             self.update_legend()
             self.task_bar.finish("done", f"K={k} tried on {slide_id} only (not saved); the cohort keeps K={cohort_k}")
 
-        return self.task_bar.run(work, f"Prototypes of {slide_id} (K={k}, this slide only)", on_result=done)
+        return self.run_task(work, f"Prototypes of {slide_id} (K={k}, this slide only)", on_result=done)
 
     def _on_computed(self, result) -> None:
         from napari_slpd.widgets._layers import show_prototypes

@@ -37,14 +37,13 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
-    QWidget,
 )
 
-from napari_slpd.widgets._common import TaskBar, guarded, show_warning
-from napari_slpd.widgets._panels import DockedPanel, keep_rows_visible, panel_layout
+from napari_slpd.widgets._base import SlpdPanel
+from napari_slpd.widgets._common import guarded, show_warning
+from napari_slpd.widgets._panels import keep_rows_visible, panel_layout
 from napari_slpd.widgets._tables import Cell, make_table
-from napari_slpd.widgets.cohort import array_to_pixmap
-from napari_slpd.widgets.state import SlpdState
+from napari_slpd.widgets.cohort_list import array_to_pixmap
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +112,13 @@ def _chips_icon(colors: list[str], size: int) -> QIcon:
     return QIcon(pixmap)
 
 
-class SimilarSlidesWidget(DockedPanel, QWidget):
+class SimilarSlidesWidget(SlpdPanel):
     """Query the cohort with the current slide or a clicked region."""
 
+    OBJECT_NAME = "slpd-similar"
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = SlpdState.for_viewer(napari_viewer)
-        self.setObjectName("slpd-similar")
+        super().__init__(napari_viewer)
 
         self.mode = QComboBox()
         self.mode.addItems([MODE_SLIDES, MODE_REGIONS])
@@ -163,7 +161,6 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
         self.detail = QLabel("")
         self.detail.setWordWrap(True)
         self.detail.setTextFormat(Qt.TextFormat.RichText)  # names are escaped (html.escape) before
-        self.task_bar = TaskBar()
 
         layout = panel_layout(self)
         layout.addLayout(row)
@@ -295,7 +292,7 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
 
         what = f"region {query.region} of {query.slide_id}" if query.region is not None else query.slide_id
         # Not in napari's activity dock: a query takes milliseconds, its entry there only made the window repaint.
-        return self.task_bar.run(work, f"{query.mode} to {what}", on_result=self._show, activity=False)
+        return self.run_task(work, f"{query.mode} to {what}", on_result=self._show, activity=False)
 
     def _row(self, query: Query, res) -> list[Cell]:
         name = Cell(res.slide_id, tooltip=res.slide_id, data=res.slide_id, icon=None)
@@ -347,8 +344,6 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
                 if (sid not in self._icons and sid not in self._no_thumbnail) or sid not in query.neighbour_names]
         if session is None or not todo:
             return
-        from napari.qt.threading import create_worker
-
         # napari keeps every worker it made: the worker holds this dict only, emptied when it ends.
         job = {"todo": todo, "session": session, "skip": set(self._icons) | self._no_thumbnail,
                "named": set(query.neighbour_names), "serial": self._serial}
@@ -373,12 +368,9 @@ class SimilarSlidesWidget(DockedPanel, QWidget):
             if batch:
                 yield job.get("serial"), batch
 
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # decoration: errors logged
-        worker.errored.connect(lambda exc: log.warning("slide list decoration stopped: %s", exc))
-        worker.yielded.connect(self._decorated)
-        worker.finished.connect(job.clear)
+        worker = self.start_worker(work, on_yielded=self._decorated, on_finished=job.clear,
+                                   on_error=lambda exc: log.warning("slide list decoration stopped: %s", exc))
         self._decorator = (worker, job)
-        worker.start()
 
     def _stop_decorator(self) -> None:
         if self._decorator is not None:
