@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 
+from napari_slpd.cli.common import add_command, add_output_flags
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "encoders",
+    parser = add_command(
+        subparsers, "encoders", run,
         help="list the named encoder presets (UNI, Virchow2, CONCH, ...) and the files each needs",
         description="List the patch-encoder presets: published pathology foundation models loaded from local "
         "files in their published layout (nothing is downloaded). Use one with `slpd extract --encoder NAME "
@@ -22,8 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("name", nargs="?", default=None, help="show one preset in full")
     parser.add_argument("--check", metavar="PATH", default=None,
                         help="with NAME: say which layout PATH is in and whether NAME takes it (reads no weights)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, quiet=False)
 
 
 def _row(info: dict) -> str:

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import json
 
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags, open_session
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "region-encoders",
+    parser = add_command(
+        subparsers, "region-encoders", run,
         help="list the region encoders the cohort has embeddings of; switch between them (--use)",
         description="List the region-embedding versions of a cohort (one per region encoder: the extraction's "
         "and each fine-tune's 'Use checkpoint'), or make one the cohort's with --use (instant: nothing is "
         "recomputed; prototypes and the similar-slides index follow).",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder")
+    add_cohort_argument(parser)
     parser.add_argument("--use", metavar="VERSION", default=None,
                         help="key, checkpoint sha256 prefix, model id or checkpoint path of the version to select")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, quiet=False)
 
 
 def run(args) -> int:
-    from napari_slpd.cli.common import open_session
     from napari_slpd.errors import SlpdError
 
     session = open_session(args.cohort)

@@ -12,29 +12,29 @@ from __future__ import annotations
 import json
 import sys
 
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    reg = subparsers.add_parser(
-        "register", help="register slides whose feature files already exist (no models loaded)",
+    reg = add_command(
+        subparsers, "register", run_register,
+        help="register slides whose feature files already exist (no models loaded)",
         description="Add slides to the cohort registry when OUT/features/<slide_id>.h5 is complete (e.g. "
         "written by `slpd extract` jobs on other machines). Slides without a complete file are listed, not added.")
-    reg.add_argument("out", metavar="OUT", help="cohort folder")
+    add_cohort_argument(reg, dest="out", metavar="OUT")
     reg.add_argument("slides", nargs="*", metavar="SLIDES_OR_FOLDER", help="slide files or folders of slides")
     reg.add_argument("--slides-from", default=None, metavar="FILE",
                      help="a slide list (one path per line, or a CSV with a path column and an optional mpp column)")
-    reg.set_defaults(func=run_register)
 
-    st = subparsers.add_parser(
-        "status", help="done / partial / failed / missing per slide, and who holds a lock",
+    st = add_command(
+        subparsers, "status", run_status, help="done / partial / failed / missing per slide, and who holds a lock",
         description="The extraction state of every slide of a cohort (registered, with feature files, or "
         "named here): done, partial (regions done), failed (last error), missing; and lock holders.")
-    st.add_argument("out", metavar="OUT", help="cohort folder")
+    add_cohort_argument(st, dest="out", metavar="OUT")
     st.add_argument("slides", nargs="*", metavar="SLIDES_OR_FOLDER", help="also report these slides")
     st.add_argument("--slides-from", default=None, metavar="FILE", help="also report the slides of this list")
-    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    st.set_defaults(func=run_status)
+    add_output_flags(st, quiet=False)
 
 
 def run_register(args) -> int:
