@@ -110,11 +110,20 @@ class ProgressBar:
             self.bar = None
 
 
-def table(header: tuple, rows: list[tuple]) -> str:
-    """Left-aligned columns, the last one free (it holds the longest text)."""
+def table(header: tuple, rows: list[tuple], *, rule: bool = False, right: tuple[str, ...] = (),
+          last_free: bool = True) -> str:
+    """Columns two spaces apart, left-aligned except those whose header is in ``right`` (figures), lines
+    rstripped. ``rule``: a dashed line under the header. ``last_free``: the last column holds free text
+    (notes, explanations) of any length, so its rule spans its header only; False treats it as a column
+    like the others (its rule spans its widest cell)."""
     rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if last_free:
+        widths[-1] = len(rows[0][-1])
+    aligned = [str.rjust if name in right else str.ljust for name in rows[0]]
+    lines = ["  ".join(align(c, w) for c, w, align in zip(row, widths, aligned)) for row in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -98,21 +98,17 @@ def format_tables(result) -> str:
         protocols = list(dict.fromkeys(r.protocol for r in rs))
         reps = list(dict.fromkeys(r.representation for r in rs))
         header = ["representation"] + [f"{p} ({next(r.primary for r in rs if r.protocol == p)})" for p in protocols]
-        rows = [header]
+        rows = []
         for rep in reps:
             row = [rep]
             for p in protocols:
                 found = [r for r in rs if r.representation == rep and r.protocol == p]
                 row.append(_cell(found[0].figure()) if found else "")
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         t = info.to_dict()
         lines.append(f"task {task} ({info.kind}{', ordinal' if info.ordinal else ''}): {t['n_slides']} slides, "
                      f"{t['n_cases']} cases, {len(info.data.folds)} folds; mean ± std over folds [bootstrap 95% CI]")
-        for i, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines.append(table(header, rows, rule=True, last_free=False))  # every column holds figures
         for name, r in [(f"{r.representation}/{r.protocol}", r) for r in rs if r.protocol in ("knn", "linear", "abmil")]:
             extra = ", ".join(f"{m} {_cell(f)}" for m, f in r.summary.items() if m != "auc")
             lines.append(f"  {name}: {extra}")

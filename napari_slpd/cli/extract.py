@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from napari_slpd.cli.common import add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments
+from napari_slpd.cli.common import (add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments,
+                                    table)
 from napari_slpd.errors import SlpdError
 from napari_slpd.features.distributed import RankInfo  # noqa: F401 (public here too)
 from napari_slpd.features.slide_tasks import expand_slides, registry_path  # noqa: F401 (used by import_features)
@@ -145,21 +146,16 @@ def _result_row(result=None, path: Path | None = None, error: str | None = None)
 
 
 def format_summary(rows: list[dict]) -> str:
-    """A fixed-width table: one line per slide, then totals."""
-    header = ("slide", "status", "regions", "computed", "seconds", "regions/s", "note")
+    """A table: one line per slide, then totals."""
     lines = []
     for row in rows:
         rate = row["computed"] / row["seconds"] if row["seconds"] and row["computed"] else 0.0
         note = row.get("message", "")
         if row.get("resumed_from"):
             note = (f"resumed after {row['resumed_from']}; " + note).rstrip("; ")
-        lines.append((row["slide_id"], row["status"], str(row["regions"]), str(row["computed"]),
-                      f"{row['seconds']:.1f}", f"{rate:.2f}" if rate else "-", note))
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
-              for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "----")]
-    out += [fmt.format(*line) for line in lines]
+        lines.append((row["slide_id"], row["status"], row["regions"], row["computed"], f"{row['seconds']:.1f}",
+                      f"{rate:.2f}" if rate else "-", note))
+    out = [table(("slide", "status", "regions", "computed", "seconds", "regions/s", "note"), lines, rule=True)]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

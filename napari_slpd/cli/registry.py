@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags, table
 from napari_slpd.errors import SlpdError
 
 
@@ -143,15 +143,9 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps({"cohort": str(cohort.root), "slides": rows, "counts": counts}, indent=2))
         return 0
-    header = ("slide", "state", "registered", "regions", "lock", "note")
-    lines = [(r["slide_id"], r["state"], "yes" if r["registered"] else "no", r["regions"],
-              f"{r['lock_state']}: {r['lock']}" if r["lock"] else "", r["message"]) for r in rows]
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
-              for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    print(fmt.format(*header))
-    for line in lines:
-        print(fmt.format(*line).rstrip())
+    print(table(("slide", "state", "registered", "regions", "lock", "note"),
+                [(r["slide_id"], r["state"], "yes" if r["registered"] else "no", r["regions"],
+                  f"{r['lock_state']}: {r['lock']}" if r["lock"] else "", r["message"]) for r in rows]))
     print(f"{len(rows)} slides: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
           + f" ({cohort.root})")
     return 0
