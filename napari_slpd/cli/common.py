@@ -1,10 +1,64 @@
-"""What the subcommands share: opening a cohort folder, a progress bar, a plain-text table."""
+"""What the subcommands share: the arguments several of them take, opening a cohort folder, a progress bar,
+a plain-text table."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Callable
 
 from napari_slpd.errors import SlpdError
+
+
+# -- arguments ----------------------------------------------------------------------------------------
+
+COHORT_HELP = "cohort folder (made by `slpd extract`)"
+NEW_COHORT_HELP = "cohort folder (created if missing)"
+JSON_HELP = "print JSON instead of a table"
+QUIET_HELP = "no progress bar"
+MPP_FALLBACKS = ("none", "objective", "level0")
+
+
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (listed with ``help``), which runs ``func(args)``; ``kwargs`` go to
+    ``add_parser`` (epilog, formatter_class)."""
+    parser = subparsers.add_parser(name, help=help, description=description, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_cohort_argument(parser, help: str | None = None, *, dest: str = "cohort", metavar: str = "COHORT") -> None:
+    """The positional cohort folder the command reads (``help`` where it says more than the usual text)."""
+    parser.add_argument(dest, metavar=metavar, help=help or COHORT_HELP)
+
+
+def add_new_cohort_option(parser, help: str | None = None) -> None:
+    """``--out COHORT``: the cohort folder a command writes into (created if missing)."""
+    parser.add_argument("--out", required=True, metavar="COHORT", help=help or NEW_COHORT_HELP)
+
+
+def add_output_flags(parser, *, json: bool = True, quiet: bool = True, json_help: str | None = None,
+                     quiet_help: str | None = None) -> None:
+    """``--json`` (machine-readable output instead of the table) and ``--quiet`` (no progress on stderr);
+    ``json`` / ``quiet`` False leaves that flag out, where the command has no table or no progress."""
+    if json:
+        parser.add_argument("--json", action="store_true", help=json_help or JSON_HELP)
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help=quiet_help or QUIET_HELP)
+
+
+def add_pixel_size_arguments(parser, overrides: str = "every slide file", *, fallback: bool = True) -> None:
+    """``--mpp`` (which wins over what ``overrides`` state) and, with ``fallback``, ``--mpp-fallback`` for
+    files without a plausible pixel size (the choices ``open_slide`` takes)."""
+    parser.add_argument("--mpp", type=float, default=None, help=f"pixel size in um/px, overrides {overrides}")
+    if fallback:
+        parser.add_argument("--mpp-fallback", choices=MPP_FALLBACKS, default="none",
+                            help="when a file has no plausible pixel size: 10 / objective power, or level 0 = "
+                            "0.5 um/px")
+
+
+# -- opening a cohort ----------------------------------------------------------------------------------
 
 
 def open_cohort(path: str):
@@ -56,11 +110,20 @@ class ProgressBar:
             self.bar = None
 
 
-def table(header: tuple, rows: list[tuple]) -> str:
-    """Left-aligned columns, the last one free (it holds the longest text)."""
+def table(header: tuple, rows: list[tuple], *, rule: bool = False, right: tuple[str, ...] = (),
+          last_free: bool = True) -> str:
+    """Columns two spaces apart, left-aligned except those whose header is in ``right`` (figures), lines
+    rstripped. ``rule``: a dashed line under the header. ``last_free``: the last column holds free text
+    (notes, explanations) of any length, so its rule spans its header only; False treats it as a column
+    like the others (its rule spans its widest cell)."""
     rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if last_free:
+        widths[-1] = len(rows[0][-1])
+    aligned = [str.rjust if name in right else str.ljust for name in rows[0]]
+    lines = ["  ".join(align(c, w) for c, w, align in zip(row, widths, aligned)) for row in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from napari_slpd.cli.common import add_command
 from napari_slpd.errors import SlpdError
 from napari_slpd.session.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_labels, demo_settings,
                                              evaluate_demo, pick_query_slide, process_cohort)
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo",
+    parser = add_command(
+        subparsers, "demo", run,
         help="build and process a small sample cohort, then open it in napari (or save screenshots)",
         description="Build a sample cohort (synthetic slides + the real test slides when present), extract "
         "features with small settings, compute prototypes and similar slides, and show everything in napari. "
@@ -57,7 +58,6 @@ def register(subparsers) -> None:
     parser.add_argument("--no-finetune", action="store_true",
                         help="with screenshots: do not run the short fine-tune demo (the panel is shown set up, "
                         "before Start)")
-    parser.set_defaults(func=run)
 
 
 # -- the command ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from napari_slpd.cli.common import add_command
 from napari_slpd.errors import SlpdError
 
 EPILOG = """\
@@ -20,8 +21,8 @@ only replaced by a valid answer. Review generated descriptions before use.
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "describe", help="generate prototype descriptions with an OpenAI-compatible chat endpoint",
+    p = add_command(
+        subparsers, "describe", run, help="generate prototype descriptions with an OpenAI-compatible chat endpoint",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--list", action="store_true", help="list the description files found, and exit")
@@ -40,7 +41,6 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
     p.add_argument("--descriptions-dir", action="append", default=[], metavar="DIR",
                    help="extra folder of description files (for --list and --base)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 
+from napari_slpd.cli.common import add_command, add_output_flags, table
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "encoders",
+    parser = add_command(
+        subparsers, "encoders", run,
         help="list the named encoder presets (UNI, Virchow2, CONCH, ...) and the files each needs",
         description="List the patch-encoder presets: published pathology foundation models loaded from local "
         "files in their published layout (nothing is downloaded). Use one with `slpd extract --encoder NAME "
@@ -22,14 +24,15 @@ def register(subparsers) -> None:
     parser.add_argument("name", nargs="?", default=None, help="show one preset in full")
     parser.add_argument("--check", metavar="PATH", default=None,
                         help="with NAME: say which layout PATH is in and whether NAME takes it (reads no weights)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, quiet=False)
 
 
-def _row(info: dict) -> str:
-    files = " + ".join(info["files"])
-    return (f"{info['name']:<13} {info['dim']:>5}  {info['input_size']:>4}  {info['magnification']:>4}  "
-            f"{info['normalisation']:<11} {info['licence'][:34]:<34}  {files}")
+def format_presets(infos: list[dict]) -> str:
+    """One line per preset; the licence is cut to 34 characters so the files stay on the line."""
+    return table(("name", "dim", "px", "mag", "norm", "licence", "files"),
+                 [(info["name"], info["dim"], info["input_size"], info["magnification"], info["normalisation"],
+                   info["licence"][:34], " + ".join(info["files"])) for info in infos],
+                 right=("dim", "px", "mag"))
 
 
 def run(args) -> int:
@@ -57,9 +60,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(infos, indent=1))
         return 0
-    print(f"{'name':<13} {'dim':>5}  {'px':>4}  {'mag':>4}  {'norm':<11} {'licence':<34}  files")
-    for info in infos:
-        print(_row(info))
+    print(format_presets(infos))
     print("\nslpd extract SLIDES --out COHORT --encoder NAME --checkpoint FILE_OR_FOLDER "
           "(also timm:<name>, open_clip:<name>)")
     return 0

@@ -16,19 +16,20 @@ import json
 import math
 import sys
 
-from napari_slpd.cli.common import ProgressBar, open_session, table
+from napari_slpd.cli.common import (ProgressBar, add_cohort_argument, add_command, add_output_flags, open_session,
+                                    table)
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate",
+    parser = add_command(
+        subparsers, "evaluate", run,
         help="slide-level evaluation (KNN, linear probe, ABMIL, Cox, retrieval) of the cohort's representations",
         description="Evaluate the cohort's slide representations on labelled tasks with the HIPT/SLPD/PANTHER "
         "protocols: 10-fold CV grouped by case and stratified, mean ± std over folds, bootstrap 95%% CI, paired "
         "comparison between representations.",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
+    add_cohort_argument(parser)
     parser.add_argument("--labels", metavar="CSV", help="labels CSV/TSV (slide_id, task columns, optional "
                         "case_id, split, time/event) or a Patho-Bench split file (fold_0, fold_1, ...)")
     parser.add_argument("--annotations", metavar="DIR", default=None,
@@ -51,7 +52,6 @@ def register(subparsers) -> None:
                         choices=("knn", "linear", "abmil", "cox", "retrieval"),
                         help="protocol (repeatable; default: all that apply): knn, linear, abmil, cox, retrieval")
     parser.add_argument("--out", metavar="DIR", default=None, help="write the report folder here")
-    parser.add_argument("--json", action="store_true", help="print results.json's content instead of tables")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, bootstrap and ABMIL (default 0)")
     parser.add_argument("--folds", type=int, default=None,
                         help="cross-validation folds (default: from the data, at most 10 and at most the number of "
@@ -71,8 +71,7 @@ def register(subparsers) -> None:
                         "with a count)")
     parser.add_argument("--ignore-unknown", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-plots", action="store_true", help="report without plots (faster)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json_help="print results.json's content instead of tables")
 
 
 def format_list(infos) -> str:
@@ -99,21 +98,17 @@ def format_tables(result) -> str:
         protocols = list(dict.fromkeys(r.protocol for r in rs))
         reps = list(dict.fromkeys(r.representation for r in rs))
         header = ["representation"] + [f"{p} ({next(r.primary for r in rs if r.protocol == p)})" for p in protocols]
-        rows = [header]
+        rows = []
         for rep in reps:
             row = [rep]
             for p in protocols:
                 found = [r for r in rs if r.representation == rep and r.protocol == p]
                 row.append(_cell(found[0].figure()) if found else "")
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         t = info.to_dict()
         lines.append(f"task {task} ({info.kind}{', ordinal' if info.ordinal else ''}): {t['n_slides']} slides, "
                      f"{t['n_cases']} cases, {len(info.data.folds)} folds; mean ± std over folds [bootstrap 95% CI]")
-        for i, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines.append(table(header, rows, rule=True, last_free=False))  # every column holds figures
         for name, r in [(f"{r.representation}/{r.protocol}", r) for r in rs if r.protocol in ("knn", "linear", "abmil")]:
             extra = ", ".join(f"{m} {_cell(f)}" for m, f in r.summary.items() if m != "auc")
             lines.append(f"  {name}: {extra}")

@@ -12,18 +12,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export-spatialdata",
+    parser = add_command(
+        subparsers, "export-spatialdata", run,
         help="write each slide as a SpatialData zarr (wsidata / LazySlide layout) and the cohort as AnnData",
         description="Export a cohort's features, prototypes, label maps and tissue outlines for scverse: one "
         "SpatialData zarr per slide that wsidata / LazySlide open as their own, and one AnnData of slides "
         "(slide representation, labels, prototype sets) for scanpy. Needs the scverse extra.",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder")
+    add_cohort_argument(parser)
     parser.add_argument("slides", nargs="*", metavar="SLIDE_ID", help="only these slides (default: all with features)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for <slide_id>.zarr and cohort.h5ad")
     parser.add_argument("--representation", default="region_mean",
@@ -36,8 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-tissue", action="store_true", help="leave out the tissue outlines")
     parser.add_argument("--no-thumbnail", action="store_true", help="leave out the slide thumbnail image")
     parser.add_argument("--overwrite", action="store_true", help="replace stores that exist")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json=False)
 
 
 def run(args) -> int:

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_slpd.cli.common import (add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments,
+                                    table)
 from napari_slpd.errors import SlpdError
 from napari_slpd.features.distributed import RankInfo  # noqa: F401 (public here too)
 from napari_slpd.features.slide_tasks import expand_slides, registry_path  # noqa: F401 (used by import_features)
@@ -25,15 +27,15 @@ from napari_slpd.utils.device import rank_device
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "extract",
+    parser = add_command(
+        subparsers, "extract", run_extract,
         help="extract region features (ViT-256 token grids + region embeddings) into a cohort cache",
         description="Cut each slide's tissue into regions, encode every patch (ViT-256 or another patch "
         "encoder) into a token grid and every grid into a region embedding (ViT-4K or mean), and cache "
         "them per slide. Resumable; runs one process per GPU under torchrun.",
     )
     add_slide_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder (created if missing)")
+    add_new_cohort_option(parser)
     model = parser.add_argument_group("models")
     model.add_argument("--encoder", default="hipt_vit256", metavar="SPEC",
                        help="patch encoder: a preset (uni_v1, uni_v2, virchow2, hoptimus0, gigapath, phikon_v2, "
@@ -72,7 +74,7 @@ def register(subparsers) -> None:
                      help="do not also store patch features in the CLAM/TRIDENT layout")
     run.add_argument("--compile", action="store_true", help="torch.compile the patch encoder (CUDA)")
     run.add_argument("--overwrite", action="store_true", help="replace features made with other settings")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(run, json=False, quiet_help="no progress bars")
     many = parser.add_argument_group("several processes and machines")
     many.add_argument("--shard", default=None, metavar="I/N",
                       help="extract only part I of N (0 <= I < N) of the slides, e.g. one task of a job array; "
@@ -82,7 +84,6 @@ def register(subparsers) -> None:
                       "$SLPD_PEER_TIMEOUT_S)")
     many.add_argument("--join-timeout", type=float, default=None, metavar="S",
                       help="under torchrun: how long to wait for every rank to start (default 900, $SLPD_JOIN_TIMEOUT_S)")
-    parser.set_defaults(func=run_extract)
 
 
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,9 +93,7 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a list of slides: one path per line, or a CSV with a path column (path, wsi, slide, "
                         "slide_path or filename) and an optional mpp column, as TRIDENT's list files; relative "
                         "paths are taken from the file's folder")
-    parser.add_argument("--mpp", type=float, default=None, help="pixel size in um/px, overrides every file")
-    parser.add_argument("--mpp-fallback", choices=("none", "objective", "level0"), default="none",
-                        help="when a file has no plausible pixel size: 10 / objective power, or level 0 = 0.5 um/px")
+    add_pixel_size_arguments(parser, "every file")
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -147,21 +146,16 @@ def _result_row(result=None, path: Path | None = None, error: str | None = None)
 
 
 def format_summary(rows: list[dict]) -> str:
-    """A fixed-width table: one line per slide, then totals."""
-    header = ("slide", "status", "regions", "computed", "seconds", "regions/s", "note")
+    """A table: one line per slide, then totals."""
     lines = []
     for row in rows:
         rate = row["computed"] / row["seconds"] if row["seconds"] and row["computed"] else 0.0
         note = row.get("message", "")
         if row.get("resumed_from"):
             note = (f"resumed after {row['resumed_from']}; " + note).rstrip("; ")
-        lines.append((row["slide_id"], row["status"], str(row["regions"]), str(row["computed"]),
-                      f"{row['seconds']:.1f}", f"{rate:.2f}" if rate else "-", note))
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
-              for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths), "----")]
-    out += [fmt.format(*line) for line in lines]
+        lines.append((row["slide_id"], row["status"], row["regions"], row["computed"], f"{row['seconds']:.1f}",
+                      f"{rate:.2f}" if rate else "-", note))
+    out = [table(("slide", "status", "regions", "computed", "seconds", "regions/s", "note"), lines, rule=True)]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -13,19 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+from napari_slpd.cli.common import add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "import-features",
+    parser = add_command(
+        subparsers, "import-features", run_import,
         help="import CLAM/TRIDENT .h5 patch features (UNI, CONCH, ...) as region features",
         description="Assemble region token grids from CLAM/TRIDENT patch features by their coordinates and "
         "write one FeatureStore per slide into the cohort, so prototypes can be computed without "
         "extracting features again.",
     )
     parser.add_argument("h5", nargs="+", metavar="H5_OR_FOLDER", help=".h5 feature files or folders of them")
-    parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder (created if missing)")
+    add_new_cohort_option(parser)
     parser.add_argument("--slides", nargs="*", default=[], metavar="SLIDE_OR_FOLDER",
                         help="the slides, matched to feature files by name (for pixel size and registration)")
     parser.add_argument("--patches-per-region", type=int, default=16,
@@ -39,11 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--region-checkpoint", default=None, metavar="PATH", help="ViT-4K weights")
     parser.add_argument("--device", default="auto", help="device for the region encoder (auto)")
     parser.add_argument("--token-dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--mpp", type=float, default=None, help="pixel size in um/px, overrides the slides")
-    parser.add_argument("--mpp-fallback", choices=("none", "objective", "level0"), default="none")
+    add_pixel_size_arguments(parser, "the slides")
     parser.add_argument("--overwrite", action="store_true", help="replace features made from another file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_import)
+    add_output_flags(parser, json=False)
 
 
 def expand_h5(items: list[str]) -> list[Path]:

@@ -13,19 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+from napari_slpd.cli.common import add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "import-spatialdata",
+    parser = add_command(
+        subparsers, "import-spatialdata", run,
         help="import LazySlide / wsidata feature tables (SpatialData zarr) as a cohort's patch features",
         description="Read one feature table of each slide.zarr written by LazySlide / wsidata and write it into "
         "the cohort as that slide's patch features, with region token grids assembled from the tile "
         "coordinates. Needs the scverse extra.",
     )
     parser.add_argument("stores", nargs="+", metavar="ZARR_OR_FOLDER", help="slide.zarr stores or folders of them")
-    parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder (created if missing)")
+    add_new_cohort_option(parser)
     parser.add_argument("--feature-key", default=None, metavar="MODEL",
                         help="LazySlide's model name (e.g. uni, resnet50) or the table key; needed when a store "
                              "holds several feature tables")
@@ -37,10 +38,9 @@ def register(subparsers) -> None:
     parser.add_argument("--min-coverage", type=float, default=0.25,
                         help="fraction of a region's G x G patches that must exist to keep it (0.25)")
     parser.add_argument("--token-dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--mpp", type=float, default=None, help="pixel size in um/px, overrides the slides")
+    add_pixel_size_arguments(parser, "the slides", fallback=False)
     parser.add_argument("--overwrite", action="store_true", help="replace features made from another source")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json=False)
 
 
 def expand_stores(items: list[str]) -> list[Path]:

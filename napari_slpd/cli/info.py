@@ -6,28 +6,24 @@ import argparse
 import json
 import sys
 
+from napari_slpd.cli.common import add_command, add_output_flags, add_pixel_size_arguments
 from napari_slpd.errors import PixelSizeError, SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "info",
+    parser = add_command(
+        subparsers, "info", run,
         help="describe a slide: format, size, levels, pixel size, tissue, regions",
         description="Describe whole-slide images: format, size, pyramid levels, pixel size (um/px), "
         "objective, associated images, tissue fraction and how many regions the SLPD grid keeps.",
     )
     parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide file (or folder of a DICOM series)")
-    parser.add_argument("--mpp", type=float, default=None, help="pixel size in um/px, overrides the file")
-    parser.add_argument(
-        "--mpp-fallback", choices=("none", "objective", "level0"), default="none",
-        help="when the file has no plausible pixel size: 10 / objective power, or level 0 = 0.5 um/px",
-    )
+    add_pixel_size_arguments(parser, "the file")
     parser.add_argument("--region-px", type=int, default=4096, help="region side at target um/px (4096)")
     parser.add_argument("--patch-px", type=int, default=256, help="patch side (256)")
     parser.add_argument("--target-mpp", type=float, default=0.5, help="um/px regions are cut at (0.5 = 20x)")
     parser.add_argument("--min-tissue", type=float, default=0.25, help="tissue fraction a region needs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per slide")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, quiet=False, json_help="print one JSON object per slide")
 
 
 def describe(path, args) -> dict:

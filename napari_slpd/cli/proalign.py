@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from napari_slpd.cli.common import add_cohort_argument, add_command
 from napari_slpd.errors import SlpdError
 
 EPILOG = """\
@@ -30,11 +30,12 @@ Descriptions: a shipped name (lung, breast, kidney, colorectal), a user file nam
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "proalign", help="ProAlign slide embeddings and named zero-shot label maps (vision-language prototypes)",
+    p = add_command(
+        subparsers, "proalign", run,
+        help="ProAlign slide embeddings and named zero-shot label maps (vision-language prototypes)",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("cohort", type=Path, help="cohort cache folder (features already extracted)")
+    add_cohort_argument(p, help="cohort cache folder (features already extracted)")
     p.add_argument("--vlm", required=True, metavar="NAME",
                    help="vision-language model: conch_v1, plip, quiltnet, biomedclip (published folders), or an "
                         "open_clip architecture (e.g. ViT-B-32) / local-dir:FOLDER with open_clip_config.json")
@@ -59,7 +60,6 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute slides whose result is up to date")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling a checkpoint that is not a plain tensor file (only for files you trust)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 
-from napari_slpd.cli.common import ProgressBar, open_cohort, table
+from napari_slpd.cli.common import (ProgressBar, add_cohort_argument, add_command, add_output_flags, open_cohort,
+                                    table)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "prototypes",
+    parser = add_command(
+        subparsers, "prototypes", run,
         help="compute K prototypes per slide (K-means of region embeddings) and the cohort index",
         description="Summarize each slide of a cohort by K prototypes (K-means of its region embeddings, "
         "SLPD settings: faiss, niter 10, nredo 5, seed 0), cache them, and build the cohort's similar-slide "
         "index. Slides with fewer regions than K get fewer prototypes (reported).",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder (made by `slpd extract`)")
+    add_cohort_argument(parser)
     parser.add_argument("-k", "--k", type=int, default=4,
                         help="prototypes per slide (default 4; SLPD: 4 NSCLC, 2 BRCA)")
     parser.add_argument("--source", choices=("region_embeddings", "features"), default="region_embeddings",
@@ -36,9 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--slides", nargs="+", metavar="SLIDE_ID", default=None, help="only these slides")
     parser.add_argument("--overwrite", action="store_true", help="recompute even up-to-date prototypes")
     parser.add_argument("--no-index", action="store_true", help="do not update the cohort index")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json_help="print one JSON object instead of a table")
 
 
 def format_table(report) -> str:

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import json
 
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags, open_session, table
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "region-encoders",
+    parser = add_command(
+        subparsers, "region-encoders", run,
         help="list the region encoders the cohort has embeddings of; switch between them (--use)",
         description="List the region-embedding versions of a cohort (one per region encoder: the extraction's "
         "and each fine-tune's 'Use checkpoint'), or make one the cohort's with --use (instant: nothing is "
         "recomputed; prototypes and the similar-slides index follow).",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder")
+    add_cohort_argument(parser)
     parser.add_argument("--use", metavar="VERSION", default=None,
                         help="key, checkpoint sha256 prefix, model id or checkpoint path of the version to select")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, quiet=False)
 
 
 def run(args) -> int:
-    from napari_slpd.cli.common import open_session
     from napari_slpd.errors import SlpdError
 
     session = open_session(args.cohort)
@@ -45,10 +45,13 @@ def run(args) -> int:
         return 0
     if report is not None:
         print(report.summary())
-    width = max(len(e.key) for e in encoders)
-    print(f"{'key':<{width}}  {'selected':<8}  {'slides':>7}  {'dim':>4}  origin      label")
-    for e in encoders:
-        mark = "yes" if e.selected else ("some" if e.n_selected else "")
-        print(f"{e.key:<{width}}  {mark:<8}  {e.n_slides:>3}/{e.n_with_features:<3}  {e.dim:>4}  "
-              f"{e.origin:<10}  {e.label}")
+    print(format_region_encoders(encoders))
     return 0
+
+
+def format_region_encoders(encoders) -> str:
+    """One line per version: selected on every slide (yes) or some, slides with it of slides with features."""
+    return table(("key", "selected", "slides", "dim", "origin", "label"),
+                 [(e.key, "yes" if e.selected else ("some" if e.n_selected else ""),
+                   f"{e.n_slides}/{e.n_with_features}", e.dim, e.origin, e.label) for e in encoders],
+                 right=("slides", "dim"))

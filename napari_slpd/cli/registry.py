@@ -12,29 +12,29 @@ from __future__ import annotations
 import json
 import sys
 
+from napari_slpd.cli.common import add_cohort_argument, add_command, add_output_flags, table
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    reg = subparsers.add_parser(
-        "register", help="register slides whose feature files already exist (no models loaded)",
+    reg = add_command(
+        subparsers, "register", run_register,
+        help="register slides whose feature files already exist (no models loaded)",
         description="Add slides to the cohort registry when OUT/features/<slide_id>.h5 is complete (e.g. "
         "written by `slpd extract` jobs on other machines). Slides without a complete file are listed, not added.")
-    reg.add_argument("out", metavar="OUT", help="cohort folder")
+    add_cohort_argument(reg, dest="out", metavar="OUT")
     reg.add_argument("slides", nargs="*", metavar="SLIDES_OR_FOLDER", help="slide files or folders of slides")
     reg.add_argument("--slides-from", default=None, metavar="FILE",
                      help="a slide list (one path per line, or a CSV with a path column and an optional mpp column)")
-    reg.set_defaults(func=run_register)
 
-    st = subparsers.add_parser(
-        "status", help="done / partial / failed / missing per slide, and who holds a lock",
+    st = add_command(
+        subparsers, "status", run_status, help="done / partial / failed / missing per slide, and who holds a lock",
         description="The extraction state of every slide of a cohort (registered, with feature files, or "
         "named here): done, partial (regions done), failed (last error), missing; and lock holders.")
-    st.add_argument("out", metavar="OUT", help="cohort folder")
+    add_cohort_argument(st, dest="out", metavar="OUT")
     st.add_argument("slides", nargs="*", metavar="SLIDES_OR_FOLDER", help="also report these slides")
     st.add_argument("--slides-from", default=None, metavar="FILE", help="also report the slides of this list")
-    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    st.set_defaults(func=run_status)
+    add_output_flags(st, quiet=False)
 
 
 def run_register(args) -> int:
@@ -143,15 +143,9 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps({"cohort": str(cohort.root), "slides": rows, "counts": counts}, indent=2))
         return 0
-    header = ("slide", "state", "registered", "regions", "lock", "note")
-    lines = [(r["slide_id"], r["state"], "yes" if r["registered"] else "no", r["regions"],
-              f"{r['lock_state']}: {r['lock']}" if r["lock"] else "", r["message"]) for r in rows]
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
-              for i in range(len(header) - 1)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-    print(fmt.format(*header))
-    for line in lines:
-        print(fmt.format(*line).rstrip())
+    print(table(("slide", "state", "registered", "regions", "lock", "note"),
+                [(r["slide_id"], r["state"], "yes" if r["registered"] else "no", r["regions"],
+                  f"{r['lock_state']}: {r['lock']}" if r["lock"] else "", r["message"]) for r in rows]))
     print(f"{len(rows)} slides: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
           + f" ({cohort.root})")
     return 0

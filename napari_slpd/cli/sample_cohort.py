@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import sys
 
+from napari_slpd.cli.common import add_command, add_output_flags
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sample-cohort",
+    parser = add_command(
+        subparsers, "sample-cohort", run,
         help="write labelled synthetic slides (tissue-composition classes, cases, survival) to try evaluation",
         description="Paint N synthetic H&E slides of C tissue-composition classes (with subtypes and several "
         "slides per case) into OUT and write OUT/labels.csv with class, subtype, case and a survival time "
@@ -31,8 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--size", default="2048x1536", metavar="WxH", help="slide size in px (default 2048x1536)")
     parser.add_argument("--mpp", type=float, default=0.5, help="pixel size in um/px (default 0.5)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json=False, quiet_help="no progress output")
 
 
 def _size(text: str) -> tuple[int, int]:

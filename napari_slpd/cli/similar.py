@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 
-from napari_slpd.cli.common import ProgressBar, open_cohort, table
+from napari_slpd.cli.common import (ProgressBar, add_cohort_argument, add_command, add_output_flags, open_cohort,
+                                    table)
 from napari_slpd.errors import SlpdError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "similar",
+    parser = add_command(
+        subparsers, "similar", run,
         help="rank the cohort's slides by similarity to a slide (prototype set distance), with explanations",
         description="Rank the slides of a cohort by their prototype set distance to SLIDE_ID (run "
         "`slpd prototypes COHORT` first) and show which prototypes matched. With --region, find the most "
         "similar regions across the cohort instead.",
     )
-    parser.add_argument("cohort", metavar="COHORT", help="cohort folder")
+    add_cohort_argument(parser)
     parser.add_argument("slide_id", metavar="SLIDE_ID", help="the query slide's id (file stem)")
     parser.add_argument("-n", "--n", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--exact", action="store_true", help="exact ranking over the whole cohort (slower)")
@@ -40,9 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--source", choices=("region_embeddings", "features"), default="region_embeddings",
                         help="with --region: region embeddings (default) or patch features")
     parser.add_argument("--pairs", type=int, default=4, metavar="P", help="matched pairs shown per row (table)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_output_flags(parser, json_help="print one JSON object instead of a table")
 
 
 def query_session(cohort, slide_id: str):
