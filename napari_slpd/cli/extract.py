@@ -21,8 +21,8 @@ from pathlib import Path
 from napari_slpd.cli.common import (add_command, add_new_cohort_option, add_output_flags, add_pixel_size_arguments,
                                     table)
 from napari_slpd.errors import SlpdError
-from napari_slpd.features.distributed import RankInfo  # noqa: F401 (public here too)
-from napari_slpd.features.slide_tasks import expand_slides, registry_path  # noqa: F401 (used by import_features)
+from napari_slpd.features.distributed import RankInfo
+from napari_slpd.features.slide_tasks import registry_path
 from napari_slpd.utils.device import rank_device
 
 

@@ -63,7 +63,8 @@ def expand_h5(items: list[str]) -> list[Path]:
 
 
 def slides_by_id(items: list[str]) -> dict[str, Path]:
-    from napari_slpd.cli.extract import _registry_path, expand_slides
+    from napari_slpd.cli.extract import _registry_path
+    from napari_slpd.features.slide_tasks import expand_slides
     from napari_slpd.slides.ids import slide_id_for
 
     return {slide_id_for(_registry_path(p)): _registry_path(p) for p in expand_slides(items)} if items else {}

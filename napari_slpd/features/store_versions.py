@@ -25,7 +25,7 @@ the versions group (:func:`migrate_store`), so nothing is lost.
 Adding a version (or migrating) is crash-safe: it is written into a copy of the file that is then renamed
 over it, so a process killed at any moment leaves the old file or the new one, and the next update or
 opening the cohort says which (:func:`recover_interrupted_updates`). Selecting a version changes a link and
-a few attributes in place (instant; a cohort-wide switch is journalled by ``features.versions``).
+a few attributes in place (instant; a cohort-wide switch is journalled by ``session.versions``).
 
 ```python
 from napari_slpd.features.store import (load_region_embeddings, region_embedding_versions,
@@ -34,7 +34,7 @@ region_embedding_versions(store_or_path) -> [RegionEmbeddingVersion(key, region_
                                               dim, origin, label, created, settings_key, selected)]
 load_region_embeddings(store_or_path, version=None) -> [M, E] float32   # None: the selected version
 add_region_embedding_version(path, embeddings, region_encoder=model_id, sha256=..., checkpoint=..., select=True)
-select_region_embedding_version(path, key)   # instant; the cohort-wide switch is features.versions
+select_region_embedding_version(path, key)   # instant; the cohort-wide switch is session.versions
 ```
 """
 

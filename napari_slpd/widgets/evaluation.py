@@ -256,17 +256,13 @@ class EvaluationWidget(SlpdPanel):
 
     def refresh_representations(self) -> list[str]:
         """List the cohort's representations (every region-embedding version included)."""
-        from napari_slpd.evaluation import list_representations
-        from napari_slpd.session.versions import install_evaluation_sources
-
         checked = set(self.selected_representations())
         self.repr_list.clear()
         session = self.state.session
         if session is None:
             return []
-        install_evaluation_sources()
         names = []
-        for info in list_representations(session.cohort):
+        for info in session.representations():
             item = QListWidgetItem(f"{info.name}  ({info.n_slides} slides)" if info.available else
                                    f"{info.name}  (not computed)")
             item.setData(Qt.ItemDataRole.UserRole, info.name)
@@ -314,10 +310,7 @@ class EvaluationWidget(SlpdPanel):
     # -- running ----------------------------------------------------------------------------------------
     def run_evaluation(self):
         from napari_slpd.errors import SlpdError
-        from napari_slpd.evaluation import evaluate
-        from napari_slpd.session.versions import install_evaluation_sources
-
-        from napari_slpd.evaluation.segmentation import SegmentationConfig, evaluate_segmentation
+        from napari_slpd.evaluation.segmentation import SegmentationConfig
 
         session = self.state.require_session()
         labels = self.labels_edit.text().strip()
@@ -326,19 +319,12 @@ class EvaluationWidget(SlpdPanel):
             raise SlpdError("choose a labels file first (slide_id and task columns; optional case_id), or an "
                             "annotations folder for the segmentation evaluation")
         config = self.config()
-        install_evaluation_sources()
 
         def work(progress, cancel):
-            result = evaluate(session.cohort, labels, config, progress=progress, cancel=cancel) if labels else None
-            seg = None
-            if annotations:
-                cases = {}
-                for info in (result.tasks.values() if result is not None else []):
-                    cases.update(zip(info.data.slide_ids, map(str, info.data.cases)))
-                seg = evaluate_segmentation(session.cohort, annotations,
-                                            SegmentationConfig(seed=config.seed, cases=cases or None),
-                                            progress=progress, cancel=cancel)
-            return result, seg
+            run = session.evaluate(labels or None, config, annotations=annotations or None,
+                                   segmentation=SegmentationConfig(seed=config.seed), progress=progress,
+                                   cancel=cancel)
+            return run.result, run.segmentation
 
         task = self.run_task(work, "Evaluation", on_result=lambda pair: self.show_result(*pair))
         self._update_buttons()

@@ -9,7 +9,7 @@ crops (14 x 14 global, 6 x 6 local: grids of 14 x 14 or more, 16 x 16 for 4096-p
 patches); ``tiny`` is for small grids and quick checks, and says so.
 
 The process, its events and its checkpoints are :mod:`napari_slpd.training.run`'s; "use this
-checkpoint" is :func:`napari_slpd.features.reencode.use_checkpoint` in a worker. Closing napari while a
+checkpoint" is :meth:`napari_slpd.session.Session.use_checkpoint` in a worker. Closing napari while a
 run trains asks whether to stop it (a clean checkpoint is written first) or to leave it running (the
 panel re-attaches to it when the cohort is opened again).
 """
@@ -356,7 +356,6 @@ class FineTuneWidget(SlpdPanel):
     def use_checkpoint(self):
         """Re-encode the cohort's regions with the run's exported teacher; refresh prototypes and index."""
         from napari_slpd.errors import SlpdError
-        from napari_slpd.session.use_checkpoint import use_checkpoint
 
         session = self.state.require_session()
         checkpoint = self.run.exported_checkpoint() if self.run is not None else None
@@ -364,7 +363,7 @@ class FineTuneWidget(SlpdPanel):
             raise SlpdError("this run has exported no checkpoint yet (it is written when a run ends or stops)")
 
         def work(progress, cancel):
-            return use_checkpoint(session, checkpoint, progress=progress, cancel=cancel)
+            return session.use_checkpoint(checkpoint, progress=progress, cancel=cancel)
 
         task = self.run_task(work, f"Using {checkpoint.name}", on_result=self._on_checkpoint_used)
         self._update_buttons()
@@ -409,7 +408,6 @@ class FineTuneWidget(SlpdPanel):
     def compare_versions(self, before: str, after: str):
         """Evaluate two region-embedding versions on the labels file (KNN and linear probe, same folds)."""
         from napari_slpd.errors import SlpdError
-        from napari_slpd.session.versions import evaluate_versions
 
         session = self.state.require_session()
         labels = self.labels_edit.text().strip()
@@ -418,8 +416,8 @@ class FineTuneWidget(SlpdPanel):
         task = self.task_combo.currentText().strip() or None
 
         def work(progress, cancel):
-            return evaluate_versions(session.cohort, labels, before, after, task=task, progress=progress,
-                                     cancel=cancel)
+            return session.compare_region_encoders(labels, before, after, task=task, progress=progress,
+                                                   cancel=cancel)
 
         self.comparison_label.setText(f"evaluating {before} (before) and {after} (after)…")
         task_handle = self.run_task(work, "Before / after evaluation", on_result=self._on_compared)
@@ -437,15 +435,13 @@ class FineTuneWidget(SlpdPanel):
 
     def refresh_encoders(self) -> None:
         """List the region encoders the cohort holds embeddings of (the selected one first chosen)."""
-        from napari_slpd.session.versions import cohort_region_encoders
-
         self.encoder_combo.clear()
         session = self.state.session
         if session is None:
             self._update_switch()
             return
         try:
-            encoders = cohort_region_encoders(session.cohort)
+            encoders = session.region_encoders()
         except Exception as exc:  # an unreadable cohort must not block the panel
             log.warning("cannot list the region encoders: %s", exc)
             encoders = []
@@ -460,15 +456,13 @@ class FineTuneWidget(SlpdPanel):
 
     def switch_encoder(self, key: str | None = None):
         """Make the chosen region encoder's embeddings the cohort's (instant; prototypes and index follow)."""
-        from napari_slpd.session.versions import use_region_encoder
-
         session = self.state.require_session()
         key = key or self.encoder_combo.currentData()
         if not key:
             return None
 
         def work(progress, cancel):
-            return use_region_encoder(session, key, progress=progress, cancel=cancel)
+            return session.use_region_encoder(key, progress=progress, cancel=cancel)
 
         task = self.run_task(work, f"Region encoder {key}", on_result=self._on_switched)
         self._update_buttons()
