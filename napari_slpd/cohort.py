@@ -24,7 +24,6 @@ so that a cohort folder that holds its slides can be moved as a whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -332,22 +331,9 @@ class Cohort:
         replaced here (an existing one is left as it is, whoever wrote it)."""
         if self.registry_path.exists():
             return
-        import tempfile
+        from napari_slpd.utils.files import atomic_write_new
 
-        from napari_slpd.utils.record_folder import _link_or_rename_new
-
-        folder = self.registry_path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY_NAME}.", suffix=".new", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"slides": {}}, indent=2, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o644)
-            with contextlib.suppress(FileExistsError):
-                _link_or_rename_new(Path(tmp), self.registry_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        atomic_write_new(self.registry_path, json.dumps({"slides": {}}, indent=2, sort_keys=True) + "\n")
 
     # -- settings ------------------------------------------------------------------------------
     def load_settings(self) -> dict | None:

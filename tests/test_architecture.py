@@ -33,7 +33,15 @@ ARCHITECTURE_DOC = ROOT / "docs" / "ARCHITECTURE.md"
 OPEN_TO_ALL = ("errors", "napari_slpd")
 # Conventions with one home each (docs/ARCHITECTURE.md): a second definition is a second convention.
 DEFINED_ONCE = ("resolve_device", "cuda_available", "autocast_dtype", "atomic_path", "atomic_write_json",
-                "atomic_folder", "is_dicom_folder")
+                "atomic_folder", "atomic_write_new", "keep_backup", "is_dicom_folder")
+# Renames outside utils/files.py, each a protocol of its own rather than "write a file atomically".
+RENAMES_ALLOWED = {
+    "napari_slpd/utils/files.py": "the atomic writers",
+    "napari_slpd/features/store_writer.py": "a resumable extraction's partial file takes its final name when complete",
+    "napari_slpd/features/store_versions.py": "a journalled update of a feature file's copy (recovered after a kill)",
+    "napari_slpd/utils/storage.py": "setting a damaged file aside; the user config (files.py imports this module)",
+    "napari_slpd/utils/locks.py": "a stale lock set aside",
+}
 
 
 @dataclass(frozen=True)
@@ -299,3 +307,18 @@ def test_shared_conventions_are_defined_once(project):
     missing = [name for name, where in found.items() if not where]
     assert not twice, f"conventions defined more than once: {twice}"
     assert not missing, f"conventions no longer defined (update DEFINED_ONCE): {missing}"
+
+
+def test_files_are_written_through_the_atomic_writers(project):
+    """A temp-file-and-rename written by hand is a second atomic writer: outside utils/files.py only the
+    protocols of RENAMES_ALLOWED rename files."""
+    modules, _ = project
+    bad = []
+    for path in modules.values():
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("replace", "rename") and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "os" and rel not in RENAMES_ALLOWED):
+                bad.append(f"{rel}:{node.lineno}")
+    assert not bad, "os.replace/os.rename outside the atomic writers (use napari_slpd.utils.files):\n" + "\n".join(bad)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_slpd.utils.files import atomic_folder  # also imported from here by segmentation/report.py
+from napari_slpd.utils.files import atomic_folder
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,50 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(final: str | os.PathLike, obj) -> None:
     atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_new(final: str | os.PathLike, text: str) -> bool:
+    """Create ``final`` holding ``text`` only if no file of that name exists (False when one does): the whole
+    file appears at once, with its permissions, and of concurrent writers exactly one wins (a registration, a
+    claim, a cohort's first registry)."""
+    import uuid
+
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.new")
+    with atomic_path(staging) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    staging = _redirected(staging)
+    try:
+        return _link_or_rename_new(staging, _redirected(final))
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+
+
+def _redirected(path: Path) -> Path:
+    from napari_slpd.utils.storage import write_target
+
+    return write_target(path)
+
+
+def _link_or_rename_new(tmp: Path, final: Path) -> bool:
+    """Give ``tmp``'s content the name ``final`` only when ``final`` does not exist (FileExistsError
+    otherwise). A hard link is atomic create-if-absent on POSIX file systems and NFS; where links are not
+    supported, an exclusive create plus a rename over it keeps the same guarantee for the name."""
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS):
+            raise
+    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # claims the name, or FileExistsError
+    os.close(fd)
+    os.replace(tmp, final)
+    return True
 
 
 def keep_backup(path: str | os.PathLike, is_valid) -> None:

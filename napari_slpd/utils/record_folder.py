@@ -18,7 +18,6 @@ unless it changed less than ``RACY_S`` ago (a change within the same clock tick 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ class RecordFolder:
     def write(self, name: str, record: dict, exclusive: bool = False) -> bool:
         """Write ``record`` as ``name`` atomically. ``exclusive``: only when no record of that name exists
         (False is returned when one does). Raises StorageError (full disk, read-only folder)."""
-        from napari_slpd.utils.files import atomic_path
+        from napari_slpd.utils.files import atomic_path, atomic_write_new
 
         final = self.path(name)
         text = json.dumps(record, indent=1, sort_keys=True) + "\n"
@@ -57,18 +56,7 @@ class RecordFolder:
                 tmp.write_text(text, encoding="utf-8")
             self._changed()
             return True
-        import uuid
-
-        staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.new")  # whole, with its permissions
-        with atomic_path(staging) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        try:
-            created = _link_or_rename_new(staging, final)
-        except FileExistsError:
-            created = False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                staging.unlink()
+        created = atomic_write_new(final, text)
         self._changed()
         return created
 
@@ -148,21 +136,3 @@ def _read_record(path: Path) -> dict | None:
         log.warning("registry record %s is not a JSON object; it is ignored", path)
         return None
     return record
-
-
-def _link_or_rename_new(tmp: Path, final: Path) -> bool:
-    """Give ``tmp``'s content the name ``final`` only when ``final`` does not exist (FileExistsError
-    otherwise). A hard link is atomic create-if-absent on POSIX file systems and NFS; where links are not
-    supported, an exclusive create plus a rename over it keeps the same guarantee for the name."""
-    try:
-        os.link(tmp, final)
-        return True
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS):
-            raise
-    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # claims the name, or FileExistsError
-    os.close(fd)
-    os.replace(tmp, final)
-    return True

@@ -165,7 +165,7 @@ def write_segmentation_files(seg, folder: str | os.PathLike, plots: bool = True)
 
 def write_segmentation_report(seg, out: str | os.PathLike, plots: bool = True) -> Path:
     """A report folder holding the segmentation evaluation only (atomically), with report.html."""
-    from napari_slpd.evaluation.report import atomic_folder
+    from napari_slpd.utils.files import atomic_folder
 
     out = Path(out)
     with atomic_folder(out) as tmp:
