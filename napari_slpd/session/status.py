@@ -77,17 +77,8 @@ class SessionStatusMixin:
     def _settings_from_feature_files(self) -> FeatureSettings | None:
         from collections import Counter
 
-        from napari_slpd.features.store import read_store_attrs
-
         seen = Counter()
-        for slide_id in self.slide_ids():
-            path = self.cohort.features_path(slide_id)
-            if not path.exists():
-                continue
-            try:
-                a = read_store_attrs(path)
-            except SlpdError:
-                continue
+        for _, a in self._feature_file_attrs(self.slide_ids()):
             if not a.get("complete", False):
                 continue
             seen[(str(a.get("patch_encoder", "")).split(" (")[0], str(a.get("region_encoder", "")).split(" (")[0],
@@ -120,25 +111,27 @@ class SessionStatusMixin:
     def checkpoint_features_at_risk(self, slide_ids: Sequence[str] | None = None) -> list[str]:
         """Slides whose cached features were made with a checkpoint (patch or region encoder) that the
         current settings would replace with a randomly initialised encoder's features."""
-        from napari_slpd.features.store import read_store_attrs
-
         fs = self.settings.features
         patch_random = fs.patch_checkpoint is None and fs.patch_encoder == "hipt_vit256"
         region_random = fs.region_checkpoint is None and fs.region_encoder == "hipt_vit4k"
         if not (patch_random or region_random):
             return []
-        at_risk = []
-        for slide_id in (slide_ids if slide_ids is not None else self.slide_ids()):
+        ids = slide_ids if slide_ids is not None else self.slide_ids()
+        return [slide_id for slide_id, a in self._feature_file_attrs(ids)
+                if (patch_random and a.get("patch_encoder_sha256")) or (region_random and a.get("region_encoder_sha256"))]
+
+    def _feature_file_attrs(self, slide_ids: Sequence[str]):
+        """``(slide_id, attrs)`` of each slide whose feature file exists and can be read."""
+        from napari_slpd.features.store import read_store_attrs
+
+        for slide_id in slide_ids:
             path = self.cohort.features_path(slide_id)
             if not path.exists():
                 continue
             try:
-                a = read_store_attrs(path)
+                yield slide_id, read_store_attrs(path)
             except SlpdError:
                 continue
-            if (patch_random and a.get("patch_encoder_sha256")) or (region_random and a.get("region_encoder_sha256")):
-                at_risk.append(slide_id)
-        return at_risk
 
     # -- status ----------------------------------------------------------------------------------------
     def status(self, slide_id: str) -> SlideStatus:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from napari_slpd.errors import CheckpointError, FeatureStoreError, SlpdError
 from napari_slpd.features.reencode import ReencodeResult, reencode_region_embeddings
-from napari_slpd.utils.progress import ProgressFn
+from napari_slpd.utils.progress import ProgressFn, progress_span
 
 
 @dataclass
@@ -86,14 +86,8 @@ def use_checkpoint(
     previous = selected_region_encoder(cohort)
     unit = 1000
 
-    def stage(lo, hi):
-        def report(done, total):
-            if progress and total > 0:
-                progress(int(lo + (hi - lo) * done / total), unit)
-        return report
-
-    results = reencode_region_embeddings(cohort, checkpoint, device=fs.device, progress=stage(0, 800),
-                                         cancel=cancel, region_encoder=encoder, select=False)
+    results = reencode_region_embeddings(cohort, checkpoint, device=fs.device, cancel=cancel, region_encoder=encoder,
+                                         progress=progress_span(progress, 0, 800, unit), select=False)
     cancelled = any(r.status == "cancelled" for r in results)
     protos: dict[str, str] = {}
     n_index = 0

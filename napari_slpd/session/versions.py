@@ -36,7 +36,7 @@ import numpy as np
 
 from napari_slpd.errors import FeatureStoreError, SlpdError
 from napari_slpd.utils.files import atomic_path
-from napari_slpd.utils.progress import ProgressFn, is_cancelled
+from napari_slpd.utils.progress import ProgressFn, is_cancelled, progress_span
 from napari_slpd.utils.storage import write_target
 
 log = logging.getLogger(__name__)
@@ -318,12 +318,6 @@ def activate(session, key: str, progress: ProgressFn | None = None, cancel=None,
     cohort = session.cohort
     unit = 1000
 
-    def stage(a, b):
-        def report(done, total):
-            if progress and total > 0:
-                progress(int(a + (b - a) * done / total), unit)
-        return report
-
     if names_before is None and carry_names:
         from napari_slpd.labeling import PrototypeAnnotations
 
@@ -344,8 +338,8 @@ def activate(session, key: str, progress: ProgressFn | None = None, cancel=None,
             checkpoint = None  # the seeded random initialisation
         session.settings.features = replace(fs, region_encoder=encoder.kind, region_checkpoint=checkpoint)
         mid = lo + (unit - lo) * 3 // 4
-        protos = session.ensure_prototypes(progress=stage(lo, mid), cancel=cancel)
-        index = session.index(progress=stage(mid, unit), cancel=cancel)
+        protos = session.ensure_prototypes(progress=progress_span(progress, lo, mid, unit), cancel=cancel)
+        index = session.index(progress=progress_span(progress, mid, unit, unit), cancel=cancel)
         n_index = _index_size(index)
         if names_before is not None:
             names = names_before.carry_over(session)

@@ -27,6 +27,17 @@ def is_cancelled(cancel: CancelCheck) -> bool:
     return bool(cancel())
 
 
+def progress_span(progress: ProgressFn | None, lo: int, hi: int, unit: int = 1000) -> ProgressFn:
+    """A ``progress(done, total)`` for one stage of a longer run that reports in ``unit``: the stage's own
+    progress mapped onto ``[lo, hi]`` of ``unit`` (nothing when ``progress`` is None)."""
+
+    def report(done: int, total: int) -> None:
+        if progress and total > 0:
+            progress(int(lo + (hi - lo) * done / total), unit)
+
+    return report
+
+
 def raise_if_cancelled(cancel: CancelCheck, what: str = "the computation") -> None:
     if is_cancelled(cancel):
         raise Cancelled(f"{what} was cancelled")
