@@ -33,7 +33,9 @@ ARCHITECTURE_DOC = ROOT / "docs" / "ARCHITECTURE.md"
 OPEN_TO_ALL = ("errors", "napari_slpd")
 # Conventions with one home each (docs/ARCHITECTURE.md): a second definition is a second convention.
 DEFINED_ONCE = ("resolve_device", "cuda_available", "autocast_dtype", "atomic_path", "atomic_write_json",
-                "atomic_folder", "atomic_write_new", "keep_backup", "is_dicom_folder")
+                "atomic_folder", "atomic_write_new", "keep_backup", "is_dicom_folder", "progress_span")
+# Vocabularies with one home each: the choices the CLI, the panels and the core offer alike.
+NAMED_ONCE = ("PROTOCOLS", "MPP_FALLBACKS", "DEVICE_CHOICES", "SLIDE_SUFFIXES")
 # Renames outside utils/files.py, each a protocol of its own rather than "write a file atomically".
 RENAMES_ALLOWED = {
     "napari_slpd/utils/files.py": "the atomic writers",
@@ -298,11 +300,18 @@ def test_no_module_over_the_hard_limit(project):
 
 def test_shared_conventions_are_defined_once(project):
     modules, _ = project
-    found: dict[str, list[str]] = {name: [] for name in DEFINED_ONCE}
+    found: dict[str, list[str]] = {name: [] for name in DEFINED_ONCE + NAMED_ONCE}
     for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in found:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in DEFINED_ONCE:
                 found[node.name].append(f"{path.relative_to(ROOT)}:{node.lineno}")
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in NAMED_ONCE:
+                    found[target.id].append(f"{path.relative_to(ROOT)}:{node.lineno}")
     twice = {name: where for name, where in found.items() if len(where) > 1}
     missing = [name for name, where in found.items() if not where]
     assert not twice, f"conventions defined more than once: {twice}"

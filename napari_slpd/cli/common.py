@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from napari_slpd.errors import SlpdError
+from napari_slpd.slides.pixel_size import MPP_FALLBACKS
 
 
 # -- arguments ----------------------------------------------------------------------------------------
@@ -16,7 +17,6 @@ COHORT_HELP = "cohort folder (made by `slpd extract`)"
 NEW_COHORT_HELP = "cohort folder (created if missing)"
 JSON_HELP = "print JSON instead of a table"
 QUIET_HELP = "no progress bar"
-MPP_FALLBACKS = ("none", "objective", "level0")
 
 
 def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str,

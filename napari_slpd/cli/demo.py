@@ -28,6 +28,7 @@ from napari_slpd.errors import SlpdError
 from napari_slpd.session.demo_cohort import (DEMO_SLIDES, build_demo_cohort, demo_labels, demo_settings,
                                              evaluate_demo, pick_query_slide, process_cohort)
 from napari_slpd.testing.xvfb import has_display, start_virtual_display
+from napari_slpd.utils.device import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
     parser.add_argument("--slides", type=int, default=DEMO_SLIDES, metavar="N",
                         help=f"number of labelled synthetic slides (default {DEMO_SLIDES})")
     parser.add_argument("--no-real", action="store_true", help="leave out the real test slides")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where models run")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where models run")
     parser.add_argument("-k", type=int, default=4, help="prototypes per slide (default 4)")
     parser.add_argument("--docs-screenshots", default=None, metavar="DIR",
                         help="also write small copies of the screenshots (at most 1200 px wide) to DIR")

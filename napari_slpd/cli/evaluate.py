@@ -19,6 +19,7 @@ import sys
 from napari_slpd.cli.common import (ProgressBar, add_cohort_argument, add_command, add_output_flags, open_session,
                                     table)
 from napari_slpd.errors import SlpdError
+from napari_slpd.evaluation.protocol_names import PROTOCOLS
 
 
 def register(subparsers) -> None:
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
     parser.add_argument("--repr", action="append", metavar="NAME", default=None, dest="representations",
                         help="representation (repeatable; default: every available one, see --list)")
     parser.add_argument("--protocol", action="append", metavar="NAME", default=None,
-                        choices=("knn", "linear", "abmil", "cox", "retrieval"),
+                        choices=PROTOCOLS,
                         help="protocol (repeatable; default: all that apply): knn, linear, abmil, cox, retrieval")
     parser.add_argument("--out", metavar="DIR", default=None, help="write the report folder here")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, bootstrap and ABMIL (default 0)")

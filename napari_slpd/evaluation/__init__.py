@@ -19,19 +19,29 @@ call site of the similarity engine), engine (the run), report (the folder); synt
 :mod:`napari_slpd.samples.embedding_cohort`. Errors: EvaluationError, LabelsError, RepresentationError (SlpdError).
 """
 
-from napari_slpd.evaluation.engine import EvaluationConfig, EvaluationResult, ProtocolResult, evaluate
-from napari_slpd.evaluation.errors import EvaluationError, LabelsError, RepresentationError
-from napari_slpd.evaluation.labels import LabelsConfig, read_labels
-from napari_slpd.evaluation.report import write_report
-from napari_slpd.evaluation.representations import (
-    list_representations,
-    load_representation,
-    region_embedding_sources,
-    set_region_embedding_sources,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EvaluationConfig", "EvaluationError", "EvaluationResult", "LabelsConfig", "LabelsError", "ProtocolResult",
-    "RepresentationError", "evaluate", "list_representations", "load_representation", "read_labels",
-    "region_embedding_sources", "set_region_embedding_sources", "write_report",
-]
+import importlib
+
+from napari_slpd.evaluation.protocol_names import PROTOCOLS
+
+# Loaded on first use (PEP 562): the protocol names and the errors are needed by the CLI's parser and the
+# panels at import time; the engine (its protocols and metrics) only when something is evaluated.
+_EXPORTS = {
+    "EvaluationConfig": "engine", "EvaluationResult": "engine", "ProtocolResult": "engine", "evaluate": "engine",
+    "EvaluationError": "errors", "LabelsError": "errors", "RepresentationError": "errors",
+    "LabelsConfig": "labels", "read_labels": "labels", "write_report": "report",
+    "list_representations": "representations", "load_representation": "representations",
+    "region_embedding_sources": "representations", "set_region_embedding_sources": "representations",
+}
+
+__all__ = ["PROTOCOLS", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_slpd.evaluation.protocol_names import PROTOCOLS
 from napari_slpd.widgets._base import (NOTE_COLOR, THEME_FONT_SIZE, SlpdPanel, dark_figure, style_axes,
                                        style_legend)
 from napari_slpd.widgets._common import choose_labels_file, fill_label_tasks, guarded, show_info
@@ -49,7 +50,6 @@ from napari_slpd.widgets._panels import compact_form, panel_layout
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("knn", "linear", "abmil", "cox", "retrieval")
 DEFAULT_ON = ("knn", "linear", "cox", "retrieval")  # ABMIL trains a network per fold: asked for explicitly
 METRIC_ORDER = ("auc", "balanced_accuracy", "weighted_f1", "quadratic_kappa", "c_index", "top1_acc", "mv3_acc",
                 "mAP@5")

@@ -28,6 +28,8 @@ from qtpy.QtWidgets import (
 )
 
 from napari_slpd.models.presets import PRESETS
+from napari_slpd.slides.pixel_size import MPP_FALLBACKS
+from napari_slpd.utils.device import DEVICE_CHOICES
 from napari_slpd.widgets._base import SlpdPanel
 from napari_slpd.widgets._common import guarded, show_info, show_warning
 from napari_slpd.widgets._panels import panel_layout
@@ -102,7 +104,7 @@ class FeaturesWidget(SlpdPanel):
         self.region_checkpoint = QLineEdit()
         self.region_checkpoint.setPlaceholderText("none: random initialisation")
         self.device = QComboBox()
-        self.device.addItems(["auto", "cuda", "cpu"])
+        self.device.addItems(list(DEVICE_CHOICES))
         self.region_px = QSpinBox()
         self.region_px.setRange(32, 16384)
         self.region_px.setSingleStep(256)
@@ -118,7 +120,7 @@ class FeaturesWidget(SlpdPanel):
         self.min_tissue.setRange(0.0, 1.0)
         self.min_tissue.setSingleStep(0.05)
         self.mpp_fallback = QComboBox()
-        self.mpp_fallback.addItems(["none", "objective", "level0"])
+        self.mpp_fallback.addItems(list(MPP_FALLBACKS))
         self.mpp_fallback.setToolTip(
             "For slides whose file states no plausible pixel size: none = refuse (set it in the Cohort panel), "
             "objective = 10 / objective power, level0 = assume 0.5 µm/px"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from napari_slpd.evaluation.protocol_names import PROTOCOLS  # noqa: F401 (re-exported)
 from napari_slpd.evaluation.protocols.abmil import AbmilConfig, abmil
 from napari_slpd.evaluation.protocols.common import Predictions, TaskData
 from napari_slpd.evaluation.protocols.knn import KnnConfig, knn_sets, knn_vectors
@@ -22,7 +23,6 @@ from napari_slpd.evaluation.protocols.linear import LinearConfig, linear_model, 
 from napari_slpd.evaluation.protocols.retrieval import RetrievalConfig, retrieval_sets, retrieval_vectors
 from napari_slpd.evaluation.protocols.survival import CoxConfig, cox, cox_model
 
-PROTOCOLS = ("knn", "linear", "abmil", "cox", "retrieval")
 
 
 @dataclass(frozen=True)
