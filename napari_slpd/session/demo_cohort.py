@@ -100,13 +100,13 @@ def demo_evaluation_config(labels: Path):
 def evaluate_demo(session, root: Path, say: Callable[[str], None] = print):
     """Evaluate the demo cohort's representations on its labels; the report goes to ``root/evaluation``.
     Returns the EvaluationResult (None without labels)."""
-    from napari_slpd.evaluation import evaluate, write_report
+    from napari_slpd.evaluation import write_report
 
     labels = demo_labels(root)
     if labels is None:
         return None
     config = demo_evaluation_config(labels)
-    result = evaluate(session.cohort, labels, config)
+    result = session.evaluate(labels, config).result
     write_report(result, Path(root) / "evaluation", cohort=session.cohort)
     for r in result.results:
         summary = r.summary.get(r.primary) or {}

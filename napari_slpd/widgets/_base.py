@@ -88,19 +88,11 @@ class SlpdPanel(DockedPanel, QWidget):
         self.setObjectName(self.OBJECT_NAME)
         self.task_bar = TaskBar()
 
-    def run_task(
-        self,
-        fn: TaskFn,
-        description: str,
-        on_result: Callable[[Any], None] | None = None,
-        on_error: Callable[[BaseException], None] | None = None,
-        on_cancelled: Callable[[], None] | None = None,
-        activity: bool = True,
-    ) -> Task | None:
-        """Run ``fn(progress, cancel)`` on this panel's task bar (see :meth:`TaskBar.run`); None when a task
-        of the panel is still running."""
-        return self.task_bar.run(fn, description, on_result=on_result, on_error=on_error,
-                                 on_cancelled=on_cancelled, activity=activity)
+    def run_task(self, fn: TaskFn, description: str, **options) -> Task | None:
+        """Run ``fn(progress, cancel)`` on this panel's task bar; ``options`` (``on_result``, ``on_error``,
+        ``on_cancelled``, ``activity``) are :meth:`TaskBar.run`'s. None when a task of the panel is still
+        running."""
+        return self.task_bar.run(fn, description, **options)
 
     @staticmethod
     def start_worker(
